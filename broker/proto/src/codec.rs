@@ -32,7 +32,9 @@ impl LengthPrefixed {
     /// A decoder that refuses frames longer than `max_frame_size` bytes
     /// (clamped to what 24 bits can express, 16 MiB - 1).
     pub fn new(max_frame_size: usize) -> Self {
-        Self { max_frame_size: max_frame_size.clamp(HEADER_LEN, MAX_U24) }
+        Self {
+            max_frame_size: max_frame_size.clamp(HEADER_LEN, MAX_U24),
+        }
     }
 
     /// The configured maximum.
@@ -49,10 +51,16 @@ impl LengthPrefixed {
             return Ok(None);
         };
         if len > self.max_frame_size {
-            return Err(DecodeError::FrameTooLarge { len, max: self.max_frame_size });
+            return Err(DecodeError::FrameTooLarge {
+                len,
+                max: self.max_frame_size,
+            });
         }
         if len < HEADER_LEN {
-            return Err(DecodeError::Truncated { needed: HEADER_LEN, available: len });
+            return Err(DecodeError::Truncated {
+                needed: HEADER_LEN,
+                available: len,
+            });
         }
         if buf.len() < PREFIX_LEN + len {
             // Make room for the rest of this frame in one go, so a large frame
@@ -89,16 +97,24 @@ impl Default for Message {
 impl Message {
     /// A checker that refuses frames longer than `max_frame_size`.
     pub fn new(max_frame_size: usize) -> Self {
-        Self { max_frame_size: max_frame_size.clamp(HEADER_LEN, MAX_U24) }
+        Self {
+            max_frame_size: max_frame_size.clamp(HEADER_LEN, MAX_U24),
+        }
     }
 
     /// The frame carried by one message.
     pub fn decode(&self, message: Bytes) -> Result<Bytes, DecodeError> {
         if message.len() > self.max_frame_size {
-            return Err(DecodeError::FrameTooLarge { len: message.len(), max: self.max_frame_size });
+            return Err(DecodeError::FrameTooLarge {
+                len: message.len(),
+                max: self.max_frame_size,
+            });
         }
         if message.len() < HEADER_LEN {
-            return Err(DecodeError::Truncated { needed: HEADER_LEN, available: message.len() });
+            return Err(DecodeError::Truncated {
+                needed: HEADER_LEN,
+                available: message.len(),
+            });
         }
         Ok(message)
     }
@@ -146,14 +162,20 @@ mod tests {
     fn rejects_oversized_frame_as_soon_as_prefix_arrives() {
         let codec = LengthPrefixed::new(100);
         let mut buf = BytesMut::from(&[0u8, 0, 101][..]);
-        assert_eq!(codec.decode(&mut buf), Err(DecodeError::FrameTooLarge { len: 101, max: 100 }));
+        assert_eq!(
+            codec.decode(&mut buf),
+            Err(DecodeError::FrameTooLarge { len: 101, max: 100 })
+        );
     }
 
     #[test]
     fn rejects_frame_shorter_than_header() {
         let codec = LengthPrefixed::default();
         let mut buf = BytesMut::from(&[0u8, 0, 5, 0, 0, 0, 0, 0][..]);
-        assert!(matches!(codec.decode(&mut buf), Err(DecodeError::Truncated { .. })));
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(DecodeError::Truncated { .. })
+        ));
     }
 
     #[test]

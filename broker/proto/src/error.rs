@@ -127,7 +127,10 @@ impl ErrorCode {
     pub fn is_setup_rejection(self) -> bool {
         matches!(
             self,
-            Self::INVALID_SETUP | Self::UNSUPPORTED_SETUP | Self::REJECTED_SETUP | Self::REJECTED_RESUME
+            Self::INVALID_SETUP
+                | Self::UNSUPPORTED_SETUP
+                | Self::REJECTED_SETUP
+                | Self::REJECTED_RESUME
         )
     }
 }
@@ -171,7 +174,11 @@ pub struct StreamError {
 impl StreamError {
     /// A stream error raised by this side.
     pub fn local(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
-        Self { code, message: message.into(), initiator: Initiator::Local }
+        Self {
+            code,
+            message: message.into(),
+            initiator: Initiator::Local,
+        }
     }
 }
 
@@ -190,7 +197,11 @@ pub struct ConnectionError {
 impl ConnectionError {
     /// A connection error raised by this side.
     pub fn local(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
-        Self { code, message: message.into(), initiator: Initiator::Local }
+        Self {
+            code,
+            message: message.into(),
+            initiator: Initiator::Local,
+        }
     }
 }
 

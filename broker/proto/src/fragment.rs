@@ -133,26 +133,61 @@ impl Iterator for Fragmenter {
 
         Some(if first {
             match self.kind {
-                MessageKind::RequestResponse => {
-                    RequestResponse { stream_id, follows, metadata, data }.into()
+                MessageKind::RequestResponse => RequestResponse {
+                    stream_id,
+                    follows,
+                    metadata,
+                    data,
                 }
-                MessageKind::RequestFnf => RequestFnf { stream_id, follows, metadata, data }.into(),
-                MessageKind::RequestStream { initial_n } => {
-                    RequestStream { stream_id, follows, initial_n, metadata, data }.into()
+                .into(),
+                MessageKind::RequestFnf => RequestFnf {
+                    stream_id,
+                    follows,
+                    metadata,
+                    data,
                 }
-                MessageKind::RequestChannel { initial_n } => {
-                    RequestChannel { stream_id, follows, complete, initial_n, metadata, data }.into()
+                .into(),
+                MessageKind::RequestStream { initial_n } => RequestStream {
+                    stream_id,
+                    follows,
+                    initial_n,
+                    metadata,
+                    data,
                 }
-                MessageKind::Payload { next } => {
-                    Payload { stream_id, follows, complete, next, metadata, data }.into()
+                .into(),
+                MessageKind::RequestChannel { initial_n } => RequestChannel {
+                    stream_id,
+                    follows,
+                    complete,
+                    initial_n,
+                    metadata,
+                    data,
                 }
+                .into(),
+                MessageKind::Payload { next } => Payload {
+                    stream_id,
+                    follows,
+                    complete,
+                    next,
+                    metadata,
+                    data,
+                }
+                .into(),
             }
         } else {
             let next = match self.kind {
                 MessageKind::Payload { next } => next,
                 _ => true,
             };
-            Payload { stream_id, follows, complete, next, metadata, data }.into()
+            Payload {
+                stream_id,
+                follows,
+                complete,
+                next,
+                metadata,
+                data,
+            }
+            .into()
         })
     }
 }
@@ -196,7 +231,8 @@ impl Reassembly {
             return Err(ReassemblyError::TooLarge { max });
         }
         let fixed = first.fixed_fields();
-        let mut out = BytesMut::with_capacity(HEADER_LEN + fixed.len() + 3 + first.payload_len() * 2);
+        let mut out =
+            BytesMut::with_capacity(HEADER_LEN + fixed.len() + 3 + first.payload_len() * 2);
         let flags = first.flags().0 & !Flags::FOLLOWS;
         put_header(&mut out, first.stream_id(), first.frame_type(), flags);
         out.put_slice(fixed);
@@ -274,7 +310,12 @@ impl Reassembly {
         }
         self.close_metadata();
         let mut flags = self.flags;
-        if fragment.complete() && matches!(self.frame_type, FrameType::Payload | FrameType::RequestChannel) {
+        if fragment.complete()
+            && matches!(
+                self.frame_type,
+                FrameType::Payload | FrameType::RequestChannel
+            )
+        {
             flags |= Flags::COMPLETE;
         }
         if fragment.next() && self.frame_type == FrameType::Payload {
@@ -290,7 +331,9 @@ impl Reassembly {
         }
         // The frame was built from parsed parts; parsing it back cannot fail,
         // but a failure is reported rather than trusted.
-        FrameView::parse(out.freeze()).map(Some).map_err(|_| ReassemblyError::NotPayload)
+        FrameView::parse(out.freeze())
+            .map(Some)
+            .map_err(|_| ReassemblyError::NotPayload)
     }
 }
 
@@ -339,13 +382,21 @@ mod tests {
         .collect();
         assert!(frames.len() > 5);
         for (i, f) in frames.iter().enumerate() {
-            assert!(f.encoded_len() <= 64, "frame {i} is {} bytes", f.encoded_len());
+            assert!(
+                f.encoded_len() <= 64,
+                "frame {i} is {} bytes",
+                f.encoded_len()
+            );
         }
         let views: Vec<_> = frames.into_iter().map(view).collect();
         assert_eq!(views[0].frame_type(), FrameType::RequestChannel);
         assert!(views[0].follows());
         assert!(!views[0].complete(), "C only on the last fragment");
-        assert!(views[1..].iter().all(|v| v.frame_type() == FrameType::Payload));
+        assert!(
+            views[1..]
+                .iter()
+                .all(|v| v.frame_type() == FrameType::Payload)
+        );
         let last = views.last().unwrap();
         assert!(!last.follows() && last.complete());
 
@@ -404,18 +455,35 @@ mod tests {
             .into(),
         );
         let mut r = Reassembly::start(&first, 1000).unwrap();
-        assert_eq!(r.push(&second).unwrap_err(), ReassemblyError::MetadataAfterData);
+        assert_eq!(
+            r.push(&second).unwrap_err(),
+            ReassemblyError::MetadataAfterData
+        );
     }
 
     #[test]
     fn follows_and_complete_ends_the_message() {
         let first = view(
-            Payload { stream_id: 3, follows: true, complete: false, next: true, metadata: None, data: Bytes::from_static(b"ab") }
-                .into(),
+            Payload {
+                stream_id: 3,
+                follows: true,
+                complete: false,
+                next: true,
+                metadata: None,
+                data: Bytes::from_static(b"ab"),
+            }
+            .into(),
         );
         let last = view(
-            Payload { stream_id: 3, follows: true, complete: true, next: true, metadata: None, data: Bytes::from_static(b"cd") }
-                .into(),
+            Payload {
+                stream_id: 3,
+                follows: true,
+                complete: true,
+                next: true,
+                metadata: None,
+                data: Bytes::from_static(b"cd"),
+            }
+            .into(),
         );
         let mut r = Reassembly::start(&first, 1000).unwrap();
         let whole = r.push(&last).unwrap().expect("F+C completes");

@@ -26,18 +26,32 @@ impl OutFrame {
         let mut w: &mut [u8] = &mut head;
         write(&mut w);
         let head_len = (HEAD_CAP - w.len()) as u8;
-        Self { head, head_len, metadata, data }
+        Self {
+            head,
+            head_len,
+            metadata,
+            data,
+        }
     }
 
     /// A received frame sent on under another stream id: a new 4-byte stream
     /// id followed by the original bytes (type, flags and the rest).
     pub fn forward(stream_id: u32, view: &FrameView) -> Self {
-        Self::with_head(|w| w.put_u32(stream_id & crate::frame::MAX_STREAM_ID), Bytes::new(), view.after_stream_id())
+        Self::with_head(
+            |w| w.put_u32(stream_id & crate::frame::MAX_STREAM_ID),
+            Bytes::new(),
+            view.after_stream_id(),
+        )
     }
 
     /// A frame whose bytes are already encoded.
     pub fn encoded(bytes: Bytes) -> Self {
-        Self { head: [0; HEAD_CAP], head_len: 0, metadata: Bytes::new(), data: bytes }
+        Self {
+            head: [0; HEAD_CAP],
+            head_len: 0,
+            metadata: Bytes::new(),
+            data: bytes,
+        }
     }
 
     /// The outgoing form of a typed frame; metadata and data are shared, not copied.
@@ -125,7 +139,12 @@ impl OutFrame {
             ),
             Frame::Keepalive(f) => Self::with_head(
                 |w| {
-                    put_header(w, 0, FrameType::Keepalive, if f.respond { Flags::RESPOND } else { 0 });
+                    put_header(
+                        w,
+                        0,
+                        FrameType::Keepalive,
+                        if f.respond { Flags::RESPOND } else { 0 },
+                    );
                     w.put_u64(f.last_received_position & crate::frame::MAX_POSITION);
                 },
                 Bytes::new(),

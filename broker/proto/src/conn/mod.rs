@@ -29,8 +29,8 @@ use self::stream::{InboundPartial, MessageRole, OutboundPartial, Stream};
 use crate::error::{ConnectionError, DecodeError, ErrorCode, Initiator, SendError, StreamError};
 use crate::fragment::{Fragmenter, MIN_FRAGMENT_SIZE, MessageKind, Reassembly};
 use crate::frame::{
-    Cancel, ErrorFrame, Flags, FrameType, FrameView, Header, Keepalive, Lease, MAX_STREAM_ID, MAX_U24,
-    MetadataPush, RequestN, Resume, ResumeOk, Setup, VERSION,
+    Cancel, ErrorFrame, Flags, FrameType, FrameView, Header, Keepalive, Lease, MAX_STREAM_ID,
+    MAX_U24, MetadataPush, RequestN, Resume, ResumeOk, Setup, VERSION,
 };
 use crate::out::OutFrame;
 
@@ -338,7 +338,11 @@ impl Connection {
     /// SETUP or RESUME frame with Stream ID of 0."
     pub fn client(config: Config, setup: SetupPayload, now: Instant) -> Self {
         let mut conn = Self::new(Role::Client, config, now);
-        let resume_token = conn.config.resume_token.clone().filter(|_| conn.config.resume_buffer > 0);
+        let resume_token = conn
+            .config
+            .resume_token
+            .clone()
+            .filter(|_| conn.config.resume_buffer > 0);
         let frame = Setup {
             version: VERSION,
             keepalive_interval: ms(conn.config.keepalive_interval),
@@ -449,7 +453,10 @@ impl Connection {
                 if now >= self.last_received + self.max_lifetime {
                     self.fail(
                         ErrorCode::INVALID_SETUP,
-                        format!("no SETUP or RESUME within {} ms", self.max_lifetime.as_millis()),
+                        format!(
+                            "no SETUP or RESUME within {} ms",
+                            self.max_lifetime.as_millis()
+                        ),
                     );
                 }
             }
@@ -457,7 +464,10 @@ impl Connection {
                 if now >= self.last_received + self.max_lifetime {
                     self.fail(
                         ErrorCode::CONNECTION_ERROR,
-                        format!("no frame from the peer for {} ms (max lifetime)", self.max_lifetime.as_millis()),
+                        format!(
+                            "no frame from the peer for {} ms (max lifetime)",
+                            self.max_lifetime.as_millis()
+                        ),
                     );
                     return;
                 }
@@ -466,7 +476,11 @@ impl Connection {
                     && now >= due
                 {
                     let position = self.resume.as_ref().map_or(0, |r| r.received_position);
-                    let frame = Keepalive { respond: true, last_received_position: position, data: Bytes::new() };
+                    let frame = Keepalive {
+                        respond: true,
+                        last_received_position: position,
+                        data: Bytes::new(),
+                    };
                     self.push_control(OutFrame::from_frame(&frame.into()));
                     self.next_keepalive = Some(now + self.keepalive_interval);
                 }
@@ -516,7 +530,11 @@ impl Connection {
     }
 
     fn protocol_error_code(&self) -> ErrorCode {
-        if self.state == State::AwaitingSetup { ErrorCode::INVALID_SETUP } else { ErrorCode::CONNECTION_ERROR }
+        if self.state == State::AwaitingSetup {
+            ErrorCode::INVALID_SETUP
+        } else {
+            ErrorCode::CONNECTION_ERROR
+        }
     }
 
     fn is_peer_stream_id(&self, id: u32) -> bool {
@@ -537,16 +555,25 @@ impl Connection {
             let code = self.protocol_error_code();
             return self.fail(
                 code,
-                format!("unknown frame type {:#04x} without the Ignore flag", header.frame_type),
+                format!(
+                    "unknown frame type {:#04x} without the Ignore flag",
+                    header.frame_type
+                ),
             );
         };
         if self.state == State::AwaitingSetup {
-            return self.fail(ErrorCode::INVALID_SETUP, format!("malformed {frame_type}: {err}"));
+            return self.fail(
+                ErrorCode::INVALID_SETUP,
+                format!("malformed {frame_type}: {err}"),
+            );
         }
         let id = header.stream_id;
         if frame_type.is_request() {
             if id == 0 || !self.is_peer_stream_id(id) {
-                return self.fail(ErrorCode::CONNECTION_ERROR, format!("{frame_type} on invalid stream id {id}"));
+                return self.fail(
+                    ErrorCode::CONNECTION_ERROR,
+                    format!("{frame_type} on invalid stream id {id}"),
+                );
             }
             if self.streams.contains_key(&id) {
                 return self.ignore();
@@ -560,24 +587,37 @@ impl Connection {
         }
         let stream_frame = matches!(
             frame_type,
-            FrameType::Payload | FrameType::RequestN | FrameType::Error | FrameType::Cancel | FrameType::Ext
+            FrameType::Payload
+                | FrameType::RequestN
+                | FrameType::Error
+                | FrameType::Cancel
+                | FrameType::Ext
         );
         if stream_frame && id != 0 {
             if frame_type == FrameType::Ext && header.flags.has(Flags::IGNORE) {
                 return self.ignore();
             }
             if self.streams.contains_key(&id) {
-                return self.stream_error(id, ErrorCode::INVALID, format!("malformed {frame_type}: {err}"));
+                return self.stream_error(
+                    id,
+                    ErrorCode::INVALID,
+                    format!("malformed {frame_type}: {err}"),
+                );
             }
             return self.ignore();
         }
-        self.fail(ErrorCode::CONNECTION_ERROR, format!("malformed {frame_type}: {err}"))
+        self.fail(
+            ErrorCode::CONNECTION_ERROR,
+            format!("malformed {frame_type}: {err}"),
+        )
     }
 
     fn on_first_frame(&mut self, view: FrameView) {
         // "Any other frame received that is NOT a SETUP|RESUME frame or a SETUP|RESUME frame with
         // a Stream ID > 0, MUST cause the server to send an ERROR[INVALID_SETUP] and close the connection."
-        if view.stream_id() != 0 || !matches!(view.frame_type(), FrameType::Setup | FrameType::Resume) {
+        if view.stream_id() != 0
+            || !matches!(view.frame_type(), FrameType::Setup | FrameType::Resume)
+        {
             return self.fail(
                 ErrorCode::INVALID_SETUP,
                 format!(
@@ -604,13 +644,19 @@ impl Connection {
             );
         }
         if setup.keepalive_interval == 0 || setup.max_lifetime == 0 {
-            return self.fail(ErrorCode::INVALID_SETUP, "keepalive interval and max lifetime must be > 0");
+            return self.fail(
+                ErrorCode::INVALID_SETUP,
+                "keepalive interval and max lifetime must be > 0",
+            );
         }
         if let Some(token) = &setup.resume_token {
             // "A server that receives a SETUP frame that has (R)esume Enabled set, but does not support
             // resuming operation, must reject the SETUP with an ERROR[REJECTED_SETUP]."
             if self.config.resume_buffer == 0 {
-                return self.fail(ErrorCode::REJECTED_SETUP, "resume is not supported by this server");
+                return self.fail(
+                    ErrorCode::REJECTED_SETUP,
+                    "resume is not supported by this server",
+                );
             }
             self.resume = Some(ResumeState::new(token.clone(), self.config.resume_buffer));
         }
@@ -624,7 +670,10 @@ impl Connection {
     fn on_resume_offer(&mut self, view: FrameView) {
         // "MUST send an ERROR[REJECTED_RESUME] frame if the server does not support resuming operation."
         if self.config.resume_buffer == 0 {
-            return self.fail(ErrorCode::REJECTED_RESUME, "resume is not supported by this server");
+            return self.fail(
+                ErrorCode::REJECTED_RESUME,
+                "resume is not supported by this server",
+            );
         }
         match Resume::from_view(&view) {
             Ok(resume) => {
@@ -648,7 +697,9 @@ impl Connection {
                 if !r.can_resume_from(position) {
                     return self.fail(
                         ErrorCode::CONNECTION_ERROR,
-                        format!("cannot resume: frames from position {position} are no longer buffered"),
+                        format!(
+                            "cannot resume: frames from position {position} are no longer buffered"
+                        ),
                     );
                 }
                 let frames = r.frames_from(position);
@@ -670,13 +721,17 @@ impl Connection {
     fn remote_error(&self, view: &FrameView) -> ConnectionError {
         ConnectionError {
             code: view.error_code().unwrap_or(ErrorCode::CONNECTION_ERROR),
-            message: String::from_utf8_lossy(view.data_slice()).into_owned().into(),
+            message: String::from_utf8_lossy(view.data_slice())
+                .into_owned()
+                .into(),
             initiator: Initiator::Remote,
         }
     }
 
     fn on_frame(&mut self, view: FrameView) {
-        if self.role == Role::Client && !(view.frame_type() == FrameType::Error && view.stream_id() == 0) {
+        if self.role == Role::Client
+            && !(view.frame_type() == FrameType::Error && view.stream_id() == 0)
+        {
             // "A client assumes a SETUP is accepted if it receives a response to a request, a LEASE
             // frame, or if it sees a REQUEST type."
             self.setup_confirmed = true;
@@ -688,7 +743,10 @@ impl Connection {
             FrameType::Resume => {
                 if self.role == Role::Server {
                     // "A Server that receives a RESUME frame after a SETUP frame, SHOULD send an ERROR[CONNECTION_ERROR]."
-                    self.fail(ErrorCode::CONNECTION_ERROR, "RESUME received on an established connection");
+                    self.fail(
+                        ErrorCode::CONNECTION_ERROR,
+                        "RESUME received on an established connection",
+                    );
                 } else {
                     self.ignore();
                 }
@@ -700,7 +758,8 @@ impl Connection {
                 if view.stream_id() != 0 {
                     return self.ignore();
                 }
-                self.events.push_back(Event::MetadataPush(view.metadata().unwrap_or_default()));
+                self.events
+                    .push_back(Event::MetadataPush(view.metadata().unwrap_or_default()));
             }
             FrameType::Error => self.on_error(view),
             FrameType::RequestResponse
@@ -747,7 +806,11 @@ impl Connection {
         }
         if keepalive.respond {
             let position = self.resume.as_ref().map_or(0, |r| r.received_position);
-            let echo = Keepalive { respond: false, last_received_position: position, data: keepalive.data };
+            let echo = Keepalive {
+                respond: false,
+                last_received_position: position,
+                data: keepalive.data,
+            };
             self.push_control(OutFrame::from_frame(&echo.into()));
         }
     }
@@ -781,7 +844,11 @@ impl Connection {
         if self.remove_stream(id).is_none() {
             return self.ignore();
         }
-        self.events.push_back(Event::Error { stream_id: id, code, data: view.data() });
+        self.events.push_back(Event::Error {
+            stream_id: id,
+            code,
+            data: view.data(),
+        });
         self.after_stream_end();
     }
 
@@ -805,7 +872,10 @@ impl Connection {
             return self.refuse(id, ErrorCode::REJECTED, "the connection is closing");
         }
         if self.inbound_streams >= self.config.max_inbound_streams {
-            let msg = format!("too many concurrent streams (limit {})", self.config.max_inbound_streams);
+            let msg = format!(
+                "too many concurrent streams (limit {})",
+                self.config.max_inbound_streams
+            );
             return self.refuse(id, ErrorCode::REJECTED, msg);
         }
         let initial_n = view.request_n();
@@ -813,13 +883,20 @@ impl Connection {
             return self.refuse(id, ErrorCode::INVALID, "initial request n must be > 0");
         }
         if view.follows() && view.payload_len() > self.config.max_reassembled_size {
-            let msg = format!("request exceeds the reassembly limit of {} bytes", self.config.max_reassembled_size);
+            let msg = format!(
+                "request exceeds the reassembly limit of {} bytes",
+                self.config.max_reassembled_size
+            );
             return self.refuse(id, ErrorCode::REJECTED, msg);
         }
         // "A Responder that receives a REQUEST that it can not honor due to LEASE restrictions
         // MUST respond with an ERROR[REJECTED]."
         if self.lease_enabled && !LeaseWindow::take(&mut self.granted_lease, self.now) {
-            return self.refuse(id, ErrorCode::REJECTED, "no lease: the request exceeds the lease granted");
+            return self.refuse(
+                id,
+                ErrorCode::REJECTED,
+                "no lease: the request exceeds the lease granted",
+            );
         }
         let mut stream = Stream::accepted(interaction, initial_n);
         if view.follows() {
@@ -840,7 +917,12 @@ impl Connection {
             self.streams.insert(id, stream);
             self.inbound_streams += 1;
             if !self.config.reassemble {
-                self.events.push_back(Event::Request { stream_id: id, interaction, frame: view, ended: false });
+                self.events.push_back(Event::Request {
+                    stream_id: id,
+                    interaction,
+                    frame: view,
+                    ended: false,
+                });
             }
             return;
         }
@@ -850,7 +932,12 @@ impl Connection {
             self.streams.insert(id, stream);
             self.inbound_streams += 1;
         }
-        self.events.push_back(Event::Request { stream_id: id, interaction, frame: view, ended });
+        self.events.push_back(Event::Request {
+            stream_id: id,
+            interaction,
+            frame: view,
+            ended,
+        });
     }
 
     fn on_payload(&mut self, view: FrameView) {
@@ -889,17 +976,28 @@ impl Connection {
             let ended = stream.is_done();
             let interaction = stream.interaction;
             let event = match (whole, role) {
-                (Some(frame), Some(MessageRole::Request)) => {
-                    Event::Request { stream_id: id, interaction, frame, ended }
-                }
-                (Some(frame), _) => Event::Payload { stream_id: id, frame, ended },
+                (Some(frame), Some(MessageRole::Request)) => Event::Request {
+                    stream_id: id,
+                    interaction,
+                    frame,
+                    ended,
+                },
+                (Some(frame), _) => Event::Payload {
+                    stream_id: id,
+                    frame,
+                    ended,
+                },
                 (None, _) if self.config.reassemble => {
                     if ended {
                         self.end_stream(id);
                     }
                     return;
                 }
-                (None, _) => Event::Fragment { stream_id: id, frame: view, ended },
+                (None, _) => Event::Fragment {
+                    stream_id: id,
+                    frame: view,
+                    ended,
+                },
             };
             self.events.push_back(event);
             if ended {
@@ -917,7 +1015,11 @@ impl Connection {
             return self.ignore();
         }
         if next && !stream.recv_credit.take() {
-            return self.stream_error(id, ErrorCode::INVALID, "PAYLOAD sent without REQUEST_N credit");
+            return self.stream_error(
+                id,
+                ErrorCode::INVALID,
+                "PAYLOAD sent without REQUEST_N credit",
+            );
         }
         if view.follows() {
             let reassembly = if self.config.reassemble {
@@ -928,16 +1030,28 @@ impl Connection {
             } else {
                 None
             };
-            stream.inbound_partial =
-                Some(InboundPartial { role: MessageRole::Item, complete, len: view.payload_len(), reassembly });
+            stream.inbound_partial = Some(InboundPartial {
+                role: MessageRole::Item,
+                complete,
+                len: view.payload_len(),
+                reassembly,
+            });
             if !self.config.reassemble {
-                self.events.push_back(Event::Payload { stream_id: id, frame: view, ended: false });
+                self.events.push_back(Event::Payload {
+                    stream_id: id,
+                    frame: view,
+                    ended: false,
+                });
             }
             return;
         }
         stream.item_received(complete);
         let ended = stream.is_done();
-        self.events.push_back(Event::Payload { stream_id: id, frame: view, ended });
+        self.events.push_back(Event::Payload {
+            stream_id: id,
+            frame: view,
+            ended,
+        });
         if ended {
             self.end_stream(id);
         }
@@ -980,7 +1094,10 @@ impl Connection {
         } else {
             return self.ignore();
         };
-        self.events.push_back(Event::Cancel { stream_id: id, ended });
+        self.events.push_back(Event::Cancel {
+            stream_id: id,
+            ended,
+        });
         if ended {
             self.end_stream(id);
         }
@@ -1008,7 +1125,10 @@ impl Connection {
     pub fn resume_session(&mut self, resume: &Resume, now: Instant) -> Result<(), ConnectionError> {
         let refuse = |m: String| Err(ConnectionError::local(ErrorCode::REJECTED_RESUME, m));
         if resume.version.major != VERSION.major {
-            return refuse(format!("protocol version {}.{} is not supported", resume.version.major, resume.version.minor));
+            return refuse(format!(
+                "protocol version {}.{} is not supported",
+                resume.version.major, resume.version.minor
+            ));
         }
         if !matches!(self.state, State::Disconnected | State::Established) {
             return refuse("the session is not resumable".into());
@@ -1031,7 +1151,9 @@ impl Connection {
                 resume.last_received_server_position
             ));
         }
-        let ok = ResumeOk { last_received_client_position: r.received_position };
+        let ok = ResumeOk {
+            last_received_client_position: r.received_position,
+        };
         let frames = r.frames_from(resume.last_received_server_position);
         self.out.clear();
         self.out_bytes = 0;
@@ -1054,7 +1176,9 @@ impl Connection {
         }
         self.out.clear();
         self.out_bytes = 0;
-        if self.resume.is_some() && matches!(self.state, State::Established | State::AwaitingResumeOk) {
+        if self.resume.is_some()
+            && matches!(self.state, State::Established | State::AwaitingResumeOk)
+        {
             self.state = State::Disconnected;
             return true;
         }
@@ -1070,7 +1194,9 @@ impl Connection {
     /// queueing RESUME.
     pub fn resume(&mut self, now: Instant) -> Result<(), SendError> {
         if self.role != Role::Client || self.state != State::Disconnected {
-            return Err(SendError::InvalidArgument("only a disconnected client session can resume"));
+            return Err(SendError::InvalidArgument(
+                "only a disconnected client session can resume",
+            ));
         }
         let Some(r) = self.resume.as_ref() else {
             return Err(SendError::InvalidArgument("resume is not enabled"));
@@ -1105,11 +1231,19 @@ impl Connection {
         }
         let message = message.into();
         if self.state != State::Disconnected {
-            let error = ErrorFrame { stream_id: 0, code, data: Bytes::from(message.clone().into_owned()) };
+            let error = ErrorFrame {
+                stream_id: 0,
+                code,
+                data: Bytes::from(message.clone().into_owned()),
+            };
             self.push_control(OutFrame::from_frame(&error.into()));
         }
         self.state = State::Closed;
-        self.events.push_back(Event::Closed(ConnectionError { code, message, initiator: Initiator::Local }));
+        self.events.push_back(Event::Closed(ConnectionError {
+            code,
+            message,
+            initiator: Initiator::Local,
+        }));
     }
 
     fn close_remote(&mut self, error: ConnectionError) {
@@ -1151,7 +1285,11 @@ impl Connection {
         // for server [...] The Requester MUST skip IDs still in use."
         for _ in 0..=self.streams.len() {
             let id = self.next_stream_id;
-            self.next_stream_id = if id > MAX_STREAM_ID - 2 { first } else { id + 2 };
+            self.next_stream_id = if id > MAX_STREAM_ID - 2 {
+                first
+            } else {
+                id + 2
+            };
             if !self.streams.contains_key(&id) {
                 return Ok(id);
             }
@@ -1168,17 +1306,41 @@ impl Connection {
 
     /// Starts a request; returns its stream id. The message is fragmented
     /// if it is larger than the fragment size.
-    pub fn send_request(&mut self, kind: RequestKind, metadata: Option<Bytes>, data: Bytes) -> Result<u32, SendError> {
+    pub fn send_request(
+        &mut self,
+        kind: RequestKind,
+        metadata: Option<Bytes>,
+        data: Bytes,
+    ) -> Result<u32, SendError> {
         self.check_can_request()?;
         let (interaction, initial_n, complete, message) = match kind {
-            RequestKind::RequestResponse => (Interaction::RequestResponse, 0, false, MessageKind::RequestResponse),
-            RequestKind::FireAndForget => (Interaction::FireAndForget, 0, false, MessageKind::RequestFnf),
-            RequestKind::Stream { initial_n } => {
-                (Interaction::Stream, initial_n, false, MessageKind::RequestStream { initial_n })
-            }
-            RequestKind::Channel { initial_n, complete } => {
-                (Interaction::Channel, initial_n, complete, MessageKind::RequestChannel { initial_n })
-            }
+            RequestKind::RequestResponse => (
+                Interaction::RequestResponse,
+                0,
+                false,
+                MessageKind::RequestResponse,
+            ),
+            RequestKind::FireAndForget => (
+                Interaction::FireAndForget,
+                0,
+                false,
+                MessageKind::RequestFnf,
+            ),
+            RequestKind::Stream { initial_n } => (
+                Interaction::Stream,
+                initial_n,
+                false,
+                MessageKind::RequestStream { initial_n },
+            ),
+            RequestKind::Channel {
+                initial_n,
+                complete,
+            } => (
+                Interaction::Channel,
+                initial_n,
+                complete,
+                MessageKind::RequestChannel { initial_n },
+            ),
         };
         if matches!(interaction, Interaction::Stream | Interaction::Channel) && initial_n == 0 {
             return Err(SendError::InvalidArgument("initial request n must be > 0"));
@@ -1210,7 +1372,14 @@ impl Connection {
     ) -> Result<(), SendError> {
         self.check_open()?;
         self.on_send_payload(stream_id, next, complete, false)?;
-        for frame in Fragmenter::new(stream_id, MessageKind::Payload { next }, complete, metadata, data, self.mtu()) {
+        for frame in Fragmenter::new(
+            stream_id,
+            MessageKind::Payload { next },
+            complete,
+            metadata,
+            data,
+            self.mtu(),
+        ) {
             self.push_stream_frame(OutFrame::from_frame(&frame));
         }
         self.after_send(stream_id);
@@ -1238,10 +1407,22 @@ impl Connection {
 
     /// Ends a stream with ERROR (a stream-level code: APPLICATION_ERROR,
     /// REJECTED, CANCELED, INVALID or an application code).
-    pub fn send_error(&mut self, stream_id: u32, code: ErrorCode, data: Bytes) -> Result<(), SendError> {
+    pub fn send_error(
+        &mut self,
+        stream_id: u32,
+        code: ErrorCode,
+        data: Bytes,
+    ) -> Result<(), SendError> {
         self.check_open()?;
         self.on_send_error(stream_id, code)?;
-        self.push_stream_frame(OutFrame::from_frame(&ErrorFrame { stream_id, code, data }.into()));
+        self.push_stream_frame(OutFrame::from_frame(
+            &ErrorFrame {
+                stream_id,
+                code,
+                data,
+            }
+            .into(),
+        ));
         self.after_send(stream_id);
         Ok(())
     }
@@ -1249,7 +1430,11 @@ impl Connection {
     /// Sends METADATA_PUSH.
     pub fn send_metadata_push(&mut self, metadata: Bytes) -> Result<(), SendError> {
         if self.state != State::Established {
-            return Err(if self.state == State::Closed { SendError::Closed } else { SendError::NotEstablished });
+            return Err(if self.state == State::Closed {
+                SendError::Closed
+            } else {
+                SendError::NotEstablished
+            });
         }
         self.push_control(OutFrame::from_frame(&MetadataPush { metadata }.into()));
         Ok(())
@@ -1265,13 +1450,23 @@ impl Connection {
         metadata: Option<Bytes>,
     ) -> Result<(), SendError> {
         if self.state != State::Established {
-            return Err(if self.state == State::Closed { SendError::Closed } else { SendError::NotEstablished });
+            return Err(if self.state == State::Closed {
+                SendError::Closed
+            } else {
+                SendError::NotEstablished
+            });
         }
         if !self.lease_enabled {
-            return Err(SendError::InvalidArgument("LEASE was not negotiated in SETUP"));
+            return Err(SendError::InvalidArgument(
+                "LEASE was not negotiated in SETUP",
+            ));
         }
         self.now = now;
-        let lease = Lease { ttl: ms(ttl), number_of_requests, metadata };
+        let lease = Lease {
+            ttl: ms(ttl),
+            number_of_requests,
+            metadata,
+        };
         self.granted_lease = Some(LeaseWindow {
             expires: now + Duration::from_millis(u64::from(lease.ttl)),
             remaining: lease.number_of_requests,
@@ -1298,7 +1493,10 @@ impl Connection {
         }
         let mut stream = Stream::requested(interaction, initial_n);
         if frame.follows() {
-            stream.outbound_partial = Some(OutboundPartial { role: MessageRole::Request, complete: frame.complete() });
+            stream.outbound_partial = Some(OutboundPartial {
+                role: MessageRole::Request,
+                complete: frame.complete(),
+            });
         } else {
             stream.request_done(frame.complete());
         }
@@ -1319,18 +1517,32 @@ impl Connection {
             }
             FrameType::RequestN => self.on_send_request_n(stream_id, frame.request_n())?,
             FrameType::Cancel => self.on_send_cancel(stream_id)?,
-            FrameType::Error => {
-                self.on_send_error(stream_id, frame.error_code().unwrap_or(ErrorCode::APPLICATION_ERROR))?
+            FrameType::Error => self.on_send_error(
+                stream_id,
+                frame.error_code().unwrap_or(ErrorCode::APPLICATION_ERROR),
+            )?,
+            _ => {
+                return Err(SendError::InvalidArgument(
+                    "only PAYLOAD, REQUEST_N, CANCEL and ERROR are forwarded on a stream",
+                ));
             }
-            _ => return Err(SendError::InvalidArgument("only PAYLOAD, REQUEST_N, CANCEL and ERROR are forwarded on a stream")),
         }
         self.push_stream_frame(OutFrame::forward(stream_id, frame));
         self.after_send(stream_id);
         Ok(())
     }
 
-    fn on_send_payload(&mut self, id: u32, next: bool, complete: bool, follows: bool) -> Result<(), SendError> {
-        let stream = self.streams.get_mut(&id).ok_or(SendError::UnknownStream(id))?;
+    fn on_send_payload(
+        &mut self,
+        id: u32,
+        next: bool,
+        complete: bool,
+        follows: bool,
+    ) -> Result<(), SendError> {
+        let stream = self
+            .streams
+            .get_mut(&id)
+            .ok_or(SendError::UnknownStream(id))?;
         if let Some(partial) = stream.outbound_partial.as_mut() {
             partial.complete |= complete;
             if !follows {
@@ -1344,16 +1556,24 @@ impl Connection {
             return Ok(());
         }
         if !stream.outbound_open {
-            return Err(SendError::InvalidState { stream_id: id, reason: "the stream is complete for sending" });
+            return Err(SendError::InvalidState {
+                stream_id: id,
+                reason: "the stream is complete for sending",
+            });
         }
         if !next && !complete {
-            return Err(SendError::InvalidArgument("a PAYLOAD needs next or complete"));
+            return Err(SendError::InvalidArgument(
+                "a PAYLOAD needs next or complete",
+            ));
         }
         if next && !stream.send_credit.take() {
             return Err(SendError::NoCredit(id));
         }
         if follows {
-            stream.outbound_partial = Some(OutboundPartial { role: MessageRole::Item, complete });
+            stream.outbound_partial = Some(OutboundPartial {
+                role: MessageRole::Item,
+                complete,
+            });
         } else {
             stream.item_sent(complete);
         }
@@ -1364,16 +1584,25 @@ impl Connection {
         if n == 0 {
             return Err(SendError::InvalidArgument("request n must be > 0"));
         }
-        let stream = self.streams.get_mut(&id).ok_or(SendError::UnknownStream(id))?;
+        let stream = self
+            .streams
+            .get_mut(&id)
+            .ok_or(SendError::UnknownStream(id))?;
         if !stream.receives_items() || !stream.inbound_open {
-            return Err(SendError::InvalidState { stream_id: id, reason: "no items are expected on this stream" });
+            return Err(SendError::InvalidState {
+                stream_id: id,
+                reason: "no items are expected on this stream",
+            });
         }
         stream.recv_credit.add(n);
         Ok(())
     }
 
     fn on_send_cancel(&mut self, id: u32) -> Result<(), SendError> {
-        let stream = self.streams.get_mut(&id).ok_or(SendError::UnknownStream(id))?;
+        let stream = self
+            .streams
+            .get_mut(&id)
+            .ok_or(SendError::UnknownStream(id))?;
         if stream.local_requester || stream.outbound_partial.is_some() {
             stream.inbound_open = false;
             stream.outbound_open = false;
@@ -1383,16 +1612,24 @@ impl Connection {
             stream.inbound_open = false;
             stream.inbound_partial = None;
         } else {
-            return Err(SendError::InvalidState { stream_id: id, reason: "only the requester cancels this stream" });
+            return Err(SendError::InvalidState {
+                stream_id: id,
+                reason: "only the requester cancels this stream",
+            });
         }
         Ok(())
     }
 
     fn on_send_error(&mut self, id: u32, code: ErrorCode) -> Result<(), SendError> {
         if code.is_connection_level() {
-            return Err(SendError::InvalidArgument("connection-level error code on a stream"));
+            return Err(SendError::InvalidArgument(
+                "connection-level error code on a stream",
+            ));
         }
-        let stream = self.streams.get_mut(&id).ok_or(SendError::UnknownStream(id))?;
+        let stream = self
+            .streams
+            .get_mut(&id)
+            .ok_or(SendError::UnknownStream(id))?;
         stream.inbound_open = false;
         stream.outbound_open = false;
         stream.inbound_partial = None;
@@ -1435,7 +1672,11 @@ impl Connection {
 
     /// Refuses a request before any stream exists for it.
     fn refuse(&mut self, id: u32, code: ErrorCode, message: impl Into<String>) {
-        let error = ErrorFrame { stream_id: id, code, data: Bytes::from(message.into()) };
+        let error = ErrorFrame {
+            stream_id: id,
+            code,
+            data: Bytes::from(message.into()),
+        };
         self.push_stream_frame(OutFrame::from_frame(&error.into()));
     }
 
@@ -1449,10 +1690,20 @@ impl Connection {
         let frame = if stream.local_requester {
             OutFrame::from_frame(&Cancel { stream_id: id }.into())
         } else {
-            OutFrame::from_frame(&ErrorFrame { stream_id: id, code, data: Bytes::from(message.clone()) }.into())
+            OutFrame::from_frame(
+                &ErrorFrame {
+                    stream_id: id,
+                    code,
+                    data: Bytes::from(message.clone()),
+                }
+                .into(),
+            )
         };
         self.push_stream_frame(frame);
-        self.events.push_back(Event::StreamError { stream_id: id, error: StreamError::local(code, message) });
+        self.events.push_back(Event::StreamError {
+            stream_id: id,
+            error: StreamError::local(code, message),
+        });
         self.after_stream_end();
     }
 
@@ -1477,5 +1728,38 @@ impl Connection {
         self.out_bytes += frame.len();
         self.stats.frames_sent += 1;
         self.out.push_back(frame);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids_wrap_and_skip_ids_in_use() {
+        let now = Instant::now();
+        let mut c = Connection::client(Config::default(), SetupPayload::default(), now);
+        let stream = RequestKind::Stream { initial_n: 1 };
+        assert_eq!(c.send_request(stream, None, Bytes::new()), Ok(1));
+        c.next_stream_id = MAX_STREAM_ID - 2;
+        assert_eq!(
+            c.send_request(stream, None, Bytes::new()),
+            Ok(MAX_STREAM_ID - 2)
+        );
+        assert_eq!(
+            c.send_request(stream, None, Bytes::new()),
+            Ok(MAX_STREAM_ID)
+        );
+        // Wraps to 1, which is still in use, so 3.
+        assert_eq!(c.send_request(stream, None, Bytes::new()), Ok(3));
+
+        let mut s = Connection::server(Config::default(), now);
+        s.state = State::Established;
+        s.next_stream_id = MAX_STREAM_ID - 1;
+        assert_eq!(
+            s.send_request(stream, None, Bytes::new()),
+            Ok(MAX_STREAM_ID - 1)
+        );
+        assert_eq!(s.send_request(stream, None, Bytes::new()), Ok(2));
     }
 }

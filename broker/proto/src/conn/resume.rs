@@ -40,7 +40,9 @@ impl ResumeState {
 
     /// The earliest position this side can still resend from.
     pub(crate) fn first_available(&self) -> u64 {
-        self.frames.front().map_or(self.sent_position, |(pos, _)| *pos)
+        self.frames
+            .front()
+            .map_or(self.sent_position, |(pos, _)| *pos)
     }
 
     /// Records a resumable frame being sent; old frames fall out past the cap.

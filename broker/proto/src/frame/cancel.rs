@@ -13,7 +13,9 @@ pub struct Cancel {
 
 impl Cancel {
     pub(crate) fn from_view(view: &FrameView) -> Self {
-        Self { stream_id: view.stream_id() }
+        Self {
+            stream_id: view.stream_id(),
+        }
     }
 
     /// Bytes [`Cancel::encode`] writes.

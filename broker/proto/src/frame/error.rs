@@ -20,7 +20,11 @@ pub struct ErrorFrame {
 
 impl ErrorFrame {
     pub(crate) fn from_view(view: &FrameView) -> Self {
-        Self { stream_id: view.stream_id(), code: ErrorCode(view.field()), data: view.data() }
+        Self {
+            stream_id: view.stream_id(),
+            code: ErrorCode(view.field()),
+            data: view.data(),
+        }
     }
 
     /// The error data as text (lossy for invalid UTF-8).

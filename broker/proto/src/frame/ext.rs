@@ -5,7 +5,10 @@
 
 use bytes::{BufMut, Bytes};
 
-use super::{FrameType, FrameView, Flags, HEADER_LEN, MAX_REQUEST_N, metadata_flag, payload_len, put_header, put_payload};
+use super::{
+    Flags, FrameType, FrameView, HEADER_LEN, MAX_REQUEST_N, metadata_flag, payload_len, put_header,
+    put_payload,
+};
 
 /// An EXT frame.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 
 use bytes::{BufMut, Bytes};
 
-use super::{FrameType, FrameView, Flags, HEADER_LEN, put_header};
+use super::{Flags, FrameType, FrameView, HEADER_LEN, put_header};
 use crate::error::DecodeError;
 
 /// Largest resume position (63 bits).
@@ -30,7 +30,10 @@ impl Keepalive {
             .get(HEADER_LEN..HEADER_LEN + 8)
             .and_then(|b| b.try_into().ok())
             .map(u64::from_be_bytes)
-            .ok_or(DecodeError::Truncated { needed: HEADER_LEN + 8, available: view.len() })?;
+            .ok_or(DecodeError::Truncated {
+                needed: HEADER_LEN + 8,
+                available: view.len(),
+            })?;
         Ok(Self {
             respond: view.flags().has(Flags::RESPOND),
             last_received_position: pos & MAX_POSITION,
@@ -45,7 +48,12 @@ impl Keepalive {
 
     /// Writes the frame.
     pub fn encode(&self, buf: &mut impl BufMut) {
-        put_header(buf, 0, FrameType::Keepalive, if self.respond { Flags::RESPOND } else { 0 });
+        put_header(
+            buf,
+            0,
+            FrameType::Keepalive,
+            if self.respond { Flags::RESPOND } else { 0 },
+        );
         buf.put_u64(self.last_received_position & MAX_POSITION);
         buf.put_slice(&self.data);
     }

@@ -4,7 +4,7 @@
 
 use bytes::{BufMut, Bytes};
 
-use super::{FrameType, FrameView, Flags, HEADER_LEN, MAX_REQUEST_N, put_header};
+use super::{Flags, FrameType, FrameView, HEADER_LEN, MAX_REQUEST_N, put_header};
 
 /// A LEASE frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,7 +19,10 @@ pub struct Lease {
 
 impl Lease {
     pub(crate) fn from_view(view: &FrameView) -> Self {
-        let body = view.as_bytes().get(HEADER_LEN + 4..HEADER_LEN + 8).unwrap_or_default();
+        let body = view
+            .as_bytes()
+            .get(HEADER_LEN + 4..HEADER_LEN + 8)
+            .unwrap_or_default();
         let n = body.try_into().map(u32::from_be_bytes).unwrap_or(0);
         Self {
             ttl: view.field() & MAX_REQUEST_N,
@@ -35,7 +38,11 @@ impl Lease {
 
     /// Writes the frame.
     pub fn encode(&self, buf: &mut impl BufMut) {
-        let flags = if self.metadata.is_some() { Flags::METADATA } else { 0 };
+        let flags = if self.metadata.is_some() {
+            Flags::METADATA
+        } else {
+            0
+        };
         put_header(buf, 0, FrameType::Lease, flags);
         buf.put_u32(self.ttl & MAX_REQUEST_N);
         buf.put_u32(self.number_of_requests & MAX_REQUEST_N);

@@ -5,7 +5,7 @@
 
 use bytes::{BufMut, Bytes};
 
-use super::{FrameType, FrameView, Flags, HEADER_LEN, put_header};
+use super::{Flags, FrameType, FrameView, HEADER_LEN, put_header};
 
 /// A METADATA_PUSH frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,7 +16,9 @@ pub struct MetadataPush {
 
 impl MetadataPush {
     pub(crate) fn from_view(view: &FrameView) -> Self {
-        Self { metadata: view.metadata().unwrap_or_default() }
+        Self {
+            metadata: view.metadata().unwrap_or_default(),
+        }
     }
 
     /// Bytes [`MetadataPush::encode`] writes.

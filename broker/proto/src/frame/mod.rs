@@ -117,12 +117,19 @@ impl FrameType {
 
     /// REQUEST_RESPONSE, REQUEST_FNF, REQUEST_STREAM or REQUEST_CHANNEL.
     pub fn is_request(self) -> bool {
-        matches!(self, Self::RequestResponse | Self::RequestFnf | Self::RequestStream | Self::RequestChannel)
+        matches!(
+            self,
+            Self::RequestResponse | Self::RequestFnf | Self::RequestStream | Self::RequestChannel
+        )
     }
 
     /// Frames that carry a resume position: requests, REQUEST_N, CANCEL, ERROR, PAYLOAD.
     pub fn is_resumable(self) -> bool {
-        self.is_request() || matches!(self, Self::RequestN | Self::Cancel | Self::Error | Self::Payload)
+        self.is_request()
+            || matches!(
+                self,
+                Self::RequestN | Self::Cancel | Self::Error | Self::Payload
+            )
     }
 
     /// Whether the M flag announces a 24-bit metadata length field before the
@@ -220,7 +227,10 @@ impl Header {
                     flags: Flags(type_flags & Flags::MASK),
                 })
             }
-            _ => Err(DecodeError::Truncated { needed: HEADER_LEN, available: frame.len() }),
+            _ => Err(DecodeError::Truncated {
+                needed: HEADER_LEN,
+                available: frame.len(),
+            }),
         }
     }
 
@@ -437,7 +447,11 @@ pub(crate) fn put_payload(buf: &mut impl BufMut, metadata: Option<&Bytes>, data:
 /// The M flag for an optional metadata.
 #[inline]
 pub(crate) fn metadata_flag(metadata: Option<&Bytes>) -> u16 {
-    if metadata.is_some() { Flags::METADATA } else { 0 }
+    if metadata.is_some() {
+        Flags::METADATA
+    } else {
+        0
+    }
 }
 
 /// Big-endian reads over a slice that report truncation instead of panicking.
@@ -448,7 +462,10 @@ pub(crate) struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     pub(crate) fn new(bytes: &'a [u8]) -> Self {
-        Self { bytes, total: bytes.len() }
+        Self {
+            bytes,
+            total: bytes.len(),
+        }
     }
 
     pub(crate) fn offset(&self) -> usize {
@@ -457,7 +474,10 @@ impl<'a> Reader<'a> {
 
     fn need(&self, n: usize) -> Result<(), DecodeError> {
         if self.bytes.len() < n {
-            Err(DecodeError::Truncated { needed: self.offset() + n, available: self.total })
+            Err(DecodeError::Truncated {
+                needed: self.offset() + n,
+                available: self.total,
+            })
         } else {
             Ok(())
         }

@@ -4,7 +4,9 @@
 
 use bytes::{BufMut, Bytes};
 
-use super::{FrameType, FrameView, Flags, HEADER_LEN, metadata_flag, payload_len, put_header, put_payload};
+use super::{
+    Flags, FrameType, FrameView, HEADER_LEN, metadata_flag, payload_len, put_header, put_payload,
+};
 
 /// A PAYLOAD frame.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -8,7 +8,7 @@
 use bytes::{BufMut, Bytes};
 
 use super::{
-    FrameType, FrameView, Flags, HEADER_LEN, MAX_REQUEST_N, metadata_flag, payload_len, put_header,
+    Flags, FrameType, FrameView, HEADER_LEN, MAX_REQUEST_N, metadata_flag, payload_len, put_header,
     put_payload,
 };
 

@@ -17,7 +17,10 @@ pub struct RequestN {
 
 impl RequestN {
     pub(crate) fn from_view(view: &FrameView) -> Self {
-        Self { stream_id: view.stream_id(), n: view.request_n() }
+        Self {
+            stream_id: view.stream_id(),
+            n: view.request_n(),
+        }
     }
 
     /// Bytes [`RequestN::encode`] writes.

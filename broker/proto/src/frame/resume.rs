@@ -73,7 +73,9 @@ pub struct ResumeOk {
 impl ResumeOk {
     pub(crate) fn from_view(view: &FrameView) -> Result<Self, DecodeError> {
         let mut r = Reader::new(view.as_bytes().get(HEADER_LEN..).unwrap_or_default());
-        Ok(Self { last_received_client_position: r.u64()? & MAX_POSITION })
+        Ok(Self {
+            last_received_client_position: r.u64()? & MAX_POSITION,
+        })
     }
 
     /// Bytes [`ResumeOk::encode`] writes.

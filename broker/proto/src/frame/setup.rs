@@ -5,7 +5,7 @@
 use bytes::{BufMut, Bytes};
 
 use super::{
-    FrameType, FrameView, Flags, HEADER_LEN, Reader, Version, metadata_flag, payload_len,
+    Flags, FrameType, FrameView, HEADER_LEN, Reader, Version, metadata_flag, payload_len,
     put_header, put_payload,
 };
 use crate::error::DecodeError;
@@ -82,7 +82,9 @@ impl Setup {
     }
 
     fn token(&self) -> Option<&[u8]> {
-        self.resume_token.as_deref().map(|t| t.get(..u16::MAX as usize).unwrap_or(t))
+        self.resume_token
+            .as_deref()
+            .map(|t| t.get(..u16::MAX as usize).unwrap_or(t))
     }
 
     fn mime(m: &Bytes) -> &[u8] {

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use super::{FrameType, Flags, Header, Reader, HEADER_LEN, MAX_REQUEST_N, get_u24};
+use super::{Flags, FrameType, HEADER_LEN, Header, MAX_REQUEST_N, Reader, get_u24};
 use crate::error::DecodeError;
 
 /// One received frame, checked for structure, with offsets to its parts.
@@ -32,11 +32,12 @@ impl FrameView {
     /// Frame types this implementation does not know are reported as
     /// [`DecodeError::UnknownFrameType`]; [`Header::parse`] still reads their
     /// header so the caller can honour the Ignore flag.
+    #[inline]
     pub fn parse(buf: Bytes) -> Result<Self, DecodeError> {
         let header = Header::parse(&buf)?;
-        let frame_type = header
-            .known_type()
-            .ok_or(DecodeError::UnknownFrameType { frame_type: header.frame_type })?;
+        let frame_type = header.known_type().ok_or(DecodeError::UnknownFrameType {
+            frame_type: header.frame_type,
+        })?;
         let flags = header.flags;
         let body = buf.get(HEADER_LEN..).unwrap_or_default();
         let mut r = Reader::new(body);
@@ -86,14 +87,20 @@ impl FrameView {
             // LEASE: "the Metadata Length header MUST NOT be included, even if the (M)etadata flag is set true."
             FrameType::Lease if flags.has(Flags::METADATA) => (true, fixed_end, rest, end),
             t if t.has_metadata_length() && flags.has(Flags::METADATA) => {
-                let declared = body
-                    .get(r.offset()..)
-                    .and_then(get_u24)
-                    .ok_or(DecodeError::Truncated { needed: fixed_end + 3, available: end })?;
+                let declared =
+                    body.get(r.offset()..)
+                        .and_then(get_u24)
+                        .ok_or(DecodeError::Truncated {
+                            needed: fixed_end + 3,
+                            available: end,
+                        })?;
                 let available = rest - 3;
                 // "Metadata Length MUST be less than or equal to the Frame Length minus the length of the Frame Header."
                 if declared > available {
-                    return Err(DecodeError::MetadataLength { declared, available });
+                    return Err(DecodeError::MetadataLength {
+                        declared,
+                        available,
+                    });
                 }
                 (true, fixed_end + 3, declared, fixed_end + 3 + declared)
             }
@@ -136,7 +143,9 @@ impl FrameView {
     #[inline]
     pub fn follows(&self) -> bool {
         match self.frame_type {
-            FrameType::Payload => self.flags.has(Flags::FOLLOWS) && !self.flags.has(Flags::COMPLETE),
+            FrameType::Payload => {
+                self.flags.has(Flags::FOLLOWS) && !self.flags.has(Flags::COMPLETE)
+            }
             t if t.is_request() => self.flags.has(Flags::FOLLOWS),
             _ => false,
         }
@@ -145,8 +154,10 @@ impl FrameView {
     /// (C)omplete on PAYLOAD and REQUEST_CHANNEL.
     #[inline]
     pub fn complete(&self) -> bool {
-        matches!(self.frame_type, FrameType::Payload | FrameType::RequestChannel)
-            && self.flags.has(Flags::COMPLETE)
+        matches!(
+            self.frame_type,
+            FrameType::Payload | FrameType::RequestChannel
+        ) && self.flags.has(Flags::COMPLETE)
     }
 
     /// (N)ext on PAYLOAD.
@@ -201,7 +212,11 @@ impl FrameView {
     /// Bytes of metadata plus data: what counts against a reassembly cap.
     #[inline]
     pub fn payload_len(&self) -> usize {
-        let metadata = if self.has_metadata { self.metadata_len as usize } else { 0 };
+        let metadata = if self.has_metadata {
+            self.metadata_len as usize
+        } else {
+            0
+        };
         metadata + (self.buf.len() - self.data_start as usize)
     }
 

@@ -55,39 +55,59 @@ pub enum Auth<'a> {
 impl<'a> Auth<'a> {
     /// Parses authentication metadata.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, DecodeError> {
-        let (&first, rest) = bytes.split_first().ok_or(DecodeError::Truncated { needed: 1, available: 0 })?;
+        let (&first, rest) = bytes.split_first().ok_or(DecodeError::Truncated {
+            needed: 1,
+            available: 0,
+        })?;
         if first & 0x80 != 0 {
             return Ok(match first & 0x7F {
                 WellKnownAuth::SIMPLE => {
-                    let (len, rest) = rest
-                        .split_first_chunk::<2>()
-                        .ok_or(DecodeError::Truncated { needed: 3, available: bytes.len() })?;
+                    let (len, rest) =
+                        rest.split_first_chunk::<2>()
+                            .ok_or(DecodeError::Truncated {
+                                needed: 3,
+                                available: bytes.len(),
+                            })?;
                     let len = u16::from_be_bytes(*len) as usize;
-                    let username = rest
-                        .get(..len)
-                        .ok_or(DecodeError::Truncated { needed: 3 + len, available: bytes.len() })?;
-                    Self::Simple { username, password: rest.get(len..).unwrap_or_default() }
+                    let username = rest.get(..len).ok_or(DecodeError::Truncated {
+                        needed: 3 + len,
+                        available: bytes.len(),
+                    })?;
+                    Self::Simple {
+                        username,
+                        password: rest.get(len..).unwrap_or_default(),
+                    }
                 }
                 WellKnownAuth::BEARER => Self::Bearer { token: rest },
                 id => Self::WellKnown { id, payload: rest },
             });
         }
         let len = first as usize + 1;
-        let name = rest
-            .get(..len)
-            .ok_or(DecodeError::Truncated { needed: 1 + len, available: bytes.len() })?;
+        let name = rest.get(..len).ok_or(DecodeError::Truncated {
+            needed: 1 + len,
+            available: bytes.len(),
+        })?;
         let auth_type = std::str::from_utf8(name)
             .ok()
             .filter(|s| s.is_ascii())
             .ok_or(DecodeError::InvalidText { field: "auth type" })?;
-        Ok(Self::Custom { auth_type, payload: rest.get(len..).unwrap_or_default() })
+        Ok(Self::Custom {
+            auth_type,
+            payload: rest.get(len..).unwrap_or_default(),
+        })
     }
 }
 
 /// Appends simple authentication.
-pub fn put_simple(buf: &mut impl BufMut, username: &str, password: &str) -> Result<(), EncodeError> {
-    let len = u16::try_from(username.len())
-        .map_err(|_| EncodeError::TooLong { field: "username", len: username.len() })?;
+pub fn put_simple(
+    buf: &mut impl BufMut,
+    username: &str,
+    password: &str,
+) -> Result<(), EncodeError> {
+    let len = u16::try_from(username.len()).map_err(|_| EncodeError::TooLong {
+        field: "username",
+        len: username.len(),
+    })?;
     buf.put_u8(0x80 | WellKnownAuth::SIMPLE);
     buf.put_u16(len);
     buf.put_slice(username.as_bytes());
@@ -102,7 +122,11 @@ pub fn put_bearer(buf: &mut impl BufMut, token: &str) {
 }
 
 /// Appends a custom authentication type and its payload.
-pub fn put_custom_auth(buf: &mut impl BufMut, auth_type: &str, payload: &[u8]) -> Result<(), EncodeError> {
+pub fn put_custom_auth(
+    buf: &mut impl BufMut,
+    auth_type: &str,
+    payload: &[u8],
+) -> Result<(), EncodeError> {
     if auth_type.is_empty() || auth_type.len() > 128 {
         return Err(EncodeError::TypeLength(auth_type.len()));
     }
@@ -124,7 +148,13 @@ mod tests {
         let mut buf = Vec::new();
         put_simple(&mut buf, "user", "pw").unwrap();
         assert_eq!(buf, b"\x80\x00\x04userpw");
-        assert_eq!(Auth::parse(&buf).unwrap(), Auth::Simple { username: b"user", password: b"pw" });
+        assert_eq!(
+            Auth::parse(&buf).unwrap(),
+            Auth::Simple {
+                username: b"user",
+                password: b"pw"
+            }
+        );
 
         buf.clear();
         put_bearer(&mut buf, "T0K3N");
@@ -132,8 +162,20 @@ mod tests {
 
         buf.clear();
         put_custom_auth(&mut buf, "x.api-key", b"k").unwrap();
-        assert_eq!(Auth::parse(&buf).unwrap(), Auth::Custom { auth_type: "x.api-key", payload: b"k" });
-        assert_eq!(Auth::parse(&[0x85, 1]).unwrap(), Auth::WellKnown { id: 5, payload: &[1] });
+        assert_eq!(
+            Auth::parse(&buf).unwrap(),
+            Auth::Custom {
+                auth_type: "x.api-key",
+                payload: b"k"
+            }
+        );
+        assert_eq!(
+            Auth::parse(&[0x85, 1]).unwrap(),
+            Auth::WellKnown {
+                id: 5,
+                payload: &[1]
+            }
+        );
     }
 
     #[test]

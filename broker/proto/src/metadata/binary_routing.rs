@@ -36,13 +36,29 @@ impl<'a> BinaryRouting<'a> {
                 .map(u32::from_be_bytes)
         };
         let (Some(service_id), Some(handler_id)) = (word(0), word(4)) else {
-            return Err(DecodeError::Truncated { needed: 8, available: bytes.len() });
+            return Err(DecodeError::Truncated {
+                needed: 8,
+                available: bytes.len(),
+            });
         };
         if bytes.len() == 8 {
-            return Ok(Self { service_id, handler_id, flags: 0, routing_text: &[] });
+            return Ok(Self {
+                service_id,
+                handler_id,
+                flags: 0,
+                routing_text: &[],
+            });
         }
-        let flags = word(8).ok_or(DecodeError::InvalidLength { field: "binary routing", len: bytes.len() })?;
-        Ok(Self { service_id, handler_id, flags, routing_text: bytes.get(12..).unwrap_or_default() })
+        let flags = word(8).ok_or(DecodeError::InvalidLength {
+            field: "binary routing",
+            len: bytes.len(),
+        })?;
+        Ok(Self {
+            service_id,
+            handler_id,
+            flags,
+            routing_text: bytes.get(12..).unwrap_or_default(),
+        })
     }
 
     /// Sticky flag (bit 0).
@@ -68,11 +84,16 @@ pub fn murmur3_32(data: &[u8], seed: u32) -> u32 {
     let mut hash = seed;
     let mut blocks = data.chunks_exact(4);
     for block in blocks.by_ref() {
-        let Ok(block) = <[u8; 4]>::try_from(block) else { continue };
+        let Ok(block) = <[u8; 4]>::try_from(block) else {
+            continue;
+        };
         let mut k = u32::from_le_bytes(block);
         k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
         hash ^= k;
-        hash = hash.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+        hash = hash
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64);
     }
     let tail = blocks.remainder();
     if !tail.is_empty() {
@@ -130,16 +151,28 @@ mod tests {
         assert_eq!(murmur3_32(b"", 0), 0);
         assert_eq!(murmur3_32(b"", 1), 0x514E_28B7);
         assert_eq!(murmur3_32(b"hello", 0), 0x248B_FA47);
-        assert_eq!(murmur3_32(b"The quick brown fox jumps over the lazy dog", 0), 0x2E4F_F723);
+        assert_eq!(
+            murmur3_32(b"The quick brown fox jumps over the lazy dog", 0),
+            0x2E4F_F723
+        );
     }
 
     #[test]
     fn parses_short_and_long_forms() {
         let short = [0, 0, 0, 1, 0, 0, 0, 2];
         let b = BinaryRouting::parse(&short).unwrap();
-        assert_eq!((b.service_id, b.handler_id, b.flags, b.routing_text), (1, 2, 0, &[][..]));
+        assert_eq!(
+            (b.service_id, b.handler_id, b.flags, b.routing_text),
+            (1, 2, 0, &[][..])
+        );
         let mut long = Vec::new();
-        BinaryRouting { service_id: 7, handler_id: 9, flags: 1, routing_text: b"svc.m" }.put(&mut long);
+        BinaryRouting {
+            service_id: 7,
+            handler_id: 9,
+            flags: 1,
+            routing_text: b"svc.m",
+        }
+        .put(&mut long);
         let b = BinaryRouting::parse(&long).unwrap();
         assert!(b.sticky());
         assert_eq!(b.routing_text, b"svc.m");

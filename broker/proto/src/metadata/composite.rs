@@ -31,7 +31,10 @@ pub struct CompositeMetadata<'a> {
 impl<'a> CompositeMetadata<'a> {
     /// Entries of `metadata`.
     pub fn new(metadata: &'a [u8]) -> Self {
-        Self { rest: metadata, total: metadata.len() }
+        Self {
+            rest: metadata,
+            total: metadata.len(),
+        }
     }
 
     /// The content of the first entry of type `mime`.
@@ -46,20 +49,29 @@ impl<'a> CompositeMetadata<'a> {
     }
 
     fn truncated(&self, needed: usize) -> DecodeError {
-        DecodeError::Truncated { needed: self.total - self.rest.len() + needed, available: self.total }
+        DecodeError::Truncated {
+            needed: self.total - self.rest.len() + needed,
+            available: self.total,
+        }
     }
 
+    #[inline]
     fn read_entry(&mut self) -> Result<Entry<'a>, DecodeError> {
         let (&first, after) = self.rest.split_first().ok_or_else(|| self.truncated(1))?;
         let (mime, after) = if first & 0x80 != 0 {
-            (MimeType::WellKnown(WellKnownMime::from_low_bits(first)), after)
+            (
+                MimeType::WellKnown(WellKnownMime::from_low_bits(first)),
+                after,
+            )
         } else {
             let len = (first as usize) + 1;
             let name = after.get(..len).ok_or_else(|| self.truncated(1 + len))?;
             let name = std::str::from_utf8(name)
                 .ok()
                 .filter(|s| s.is_ascii())
-                .ok_or(DecodeError::InvalidText { field: "composite metadata MIME type" })?;
+                .ok_or(DecodeError::InvalidText {
+                    field: "composite metadata MIME type",
+                })?;
             (MimeType::Custom(name), after.get(len..).unwrap_or_default())
         };
         let header = self.rest.len() - after.len();
@@ -102,9 +114,16 @@ pub fn entry_len(mime: MimeType<'_>, content_len: usize) -> usize {
 
 /// Appends one entry. A string MIME type that names a well-known type is
 /// written as its id.
-pub fn put_entry(buf: &mut impl BufMut, mime: MimeType<'_>, content: &[u8]) -> Result<(), EncodeError> {
+pub fn put_entry(
+    buf: &mut impl BufMut,
+    mime: MimeType<'_>,
+    content: &[u8],
+) -> Result<(), EncodeError> {
     if content.len() > MAX_U24 {
-        return Err(EncodeError::TooLong { field: "composite metadata entry", len: content.len() });
+        return Err(EncodeError::TooLong {
+            field: "composite metadata entry",
+            len: content.len(),
+        });
     }
     match mime.well_known() {
         Some(id) => buf.put_u8(0x80 | id.id()),
@@ -134,21 +153,36 @@ mod tests {
     #[test]
     fn reads_ids_and_strings() {
         let mut buf = Vec::new();
-        put_entry(&mut buf, MimeType::WellKnown(WellKnownMime::ROUTING), b"\x04echo").unwrap();
+        put_entry(
+            &mut buf,
+            MimeType::WellKnown(WellKnownMime::ROUTING),
+            b"\x04echo",
+        )
+        .unwrap();
         put_entry(&mut buf, MimeType::Custom("application/x.custom"), b"xyz").unwrap();
-        let entries: Vec<_> = CompositeMetadata::new(&buf).collect::<Result<_, _>>().unwrap();
+        let entries: Vec<_> = CompositeMetadata::new(&buf)
+            .collect::<Result<_, _>>()
+            .unwrap();
         assert_eq!(entries.len(), 2);
         assert!(entries[0].mime.is(WellKnownMime::ROUTING));
         assert_eq!(entries[0].content, b"\x04echo");
         assert_eq!(entries[1].mime, MimeType::Custom("application/x.custom"));
         assert_eq!(entries[1].content, b"xyz");
-        assert_eq!(entry_len(MimeType::Custom("application/x.custom"), 3), 1 + 20 + 3 + 3);
+        assert_eq!(
+            entry_len(MimeType::Custom("application/x.custom"), 3),
+            1 + 20 + 3 + 3
+        );
     }
 
     #[test]
     fn known_strings_are_written_as_ids() {
         let mut buf = Vec::new();
-        put_entry(&mut buf, MimeType::Custom("message/x.rsocket.routing.v0"), b"").unwrap();
+        put_entry(
+            &mut buf,
+            MimeType::Custom("message/x.rsocket.routing.v0"),
+            b"",
+        )
+        .unwrap();
         assert_eq!(buf, [0xFE, 0, 0, 0]);
     }
 
@@ -156,16 +190,28 @@ mod tests {
     fn truncated_entry_is_an_error_then_iteration_stops() {
         let bytes = [0xFE, 0, 0, 9, 1, 2];
         let mut it = CompositeMetadata::new(&bytes);
-        assert!(matches!(it.next(), Some(Err(DecodeError::Truncated { .. }))));
+        assert!(matches!(
+            it.next(),
+            Some(Err(DecodeError::Truncated { .. }))
+        ));
         assert!(it.next().is_none());
     }
 
     #[test]
     fn rejects_bad_type_strings() {
         let mut buf = Vec::new();
-        assert_eq!(put_entry(&mut buf, MimeType::Custom(""), b""), Err(EncodeError::TypeLength(0)));
+        assert_eq!(
+            put_entry(&mut buf, MimeType::Custom(""), b""),
+            Err(EncodeError::TypeLength(0))
+        );
         let long = "a".repeat(129);
-        assert_eq!(put_entry(&mut buf, MimeType::Custom(&long), b""), Err(EncodeError::TypeLength(129)));
-        assert_eq!(put_entry(&mut buf, MimeType::Custom("tëxt/x"), b""), Err(EncodeError::NotAscii));
+        assert_eq!(
+            put_entry(&mut buf, MimeType::Custom(&long), b""),
+            Err(EncodeError::TypeLength(129))
+        );
+        assert_eq!(
+            put_entry(&mut buf, MimeType::Custom("tëxt/x"), b""),
+            Err(EncodeError::NotAscii)
+        );
     }
 }

@@ -8,19 +8,25 @@ use super::{EncodeError, MimeType, WellKnownMime};
 use crate::error::DecodeError;
 
 fn read_one(bytes: &[u8]) -> Result<(MimeType<'_>, &[u8]), DecodeError> {
-    let (&first, rest) = bytes.split_first().ok_or(DecodeError::Truncated { needed: 1, available: 0 })?;
+    let (&first, rest) = bytes.split_first().ok_or(DecodeError::Truncated {
+        needed: 1,
+        available: 0,
+    })?;
     if first & 0x80 != 0 {
         let id = WellKnownMime::from_low_bits(first);
         return Ok((MimeType::WellKnown(id), rest));
     }
     let len = first as usize + 1;
-    let name = rest
-        .get(..len)
-        .ok_or(DecodeError::Truncated { needed: 1 + len, available: bytes.len() })?;
+    let name = rest.get(..len).ok_or(DecodeError::Truncated {
+        needed: 1 + len,
+        available: bytes.len(),
+    })?;
     let name = std::str::from_utf8(name)
         .ok()
         .filter(|s| s.is_ascii())
-        .ok_or(DecodeError::InvalidText { field: "data MIME type" })?;
+        .ok_or(DecodeError::InvalidText {
+            field: "data MIME type",
+        })?;
     Ok((MimeType::Custom(name), rest.get(len..).unwrap_or_default()))
 }
 
@@ -90,13 +96,29 @@ mod tests {
         let mut buf = Vec::new();
         put_mime(&mut buf, MimeType::Custom("application/json")).unwrap();
         assert_eq!(buf, [0x85]);
-        assert!(parse_mime(&buf).unwrap().is(WellKnownMime::APPLICATION_JSON));
+        assert!(
+            parse_mime(&buf)
+                .unwrap()
+                .is(WellKnownMime::APPLICATION_JSON)
+        );
 
         buf.clear();
-        put_mime(&mut buf, MimeType::WellKnown(WellKnownMime::APPLICATION_CBOR)).unwrap();
+        put_mime(
+            &mut buf,
+            MimeType::WellKnown(WellKnownMime::APPLICATION_CBOR),
+        )
+        .unwrap();
         put_mime(&mut buf, MimeType::Custom("application/x.mine")).unwrap();
-        let list: Vec<_> = AcceptMimeTypes::new(&buf).collect::<Result<_, _>>().unwrap();
-        assert_eq!(list, [MimeType::WellKnown(WellKnownMime::APPLICATION_CBOR), MimeType::Custom("application/x.mine")]);
+        let list: Vec<_> = AcceptMimeTypes::new(&buf)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            list,
+            [
+                MimeType::WellKnown(WellKnownMime::APPLICATION_CBOR),
+                MimeType::Custom("application/x.mine")
+            ]
+        );
     }
 
     #[test]

@@ -59,6 +59,7 @@ pub struct RequestMetadata<'a> {
 
 impl<'a> RequestMetadata<'a> {
     /// Scans composite metadata; the first entry of each kind wins.
+    #[inline]
     pub fn scan(composite: &'a [u8]) -> Result<Self, crate::DecodeError> {
         let mut found = Self::default();
         for entry in CompositeMetadata::new(composite) {
@@ -80,6 +81,7 @@ impl<'a> RequestMetadata<'a> {
 
     /// The route: from the routing tags, or else from the routing text of
     /// the binary routing entry.
+    #[inline]
     pub fn route(&self) -> Result<Option<Route<'a>>, crate::DecodeError> {
         if let Some(tags) = self.routing {
             return Route::from_tags(tags).map(Some);

@@ -2,6 +2,15 @@
 //! `[group!]service[.method][:version]`; further tags `e=<instance id>`
 //! (target one instance), `sticky=1`, `m=<method>`, `broadcast=1`, and any
 //! other `name=value` tag, readable with [`Route::tag`].
+//!
+//! Parts are byte slices of the request's metadata: the broker looks names
+//! up by their bytes, so the hot path neither copies nor validates UTF-8 (a
+//! name that is not valid UTF-8 simply matches no registered service).
+//! [`Route`]'s `Display` renders it as text for messages and logs.
+
+use std::fmt;
+
+use memchr::{memchr, memchr2, memrchr};
 
 use super::RoutingTags;
 use crate::error::DecodeError;
@@ -10,17 +19,17 @@ use crate::error::DecodeError;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route<'a> {
     /// Group (before `!`), if any.
-    pub group: Option<&'a str>,
+    pub group: Option<&'a [u8]>,
     /// `service[.method]` as written, without group and version.
-    pub key: &'a str,
+    pub key: &'a [u8],
     /// The service: `key` without its method.
-    pub service: &'a str,
+    pub service: &'a [u8],
     /// The method: from an `m=` tag, or else what follows the last `.` of `key`.
-    pub method: Option<&'a str>,
+    pub method: Option<&'a [u8]>,
     /// Version (after `:`), if any.
-    pub version: Option<&'a str>,
+    pub version: Option<&'a [u8]>,
     /// `e=<instance id>`: the one instance to route to.
-    pub endpoint: Option<&'a str>,
+    pub endpoint: Option<&'a [u8]>,
     /// `sticky=1`: keep this requester on the instance it got first.
     pub sticky: bool,
     /// `broadcast=1`: deliver a fire-and-forget to every instance.
@@ -28,66 +37,92 @@ pub struct Route<'a> {
     extra_tags: &'a [u8],
 }
 
-fn text(bytes: &[u8]) -> Result<&str, DecodeError> {
-    std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidText { field: "routing tag" })
-}
-
-fn non_empty(s: &str) -> Option<&str> {
+fn non_empty(s: &[u8]) -> Option<&[u8]> {
     (!s.is_empty()).then_some(s)
 }
 
-fn flag(value: &str) -> bool {
-    matches!(value, "1" | "true")
+fn flag(value: &[u8]) -> bool {
+    matches!(value, b"1" | b"true")
+}
+
+fn split_tag(tag: &[u8]) -> Option<(&[u8], &[u8])> {
+    let at = memchr(b'=', tag)?;
+    Some((tag.get(..at)?, tag.get(at + 1..)?))
 }
 
 impl<'a> Route<'a> {
     /// Parses the content of a routing metadata entry: tag 0 is the route,
     /// later tags refine it.
+    #[inline]
     pub fn from_tags(routing: &'a [u8]) -> Result<Self, DecodeError> {
         let mut tags = RoutingTags::new(routing);
-        let first = tags.next().ok_or(DecodeError::InvalidLength { field: "route", len: 0 })??;
+        let first = tags.next().ok_or(DecodeError::InvalidLength {
+            field: "route",
+            len: 0,
+        })??;
         let mut route = Self::parse_key(first)?;
         route.extra_tags = tags.clone().rest_bytes();
+        if route.extra_tags.is_empty() {
+            return Ok(route);
+        }
         let mut explicit_method = None;
         for tag in tags {
-            let tag = text(tag?)?;
-            let Some((name, value)) = tag.split_once('=') else { continue };
+            let Some((name, value)) = split_tag(tag?) else {
+                continue;
+            };
             match name {
-                "e" => route.endpoint = non_empty(value),
-                "m" => explicit_method = non_empty(value),
-                "sticky" => route.sticky |= flag(value),
-                "broadcast" => route.broadcast |= flag(value),
+                b"e" => route.endpoint = non_empty(value),
+                b"m" => explicit_method = non_empty(value),
+                b"sticky" => route.sticky |= flag(value),
+                b"broadcast" => route.broadcast |= flag(value),
                 _ => {}
             }
         }
         if let Some(m) = explicit_method {
             route.method = Some(m);
-            route.service = route.key.strip_suffix(m).and_then(|k| k.strip_suffix('.')).unwrap_or(route.key);
+            route.service = route
+                .key
+                .strip_suffix(m)
+                .and_then(|k| k.strip_suffix(b"."))
+                .unwrap_or(route.key);
         }
         Ok(route)
     }
 
-    /// Parses `[group!]service[.method][:version]`.
+    /// Parses `[group!]service[.method][:version]`: the group ends at a `!`
+    /// that comes before any `:`, the version starts after the first `:`,
+    /// and the method follows the last `.` between them.
+    #[inline]
     pub fn parse_key(key: &'a [u8]) -> Result<Self, DecodeError> {
-        let s = text(key)?;
-        let (group, rest) = match s.split_once('!') {
-            Some((g, rest)) => (non_empty(g), rest),
-            None => (None, s),
+        let (group, rest) = match memchr2(b'!', b':', key) {
+            Some(at) if key.get(at) == Some(&b'!') => (
+                key.get(..at).and_then(non_empty),
+                key.get(at + 1..).unwrap_or_default(),
+            ),
+            _ => (None, key),
         };
-        let (key, version) = match rest.split_once(':') {
-            Some((k, v)) => (k, non_empty(v)),
+        let (name, version) = match memchr(b':', rest) {
+            Some(at) => (
+                rest.get(..at).unwrap_or_default(),
+                rest.get(at + 1..).and_then(non_empty),
+            ),
             None => (rest, None),
         };
-        if key.is_empty() {
-            return Err(DecodeError::InvalidLength { field: "route service", len: 0 });
+        if name.is_empty() {
+            return Err(DecodeError::InvalidLength {
+                field: "route service",
+                len: 0,
+            });
         }
-        let (service, method) = match key.rsplit_once('.') {
-            Some((svc, m)) if !svc.is_empty() && !m.is_empty() => (svc, Some(m)),
-            _ => (key, None),
+        let (service, method) = match memrchr(b'.', name) {
+            Some(at) if at > 0 && at + 1 < name.len() => {
+                (name.get(..at).unwrap_or(name), name.get(at + 1..))
+            }
+            _ => (name, None),
         };
         Ok(Self {
             group,
-            key,
+            key: name,
             service,
             method,
             version,
@@ -99,12 +134,25 @@ impl<'a> Route<'a> {
     }
 
     /// The value of a `name=value` tag after tag 0, if present.
-    pub fn tag(&self, name: &str) -> Option<&'a str> {
-        RoutingTags::new(self.extra_tags).filter_map(Result::ok).find_map(|t| {
-            let t = std::str::from_utf8(t).ok()?;
-            let (n, v) = t.split_once('=')?;
-            (n == name).then_some(v)
-        })
+    pub fn tag(&self, name: &str) -> Option<&'a [u8]> {
+        RoutingTags::new(self.extra_tags)
+            .filter_map(Result::ok)
+            .filter_map(split_tag)
+            .find_map(|(n, v)| (n == name.as_bytes()).then_some(v))
+    }
+}
+
+impl fmt::Display for Route<'_> {
+    /// `[group!]key[:version]`, with invalid UTF-8 replaced.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(g) = self.group {
+            write!(f, "{}!", String::from_utf8_lossy(g))?;
+        }
+        f.write_str(&String::from_utf8_lossy(self.key))?;
+        if let Some(v) = self.version {
+            write!(f, ":{}", String::from_utf8_lossy(v))?;
+        }
+        Ok(())
     }
 }
 
@@ -121,36 +169,71 @@ mod tests {
         buf
     }
 
+    fn s(b: &[u8]) -> &str {
+        std::str::from_utf8(b).unwrap()
+    }
+
     #[test]
     fn full_syntax() {
-        let buf = tags(&["grp!com.example.Echo.hello:1.0.0", "e=inst-1", "sticky=1", "h=k42"]);
+        let buf = tags(&[
+            "grp!com.example.Echo.hello:1.0.0",
+            "e=inst-1",
+            "sticky=1",
+            "h=k42",
+        ]);
         let r = Route::from_tags(&buf).unwrap();
-        assert_eq!(r.group, Some("grp"));
-        assert_eq!(r.key, "com.example.Echo.hello");
-        assert_eq!(r.service, "com.example.Echo");
-        assert_eq!(r.method, Some("hello"));
-        assert_eq!(r.version, Some("1.0.0"));
-        assert_eq!(r.endpoint, Some("inst-1"));
+        assert_eq!(r.group.map(s), Some("grp"));
+        assert_eq!(s(r.key), "com.example.Echo.hello");
+        assert_eq!(s(r.service), "com.example.Echo");
+        assert_eq!(r.method.map(s), Some("hello"));
+        assert_eq!(r.version.map(s), Some("1.0.0"));
+        assert_eq!(r.endpoint.map(s), Some("inst-1"));
         assert!(r.sticky && !r.broadcast);
-        assert_eq!(r.tag("h"), Some("k42"));
+        assert_eq!(r.tag("h").map(s), Some("k42"));
         assert_eq!(r.tag("x"), None);
+        assert_eq!(r.to_string(), "grp!com.example.Echo.hello:1.0.0");
+    }
+
+    #[test]
+    fn separators_in_group_and_version() {
+        let r = Route::parse_key(b"region.dc1!com.example.Echo.m").unwrap();
+        assert_eq!(
+            (r.group.map(s), s(r.service), r.method.map(s)),
+            (Some("region.dc1"), "com.example.Echo", Some("m"))
+        );
+        let r = Route::parse_key(b"svc:1.2!x").unwrap();
+        assert_eq!(
+            (r.group, s(r.key), r.method, r.version.map(s)),
+            (None, "svc", None, Some("1.2!x"))
+        );
+        let r = Route::parse_key(b".svc.").unwrap();
+        assert_eq!((s(r.service), r.method), (".svc.", None));
     }
 
     #[test]
     fn bare_service() {
         let buf = tags(&["echo"]);
         let r = Route::from_tags(&buf).unwrap();
-        assert_eq!((r.group, r.service, r.method, r.version), (None, "echo", None, None));
+        assert_eq!(
+            (r.group, s(r.service), r.method, r.version),
+            (None, "echo", None, None)
+        );
     }
 
     #[test]
     fn explicit_method_tag_decides_the_split() {
         let buf = tags(&["com.example.Echo", "m=hello"]);
         let r = Route::from_tags(&buf).unwrap();
-        assert_eq!((r.service, r.method), ("com.example.Echo", Some("hello")));
+        assert_eq!(
+            (s(r.service), r.method.map(s)),
+            ("com.example.Echo", Some("hello"))
+        );
         let buf = tags(&["com.example.Echo.hello", "m=hello", "broadcast=1"]);
         let r = Route::from_tags(&buf).unwrap();
-        assert_eq!((r.service, r.method), ("com.example.Echo", Some("hello")));
+        assert_eq!(
+            (s(r.service), r.method.map(s)),
+            ("com.example.Echo", Some("hello"))
+        );
         assert!(r.broadcast);
     }
 
@@ -159,7 +242,9 @@ mod tests {
         assert!(Route::from_tags(&[]).is_err());
         assert!(Route::from_tags(&tags(&[""])).is_err());
         assert!(Route::from_tags(&tags(&["g!:1"])).is_err());
-        assert!(Route::parse_key(&[0xFF, 0xFE]).is_err());
         assert!(Route::from_tags(&[9, b'a']).is_err());
+        // Not UTF-8: parsed, displayed lossily, and will match no service.
+        let r = Route::parse_key(&[0xFF, b'.', b'm']).unwrap();
+        assert_eq!(r.to_string(), "\u{FFFD}.m");
     }
 }

@@ -40,7 +40,10 @@ impl<'a> Iterator for RoutingTags<'a> {
             None => {
                 let available = after.len();
                 self.rest = &[];
-                Some(Err(DecodeError::Truncated { needed: len, available }))
+                Some(Err(DecodeError::Truncated {
+                    needed: len,
+                    available,
+                }))
             }
         }
     }
@@ -48,7 +51,10 @@ impl<'a> Iterator for RoutingTags<'a> {
 
 /// Appends one tag (at most 255 bytes).
 pub fn put_tag(buf: &mut impl BufMut, tag: &str) -> Result<(), EncodeError> {
-    let len = u8::try_from(tag.len()).map_err(|_| EncodeError::TooLong { field: "routing tag", len: tag.len() })?;
+    let len = u8::try_from(tag.len()).map_err(|_| EncodeError::TooLong {
+        field: "routing tag",
+        len: tag.len(),
+    })?;
     buf.put_u8(len);
     buf.put_slice(tag.as_bytes());
     Ok(())
