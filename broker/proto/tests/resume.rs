@@ -57,7 +57,7 @@ fn offer(
     let [Event::ResumeRequested(resume)] = &events[..] else {
         panic!("{events:?}")
     };
-    (fresh, resume.clone())
+    (fresh, (**resume).clone())
 }
 
 #[test]

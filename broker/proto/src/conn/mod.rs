@@ -128,12 +128,14 @@ pub enum RequestKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     /// Server: the client's SETUP was valid and is accepted. The application
-    /// may still refuse it with [`Connection::reject_setup`].
-    Setup(Setup),
+    /// may still refuse it with [`Connection::reject_setup`]. If it asked for
+    /// LEASE (`lease`), the client sends no request until the application
+    /// grants one with [`Connection::send_lease`].
+    Setup(Box<Setup>),
     /// Server: a new connection opened with RESUME. Resume the session with
     /// that token ([`Connection::resume_session`]) or refuse
     /// ([`Connection::reject_resume`]).
-    ResumeRequested(Resume),
+    ResumeRequested(Box<Resume>),
     /// Client: the server accepted RESUME; lost frames have been queued again.
     Resumed,
     /// The first (or only) frame of a request from the peer. With
@@ -664,7 +666,7 @@ impl Connection {
         self.max_lifetime = Duration::from_millis(u64::from(setup.max_lifetime));
         self.keepalive_interval = Duration::from_millis(u64::from(setup.keepalive_interval));
         self.state = State::Established;
-        self.events.push_back(Event::Setup(setup));
+        self.events.push_back(Event::Setup(Box::new(setup)));
     }
 
     fn on_resume_offer(&mut self, view: FrameView) {
@@ -678,7 +680,8 @@ impl Connection {
         match Resume::from_view(&view) {
             Ok(resume) => {
                 self.state = State::ResumeOffered;
-                self.events.push_back(Event::ResumeRequested(resume));
+                self.events
+                    .push_back(Event::ResumeRequested(Box::new(resume)));
             }
             Err(e) => self.fail(ErrorCode::INVALID_SETUP, format!("malformed RESUME: {e}")),
         }
@@ -1371,7 +1374,7 @@ impl Connection {
         complete: bool,
     ) -> Result<(), SendError> {
         self.check_open()?;
-        self.on_send_payload(stream_id, next, complete, false)?;
+        let done = self.on_send_payload(stream_id, next, complete, false)?;
         for frame in Fragmenter::new(
             stream_id,
             MessageKind::Payload { next },
@@ -1382,7 +1385,9 @@ impl Connection {
         ) {
             self.push_stream_frame(OutFrame::from_frame(&frame));
         }
-        self.after_send(stream_id);
+        if done {
+            self.end_stream(stream_id);
+        }
         Ok(())
     }
 
@@ -1399,9 +1404,11 @@ impl Connection {
     /// was sending).
     pub fn send_cancel(&mut self, stream_id: u32) -> Result<(), SendError> {
         self.check_open()?;
-        self.on_send_cancel(stream_id)?;
+        let done = self.on_send_cancel(stream_id)?;
         self.push_stream_frame(OutFrame::from_frame(&Cancel { stream_id }.into()));
-        self.after_send(stream_id);
+        if done {
+            self.end_stream(stream_id);
+        }
         Ok(())
     }
 
@@ -1423,7 +1430,7 @@ impl Connection {
             }
             .into(),
         ));
-        self.after_send(stream_id);
+        self.end_stream(stream_id);
         Ok(())
     }
 
@@ -1511,11 +1518,14 @@ impl Connection {
     /// connection on `stream_id` here, with only the stream id replaced.
     pub fn forward(&mut self, stream_id: u32, frame: &FrameView) -> Result<(), SendError> {
         self.check_open()?;
-        match frame.frame_type() {
+        let done = match frame.frame_type() {
             FrameType::Payload => {
                 self.on_send_payload(stream_id, frame.next(), frame.complete(), frame.follows())?
             }
-            FrameType::RequestN => self.on_send_request_n(stream_id, frame.request_n())?,
+            FrameType::RequestN => {
+                self.on_send_request_n(stream_id, frame.request_n())?;
+                false
+            }
             FrameType::Cancel => self.on_send_cancel(stream_id)?,
             FrameType::Error => self.on_send_error(
                 stream_id,
@@ -1526,19 +1536,22 @@ impl Connection {
                     "only PAYLOAD, REQUEST_N, CANCEL and ERROR are forwarded on a stream",
                 ));
             }
-        }
+        };
         self.push_stream_frame(OutFrame::forward(stream_id, frame));
-        self.after_send(stream_id);
+        if done {
+            self.end_stream(stream_id);
+        }
         Ok(())
     }
 
+    /// Applies a PAYLOAD this side sends; returns whether the stream is now over.
     fn on_send_payload(
         &mut self,
         id: u32,
         next: bool,
         complete: bool,
         follows: bool,
-    ) -> Result<(), SendError> {
+    ) -> Result<bool, SendError> {
         let stream = self
             .streams
             .get_mut(&id)
@@ -1553,7 +1566,7 @@ impl Connection {
                     MessageRole::Item => stream.item_sent(p.complete),
                 }
             }
-            return Ok(());
+            return Ok(stream.is_done());
         }
         if !stream.outbound_open {
             return Err(SendError::InvalidState {
@@ -1577,7 +1590,7 @@ impl Connection {
         } else {
             stream.item_sent(complete);
         }
-        Ok(())
+        Ok(stream.is_done())
     }
 
     fn on_send_request_n(&mut self, id: u32, n: u32) -> Result<(), SendError> {
@@ -1598,7 +1611,8 @@ impl Connection {
         Ok(())
     }
 
-    fn on_send_cancel(&mut self, id: u32) -> Result<(), SendError> {
+    /// Applies a CANCEL this side sends; returns whether the stream is now over.
+    fn on_send_cancel(&mut self, id: u32) -> Result<bool, SendError> {
         let stream = self
             .streams
             .get_mut(&id)
@@ -1617,10 +1631,11 @@ impl Connection {
                 reason: "only the requester cancels this stream",
             });
         }
-        Ok(())
+        Ok(stream.is_done())
     }
 
-    fn on_send_error(&mut self, id: u32, code: ErrorCode) -> Result<(), SendError> {
+    /// Applies an ERROR this side sends; the stream is over.
+    fn on_send_error(&mut self, id: u32, code: ErrorCode) -> Result<bool, SendError> {
         if code.is_connection_level() {
             return Err(SendError::InvalidArgument(
                 "connection-level error code on a stream",
@@ -1634,14 +1649,7 @@ impl Connection {
         stream.outbound_open = false;
         stream.inbound_partial = None;
         stream.outbound_partial = None;
-        Ok(())
-    }
-
-    /// Drops a stream that has ended after a local send.
-    fn after_send(&mut self, id: u32) {
-        if self.streams.get(&id).is_some_and(Stream::is_done) {
-            self.end_stream(id);
-        }
+        Ok(true)
     }
 
     // -------------------------------------------------------------- helpers

@@ -20,6 +20,9 @@ pub struct Entry<'a> {
     pub content: &'a [u8],
 }
 
+/// An entry as its well-known id (if any) and content.
+pub(crate) type IdEntry<'a> = (Option<WellKnownMime>, &'a [u8]);
+
 /// Iterator over the entries of composite metadata. Yields an error once
 /// and then stops if the bytes are malformed.
 #[derive(Clone, Debug)]
@@ -46,6 +49,26 @@ impl<'a> CompositeMetadata<'a> {
             }
         }
         Ok(None)
+    }
+
+    /// The next entry as its well-known id (`None` for a MIME type string
+    /// that names no well-known type) and content: the scan the broker does
+    /// per request, without building a [`MimeType`].
+    #[inline]
+    pub(crate) fn next_by_id(&mut self) -> Result<Option<IdEntry<'a>>, DecodeError> {
+        let Some((&first, after)) = self.rest.split_first() else {
+            return Ok(None);
+        };
+        if first & 0x80 == 0 {
+            let entry = self.read_entry()?;
+            return Ok(Some((entry.mime.well_known(), entry.content)));
+        }
+        let len = get_u24(after).ok_or_else(|| self.truncated(4))?;
+        let content = after
+            .get(3..3 + len)
+            .ok_or_else(|| self.truncated(4 + len))?;
+        self.rest = after.get(3 + len..).unwrap_or_default();
+        Ok(Some((Some(WellKnownMime::from_low_bits(first)), content)))
     }
 
     fn truncated(&self, needed: usize) -> DecodeError {

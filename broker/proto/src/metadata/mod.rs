@@ -62,9 +62,9 @@ impl<'a> RequestMetadata<'a> {
     #[inline]
     pub fn scan(composite: &'a [u8]) -> Result<Self, crate::DecodeError> {
         let mut found = Self::default();
-        for entry in CompositeMetadata::new(composite) {
-            let entry = entry?;
-            let slot = match entry.mime.well_known() {
+        let mut entries = CompositeMetadata::new(composite);
+        while let Some((id, content)) = entries.next_by_id()? {
+            let slot = match id {
                 Some(WellKnownMime::ROUTING) => &mut found.routing,
                 Some(WellKnownMime::BINARY_ROUTING) => &mut found.binary_routing,
                 Some(WellKnownMime::AUTHENTICATION) => &mut found.auth,
@@ -73,7 +73,7 @@ impl<'a> RequestMetadata<'a> {
                 _ => continue,
             };
             if slot.is_none() {
-                *slot = Some(entry.content);
+                *slot = Some(content);
             }
         }
         Ok(found)

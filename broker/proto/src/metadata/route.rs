@@ -94,19 +94,27 @@ impl<'a> Route<'a> {
     /// and the method follows the last `.` between them.
     #[inline]
     pub fn parse_key(key: &'a [u8]) -> Result<Self, DecodeError> {
-        let (group, rest) = match memchr2(b'!', b':', key) {
-            Some(at) if key.get(at) == Some(&b'!') => (
-                key.get(..at).and_then(non_empty),
-                key.get(at + 1..).unwrap_or_default(),
+        // One search for the first `!` or `:` settles the common cases
+        // (`service.method`, `service:version`) without a second pass.
+        let (group, name, version) = match memchr2(b'!', b':', key) {
+            None => (None, key, None),
+            Some(at) if key.get(at) == Some(&b':') => (
+                None,
+                key.get(..at).unwrap_or_default(),
+                key.get(at + 1..).and_then(non_empty),
             ),
-            _ => (None, key),
-        };
-        let (name, version) = match memchr(b':', rest) {
-            Some(at) => (
-                rest.get(..at).unwrap_or_default(),
-                rest.get(at + 1..).and_then(non_empty),
-            ),
-            None => (rest, None),
+            Some(at) => {
+                let group = key.get(..at).and_then(non_empty);
+                let rest = key.get(at + 1..).unwrap_or_default();
+                match memchr(b':', rest) {
+                    Some(c) => (
+                        group,
+                        rest.get(..c).unwrap_or_default(),
+                        rest.get(c + 1..).and_then(non_empty),
+                    ),
+                    None => (group, rest, None),
+                }
+            }
         };
         if name.is_empty() {
             return Err(DecodeError::InvalidLength {
