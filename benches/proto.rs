@@ -107,5 +107,74 @@ fn metadata(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, decode, encode, metadata);
+/// One PAYLOAD through the state machines: received on one connection
+/// (credit checked, event raised) and forwarded on another (credit checked,
+/// new head, shared body).
+fn connection(c: &mut Criterion) {
+    use std::time::Instant;
+
+    use rsocket_proto::conn::{Config, Connection, Event, RequestKind, SetupPayload};
+    use rsocket_proto::frame::{MAX_REQUEST_N, RequestChannel, RequestN, Setup, VERSION};
+
+    let now = Instant::now();
+    let mut inbound = Connection::server(Config::default(), now);
+    let setup = Setup {
+        version: VERSION,
+        keepalive_interval: 1000,
+        max_lifetime: 10_000,
+        resume_token: None,
+        lease: false,
+        metadata_mime: bytes::Bytes::new(),
+        data_mime: bytes::Bytes::new(),
+        metadata: None,
+        data: bytes::Bytes::new(),
+    };
+    inbound.handle_frame(now, Frame::from(setup).to_bytes());
+    let channel = RequestChannel {
+        stream_id: 1,
+        follows: false,
+        complete: false,
+        initial_n: 1,
+        metadata: None,
+        data: bytes::Bytes::new(),
+    };
+    inbound.handle_frame(now, Frame::from(channel).to_bytes());
+    inbound.send_request_n(1, MAX_REQUEST_N).unwrap();
+    let mut outbound = Connection::client(Config::default(), SetupPayload::default(), now);
+    let id = outbound
+        .send_request(
+            RequestKind::Channel {
+                initial_n: 1,
+                complete: false,
+            },
+            None,
+            bytes::Bytes::new(),
+        )
+        .unwrap();
+    outbound.handle_frame(
+        now,
+        Frame::from(RequestN {
+            stream_id: id,
+            n: MAX_REQUEST_N,
+        })
+        .to_bytes(),
+    );
+    while inbound.poll_event().is_some() {}
+    while inbound.poll_transmit().is_some() {}
+    while outbound.poll_transmit().is_some() {}
+
+    let item = payload_frame(64);
+    c.bench_function("connection/receive_and_forward_payload_64B", |b| {
+        b.iter(|| {
+            inbound.handle_frame(now, black_box(item.clone()));
+            let Some(Event::Payload { frame, .. }) = inbound.poll_event() else {
+                unreachable!()
+            };
+            outbound.forward(id, &frame).unwrap();
+            black_box(outbound.poll_transmit())
+        })
+    });
+}
+
+criterion_group!(benches, decode, encode, metadata, connection);
 criterion_main!(benches);
