@@ -43,10 +43,62 @@ fn decode(c: &mut Criterion) {
                     while let Some(f) = codec.decode(&mut buf).unwrap() {
                         n += FrameView::parse(f).unwrap().data_slice().len();
                     }
-                    black_box(n)
+                    // Returned so that freeing the buffer is not timed.
+                    (n, buf)
                 },
                 BatchSize::SmallInput,
             )
+        });
+    }
+    g.finish();
+}
+
+/// The same frames decoded and encoded by rsocket-rust, in the same run, so
+/// perf/RESULTS.md can quote ratios. Both decoders start from a fresh
+/// receive buffer holding one frame (the copy into it is not timed).
+fn peer(c: &mut Criterion) {
+    use rsocket_rust::frame::Frame as PeerFrame;
+    use rsocket_rust::utils::Writeable;
+
+    let mut g = c.benchmark_group("peer");
+    for len in [64usize, 4096] {
+        let frame = payload_frame(len);
+        g.throughput(Throughput::Bytes(len as u64));
+        g.bench_function(format!("decode_{len}B/rsbroker"), |b| {
+            b.iter_batched(
+                || BytesMut::from(&frame[..]),
+                |buf| {
+                    let v = FrameView::parse(buf.freeze()).unwrap();
+                    black_box(v.data_slice().len())
+                },
+                BatchSize::SmallInput,
+            )
+        });
+        g.bench_function(format!("decode_{len}B/rsocket-rust"), |b| {
+            b.iter_batched(
+                || BytesMut::from(&frame[..]),
+                |mut buf| black_box(PeerFrame::decode(&mut buf).unwrap()),
+                BatchSize::SmallInput,
+            )
+        });
+        let ours = Frame::decode(frame.clone()).unwrap();
+        let theirs = PeerFrame::decode(&mut BytesMut::from(&frame[..])).unwrap();
+        let mut buf = BytesMut::with_capacity(1 << 20);
+        g.bench_function(format!("encode_{len}B/rsbroker"), |b| {
+            b.iter(|| {
+                if buf.len() > (1 << 19) {
+                    buf.clear();
+                }
+                black_box(&ours).encode(&mut buf);
+            })
+        });
+        g.bench_function(format!("encode_{len}B/rsocket-rust"), |b| {
+            b.iter(|| {
+                if buf.len() > (1 << 19) {
+                    buf.clear();
+                }
+                black_box(&theirs).write_to(&mut buf);
+            })
         });
     }
     g.finish();
@@ -176,5 +228,5 @@ fn connection(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, decode, encode, metadata, connection);
+criterion_group!(benches, decode, encode, metadata, connection, peer);
 criterion_main!(benches);
