@@ -30,7 +30,7 @@ fn decode(c: &mut Criterion) {
         let mut wire = BytesMut::new();
         let out = OutFrame::encoded(frame.clone());
         for _ in 0..64 {
-            put_prefixed(&mut wire, &out);
+            put_prefixed(&mut wire, &out).unwrap();
         }
         let wire = wire.freeze();
         let codec = LengthPrefixed::default();

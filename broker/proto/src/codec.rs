@@ -63,9 +63,8 @@ impl LengthPrefixed {
             });
         }
         if buf.len() < PREFIX_LEN + len {
-            // Make room for the rest of this frame in one go, so a large frame
-            // is read without repeated reallocation.
-            buf.reserve(PREFIX_LEN + len - buf.len());
+            // Buffer sizing is the transport's call (see `bytes_needed`): a
+            // peer's 3-byte prefix must not make this side allocate 16 MiB.
             return Ok(None);
         }
         buf.advance(PREFIX_LEN);
@@ -120,18 +119,28 @@ impl Message {
     }
 }
 
+/// A frame too long for the 24-bit length prefix (nothing was written).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("frame of {0} bytes does not fit a 24-bit length prefix")]
+pub struct TooLong(pub usize);
+
 /// Writes the 24-bit length prefix of a frame of `len` bytes.
 #[inline]
-pub fn put_prefix(buf: &mut impl BufMut, len: usize) {
+pub fn put_prefix(buf: &mut impl BufMut, len: usize) -> Result<(), TooLong> {
+    if len > MAX_U24 {
+        return Err(TooLong(len));
+    }
     put_u24(buf, len);
+    Ok(())
 }
 
 /// Appends a frame with its length prefix (copying its parts).
-pub fn put_prefixed(buf: &mut impl BufMut, frame: &OutFrame) {
-    put_prefix(buf, frame.len());
+pub fn put_prefixed(buf: &mut impl BufMut, frame: &OutFrame) -> Result<(), TooLong> {
+    put_prefix(buf, frame.len())?;
     for chunk in frame.chunks() {
         buf.put_slice(chunk);
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -185,6 +194,15 @@ mod tests {
         assert_eq!(codec.bytes_needed(&[0, 0]), 1);
         assert_eq!(codec.bytes_needed(&[0, 0, 10, 1]), 9);
         assert_eq!(codec.bytes_needed(&[0, 0, 1, 1]), 0);
+    }
+
+    #[test]
+    fn prefix_refuses_what_24_bits_cannot_say() {
+        let mut buf = BytesMut::new();
+        assert_eq!(put_prefix(&mut buf, MAX_U24 + 1), Err(TooLong(MAX_U24 + 1)));
+        assert!(buf.is_empty());
+        put_prefix(&mut buf, MAX_U24).unwrap();
+        assert_eq!(&buf[..], &[0xFF, 0xFF, 0xFF]);
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::frame::{
-    Flags, Frame, FrameType, FrameView, HEADER_LEN, Payload, RequestChannel, RequestFnf,
+    Flags, Frame, FrameType, FrameView, HEADER_LEN, MAX_U24, Payload, RequestChannel, RequestFnf,
     RequestResponse, RequestStream, put_header, put_u24,
 };
 
@@ -226,13 +226,18 @@ pub struct Reassembly {
 
 impl Reassembly {
     /// Starts with the first fragment (a request or PAYLOAD with (F)ollows).
+    /// `max` caps metadata + data; the whole message must also fit one
+    /// frame (16 MiB - 1), so that it can be forwarded as one.
     pub fn start(first: &FrameView, max: usize) -> Result<Self, ReassemblyError> {
+        let fixed = first.fixed_fields();
+        let overhead = HEADER_LEN + fixed.len() + 3;
+        let max = max.min(MAX_U24 - overhead);
         if first.payload_len() > max {
             return Err(ReassemblyError::TooLarge { max });
         }
-        let fixed = first.fixed_fields();
-        let mut out =
-            BytesMut::with_capacity(HEADER_LEN + fixed.len() + 3 + first.payload_len() * 2);
+        // Room for a few more fragments like this one, never more than the cap.
+        let capacity = overhead + (first.payload_len() * 4).min(max);
+        let mut out = BytesMut::with_capacity(capacity);
         let flags = first.flags().0 & !Flags::FOLLOWS;
         put_header(&mut out, first.stream_id(), first.frame_type(), flags);
         out.put_slice(fixed);
