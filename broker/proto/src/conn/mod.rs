@@ -49,8 +49,13 @@ pub struct Config {
     /// Largest frame this side sends; longer messages are fragmented.
     /// 0 means "only where a frame would not fit the 24-bit length".
     pub fragment_size: usize,
-    /// Cap on one incoming fragmented message (metadata + data).
+    /// Cap on one incoming fragmented message (metadata + data) when
+    /// reassembling. Forwarded fragments are not buffered, so pass-through
+    /// mode does not cap them.
     pub max_reassembled_size: usize,
+    /// Cap on the bytes held by all incoming messages being reassembled at
+    /// once; the message that would pass it ends its stream with REJECTED.
+    pub max_reassembly_memory: usize,
     /// Deliver whole messages (reassembled) instead of each fragment.
     pub reassemble: bool,
     /// Most streams the peer may have open at once; requests beyond it get ERROR[REJECTED].
@@ -79,8 +84,9 @@ impl Default for Config {
         Self {
             fragment_size: 0,
             max_reassembled_size: MAX_U24,
+            max_reassembly_memory: 64 << 20,
             reassemble: false,
-            max_inbound_streams: usize::MAX,
+            max_inbound_streams: 65_536,
             keepalive_interval: Duration::from_secs(20),
             max_lifetime: Duration::from_secs(90),
             setup_timeout: Duration::from_secs(30),
@@ -282,6 +288,10 @@ pub struct Connection {
     resume: Option<ResumeState>,
     draining: bool,
     close_when_idle: bool,
+    /// Who asked for the close that waits for streams to end.
+    close_initiator: Initiator,
+    /// Bytes held by incoming messages being reassembled.
+    reassembly_bytes: usize,
     stats: Stats,
 }
 
@@ -329,6 +339,8 @@ impl Connection {
             resume: None,
             draining: false,
             close_when_idle: false,
+            close_initiator: Initiator::Remote,
+            reassembly_bytes: 0,
             stats: Stats::default(),
             config,
         }
@@ -358,9 +370,18 @@ impl Connection {
         };
         conn.lease_enabled = conn.config.lease;
         conn.resume = resume_token.map(|t| ResumeState::new(t, conn.config.resume_buffer));
+        let frame = crate::frame::Frame::from(frame);
+        if frame.encoded_len() > MAX_U24 {
+            conn.state = State::Closed;
+            conn.events.push_back(Event::Closed(ConnectionError::local(
+                ErrorCode::INVALID_SETUP,
+                "the SETUP payload does not fit one frame (16 MiB)",
+            )));
+            return conn;
+        }
         conn.state = State::Established;
         conn.next_keepalive = Some(now + conn.keepalive_interval);
-        conn.push_control(OutFrame::from_frame(&frame.into()));
+        conn.push_control(OutFrame::from_frame(&frame));
         conn
     }
 
@@ -441,7 +462,19 @@ impl Connection {
         let lifetime = self.last_received + self.max_lifetime;
         match self.state {
             State::AwaitingSetup | State::ResumeOffered | State::AwaitingResumeOk => Some(lifetime),
-            State::Established => Some(self.next_keepalive.map_or(lifetime, |k| k.min(lifetime))),
+            State::Established => [
+                Some(lifetime),
+                self.next_keepalive,
+                self.peer_lease
+                    .filter(|l| l.remaining > 0)
+                    .map(|l| l.expires),
+                self.granted_lease
+                    .filter(|l| l.remaining > 0)
+                    .map(|l| l.expires),
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
             State::Disconnected | State::Closed => None,
         }
     }
@@ -463,6 +496,16 @@ impl Connection {
                 }
             }
             State::Established | State::AwaitingResumeOk => {
+                // "When a LEASE expires due to time, the value of the Number of
+                // Requests that a Requester may make is implicitly 0."
+                for lease in [&mut self.peer_lease, &mut self.granted_lease]
+                    .into_iter()
+                    .flatten()
+                {
+                    if now >= lease.expires {
+                        lease.remaining = 0;
+                    }
+                }
                 if now >= self.last_received + self.max_lifetime {
                     self.fail(
                         ErrorCode::CONNECTION_ERROR,
@@ -569,6 +612,9 @@ impl Connection {
                 format!("malformed {frame_type}: {err}"),
             );
         }
+        if self.state == State::ResumeOffered {
+            return self.ignore();
+        }
         let id = header.stream_id;
         if frame_type.is_request() {
             if id == 0 || !self.is_peer_stream_id(id) {
@@ -595,10 +641,16 @@ impl Connection {
                 | FrameType::Cancel
                 | FrameType::Ext
         );
+        // The well-formed frame would be ignored here, so the malformed one is too:
+        // stream frames on stream 0, EXT with Ignore, a second SETUP, a
+        // RESUME_OK nobody asked for.
+        let ignorable = (stream_frame && frame_type != FrameType::Error && id == 0)
+            || (frame_type == FrameType::Ext && header.flags.has(Flags::IGNORE))
+            || matches!(frame_type, FrameType::Setup | FrameType::ResumeOk);
+        if ignorable {
+            return self.ignore();
+        }
         if stream_frame && id != 0 {
-            if frame_type == FrameType::Ext && header.flags.has(Flags::IGNORE) {
-                return self.ignore();
-            }
             if self.streams.contains_key(&id) {
                 return self.stream_error(
                     id,
@@ -733,7 +785,10 @@ impl Connection {
 
     fn on_frame(&mut self, view: FrameView) {
         if self.role == Role::Client
-            && !(view.frame_type() == FrameType::Error && view.stream_id() == 0)
+            && !self.setup_confirmed
+            && (view.frame_type() == FrameType::Lease
+                || view.frame_type().is_request()
+                || (view.stream_id() != 0 && self.streams.contains_key(&view.stream_id())))
         {
             // "A client assumes a SETUP is accepted if it receives a response to a request, a LEASE
             // frame, or if it sees a REQUEST type."
@@ -792,7 +847,7 @@ impl Connection {
         let lease = Lease::from_view(&view);
         self.peer_lease = Some(LeaseWindow {
             expires: self.now + Duration::from_millis(u64::from(lease.ttl)),
-            remaining: lease.number_of_requests,
+            remaining: lease.number_of_requests & crate::frame::MAX_REQUEST_N,
         });
         self.events.push_back(Event::Lease(lease));
     }
@@ -812,7 +867,8 @@ impl Connection {
             let echo = Keepalive {
                 respond: false,
                 last_received_position: position,
-                data: keepalive.data,
+                // A copy: the echo must not pin the peer's receive buffer.
+                data: Bytes::copy_from_slice(&keepalive.data),
             };
             self.push_control(OutFrame::from_frame(&echo.into()));
         }
@@ -835,6 +891,7 @@ impl Connection {
                 // before closing the connection."
                 self.draining = true;
                 self.close_when_idle = true;
+                self.close_initiator = Initiator::Remote;
                 self.events.push_back(Event::Closing(error.clone()));
                 if self.streams.is_empty() {
                     self.close_remote(error);
@@ -885,11 +942,11 @@ impl Connection {
         if matches!(interaction, Interaction::Stream | Interaction::Channel) && initial_n == 0 {
             return self.refuse(id, ErrorCode::INVALID, "initial request n must be > 0");
         }
-        if view.follows() && view.payload_len() > self.config.max_reassembled_size {
-            let msg = format!(
-                "request exceeds the reassembly limit of {} bytes",
-                self.config.max_reassembled_size
-            );
+        if self.config.reassemble
+            && view.follows()
+            && self.reassembly_bytes + view.payload_len() > self.config.max_reassembly_memory
+        {
+            let msg = "too many fragmented messages in progress on this connection";
             return self.refuse(id, ErrorCode::REJECTED, msg);
         }
         // "A Responder that receives a REQUEST that it can not honor due to LEASE restrictions
@@ -911,12 +968,15 @@ impl Connection {
             } else {
                 None
             };
-            stream.inbound_partial = Some(InboundPartial {
+            let partial = InboundPartial {
                 role: MessageRole::Request,
                 complete: view.complete(),
                 len: view.payload_len(),
+                data_started: !view.data_slice().is_empty(),
                 reassembly,
-            });
+            };
+            self.reassembly_bytes += partial.buffered();
+            stream.inbound_partial = Some(partial);
             self.streams.insert(id, stream);
             self.inbound_streams += 1;
             if !self.config.reassemble {
@@ -952,15 +1012,29 @@ impl Connection {
         };
         if let Some(partial) = stream.inbound_partial.as_mut() {
             // A follow-up fragment of a message in progress.
-            partial.len += view.payload_len();
-            if partial.len > max {
-                return self.stream_error(
-                    id,
-                    ErrorCode::REJECTED,
-                    format!("fragmented message exceeds the reassembly limit of {max} bytes"),
-                );
+            let added = view.payload_len();
+            let reassembling = partial.reassembly.is_some();
+            if reassembling {
+                if partial.len + added > max {
+                    let msg =
+                        format!("fragmented message exceeds the reassembly limit of {max} bytes");
+                    return self.stream_error(id, ErrorCode::REJECTED, msg);
+                }
+                if self.reassembly_bytes + added > self.config.max_reassembly_memory {
+                    let msg = "too many fragmented messages in progress on this connection";
+                    return self.stream_error(id, ErrorCode::REJECTED, msg);
+                }
+            } else if partial.data_started && view.metadata_slice().is_some_and(|m| !m.is_empty()) {
+                // "When fragmented, the Metadata MUST be transmitted completely before the Data."
+                let msg = "fragment carries metadata after data";
+                return self.stream_error(id, ErrorCode::INVALID, msg);
             }
+            partial.len += added;
+            partial.data_started |= !view.data_slice().is_empty();
             partial.complete |= view.complete();
+            if reassembling {
+                self.reassembly_bytes += added;
+            }
             let whole = match partial.reassembly.as_mut().map(|r| r.push(&view)) {
                 Some(Err(e)) => return self.stream_error(id, ErrorCode::INVALID, e.to_string()),
                 Some(Ok(whole)) => whole,
@@ -970,6 +1044,7 @@ impl Connection {
             if !view.follows()
                 && let Some(p) = stream.inbound_partial.take()
             {
+                self.reassembly_bytes -= p.buffered();
                 match p.role {
                     MessageRole::Request => stream.request_done(p.complete),
                     MessageRole::Item => stream.item_received(p.complete),
@@ -979,30 +1054,25 @@ impl Connection {
             let ended = stream.is_done();
             let interaction = stream.interaction;
             let event = match (whole, role) {
-                (Some(frame), Some(MessageRole::Request)) => Event::Request {
+                (Some(frame), Some(MessageRole::Request)) => Some(Event::Request {
                     stream_id: id,
                     interaction,
                     frame,
                     ended,
-                },
-                (Some(frame), _) => Event::Payload {
+                }),
+                (Some(frame), _) => Some(Event::Payload {
                     stream_id: id,
                     frame,
                     ended,
-                },
-                (None, _) if self.config.reassemble => {
-                    if ended {
-                        self.end_stream(id);
-                    }
-                    return;
-                }
-                (None, _) => Event::Fragment {
+                }),
+                (None, _) if reassembling => None,
+                (None, _) => Some(Event::Fragment {
                     stream_id: id,
                     frame: view,
                     ended,
-                },
+                }),
             };
-            self.events.push_back(event);
+            self.events.extend(event);
             if ended {
                 self.end_stream(id);
             }
@@ -1026,6 +1096,10 @@ impl Connection {
         }
         if view.follows() {
             let reassembly = if self.config.reassemble {
+                if self.reassembly_bytes + view.payload_len() > self.config.max_reassembly_memory {
+                    let msg = "too many fragmented messages in progress on this connection";
+                    return self.stream_error(id, ErrorCode::REJECTED, msg);
+                }
                 match Reassembly::start(&view, max) {
                     Ok(r) => Some(r),
                     Err(e) => return self.stream_error(id, ErrorCode::REJECTED, e.to_string()),
@@ -1033,12 +1107,15 @@ impl Connection {
             } else {
                 None
             };
-            stream.inbound_partial = Some(InboundPartial {
+            let partial = InboundPartial {
                 role: MessageRole::Item,
                 complete,
                 len: view.payload_len(),
+                data_started: !view.data_slice().is_empty(),
                 reassembly,
-            });
+            };
+            self.reassembly_bytes += partial.buffered();
+            stream.inbound_partial = Some(partial);
             if !self.config.reassemble {
                 self.events.push_back(Event::Payload {
                     stream_id: id,
@@ -1085,7 +1162,9 @@ impl Connection {
         };
         // "If the sender wants to cancel sending a fragmented sequence, it MAY send a CANCEL frame
         // without finishing delivery of the fragments."
-        let aborted_partial = stream.inbound_partial.take().is_some();
+        let aborted = stream.inbound_partial.take();
+        let aborted_partial = aborted.is_some();
+        self.reassembly_bytes -= aborted.map_or(0, |p| p.buffered());
         let ended = if !stream.local_requester || aborted_partial {
             // "Upon receiving a CANCEL, the stream is terminated on the Responder."
             true
@@ -1111,14 +1190,28 @@ impl Connection {
     /// Server: refuses the client's SETUP (after [`Event::Setup`]) with
     /// REJECTED_SETUP, INVALID_SETUP or UNSUPPORTED_SETUP, and closes.
     pub fn reject_setup(&mut self, code: ErrorCode, message: impl Into<String>) {
+        self.refuse_establishment(code, message.into());
+    }
+
+    /// Nothing the connection did after the SETUP or RESUME counts: queued
+    /// frames (a KEEPALIVE echo, answers to early requests) and events are
+    /// dropped, and only the ERROR goes out.
+    fn refuse_establishment(&mut self, code: ErrorCode, message: String) {
+        if self.state == State::Closed {
+            return;
+        }
         self.events.clear();
-        self.fail(code, message.into());
+        self.out.clear();
+        self.out_bytes = 0;
+        self.streams.clear();
+        self.inbound_streams = 0;
+        self.reassembly_bytes = 0;
+        self.fail(code, message);
     }
 
     /// Server: refuses a RESUME (after [`Event::ResumeRequested`]) with REJECTED_RESUME, and closes.
     pub fn reject_resume(&mut self, message: impl Into<String>) {
-        self.events.clear();
-        self.fail(ErrorCode::REJECTED_RESUME, message.into());
+        self.refuse_establishment(ErrorCode::REJECTED_RESUME, message.into());
     }
 
     /// Server: continues this (disconnected) session on the transport that
@@ -1127,7 +1220,7 @@ impl Connection {
     /// (refuse the offer with [`Connection::reject_resume`]).
     pub fn resume_session(&mut self, resume: &Resume, now: Instant) -> Result<(), ConnectionError> {
         let refuse = |m: String| Err(ConnectionError::local(ErrorCode::REJECTED_RESUME, m));
-        if resume.version.major != VERSION.major {
+        if resume.version != VERSION {
             return refuse(format!(
                 "protocol version {}.{} is not supported",
                 resume.version.major, resume.version.minor
@@ -1223,9 +1316,29 @@ impl Connection {
         self.draining = true;
     }
 
-    /// Sends ERROR on stream 0 with `code` and closes.
+    /// Sends ERROR on stream 0 with `code` and closes at once.
     pub fn close(&mut self, code: ErrorCode, message: impl Into<String>) {
         self.fail(code, message.into());
+    }
+
+    /// Sends ERROR[CONNECTION_CLOSE]: no new streams either way; the
+    /// connection closes when the open streams have ended ("Sender or
+    /// Receiver of this frame MUST wait for outstanding streams to terminate
+    /// before closing the connection").
+    pub fn close_gracefully(&mut self, message: impl Into<String>) {
+        if self.state != State::Established || self.close_when_idle {
+            return;
+        }
+        let error = ErrorFrame {
+            stream_id: 0,
+            code: ErrorCode::CONNECTION_CLOSE,
+            data: Bytes::from(message.into()),
+        };
+        self.push_control(OutFrame::from_frame(&error.into()));
+        self.draining = true;
+        self.close_when_idle = true;
+        self.close_initiator = Initiator::Local;
+        self.close_if_idle(Initiator::Local);
     }
 
     fn fail(&mut self, code: ErrorCode, message: impl Into<std::borrow::Cow<'static, str>>) {
@@ -1374,6 +1487,16 @@ impl Connection {
         complete: bool,
     ) -> Result<(), SendError> {
         self.check_open()?;
+        if !next && (metadata.is_some() || !data.is_empty()) {
+            return Err(SendError::InvalidArgument(
+                "a PAYLOAD without next carries no data",
+            ));
+        }
+        // A response to REQUEST_RESPONSE is always N|C.
+        let complete = complete
+            || self.streams.get(&stream_id).is_some_and(|s| {
+                s.interaction == Interaction::RequestResponse && !s.local_requester
+            });
         let done = self.on_send_payload(stream_id, next, complete, false)?;
         for frame in Fragmenter::new(
             stream_id,
@@ -1421,7 +1544,14 @@ impl Connection {
         data: Bytes,
     ) -> Result<(), SendError> {
         self.check_open()?;
-        self.on_send_error(stream_id, code)?;
+        if code.is_connection_level() {
+            return Err(SendError::InvalidArgument(
+                "connection-level error code on a stream",
+            ));
+        }
+        // An error message longer than a frame can hold is cut.
+        let data = data.slice(..data.len().min(MAX_U24 - crate::frame::HEADER_LEN - 4));
+        self.on_send_error(stream_id)?;
         self.push_stream_frame(OutFrame::from_frame(
             &ErrorFrame {
                 stream_id,
@@ -1443,6 +1573,11 @@ impl Connection {
                 SendError::NotEstablished
             });
         }
+        if metadata.len() > MAX_U24 - crate::frame::HEADER_LEN {
+            return Err(SendError::InvalidArgument(
+                "metadata does not fit one frame",
+            ));
+        }
         self.push_control(OutFrame::from_frame(&MetadataPush { metadata }.into()));
         Ok(())
     }
@@ -1462,6 +1597,14 @@ impl Connection {
             } else {
                 SendError::NotEstablished
             });
+        }
+        if metadata
+            .as_ref()
+            .is_some_and(|m| m.len() > MAX_U24 - crate::frame::HEADER_LEN - 8)
+        {
+            return Err(SendError::InvalidArgument(
+                "metadata does not fit one frame",
+            ));
         }
         if !self.lease_enabled {
             return Err(SendError::InvalidArgument(
@@ -1490,6 +1633,11 @@ impl Connection {
         let Some(interaction) = interaction_of(frame.frame_type()) else {
             return Err(SendError::InvalidArgument("not a request frame"));
         };
+        if frame.len() > MAX_U24 {
+            return Err(SendError::InvalidArgument(
+                "frame does not fit a 24-bit length",
+            ));
+        }
         let initial_n = frame.request_n();
         if matches!(interaction, Interaction::Stream | Interaction::Channel) && initial_n == 0 {
             return Err(SendError::InvalidArgument("initial request n must be > 0"));
@@ -1518,6 +1666,11 @@ impl Connection {
     /// connection on `stream_id` here, with only the stream id replaced.
     pub fn forward(&mut self, stream_id: u32, frame: &FrameView) -> Result<(), SendError> {
         self.check_open()?;
+        if frame.len() > MAX_U24 {
+            return Err(SendError::InvalidArgument(
+                "frame does not fit a 24-bit length",
+            ));
+        }
         let done = match frame.frame_type() {
             FrameType::Payload => {
                 self.on_send_payload(stream_id, frame.next(), frame.complete(), frame.follows())?
@@ -1527,10 +1680,7 @@ impl Connection {
                 false
             }
             FrameType::Cancel => self.on_send_cancel(stream_id)?,
-            FrameType::Error => self.on_send_error(
-                stream_id,
-                frame.error_code().unwrap_or(ErrorCode::APPLICATION_ERROR),
-            )?,
+            FrameType::Error => self.on_send_error(stream_id)?,
             _ => {
                 return Err(SendError::InvalidArgument(
                     "only PAYLOAD, REQUEST_N, CANCEL and ERROR are forwarded on a stream",
@@ -1574,7 +1724,9 @@ impl Connection {
                 reason: "the stream is complete for sending",
             });
         }
-        if !next && !complete {
+        // A forwarded response to REQUEST_RESPONSE without C completes it,
+        // as it does where it was received.
+        if !next && !complete && stream.interaction != Interaction::RequestResponse {
             return Err(SendError::InvalidArgument(
                 "a PAYLOAD needs next or complete",
             ));
@@ -1620,11 +1772,11 @@ impl Connection {
         if stream.local_requester || stream.outbound_partial.is_some() {
             stream.inbound_open = false;
             stream.outbound_open = false;
-            stream.inbound_partial = None;
+            self.reassembly_bytes -= stream.inbound_partial.take().map_or(0, |p| p.buffered());
             stream.outbound_partial = None;
         } else if stream.interaction == Interaction::Channel {
             stream.inbound_open = false;
-            stream.inbound_partial = None;
+            self.reassembly_bytes -= stream.inbound_partial.take().map_or(0, |p| p.buffered());
         } else {
             return Err(SendError::InvalidState {
                 stream_id: id,
@@ -1635,19 +1787,14 @@ impl Connection {
     }
 
     /// Applies an ERROR this side sends; the stream is over.
-    fn on_send_error(&mut self, id: u32, code: ErrorCode) -> Result<bool, SendError> {
-        if code.is_connection_level() {
-            return Err(SendError::InvalidArgument(
-                "connection-level error code on a stream",
-            ));
-        }
+    fn on_send_error(&mut self, id: u32) -> Result<bool, SendError> {
         let stream = self
             .streams
             .get_mut(&id)
             .ok_or(SendError::UnknownStream(id))?;
         stream.inbound_open = false;
         stream.outbound_open = false;
-        stream.inbound_partial = None;
+        self.reassembly_bytes -= stream.inbound_partial.take().map_or(0, |p| p.buffered());
         stream.outbound_partial = None;
         Ok(true)
     }
@@ -1656,6 +1803,10 @@ impl Connection {
 
     fn remove_stream(&mut self, id: u32) -> Option<Stream> {
         let stream = self.streams.remove(&id)?;
+        self.reassembly_bytes -= stream
+            .inbound_partial
+            .as_ref()
+            .map_or(0, InboundPartial::buffered);
         if !stream.local_requester {
             self.inbound_streams -= 1;
         }
@@ -1668,12 +1819,17 @@ impl Connection {
     }
 
     fn after_stream_end(&mut self) {
+        let initiator = self.close_initiator;
+        self.close_if_idle(initiator);
+    }
+
+    fn close_if_idle(&mut self, initiator: Initiator) {
         if self.close_when_idle && self.streams.is_empty() && self.state == State::Established {
             self.state = State::Closed;
             self.events.push_back(Event::Closed(ConnectionError {
                 code: ErrorCode::CONNECTION_CLOSE,
-                message: "closed by the peer after its streams ended".into(),
-                initiator: Initiator::Remote,
+                message: "closed after the open streams ended".into(),
+                initiator,
             }));
         }
     }

@@ -70,9 +70,23 @@ pub(crate) enum MessageRole {
 pub(crate) struct InboundPartial {
     pub(crate) role: MessageRole,
     pub(crate) complete: bool,
+    /// Metadata and data received so far.
     pub(crate) len: usize,
+    /// Some fragment carried data (metadata may not follow).
+    pub(crate) data_started: bool,
     /// Present when the connection delivers whole messages.
     pub(crate) reassembly: Option<Reassembly>,
+}
+
+impl InboundPartial {
+    /// Bytes this message holds in memory (none when passing fragments through).
+    pub(crate) fn buffered(&self) -> usize {
+        if self.reassembly.is_some() {
+            self.len
+        } else {
+            0
+        }
+    }
 }
 
 /// A fragmented message this side is sending.
