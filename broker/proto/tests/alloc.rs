@@ -123,7 +123,7 @@ fn decoding_requests_and_reading_routes_allocates_nothing() {
     let mut wire = BytesMut::with_capacity(64 * 1024);
     for _ in 0..10 {
         for f in &frames {
-            put_prefix(&mut wire, f.len());
+            put_prefix(&mut wire, f.len()).unwrap();
             wire.put_slice(f);
         }
     }

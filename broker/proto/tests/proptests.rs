@@ -257,7 +257,10 @@ proptest! {
 
     #[test]
     fn arbitrary_frames_never_panic_a_connection(
-        frames in prop::collection::vec(prop_oneof![frame().prop_map(|f| f.to_bytes().to_vec()), prop::collection::vec(any::<u8>(), 0..64)], 0..40),
+        frames in prop::collection::vec(
+            (prop_oneof![frame().prop_map(|f| f.to_bytes().to_vec()), prop::collection::vec(any::<u8>(), 0..64)],
+             prop::sample::select(vec![None, Some(0u8), Some(1), Some(2), Some(3), Some(5)])),
+            0..40),
         reassemble in any::<bool>(),
         as_client in any::<bool>(),
     ) {
@@ -268,23 +271,45 @@ proptest! {
         } else {
             established_server(config)
         };
-        for (i, f) in frames.into_iter().enumerate() {
+        let mut closed_events = 0;
+        for (i, (mut f, id)) in frames.into_iter().enumerate() {
+            // Most frames land on a handful of stream ids so that stream states are exercised.
+            if let (Some(id), true) = (id, f.len() >= 4) {
+                f[..4].copy_from_slice(&u32::from(id).to_be_bytes());
+            }
             conn.handle_frame(now + Duration::from_millis(i as u64), Bytes::from(f));
-            while conn.poll_event().is_some() {}
+            while let Some(event) = conn.poll_event() {
+                match event {
+                    rsocket_proto::Event::Request { stream_id, ended: true, .. }
+                    | rsocket_proto::Event::Payload { stream_id, ended: true, .. }
+                    | rsocket_proto::Event::Fragment { stream_id, ended: true, .. }
+                    | rsocket_proto::Event::Cancel { stream_id, ended: true }
+                    | rsocket_proto::Event::Error { stream_id, .. }
+                    | rsocket_proto::Event::StreamError { stream_id, .. } => {
+                        prop_assert!(!conn.is_stream_open(stream_id));
+                    }
+                    rsocket_proto::Event::Request { stream_id, ended: false, .. } => {
+                        prop_assert!(conn.is_stream_open(stream_id));
+                    }
+                    rsocket_proto::Event::Closed(_) => closed_events += 1,
+                    _ => {}
+                }
+            }
+            prop_assert!(conn.stream_count() <= 8 + 64, "bounded by the inbound limit plus local streams");
             while let Some(out) = conn.poll_transmit() {
                 // Everything the connection sends must itself be a valid frame.
                 prop_assert!(FrameView::parse(out.to_bytes()).is_ok());
             }
         }
-        conn.handle_timeout(now + Duration::from_secs(3600));
-        prop_assert!(conn.is_closed());
+        prop_assert!(closed_events <= 1);
+        prop_assert_eq!(closed_events == 1, conn.is_closed());
     }
 
     #[test]
     fn any_chunking_decodes_the_same(frames in prop::collection::vec(frame(), 1..8), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..20)) {
         let mut wire = BytesMut::new();
         for f in &frames {
-            put_prefixed(&mut wire, &OutFrame::from_frame(f));
+            put_prefixed(&mut wire, &OutFrame::from_frame(f)).unwrap();
         }
         let wire = wire.freeze();
         let codec = LengthPrefixed::default();
@@ -363,77 +388,93 @@ proptest! {
     }
 }
 
-/// Random operations on a client/server pair keep both state machines in
-/// agreement: once every stream has been ended by either side, both stream
-/// maps are empty.
+/// Random operations on a client/server pair: every call the model says is
+/// valid succeeds, every other call is refused, no call makes the peer
+/// complain, and once every stream has been ended both maps are empty.
 #[derive(Clone, Debug)]
 enum Op {
-    Request(u8, bool),
-    Payload(usize, bool, bool, bool),
-    RequestN(usize, bool, u32),
-    Cancel(usize, bool),
-    Error(usize, bool),
+    Request(bool, u8, bool),
+    Payload(bool, usize, bool, bool),
+    RequestN(bool, usize, u32),
+    Cancel(bool, usize),
+    Error(bool, usize),
     Drive,
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (0u8..4, any::<bool>()).prop_map(|(k, c)| Op::Request(k, c)),
-        (any::<usize>(), any::<bool>(), any::<bool>(), any::<bool>())
-            .prop_map(|(s, side, n, c)| Op::Payload(s, side, n, c)),
-        (any::<usize>(), any::<bool>(), 0u32..5).prop_map(|(s, side, n)| Op::RequestN(s, side, n)),
-        (any::<usize>(), any::<bool>()).prop_map(|(s, side)| Op::Cancel(s, side)),
-        (any::<usize>(), any::<bool>()).prop_map(|(s, side)| Op::Error(s, side)),
+        (any::<bool>(), 0u8..4, any::<bool>()).prop_map(|(side, k, c)| Op::Request(side, k, c)),
+        (any::<bool>(), any::<usize>(), any::<bool>(), any::<bool>())
+            .prop_map(|(side, s, n, c)| Op::Payload(side, s, n, c)),
+        (any::<bool>(), any::<usize>(), 0u32..5).prop_map(|(side, s, n)| Op::RequestN(side, s, n)),
+        (any::<bool>(), any::<usize>()).prop_map(|(side, s)| Op::Cancel(side, s)),
+        (any::<bool>(), any::<usize>()).prop_map(|(side, s)| Op::Error(side, s)),
         Just(Op::Drive),
     ]
+}
+
+fn pick(conn: &Connection, s: usize) -> Option<u32> {
+    let mut ids: Vec<u32> = conn.open_streams().collect();
+    ids.sort_unstable();
+    (!ids.is_empty()).then(|| ids[s % ids.len()])
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
-    fn random_interactions_leave_no_stream_behind(ops in prop::collection::vec(op(), 0..60), fragment in any::<bool>(), reassemble in any::<bool>()) {
+    fn random_interactions_follow_the_model(ops in prop::collection::vec(op(), 0..60), fragment in any::<bool>(), reassemble in any::<bool>()) {
+        use rsocket_proto::conn::Interaction;
         let config = Config { fragment_size: if fragment { 64 } else { 0 }, reassemble, ..Config::default() };
         let mut pair = common::Pair::new(config.clone(), config);
         let body = Bytes::from(vec![7u8; 150]);
         for op in ops {
             match op {
-                Op::Request(kind, complete) => {
+                Op::Request(side, kind, complete) => {
                     let kind = match kind {
                         0 => RequestKind::RequestResponse,
                         1 => RequestKind::FireAndForget,
                         2 => RequestKind::Stream { initial_n: 2 },
                         _ => RequestKind::Channel { initial_n: 2, complete },
                     };
-                    pair.client.send_request(kind, Some(body.clone()), body.clone()).unwrap();
-                }
-                Op::Payload(s, side, next, complete) => {
                     let conn = if side { &mut pair.client } else { &mut pair.server };
-                    let ids: Vec<u32> = conn.open_streams().collect();
-                    if !ids.is_empty() {
-                        let _ = conn.send_payload(ids[s % ids.len()], None, body.clone(), next, complete);
-                    }
+                    conn.send_request(kind, Some(body.clone()), body.clone()).unwrap();
                 }
-                Op::RequestN(s, side, n) => {
+                Op::Payload(side, s, next, complete) => {
                     let conn = if side { &mut pair.client } else { &mut pair.server };
-                    let ids: Vec<u32> = conn.open_streams().collect();
-                    if !ids.is_empty() {
-                        let _ = conn.send_request_n(ids[s % ids.len()], n);
-                    }
+                    let Some(id) = pick(conn, s) else { continue };
+                    let info = conn.stream_info(id).unwrap();
+                    // A response to REQUEST_RESPONSE always completes.
+                    let complete_eff = complete || (info.interaction == Interaction::RequestResponse && !info.local_requester);
+                    let valid = info.outbound_open && (next || complete_eff) && (!next || info.send_credit.get() > 0);
+                    let data = if next { body.clone() } else { Bytes::new() };
+                    let result = conn.send_payload(id, None, data, next, complete);
+                    prop_assert_eq!(result.is_ok(), valid, "{:?} {:?}", info, result);
                 }
-                Op::Cancel(s, side) => {
+                Op::RequestN(side, s, n) => {
                     let conn = if side { &mut pair.client } else { &mut pair.server };
-                    let ids: Vec<u32> = conn.open_streams().collect();
-                    if !ids.is_empty() {
-                        let _ = conn.send_cancel(ids[s % ids.len()]);
-                    }
+                    let Some(id) = pick(conn, s) else { continue };
+                    let info = conn.stream_info(id).unwrap();
+                    let receives = match info.interaction {
+                        Interaction::Stream => info.local_requester,
+                        Interaction::Channel => true,
+                        _ => false,
+                    };
+                    let valid = n > 0 && receives && info.inbound_open;
+                    let result = conn.send_request_n(id, n);
+                    prop_assert_eq!(result.is_ok(), valid, "{:?} {:?}", info, result);
                 }
-                Op::Error(s, side) => {
+                Op::Cancel(side, s) => {
                     let conn = if side { &mut pair.client } else { &mut pair.server };
-                    let ids: Vec<u32> = conn.open_streams().collect();
-                    if !ids.is_empty() {
-                        let _ = conn.send_error(ids[s % ids.len()], ErrorCode::APPLICATION_ERROR, Bytes::new());
-                    }
+                    let Some(id) = pick(conn, s) else { continue };
+                    let info = conn.stream_info(id).unwrap();
+                    let valid = info.local_requester || info.interaction == Interaction::Channel;
+                    prop_assert_eq!(conn.send_cancel(id).is_ok(), valid, "{:?}", info);
+                }
+                Op::Error(side, s) => {
+                    let conn = if side { &mut pair.client } else { &mut pair.server };
+                    let Some(id) = pick(conn, s) else { continue };
+                    conn.send_error(id, ErrorCode::APPLICATION_ERROR, Bytes::new()).unwrap();
                 }
                 Op::Drive => pair.drive(),
             }
@@ -444,9 +485,12 @@ proptest! {
             prop_assert!(!matches!(e, rsocket_proto::Event::StreamError { .. } | rsocket_proto::Event::Closed(_)), "{:?}", e);
         }
         // End everything that is left, from the requester side.
-        let ids: Vec<u32> = pair.client.open_streams().collect();
-        for id in ids {
-            pair.client.send_cancel(id).unwrap();
+        for requester_is_client in [true, false] {
+            let conn = if requester_is_client { &mut pair.client } else { &mut pair.server };
+            let ids: Vec<u32> = conn.open_streams().filter(|id| conn.stream_info(*id).unwrap().local_requester).collect();
+            for id in ids {
+                conn.send_cancel(id).unwrap();
+            }
         }
         pair.drive();
         prop_assert_eq!(pair.client.stream_count(), 0);

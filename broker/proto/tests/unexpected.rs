@@ -659,6 +659,7 @@ fn fragmented_message_over_the_cap_ends_the_stream() {
     let (mut s, now) = server_with(
         Config {
             max_reassembled_size: 10,
+            reassemble: true,
             ..Config::default()
         },
         setup_frame(),
@@ -1157,4 +1158,248 @@ fn setup_payload_reaches_the_server() {
     assert!(
         matches!(&events[..], [Event::Setup(s)] if s.metadata.as_deref() == Some(&b"app"[..]) && s.data == "d")
     );
+}
+
+#[test]
+fn pass_through_neither_caps_nor_buffers_large_messages() {
+    let (mut s, now) = server_with(
+        Config {
+            max_reassembled_size: 10,
+            ..Config::default()
+        },
+        setup_frame(),
+    );
+    drain_events(&mut s);
+    s.handle_frame(
+        now,
+        bytes(RequestResponse {
+            stream_id: 1,
+            follows: true,
+            metadata: None,
+            data: Bytes::from(vec![1; 100]),
+        }),
+    );
+    for _ in 0..10 {
+        s.handle_frame(now, payload(1, true, false, true, &[2; 100]));
+    }
+    s.handle_frame(now, payload(1, true, false, false, b"end"));
+    let events = drain_events(&mut s);
+    assert_eq!(events.len(), 12, "every fragment is handed on: {events:?}");
+    assert!(drain_frames(&mut s).is_empty());
+    assert!(
+        s.is_stream_open(1),
+        "the request is complete, the response is due"
+    );
+}
+
+#[test]
+fn pass_through_refuses_metadata_after_data() {
+    let (mut s, now) = server();
+    s.handle_frame(
+        now,
+        bytes(RequestResponse {
+            stream_id: 1,
+            follows: true,
+            metadata: None,
+            data: Bytes::from_static(b"d"),
+        }),
+    );
+    s.handle_frame(
+        now,
+        bytes(Payload {
+            stream_id: 1,
+            follows: false,
+            complete: false,
+            next: true,
+            metadata: Some(Bytes::from_static(b"late")),
+            data: Bytes::new(),
+        }),
+    );
+    let frames = drain_frames(&mut s);
+    assert!(
+        matches!(&frames[..], [Frame::Error(e)] if e.code == ErrorCode::INVALID && e.message().contains("metadata after data")),
+        "{frames:?}"
+    );
+    assert!(!s.is_stream_open(1));
+}
+
+#[test]
+fn reassembly_memory_is_bounded_across_streams() {
+    let config = Config {
+        reassemble: true,
+        max_reassembly_memory: 1000,
+        ..Config::default()
+    };
+    let (mut s, now) = server_with(config, setup_frame());
+    drain_events(&mut s);
+    // Requests that never finish: each holds 400 bytes.
+    for id in [1, 3] {
+        s.handle_frame(
+            now,
+            bytes(RequestResponse {
+                stream_id: id,
+                follows: true,
+                metadata: None,
+                data: Bytes::from(vec![0; 400]),
+            }),
+        );
+    }
+    assert!(drain_frames(&mut s).is_empty());
+    s.handle_frame(
+        now,
+        bytes(RequestResponse {
+            stream_id: 5,
+            follows: true,
+            metadata: None,
+            data: Bytes::from(vec![0; 400]),
+        }),
+    );
+    let frames = drain_frames(&mut s);
+    assert!(
+        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 5 && e.code == ErrorCode::REJECTED),
+        "{frames:?}"
+    );
+    // Cancelling one frees its share.
+    s.handle_frame(now, bytes(Cancel { stream_id: 1 }));
+    s.handle_frame(
+        now,
+        bytes(RequestResponse {
+            stream_id: 7,
+            follows: true,
+            metadata: None,
+            data: Bytes::from(vec![0; 400]),
+        }),
+    );
+    assert!(drain_frames(&mut s).is_empty());
+    assert!(s.is_stream_open(7));
+}
+
+#[test]
+fn request_response_answers_are_always_complete() {
+    let (mut s, now) = server();
+    s.handle_frame(now, rr(1));
+    drain_events(&mut s);
+    s.send_payload(1, None, Bytes::from_static(b"r"), true, false)
+        .unwrap();
+    let frames = drain_frames(&mut s);
+    assert!(
+        matches!(&frames[..], [Frame::Payload(p)] if p.next && p.complete),
+        "{frames:?}"
+    );
+    assert!(!s.is_stream_open(1));
+}
+
+#[test]
+fn payload_without_next_carries_no_data() {
+    let (mut s, now) = server();
+    s.handle_frame(now, stream_req(1, 1));
+    assert!(matches!(
+        s.send_payload(1, None, Bytes::from_static(b"lost"), false, true),
+        Err(SendError::InvalidArgument(_))
+    ));
+    s.send_payload(1, None, Bytes::new(), false, true).unwrap();
+}
+
+#[test]
+fn graceful_close_waits_for_open_streams() {
+    let mut pair = Pair::new(Config::default(), Config::default());
+    let id = pair
+        .client
+        .send_request(RequestKind::Stream { initial_n: 1 }, None, Bytes::new())
+        .unwrap();
+    pair.drive();
+    pair.server.close_gracefully("draining");
+    pair.drive();
+    assert!(!pair.server.is_closed() && !pair.client.is_closed());
+    assert!(
+        pair.take_client_events()
+            .iter()
+            .any(|e| matches!(e, Event::Closing(c) if c.code == ErrorCode::CONNECTION_CLOSE))
+    );
+    assert_eq!(
+        pair.client
+            .send_request(RequestKind::FireAndForget, None, Bytes::new()),
+        Err(SendError::Closed)
+    );
+    pair.server
+        .send_payload(id, None, Bytes::from_static(b"last"), true, true)
+        .unwrap();
+    pair.drive();
+    assert!(pair.server.is_closed() && pair.client.is_closed());
+    assert!(
+        matches!(pair.take_server_events().last(), Some(Event::Closed(e)) if e.initiator == Initiator::Local)
+    );
+    assert!(
+        matches!(pair.take_client_events().last(), Some(Event::Closed(e)) if e.initiator == Initiator::Remote)
+    );
+}
+
+#[test]
+fn client_learns_of_a_rejected_setup_even_after_a_keepalive_echo() {
+    let now = Instant::now();
+    let mut client = Connection::client(Config::default(), SetupPayload::default(), now);
+    let mut server = Connection::server(Config::default(), now);
+    server.handle_frame(now, client.poll_transmit().unwrap().to_bytes());
+    server.handle_frame(
+        now,
+        bytes(Keepalive {
+            respond: true,
+            last_received_position: 0,
+            data: Bytes::new(),
+        }),
+    );
+    drain_events(&mut server);
+    server.reject_setup(ErrorCode::REJECTED_SETUP, "not allowed");
+    let frames = drain_frames(&mut server);
+    assert!(
+        matches!(&frames[..], [Frame::Error(e)] if e.code == ErrorCode::REJECTED_SETUP),
+        "only the ERROR: {frames:?}"
+    );
+    // Even had the echo gone out first, a KEEPALIVE does not confirm a SETUP.
+    client.handle_frame(
+        now,
+        bytes(Keepalive {
+            respond: false,
+            last_received_position: 0,
+            data: Bytes::new(),
+        }),
+    );
+    client.handle_frame(now, frames[0].to_bytes());
+    assert!(client.is_closed());
+}
+
+#[test]
+fn lease_expiry_is_a_timeout() {
+    let mut pair = Pair::new(
+        Config {
+            lease: true,
+            ..Config::default()
+        },
+        Config::default(),
+    );
+    pair.server
+        .send_lease(pair.now, Duration::from_secs(3), 10, None)
+        .unwrap();
+    pair.drive();
+    let deadline = pair.client.poll_timeout().unwrap();
+    assert!(deadline <= pair.now + Duration::from_secs(3));
+    pair.client.handle_timeout(deadline);
+    assert_eq!(
+        pair.client
+            .send_request(RequestKind::FireAndForget, None, Bytes::new()),
+        Err(SendError::NoLease)
+    );
+}
+
+#[test]
+fn malformed_stream_frames_on_stream_zero_are_ignored() {
+    let (mut s, now) = server();
+    for frame in [
+        &[0, 0, 0, 0, 0x29, 0x00, 0xFF, 0xFF, 0xFF][..],
+        &[0, 0, 0, 0, 0x20, 0x00, 0, 0],
+    ] {
+        let before = s.stats().frames_ignored;
+        s.handle_frame(now, Bytes::copy_from_slice(frame));
+        assert_ignored(&mut s, before);
+    }
 }
