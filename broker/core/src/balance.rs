@@ -1,0 +1,291 @@
+//! Choosing an instance for a request: the per-service policy (balancer
+//! and failover) and the balancers themselves.
+
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+
+use crate::service::ServiceKey;
+
+/// How requests to a service are spread over its instances.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Balancer {
+    /// Each instance in turn.
+    #[default]
+    RoundRobin,
+    /// A uniformly random instance.
+    Random,
+    /// Random, in proportion to each app's `powerRating`.
+    Weighted,
+    /// The less busy of two random instances (requests this shard has
+    /// outstanding on each).
+    LeastOutstanding,
+    /// The same instance for the same value of the routing tag `tag`
+    /// (rendezvous hashing; instances joining or leaving move only their share).
+    ConsistentHash {
+        /// The routing tag whose value is hashed, as in `tag=value`.
+        tag: String,
+    },
+}
+
+/// What happens to a request-response whose instance goes away before it answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Failover {
+    /// The requester gets the error.
+    #[default]
+    FailFast,
+    /// The request is sent to another instance, at most `attempts` more times.
+    Retry {
+        /// Retries allowed.
+        attempts: u32,
+    },
+}
+
+/// Balancer and failover of one service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServicePolicy {
+    /// How instances are chosen.
+    pub balancer: Balancer,
+    /// What happens when an instance disappears under a request.
+    pub failover: Failover,
+}
+
+/// Policies per service, with a default.
+#[derive(Clone, Debug, Default)]
+pub struct Policies {
+    /// For services not listed.
+    pub default: ServicePolicy,
+    /// By full service key (`group!service:version`) or by service name alone.
+    pub services: FxHashMap<String, ServicePolicy>,
+}
+
+impl Policies {
+    /// The policy for `key`, whose bare service name is `name`.
+    pub fn for_service(&self, key: &ServiceKey, name: &str) -> &ServicePolicy {
+        self.services
+            .get(key.as_str())
+            .or_else(|| self.services.get(name))
+            .unwrap_or(&self.default)
+    }
+}
+
+/// A small deterministic generator (xorshift64*), so a seeded shard makes
+/// the same choices every run.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed (0 is replaced).
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.next_u64() >> 32) as usize * n) >> 32
+    }
+}
+
+/// One candidate instance for a request.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    /// Instance uuid.
+    pub uuid: Arc<str>,
+    /// Its power rating (>= 1).
+    pub weight: u32,
+    /// Requests this shard has outstanding on it.
+    pub outstanding: u32,
+    /// It has a connection on the requester's shard.
+    pub local: bool,
+}
+
+/// Per-shard balancer state.
+#[derive(Debug, Default)]
+pub struct BalancerState {
+    cursors: FxHashMap<ServiceKey, usize>,
+}
+
+fn hash64(bytes: &[u8], seed: u64) -> u64 {
+    // FNV-1a then a mix: stable across runs and builds.
+    let mut h = 0xcbf2_9ce4_8422_2325_u64 ^ seed;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+impl BalancerState {
+    /// Index into `candidates` (non-empty) chosen by `balancer`; `hash_key`
+    /// is the value of the consistent-hash tag, when the request has one.
+    pub fn pick(
+        &mut self,
+        service: &ServiceKey,
+        balancer: &Balancer,
+        candidates: &[Candidate],
+        hash_key: Option<&[u8]>,
+        rng: &mut Rng,
+    ) -> usize {
+        let n = candidates.len();
+        if n <= 1 {
+            return 0;
+        }
+        match balancer {
+            Balancer::RoundRobin => self.round_robin(service, n),
+            Balancer::Random => rng.below(n),
+            Balancer::Weighted => {
+                let total: u64 = candidates.iter().map(|c| u64::from(c.weight)).sum();
+                let mut point = rng.next_u64() % total.max(1);
+                for (i, c) in candidates.iter().enumerate() {
+                    if point < u64::from(c.weight) {
+                        return i;
+                    }
+                    point -= u64::from(c.weight);
+                }
+                n - 1
+            }
+            Balancer::LeastOutstanding => {
+                let a = rng.below(n);
+                let mut b = rng.below(n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                // A local connection saves a hop across cores: prefer it when loads tie.
+                let load = |c: &Candidate| u64::from(c.outstanding) * 2 + u64::from(!c.local);
+                if load(&candidates[b]) < load(&candidates[a]) {
+                    b
+                } else {
+                    a
+                }
+            }
+            Balancer::ConsistentHash { .. } => match hash_key {
+                Some(key) => {
+                    let h = hash64(key, 0);
+                    (0..n)
+                        .max_by_key(|i| hash64(candidates[*i].uuid.as_bytes(), h))
+                        .unwrap_or(0)
+                }
+                None => self.round_robin(service, n),
+            },
+        }
+    }
+
+    fn round_robin(&mut self, service: &ServiceKey, n: usize) -> usize {
+        let cursor = match self.cursors.get_mut(service) {
+            Some(c) => c,
+            None => self.cursors.entry(service.clone()).or_insert(0),
+        };
+        let at = *cursor % n;
+        *cursor = cursor.wrapping_add(1);
+        at
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidates(n: usize) -> Vec<Candidate> {
+        (0..n)
+            .map(|i| Candidate {
+                uuid: format!("u{i}").into(),
+                weight: 1,
+                outstanding: 0,
+                local: false,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_cycles() {
+        let mut s = BalancerState::default();
+        let mut rng = Rng::new(1);
+        let key = ServiceKey::new("", "s", "");
+        let c = candidates(3);
+        let picks: Vec<usize> = (0..6)
+            .map(|_| s.pick(&key, &Balancer::RoundRobin, &c, None, &mut rng))
+            .collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn weighted_follows_power_rating() {
+        let mut s = BalancerState::default();
+        let mut rng = Rng::new(7);
+        let key = ServiceKey::new("", "s", "");
+        let mut c = candidates(2);
+        c[1].weight = 9;
+        let heavy = (0..10_000)
+            .filter(|_| s.pick(&key, &Balancer::Weighted, &c, None, &mut rng) == 1)
+            .count();
+        assert!((8_500..9_500).contains(&heavy), "{heavy}");
+    }
+
+    #[test]
+    fn least_outstanding_avoids_the_busy_one() {
+        let mut s = BalancerState::default();
+        let mut rng = Rng::new(3);
+        let key = ServiceKey::new("", "s", "");
+        let mut c = candidates(2);
+        c[0].outstanding = 50;
+        for _ in 0..100 {
+            assert_eq!(
+                s.pick(&key, &Balancer::LeastOutstanding, &c, None, &mut rng),
+                1
+            );
+        }
+    }
+
+    #[test]
+    fn consistent_hash_is_stable_and_moves_little() {
+        let mut s = BalancerState::default();
+        let mut rng = Rng::new(3);
+        let key = ServiceKey::new("", "s", "");
+        let b = Balancer::ConsistentHash { tag: "h".into() };
+        let c5 = candidates(5);
+        let before: Vec<Arc<str>> = (0..1000)
+            .map(|k| {
+                c5[s.pick(&key, &b, &c5, Some(format!("k{k}").as_bytes()), &mut rng)]
+                    .uuid
+                    .clone()
+            })
+            .collect();
+        let again: Vec<Arc<str>> = (0..1000)
+            .map(|k| {
+                c5[s.pick(&key, &b, &c5, Some(format!("k{k}").as_bytes()), &mut rng)]
+                    .uuid
+                    .clone()
+            })
+            .collect();
+        assert_eq!(before, again);
+        let c4: Vec<Candidate> = c5[..4].to_vec();
+        let moved = (0..1000)
+            .filter(|k| {
+                let now =
+                    &c4[s.pick(&key, &b, &c4, Some(format!("k{k}").as_bytes()), &mut rng)].uuid;
+                *now != before[*k as usize] && &*before[*k as usize] != "u4"
+            })
+            .count();
+        assert_eq!(moved, 0, "only the removed instance's keys move");
+    }
+
+    #[test]
+    fn rng_below_is_in_range() {
+        let mut rng = Rng::new(0);
+        for n in 1..50 {
+            assert!(rng.below(n) < n);
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! Sans-IO broker logic of one shard. No socket, thread or clock: the
+//! server drives each [`Shard`] with received frames, messages from other
+//! shards and the time, and takes frames to write and messages to send.
+//!
+//! # Layout
+//!
+//! - [`shard`]: one shard: connections, stream maps, routing, balancing,
+//!   failover, backpressure bookkeeping.
+//! - [`routes`]: the route table every shard holds a copy of, and the
+//!   revisioned updates that keep the copies equal.
+//! - [`balance`]: per-service policies and the balancers.
+//! - [`message`]: what shards send each other.
+//! - [`app`]: app metadata and published services from SETUP, CloudEvents
+//!   from METADATA_PUSH.
+//! - [`service`]: service keys (`group!service:version`).
+//! - [`ids`]: connection and stream identifiers.
+
+pub mod app;
+pub mod balance;
+pub mod ids;
+pub mod message;
+pub mod routes;
+pub mod service;
+pub mod shard;
+
+pub use balance::{Balancer, Failover, Policies, ServicePolicy};
+pub use ids::{ConnId, ShardId, StreamRef};
+pub use message::{Message, Signal};
+pub use service::ServiceKey;
+pub use shard::{Shard, ShardConfig, ShardStats};

@@ -1,0 +1,1334 @@
+//! One shard's broker: its connections, the stream maps that tie a
+//! requester's stream to a responder's, routing and balancing, and the
+//! messages it exchanges with other shards.
+//!
+//! A request arrives on connection `a` (this shard): the route is read from
+//! its metadata, an instance is chosen, and an `Open` goes to the shard of
+//! the chosen connection `b` (possibly this one). That shard starts a stream
+//! on `b` with the request frame's bytes and remembers which requester stream
+//! it serves; frames then flow both ways as `ToResponder` / `ToRequester`,
+//! each passed on with only its stream id replaced. A stream's entries are
+//! dropped when the connection's state machine says the stream has ended.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use rsocket_proto::conn::{Config as ConnConfig, Connection, Event, Interaction};
+use rsocket_proto::frame::FrameType;
+use rsocket_proto::metadata::{BinaryRouting, RequestMetadata, Route};
+use rsocket_proto::{DecodeError, ErrorCode, FrameView, OutFrame};
+use rustc_hash::FxHashMap;
+use slab::Slab;
+
+use crate::app::{AppEvent, parse_app_event, parse_setup};
+use crate::balance::{BalancerState, Candidate, Failover, Policies, Rng};
+use crate::ids::{ConnId, ShardId, StreamRef};
+use crate::message::{Message, Signal};
+use crate::routes::{RouteChange, RouteTable, RouteUpdate};
+use crate::service::{HEALTH_SERVICE, ServiceKey, with_key};
+
+/// Settings of a shard.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    /// This shard's index.
+    pub shard: ShardId,
+    /// Number of shards.
+    pub shards: u16,
+    /// Settings of every accepted connection (server role; the broker passes
+    /// fragments through, so `reassemble` should stay false).
+    pub connection: ConnConfig,
+    /// Balancer and failover per service.
+    pub policies: Policies,
+    /// Unsent bytes above which a connection stops the connections that feed it.
+    pub max_pending_bytes: usize,
+    /// Cap on routing metadata that spans fragments and must be joined.
+    pub max_route_metadata: usize,
+    /// Seed of the shard's random choices.
+    pub seed: u64,
+}
+
+impl ShardConfig {
+    /// Defaults for shard `shard` of `shards`.
+    pub fn new(shard: ShardId, shards: u16) -> Self {
+        Self {
+            shard,
+            shards,
+            connection: ConnConfig::default(),
+            policies: Policies::default(),
+            max_pending_bytes: 4 << 20,
+            max_route_metadata: 64 << 10,
+            seed: 0x5eed ^ u64::from(shard),
+        }
+    }
+}
+
+/// Counters of one shard, summed over shards for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    /// Connections accepted.
+    pub connections_opened: u64,
+    /// Connections closed.
+    pub connections_closed: u64,
+    /// Requests routed to an instance.
+    pub requests_routed: u64,
+    /// Requests refused with REJECTED (no route, no instance, ...).
+    pub requests_rejected: u64,
+    /// Requests retried on another instance.
+    pub requests_retried: u64,
+    /// Frames received.
+    pub frames_in: u64,
+    /// Times a connection was paused because a connection it feeds was full.
+    pub pauses: u64,
+}
+
+/// Where a requester's stream goes.
+#[derive(Debug)]
+struct Upstream {
+    /// Responder connections (more than one for a broadcast).
+    targets: Vec<ConnId>,
+    service: ServiceKey,
+    /// Instances tried so far (for failover).
+    tried: Vec<Arc<str>>,
+    /// The request, kept while a retry may still need it.
+    retry: Option<(FrameView, u32)>,
+}
+
+/// A request whose routing metadata spans fragments that have not all arrived.
+#[derive(Debug)]
+struct PendingRoute {
+    frames: Vec<FrameView>,
+    metadata: BytesMut,
+}
+
+/// Who a full connection stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Feeder {
+    Conn(usize),
+    Shard(ShardId),
+}
+
+#[derive(Debug)]
+struct Conn {
+    id: ConnId,
+    proto: Connection,
+    /// The instance this connection serves for, once it registered.
+    instance: Option<Arc<str>>,
+    /// Its app's name, for messages.
+    app_name: Option<String>,
+    /// Streams this connection requested: stream id -> where they go.
+    upstream: FxHashMap<u32, Upstream>,
+    pending: FxHashMap<u32, PendingRoute>,
+    /// Streams the broker opened on this connection: stream id -> requester's stream.
+    downstream: FxHashMap<u32, StreamRef>,
+    by_origin: FxHashMap<StreamRef, u32>,
+    /// Sticky choices: service -> instance.
+    sticky: FxHashMap<ServiceKey, Arc<str>>,
+    /// How many full connections stop this one from being read.
+    paused: u32,
+    /// Connections and shards this one stopped because it is full.
+    feeders: Vec<Feeder>,
+    woken: bool,
+    /// Routing and stream cleanup done (the connection is closed).
+    released: bool,
+}
+
+/// One shard's broker logic.
+#[derive(Debug)]
+pub struct Shard {
+    id: ShardId,
+    shards: u16,
+    config: ShardConfig,
+    conns: Slab<Conn>,
+    next_generation: u32,
+    routes: RouteTable,
+    balancer: BalancerState,
+    rng: Rng,
+    /// Requests this shard has outstanding per responder connection.
+    outstanding: FxHashMap<ConnId, u32>,
+    revision: u64,
+    local: VecDeque<Message>,
+    outbox: Vec<Vec<Message>>,
+    wakeups: Vec<ConnId>,
+    /// Per shard: how many full local connections stop reading its messages.
+    mesh_paused: Vec<u32>,
+    stats: ShardStats,
+    now: Instant,
+}
+
+impl Shard {
+    /// A shard with no connections.
+    pub fn new(config: ShardConfig, now: Instant) -> Self {
+        let shards = config.shards.max(1);
+        Self {
+            id: config.shard,
+            shards,
+            conns: Slab::new(),
+            next_generation: 1,
+            routes: RouteTable::new(shards),
+            balancer: BalancerState::default(),
+            rng: Rng::new(config.seed),
+            outstanding: FxHashMap::default(),
+            revision: 0,
+            local: VecDeque::new(),
+            outbox: (0..shards).map(|_| Vec::new()).collect(),
+            wakeups: Vec::new(),
+            mesh_paused: vec![0; usize::from(shards)],
+            stats: ShardStats::default(),
+            now,
+            config,
+        }
+    }
+
+    /// This shard's index.
+    pub fn id(&self) -> ShardId {
+        self.id
+    }
+
+    /// The route table replica.
+    pub fn routes(&self) -> &RouteTable {
+        &self.routes
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ShardStats {
+        self.stats
+    }
+
+    /// Replaces the service policies (balancers, failover).
+    pub fn set_policies(&mut self, policies: Policies) {
+        self.config.policies = policies;
+    }
+
+    fn conn(&self, id: ConnId) -> Option<&Conn> {
+        self.conns.get(id.slot as usize).filter(|c| c.id == id)
+    }
+
+    fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.conns.get_mut(id.slot as usize).filter(|c| c.id == id)
+    }
+
+    fn wake(&mut self, slot: usize) {
+        if let Some(c) = self.conns.get_mut(slot)
+            && !c.woken
+        {
+            c.woken = true;
+            self.wakeups.push(c.id);
+        }
+    }
+
+    // ------------------------------------------------------------ transport side
+
+    /// A transport connection was accepted on this shard.
+    pub fn open(&mut self, now: Instant) -> ConnId {
+        self.now = now;
+        let entry = self.conns.vacant_entry();
+        let id = ConnId {
+            shard: self.id,
+            slot: entry.key() as u32,
+            generation: self.next_generation,
+        };
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        entry.insert(Conn {
+            id,
+            proto: Connection::server(self.config.connection.clone(), now),
+            instance: None,
+            app_name: None,
+            upstream: FxHashMap::default(),
+            pending: FxHashMap::default(),
+            downstream: FxHashMap::default(),
+            by_origin: FxHashMap::default(),
+            sticky: FxHashMap::default(),
+            paused: 0,
+            feeders: Vec::new(),
+            woken: false,
+            released: false,
+        });
+        self.stats.connections_opened += 1;
+        id
+    }
+
+    /// A frame arrived on connection `id`.
+    pub fn handle_frame(&mut self, now: Instant, id: ConnId, frame: Bytes) {
+        self.now = now;
+        let slot = id.slot as usize;
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        conn.proto.handle_frame(now, frame);
+        self.stats.frames_in += 1;
+        self.drain_events(slot);
+        self.wake(slot);
+        self.run_local();
+    }
+
+    /// The byte stream of connection `id` is not RSocket (e.g. a frame
+    /// over the size limit): the connection is closed with CONNECTION_ERROR.
+    pub fn handle_decode_error(&mut self, now: Instant, id: ConnId, error: DecodeError) {
+        self.now = now;
+        let slot = id.slot as usize;
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        conn.proto.close(
+            ErrorCode::CONNECTION_ERROR,
+            format!("unreadable frame: {error}"),
+        );
+        self.drain_events(slot);
+        self.wake(slot);
+        self.run_local();
+    }
+
+    /// The transport of `id` is gone (or finished closing): everything about
+    /// the connection is dropped.
+    pub fn close(&mut self, now: Instant, id: ConnId) {
+        self.now = now;
+        let slot = id.slot as usize;
+        if self.conn(id).is_none() {
+            return;
+        }
+        self.release(slot, "its connection closed");
+        self.conns.remove(slot);
+        self.stats.connections_closed += 1;
+        self.run_local();
+    }
+
+    /// Time has passed: keepalive timeouts and the like.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        let due: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.proto.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in due {
+            if let Some(c) = self.conns.get_mut(slot) {
+                c.proto.handle_timeout(now);
+            }
+            self.drain_events(slot);
+            self.wake(slot);
+        }
+        self.run_local();
+    }
+
+    /// When `handle_timeout` should next run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.conns
+            .iter()
+            .filter_map(|(_, c)| c.proto.poll_timeout())
+            .min()
+    }
+
+    /// The next frame to write on `id`.
+    pub fn poll_transmit(&mut self, id: ConnId) -> Option<OutFrame> {
+        self.conn_mut(id)?.proto.poll_transmit()
+    }
+
+    /// Bytes waiting to be written on `id`.
+    pub fn pending_bytes(&self, id: ConnId) -> usize {
+        self.conn(id).map_or(0, |c| c.proto.pending_bytes())
+    }
+
+    /// Whether `id` is closed: once its frames are written, close the transport
+    /// and call [`Shard::close`].
+    pub fn is_closed(&self, id: ConnId) -> bool {
+        self.conn(id).is_none_or(|c| c.proto.is_closed())
+    }
+
+    /// Whether the transport should read from `id` now (false while a
+    /// connection it feeds is full).
+    pub fn may_read(&self, id: ConnId) -> bool {
+        self.conn(id).is_some_and(|c| c.paused == 0)
+    }
+
+    /// Whether to take messages from shard `from` now (false while a local
+    /// connection it feeds is full).
+    pub fn may_receive_from(&self, from: ShardId) -> bool {
+        self.mesh_paused
+            .get(usize::from(from))
+            .is_none_or(|p| *p == 0)
+    }
+
+    /// The transport wrote some of `id`'s frames: once below half the limit,
+    /// the connections and shards it stopped may go on.
+    pub fn written(&mut self, id: ConnId) {
+        let slot = id.slot as usize;
+        let low_water = self.config.max_pending_bytes / 2;
+        let Some(c) = self.conn_mut(id) else { return };
+        if c.feeders.is_empty() || c.proto.pending_bytes() > low_water {
+            return;
+        }
+        let feeders = std::mem::take(&mut c.feeders);
+        self.release_feeders(slot, feeders);
+    }
+
+    fn release_feeders(&mut self, _slot: usize, feeders: Vec<Feeder>) {
+        for f in feeders {
+            match f {
+                Feeder::Conn(s) => {
+                    if let Some(c) = self.conns.get_mut(s) {
+                        c.paused = c.paused.saturating_sub(1);
+                        if c.paused == 0 {
+                            self.wake(s);
+                        }
+                    }
+                }
+                Feeder::Shard(shard) => {
+                    if let Some(p) = self.mesh_paused.get_mut(usize::from(shard)) {
+                        *p = p.saturating_sub(1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Connections with something new to do (frames to write, reading
+    /// allowed again, closed); each is listed once until it is taken.
+    pub fn take_wakeups(&mut self) -> Vec<ConnId> {
+        let woken = std::mem::take(&mut self.wakeups);
+        for id in &woken {
+            if let Some(c) = self.conns.get_mut(id.slot as usize) {
+                c.woken = false;
+            }
+        }
+        woken
+    }
+
+    /// Messages for shard `to`, in order.
+    pub fn take_outbox(&mut self, to: ShardId) -> Vec<Message> {
+        self.outbox
+            .get_mut(usize::from(to))
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Whether any message waits for another shard.
+    pub fn has_outbox(&self) -> bool {
+        self.outbox.iter().any(|o| !o.is_empty())
+    }
+
+    /// Messages from shard `from`.
+    pub fn handle_messages(
+        &mut self,
+        now: Instant,
+        from: ShardId,
+        messages: impl IntoIterator<Item = Message>,
+    ) {
+        self.now = now;
+        for m in messages {
+            self.on_message(Some(from), m);
+        }
+        self.run_local();
+    }
+
+    /// Open connections on this shard.
+    pub fn connections(&self) -> impl Iterator<Item = ConnId> + '_ {
+        self.conns.iter().map(|(_, c)| c.id)
+    }
+
+    /// Streams tracked on connection `id`: (requested, opened on it, waiting for routing).
+    pub fn stream_maps(&self, id: ConnId) -> Option<(usize, usize, usize)> {
+        self.conn(id)
+            .map(|c| (c.upstream.len(), c.downstream.len(), c.pending.len()))
+    }
+
+    /// Streams open in `id`'s protocol state machine.
+    pub fn protocol_streams(&self, id: ConnId) -> usize {
+        self.conn(id).map_or(0, |c| c.proto.stream_count())
+    }
+
+    /// Sends METADATA_PUSH to connection `id` (events for the app).
+    pub fn push_metadata(&mut self, id: ConnId, metadata: Bytes) -> bool {
+        let slot = id.slot as usize;
+        let Some(c) = self.conn_mut(id) else {
+            return false;
+        };
+        let ok = c.proto.send_metadata_push(metadata).is_ok();
+        self.wake(slot);
+        ok
+    }
+
+    /// Stops new requests on every connection (they get REJECTED); open
+    /// streams go on.
+    pub fn drain(&mut self) {
+        for (_, c) in self.conns.iter_mut() {
+            c.proto.drain();
+        }
+    }
+
+    /// Closes every connection with ERROR[CONNECTION_CLOSE].
+    pub fn close_all(&mut self, message: &str) {
+        let slots: Vec<usize> = self.conns.iter().map(|(s, _)| s).collect();
+        for slot in slots {
+            if let Some(c) = self.conns.get_mut(slot) {
+                c.proto.close(ErrorCode::CONNECTION_CLOSE, message);
+            }
+            self.drain_events(slot);
+            self.wake(slot);
+        }
+        self.run_local();
+    }
+
+    // --------------------------------------------------------------- routing
+
+    fn send(&mut self, to: ShardId, message: Message) {
+        if to == self.id {
+            self.local.push_back(message);
+        } else if let Some(out) = self.outbox.get_mut(usize::from(to)) {
+            out.push(message);
+        }
+    }
+
+    fn run_local(&mut self) {
+        while let Some(m) = self.local.pop_front() {
+            self.on_message(None, m);
+        }
+    }
+
+    fn broadcast(&mut self, change: RouteChange) {
+        self.revision += 1;
+        let update = RouteUpdate {
+            origin: self.id,
+            revision: self.revision,
+            change,
+        };
+        self.routes.apply(&update);
+        for shard in 0..self.shards {
+            if shard != self.id
+                && let Some(out) = self.outbox.get_mut(usize::from(shard))
+            {
+                out.push(Message::Route(update.clone()));
+            }
+        }
+    }
+
+    fn drain_events(&mut self, slot: usize) {
+        loop {
+            let Some(event) = self.conns.get_mut(slot).and_then(|c| c.proto.poll_event()) else {
+                break;
+            };
+            self.on_event(slot, event);
+        }
+    }
+
+    fn on_event(&mut self, slot: usize, event: Event) {
+        match event {
+            Event::Setup(setup) => self.on_setup(slot, &setup),
+            Event::Request {
+                stream_id,
+                interaction,
+                frame,
+                ended,
+            } => self.on_request(slot, stream_id, interaction, frame, ended),
+            Event::Fragment {
+                stream_id, frame, ..
+            }
+            | Event::Payload {
+                stream_id, frame, ..
+            } => self.on_stream_signal(slot, stream_id, Signal::Frame(frame)),
+            Event::RequestN { stream_id, n } => {
+                self.on_stream_signal(slot, stream_id, Signal::RequestN(n))
+            }
+            Event::Cancel { stream_id, .. } => {
+                self.on_stream_signal(slot, stream_id, Signal::Cancel)
+            }
+            Event::Error {
+                stream_id,
+                code,
+                data,
+            } => self.on_stream_signal(slot, stream_id, Signal::Error { code, data }),
+            Event::StreamError { stream_id, error } => {
+                // The peer broke the protocol on this stream, and was told;
+                // the other side of the stream is ended too.
+                let data = Bytes::from(format!(
+                    "the other side broke the protocol: {}",
+                    error.message
+                ));
+                self.on_stream_signal(
+                    slot,
+                    stream_id,
+                    Signal::Error {
+                        code: ErrorCode::CANCELED,
+                        data,
+                    },
+                );
+            }
+            Event::MetadataPush(metadata) => self.on_metadata_push(slot, &metadata),
+            Event::Closed(_) => self.release(slot, "its connection closed"),
+            Event::ResumeRequested(_) => {
+                if let Some(c) = self.conns.get_mut(slot) {
+                    c.proto
+                        .reject_resume("resume is not supported by this broker");
+                }
+            }
+            Event::Resumed | Event::Lease(_) | Event::Closing(_) => {}
+        }
+    }
+
+    fn on_setup(&mut self, slot: usize, setup: &rsocket_proto::frame::Setup) {
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if setup.lease {
+            c.proto.reject_setup(
+                ErrorCode::UNSUPPORTED_SETUP,
+                "LEASE is not supported by this broker",
+            );
+            return;
+        }
+        let info = match parse_setup(setup) {
+            Ok(info) => info,
+            Err(e) => {
+                c.proto.reject_setup(ErrorCode::INVALID_SETUP, e);
+                return;
+            }
+        };
+        let Some(app) = info.app else { return };
+        c.app_name = Some(app.name.clone());
+        c.instance = Some(app.uuid.clone());
+        let conn = c.id;
+        tracing::info!(conn = %conn, app = %app.name, instance = %app.uuid, services = info.services.len(), "app connected");
+        self.broadcast(RouteChange::Join {
+            conn,
+            app: Arc::new(app),
+            services: info.services,
+        });
+    }
+
+    fn on_metadata_push(&mut self, slot: usize, metadata: &[u8]) {
+        let Some(c) = self.conns.get(slot) else {
+            return;
+        };
+        let Some(instance) = c.instance.clone() else {
+            return;
+        };
+        let conn = c.id;
+        let event = match parse_app_event(metadata) {
+            Ok(Some(e)) => e,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(conn = %conn, error = %e, "ignored METADATA_PUSH");
+                return;
+            }
+        };
+        let change = match event {
+            AppEvent::ServicesExposed(services) => RouteChange::Expose { instance, services },
+            AppEvent::ServicesHidden(services) => RouteChange::Hide { instance, services },
+            AppEvent::Status(status) => RouteChange::Status { instance, status },
+        };
+        self.broadcast(change);
+    }
+
+    /// Refuses a request on `a`'s stream with `code`.
+    fn refuse(&mut self, slot: usize, stream: u32, code: ErrorCode, message: String) {
+        self.stats.requests_rejected += 1;
+        if let Some(c) = self.conns.get_mut(slot) {
+            if c.proto.is_stream_open(stream) {
+                let _ = c.proto.send_error(stream, code, Bytes::from(message));
+            }
+            c.upstream.remove(&stream);
+            c.pending.remove(&stream);
+        }
+    }
+
+    fn on_request(
+        &mut self,
+        slot: usize,
+        stream: u32,
+        interaction: Interaction,
+        frame: FrameView,
+        ended: bool,
+    ) {
+        let metadata = frame.metadata_slice().unwrap_or_default();
+        let found = RequestMetadata::scan(metadata);
+        let routable = matches!(&found, Ok(f) if f.routing.is_some() || f.binary_routing.is_some());
+        if frame.follows() && !routable && !ended {
+            // The routing metadata may go on in the next fragments: gather
+            // metadata until data (or the end of the message) shows it is complete.
+            if metadata.len() > self.config.max_route_metadata {
+                let msg = format!(
+                    "routing metadata exceeds {} bytes",
+                    self.config.max_route_metadata
+                );
+                return self.refuse(slot, stream, ErrorCode::REJECTED, msg);
+            }
+            if let Some(c) = self.conns.get_mut(slot) {
+                let pending = PendingRoute {
+                    frames: vec![frame.clone()],
+                    metadata: BytesMut::from(metadata),
+                };
+                c.pending.insert(stream, pending);
+            }
+            return;
+        }
+        let metadata = frame.metadata().unwrap_or_default();
+        self.route(slot, stream, interaction, vec![frame], &metadata, ended);
+    }
+
+    fn on_pending_fragment(&mut self, slot: usize, stream: u32, frame: FrameView) {
+        let max = self.config.max_route_metadata;
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        let Some(p) = c.pending.get_mut(&stream) else {
+            return;
+        };
+        if let Some(m) = frame.metadata_slice() {
+            p.metadata.extend_from_slice(m);
+        }
+        let complete = !frame.follows() || !frame.data_slice().is_empty() || !frame.has_metadata();
+        p.frames.push(frame);
+        if p.metadata.len() > max {
+            let msg = format!("routing metadata exceeds {max} bytes");
+            return self.refuse(slot, stream, ErrorCode::REJECTED, msg);
+        }
+        if !complete {
+            return;
+        }
+        let Some(p) = c.pending.remove(&stream) else {
+            return;
+        };
+        let interaction = match p.frames.first().map(FrameView::frame_type) {
+            Some(FrameType::RequestResponse) => Interaction::RequestResponse,
+            Some(FrameType::RequestFnf) => Interaction::FireAndForget,
+            Some(FrameType::RequestStream) => Interaction::Stream,
+            _ => Interaction::Channel,
+        };
+        let ended = !c.proto.is_stream_open(stream);
+        let metadata = p.metadata.freeze();
+        self.route(slot, stream, interaction, p.frames, &metadata, ended);
+    }
+
+    /// Resolves the service of a request's metadata.
+    fn resolve<'m>(&self, metadata: &'m [u8]) -> Result<(ServiceKey, Option<Route<'m>>), String> {
+        let found = RequestMetadata::scan(metadata)
+            .map_err(|e| format!("request metadata is malformed: {e}"))?;
+        if let Some(tags) = found.routing {
+            let route = Route::from_tags(tags)
+                .map_err(|e| format!("routing metadata is malformed: {e}"))?;
+            let group = route.group.unwrap_or_default();
+            let version = route.version.unwrap_or_default();
+            // The whole key first (a service named with dots and no method),
+            // then the key without its method.
+            for name in [route.key, route.service] {
+                if let Some((key, _)) = with_key(group, name, version, |k| self.routes.service(k)) {
+                    return Ok((key.clone(), Some(route)));
+                }
+            }
+            return Err(format!("no live instance of service {route}"));
+        }
+        if let Some(bin) = found.binary_routing {
+            let bin = BinaryRouting::parse(bin)
+                .map_err(|e| format!("binary routing metadata is malformed: {e}"))?;
+            return match self.routes.service_by_binary_id(bin.service_id) {
+                Some(key) => Ok((key.clone(), None)),
+                None => Err(format!(
+                    "no live instance of service {} (binary id {:#010x})",
+                    String::from_utf8_lossy(bin.routing_text),
+                    bin.service_id
+                )),
+            };
+        }
+        Err("the request has no routing metadata".into())
+    }
+
+    /// The route's service name alone, for the health check and policies.
+    fn service_name(key: &ServiceKey) -> &str {
+        let s = key.as_str();
+        let s = s.split_once('!').map_or(s, |(_, rest)| rest);
+        s.split_once(':').map_or(s, |(name, _)| name)
+    }
+
+    fn route(
+        &mut self,
+        slot: usize,
+        stream: u32,
+        interaction: Interaction,
+        frames: Vec<FrameView>,
+        metadata: &Bytes,
+        ended: bool,
+    ) {
+        let Some(first) = frames.first().cloned() else {
+            return;
+        };
+        let requester = match self.conns.get(slot) {
+            Some(c) => c.id,
+            None => return,
+        };
+        // The broker answers the health check itself.
+        if let Ok(found) = RequestMetadata::scan(metadata)
+            && let Some(tags) = found.routing
+            && let Ok(route) = Route::from_tags(tags)
+            && route.service == HEALTH_SERVICE.as_bytes()
+        {
+            if let Some(c) = self.conns.get_mut(slot)
+                && interaction == Interaction::RequestResponse
+            {
+                let _ = c
+                    .proto
+                    .send_payload(stream, None, Bytes::from_static(b"1"), true, true);
+            }
+            return;
+        }
+        let (service, route) = match self.resolve(metadata) {
+            Ok(found) => found,
+            Err(message) => {
+                tracing::debug!(conn = %requester, stream, %message, "request refused");
+                return self.refuse(slot, stream, ErrorCode::REJECTED, message);
+            }
+        };
+        let policy = self
+            .config
+            .policies
+            .for_service(&service, Self::service_name(&service))
+            .clone();
+        let endpoint = route.and_then(|r| r.endpoint).map(<[u8]>::to_vec);
+        let sticky = route.is_some_and(|r| r.sticky);
+        let broadcast =
+            route.is_some_and(|r| r.broadcast) && interaction == Interaction::FireAndForget;
+        let hash_key = match &policy.balancer {
+            crate::balance::Balancer::ConsistentHash { tag } => {
+                route.and_then(|r| r.tag(tag)).map(<[u8]>::to_vec)
+            }
+            _ => None,
+        };
+
+        let targets: Vec<(Arc<str>, ConnId)> = if broadcast {
+            self.all_targets(&service)
+        } else {
+            let pick = self.pick(
+                &service,
+                &policy.balancer,
+                requester,
+                endpoint.as_deref(),
+                sticky,
+                hash_key.as_deref(),
+                &[],
+            );
+            pick.into_iter().collect()
+        };
+        if targets.is_empty() {
+            let message = match &endpoint {
+                Some(e) => format!(
+                    "instance {} does not serve {service}",
+                    String::from_utf8_lossy(e)
+                ),
+                None => format!("no live instance of service {service}"),
+            };
+            return self.refuse(slot, stream, ErrorCode::REJECTED, message);
+        }
+        self.stats.requests_routed += 1;
+        let origin = StreamRef {
+            conn: requester,
+            stream,
+        };
+        for (_, to) in &targets {
+            self.send(
+                to.shard,
+                Message::Open {
+                    origin,
+                    to: *to,
+                    frame: first.clone(),
+                },
+            );
+            for f in frames.iter().skip(1) {
+                self.send(
+                    to.shard,
+                    Message::ToResponder {
+                        origin,
+                        to: *to,
+                        signal: Signal::Frame(f.clone()),
+                    },
+                );
+            }
+            if !ended {
+                *self.outstanding.entry(*to).or_default() += 1;
+            }
+        }
+        if ended {
+            return;
+        }
+        let retry = match policy.failover {
+            Failover::Retry { attempts }
+                if interaction == Interaction::RequestResponse
+                    && frames.len() == 1
+                    && !first.follows() =>
+            {
+                Some((first, attempts))
+            }
+            _ => None,
+        };
+        if let Some(c) = self.conns.get_mut(slot) {
+            if sticky && let Some((instance, _)) = targets.first() {
+                c.sticky.insert(service.clone(), instance.clone());
+            }
+            let tried = targets.iter().map(|(i, _)| i.clone()).collect();
+            let targets = targets.into_iter().map(|(_, c)| c).collect();
+            c.upstream.insert(
+                stream,
+                Upstream {
+                    targets,
+                    service,
+                    tried,
+                    retry,
+                },
+            );
+        }
+    }
+
+    /// One connection of every routable instance of `service` (for broadcast).
+    fn all_targets(&self, service: &ServiceKey) -> Vec<(Arc<str>, ConnId)> {
+        let Some((_, uuids)) = self.routes.service(service.as_str().as_bytes()) else {
+            return Vec::new();
+        };
+        uuids
+            .iter()
+            .filter_map(|u| {
+                let inst = self.routes.instance(u)?;
+                if !inst.status.routable() {
+                    return None;
+                }
+                self.connection_of(inst).map(|c| (u.clone(), c))
+            })
+            .collect()
+    }
+
+    /// The connection of an instance to use from this shard: one on this shard if it has one.
+    fn connection_of(&self, inst: &crate::routes::Instance) -> Option<ConnId> {
+        inst.conns
+            .iter()
+            .find(|c| c.shard == self.id)
+            .or_else(|| inst.conns.first())
+            .copied()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn pick(
+        &mut self,
+        service: &ServiceKey,
+        balancer: &crate::balance::Balancer,
+        requester: ConnId,
+        endpoint: Option<&[u8]>,
+        sticky: bool,
+        hash_key: Option<&[u8]>,
+        exclude: &[Arc<str>],
+    ) -> Option<(Arc<str>, ConnId)> {
+        let (_, uuids) = self.routes.service(service.as_str().as_bytes())?;
+        let mut candidates: Vec<Candidate> = Vec::with_capacity(uuids.len());
+        let mut conns: Vec<ConnId> = Vec::with_capacity(uuids.len());
+        for uuid in uuids {
+            if exclude.contains(uuid) {
+                continue;
+            }
+            if endpoint.is_some_and(|e| e != uuid.as_bytes()) {
+                continue;
+            }
+            let Some(inst) = self.routes.instance(uuid) else {
+                continue;
+            };
+            if !inst.status.routable() {
+                continue;
+            }
+            let Some(conn) = self.connection_of(inst) else {
+                continue;
+            };
+            let outstanding = inst
+                .conns
+                .iter()
+                .map(|c| self.outstanding.get(c).copied().unwrap_or(0))
+                .sum();
+            candidates.push(Candidate {
+                uuid: uuid.clone(),
+                weight: inst.app.power_rating.max(1),
+                outstanding,
+                local: conn.shard == self.id,
+            });
+            conns.push(conn);
+        }
+        if candidates.is_empty() {
+            return None;
+        }
+        if sticky
+            && let Some(chosen) = self.conn(requester).and_then(|c| c.sticky.get(service))
+            && let Some(i) = candidates.iter().position(|c| &c.uuid == chosen)
+        {
+            return Some((candidates[i].uuid.clone(), conns[i]));
+        }
+        let i = self
+            .balancer
+            .pick(service, balancer, &candidates, hash_key, &mut self.rng);
+        Some((candidates.get(i)?.uuid.clone(), *conns.get(i)?))
+    }
+
+    /// A frame or signal from connection `slot` on an existing stream.
+    fn on_stream_signal(&mut self, slot: usize, stream: u32, signal: Signal) {
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        let me = c.id;
+        if c.pending.contains_key(&stream) {
+            match signal {
+                Signal::Frame(f) => return self.on_pending_fragment(slot, stream, f),
+                _ => {
+                    // Cancelled (or errored) before it could be routed.
+                    c.pending.remove(&stream);
+                    return;
+                }
+            }
+        }
+        if let Some(up) = c.upstream.get(&stream) {
+            let targets = up.targets.clone();
+            let origin = StreamRef { conn: me, stream };
+            for to in targets {
+                self.send(
+                    to.shard,
+                    Message::ToResponder {
+                        origin,
+                        to,
+                        signal: signal.clone(),
+                    },
+                );
+            }
+            self.check_upstream(slot, stream);
+            return;
+        }
+        if let Some(origin) = c.downstream.get(&stream).copied() {
+            self.send(
+                origin.conn.shard,
+                Message::ToRequester { to: origin, signal },
+            );
+            self.check_downstream(slot, stream);
+        }
+    }
+
+    /// Drops a requester stream's entry once its state machine says it ended.
+    fn check_upstream(&mut self, slot: usize, stream: u32) {
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if c.proto.is_stream_open(stream) {
+            return;
+        }
+        if let Some(up) = c.upstream.remove(&stream) {
+            for t in up.targets {
+                if let Some(n) = self.outstanding.get_mut(&t) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.outstanding.remove(&t);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops a responder stream's entries once its state machine says it ended.
+    fn check_downstream(&mut self, slot: usize, stream: u32) {
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if c.proto.is_stream_open(stream) {
+            return;
+        }
+        if let Some(origin) = c.downstream.remove(&stream) {
+            c.by_origin.remove(&origin);
+        }
+    }
+
+    /// Applies a signal to a stream of local connection `slot`, noting who
+    /// fed it if that makes the connection full.
+    fn deliver(
+        &mut self,
+        slot: usize,
+        stream: u32,
+        signal: &Signal,
+        feeder: Option<Feeder>,
+    ) -> bool {
+        let Some(c) = self.conns.get_mut(slot) else {
+            return false;
+        };
+        let ok = match signal {
+            Signal::Frame(f) => c.proto.forward(stream, f).is_ok(),
+            Signal::RequestN(n) => c.proto.send_request_n(stream, *n).is_ok(),
+            Signal::Cancel => c.proto.send_cancel(stream).is_ok(),
+            Signal::Error { code, data } => {
+                if code.is_connection_level() {
+                    c.proto
+                        .send_error(stream, ErrorCode::APPLICATION_ERROR, data.clone())
+                        .is_ok()
+                } else {
+                    c.proto.send_error(stream, *code, data.clone()).is_ok()
+                }
+            }
+        };
+        self.note_feeder(slot, feeder);
+        self.wake(slot);
+        ok
+    }
+
+    /// If connection `slot` is over its limit, stops `feeder` until it drains.
+    fn note_feeder(&mut self, slot: usize, feeder: Option<Feeder>) {
+        let Some(feeder) = feeder else { return };
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if c.proto.pending_bytes() <= self.config.max_pending_bytes || c.feeders.contains(&feeder) {
+            return;
+        }
+        c.feeders.push(feeder);
+        self.stats.pauses += 1;
+        match feeder {
+            Feeder::Conn(s) => {
+                if let Some(f) = self.conns.get_mut(s) {
+                    f.paused += 1;
+                }
+            }
+            Feeder::Shard(shard) => {
+                if let Some(p) = self.mesh_paused.get_mut(usize::from(shard)) {
+                    *p += 1;
+                }
+            }
+        }
+    }
+
+    fn feeder_of(&self, from: Option<ShardId>, origin_slot: Option<u32>) -> Option<Feeder> {
+        match from {
+            Some(shard) => Some(Feeder::Shard(shard)),
+            None => origin_slot.map(|s| Feeder::Conn(s as usize)),
+        }
+    }
+
+    fn on_message(&mut self, from: Option<ShardId>, message: Message) {
+        match message {
+            Message::Route(update) => {
+                if !self.routes.apply(&update) {
+                    tracing::warn!(
+                        origin = update.origin,
+                        revision = update.revision,
+                        "route update out of order, ignored"
+                    );
+                }
+            }
+            Message::Open { origin, to, frame } => {
+                let feeder = self.feeder_of(
+                    from,
+                    Some(origin.conn.slot).filter(|_| origin.conn.shard == self.id),
+                );
+                self.on_open(origin, to, &frame, feeder)
+            }
+            Message::ToResponder { origin, to, signal } => {
+                let slot = to.slot as usize;
+                let Some(stream) = self
+                    .conn(to)
+                    .and_then(|c| c.by_origin.get(&origin).copied())
+                else {
+                    return;
+                };
+                let feeder = self.feeder_of(
+                    from,
+                    Some(origin.conn.slot).filter(|_| origin.conn.shard == self.id),
+                );
+                if !self.deliver(slot, stream, &signal, feeder) {
+                    // The requester sent something the responder's stream cannot take.
+                    if let Some(c) = self.conns.get_mut(slot) {
+                        let _ = c.proto.send_cancel(stream);
+                    }
+                    let reason = "the request could not be passed on to its responder".to_owned();
+                    self.send(
+                        origin.conn.shard,
+                        Message::Gone {
+                            to: origin,
+                            code: ErrorCode::CANCELED,
+                            reason,
+                        },
+                    );
+                }
+                self.check_downstream(slot, stream);
+            }
+            Message::ToRequester { to, signal } => {
+                let slot = to.conn.slot as usize;
+                let Some(responder) = self
+                    .conn(to.conn)
+                    .and_then(|c| c.upstream.get(&to.stream))
+                    .and_then(|u| u.targets.first().copied())
+                else {
+                    return;
+                };
+                let feeder = self.feeder_of(
+                    from,
+                    Some(responder.slot).filter(|_| responder.shard == self.id),
+                );
+                self.deliver(slot, to.stream, &signal, feeder);
+                self.check_upstream(slot, to.stream);
+            }
+            Message::Gone { to, code, reason } => self.on_gone(to, code, reason),
+        }
+    }
+
+    fn on_open(
+        &mut self,
+        origin: StreamRef,
+        to: ConnId,
+        frame: &FrameView,
+        feeder: Option<Feeder>,
+    ) {
+        let slot = to.slot as usize;
+        let result = match self.conn_mut(to) {
+            Some(c) if !c.released => c.proto.forward_request(frame).map_err(|e| e.to_string()),
+            _ => Err("the instance's connection has closed".into()),
+        };
+        match result {
+            Ok(stream) => {
+                if let Some(c) = self.conns.get_mut(slot)
+                    && c.proto.is_stream_open(stream)
+                {
+                    c.downstream.insert(stream, origin);
+                    c.by_origin.insert(origin, stream);
+                }
+                self.note_feeder(slot, feeder);
+                self.wake(slot);
+            }
+            Err(reason) => {
+                let reason = format!("the request could not reach the instance: {reason}");
+                self.send(
+                    origin.conn.shard,
+                    Message::Gone {
+                        to: origin,
+                        code: ErrorCode::REJECTED,
+                        reason,
+                    },
+                );
+            }
+        }
+    }
+
+    fn on_gone(&mut self, to: StreamRef, code: ErrorCode, reason: String) {
+        let slot = to.conn.slot as usize;
+        let Some(c) = self.conn_mut(to.conn) else {
+            return;
+        };
+        let Some(up) = c.upstream.remove(&to.stream) else {
+            return;
+        };
+        for t in &up.targets {
+            if let Some(n) = self.outstanding.get_mut(t) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        let requester = to.conn;
+        // Failover: send the request to another instance.
+        if let Some((frame, attempts)) = up.retry.clone()
+            && attempts > 0
+            && up.targets.len() == 1
+        {
+            let policy = self
+                .config
+                .policies
+                .for_service(&up.service, Self::service_name(&up.service))
+                .clone();
+            if let Some((instance, target)) = self.pick(
+                &up.service,
+                &policy.balancer,
+                requester,
+                None,
+                false,
+                None,
+                &up.tried,
+            ) {
+                self.stats.requests_retried += 1;
+                tracing::debug!(conn = %requester, stream = to.stream, %instance, "request retried on another instance");
+                let mut tried = up.tried;
+                tried.push(instance);
+                *self.outstanding.entry(target).or_default() += 1;
+                self.send(
+                    target.shard,
+                    Message::Open {
+                        origin: to,
+                        to: target,
+                        frame: frame.clone(),
+                    },
+                );
+                if let Some(c) = self.conns.get_mut(slot) {
+                    c.upstream.insert(
+                        to.stream,
+                        Upstream {
+                            targets: vec![target],
+                            service: up.service,
+                            tried,
+                            retry: Some((frame, attempts - 1)),
+                        },
+                    );
+                }
+                return;
+            }
+        }
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if c.proto.is_stream_open(to.stream) {
+            let message = format!("{reason} (service {})", up.service);
+            let _ = c.proto.send_error(to.stream, code, Bytes::from(message));
+        }
+        self.wake(slot);
+    }
+
+    /// Ends everything that involves connection `slot`: its requests are
+    /// cancelled at their responders, the streams it served end at their
+    /// requesters, and its instance leaves the route table everywhere.
+    fn release(&mut self, slot: usize, why: &str) {
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if c.released {
+            return;
+        }
+        c.released = true;
+        let me = c.id;
+        let upstream: Vec<(u32, Upstream)> = c.upstream.drain().collect();
+        let downstream: Vec<(u32, StreamRef)> = c.downstream.drain().collect();
+        c.by_origin.clear();
+        c.pending.clear();
+        let feeders = std::mem::take(&mut c.feeders);
+        let instance = c.instance.take();
+        let name = c.app_name.clone().unwrap_or_else(|| "requester".to_owned());
+        // Whoever paused it keeps a feeder entry; releasing one that is gone is harmless.
+        c.paused = 0;
+        for (stream, up) in upstream {
+            let origin = StreamRef { conn: me, stream };
+            for to in up.targets {
+                if let Some(n) = self.outstanding.get_mut(&to) {
+                    *n = n.saturating_sub(1);
+                }
+                self.send(
+                    to.shard,
+                    Message::ToResponder {
+                        origin,
+                        to,
+                        signal: Signal::Cancel,
+                    },
+                );
+            }
+        }
+        for (_, origin) in downstream {
+            let reason = match &instance {
+                Some(i) => format!("instance {i} of {name} disconnected ({why})"),
+                None => format!("the responder disconnected ({why})"),
+            };
+            self.send(
+                origin.conn.shard,
+                Message::Gone {
+                    to: origin,
+                    code: ErrorCode::CANCELED,
+                    reason,
+                },
+            );
+        }
+        self.release_feeders(slot, feeders);
+        if let Some(instance) = instance {
+            tracing::info!(conn = %me, app = %name, %instance, "app disconnected");
+            self.broadcast(RouteChange::Leave { conn: me });
+        }
+        self.wake(slot);
+    }
+}

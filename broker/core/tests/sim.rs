@@ -1,0 +1,843 @@
+//! Deterministic simulation of several shards with fake app connections.
+//!
+//! Apps are rsocket-proto client connections wired to shard connections in
+//! memory. Messages between shards travel through FIFO queues per pair of
+//! shards; which queue, connection or app moves next is chosen by a seeded
+//! generator, so every interleaving of route updates, requests, cancels and
+//! disconnects a seed produces is replayed exactly. At the end every stream
+//! map is empty and every shard's route table is the same.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rsbroker_core::balance::Rng;
+use rsbroker_core::{
+    Balancer, ConnId, Failover, Message, Policies, ServicePolicy, Shard, ShardConfig,
+};
+use rsocket_proto::ErrorCode;
+use rsocket_proto::conn::{Config, Connection, Event, Interaction, RequestKind, SetupPayload};
+use rsocket_proto::metadata::{MimeType, WellKnownMime, put_entry, put_tag};
+
+fn route(tags: &[&str]) -> Bytes {
+    let mut routing = Vec::new();
+    for t in tags {
+        put_tag(&mut routing, t).unwrap();
+    }
+    let mut md = Vec::new();
+    put_entry(
+        &mut md,
+        MimeType::WellKnown(WellKnownMime::ROUTING),
+        &routing,
+    )
+    .unwrap();
+    Bytes::from(md)
+}
+
+fn setup_metadata(uuid: &str, services: &[&str]) -> Bytes {
+    let mut md = Vec::new();
+    let app = format!(r#"{{"name":"app-{uuid}","uuid":"{uuid}","ip":"127.0.0.1"}}"#);
+    put_entry(
+        &mut md,
+        MimeType::WellKnown(WellKnownMime::APPLICATION),
+        app.as_bytes(),
+    )
+    .unwrap();
+    let published: Vec<String> = services
+        .iter()
+        .map(|s| format!(r#"{{"group":"","service":"{s}","version":""}}"#))
+        .collect();
+    let registry = format!(r#"{{"published":[{}]}}"#, published.join(","));
+    put_entry(
+        &mut md,
+        MimeType::WellKnown(WellKnownMime::SERVICE_REGISTRY),
+        registry.as_bytes(),
+    )
+    .unwrap();
+    Bytes::from(md)
+}
+
+/// A fake app: one client connection to a shard.
+struct App {
+    uuid: String,
+    conn: Connection,
+    broker: ConnId,
+    /// Responder: items to send per request-stream.
+    items: u32,
+    /// Responder: fire-and-forget requests received.
+    fnf: u32,
+    /// Responder: streams with items still to send: stream -> next item.
+    serving: HashMap<u32, u32>,
+    /// Requester: what happened on each stream.
+    outcomes: HashMap<u32, Outcome>,
+    alive: bool,
+    events: Vec<Event>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Outcome {
+    items: Vec<Bytes>,
+    done: Option<Result<(), ErrorCode>>,
+    requested: u32,
+}
+
+struct Sim {
+    now: Instant,
+    rng: Rng,
+    shards: Vec<Shard>,
+    queues: BTreeMap<(u16, u16), VecDeque<Message>>,
+    apps: Vec<App>,
+}
+
+impl Sim {
+    fn new(shards: u16, seed: u64, policies: Policies) -> Self {
+        let now = Instant::now();
+        let shards = (0..shards)
+            .map(|i| {
+                let mut config = ShardConfig::new(i, shards);
+                config.policies = policies.clone();
+                config.seed = seed ^ u64::from(i);
+                Shard::new(config, now)
+            })
+            .collect();
+        Self {
+            now,
+            rng: Rng::new(seed),
+            shards,
+            queues: BTreeMap::new(),
+            apps: Vec::new(),
+        }
+    }
+
+    fn connect(
+        &mut self,
+        shard: u16,
+        uuid: &str,
+        services: &[&str],
+        fragment_size: usize,
+    ) -> usize {
+        let metadata = if services.is_empty() && uuid.is_empty() {
+            None
+        } else {
+            Some(setup_metadata(uuid, services))
+        };
+        let config = Config {
+            reassemble: true,
+            fragment_size,
+            ..Config::default()
+        };
+        let conn = Connection::client(
+            config,
+            SetupPayload {
+                metadata,
+                data: Bytes::new(),
+            },
+            self.now,
+        );
+        let broker = self.shards[usize::from(shard)].open(self.now);
+        self.apps.push(App {
+            uuid: uuid.to_owned(),
+            conn,
+            broker,
+            items: 3,
+            fnf: 0,
+            serving: HashMap::new(),
+            outcomes: HashMap::new(),
+            alive: true,
+            events: Vec::new(),
+        });
+        self.apps.len() - 1
+    }
+
+    fn collect_outboxes(&mut self, shard: usize) {
+        let from = shard as u16;
+        for to in 0..self.shards.len() as u16 {
+            let msgs = self.shards[shard].take_outbox(to);
+            if !msgs.is_empty() {
+                self.queues.entry((from, to)).or_default().extend(msgs);
+            }
+        }
+    }
+
+    /// Moves one unit of work, chosen by the generator. Returns false when idle.
+    fn step(&mut self) -> bool {
+        let mut options = Vec::new();
+        for (i, a) in self.apps.iter().enumerate() {
+            if !a.alive {
+                continue;
+            }
+            options.push((0u8, i));
+            options.push((1u8, i));
+        }
+        for (i, ((_, _), q)) in self.queues.iter().enumerate() {
+            if !q.is_empty() {
+                options.push((2u8, i));
+            }
+        }
+        // Shuffle the order in which kinds of work are tried.
+        let start = if options.is_empty() {
+            0
+        } else {
+            self.rng.below(options.len())
+        };
+        for k in 0..options.len() {
+            let (kind, i) = options[(start + k) % options.len()];
+            if match kind {
+                0 => self.app_to_broker(i),
+                1 => self.broker_to_app(i),
+                _ => self.deliver_queue(i),
+            } {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn app_to_broker(&mut self, i: usize) -> bool {
+        let app = &mut self.apps[i];
+        let Some(frame) = app.conn.poll_transmit() else {
+            return false;
+        };
+        let shard = usize::from(app.broker.shard);
+        let broker = app.broker;
+        self.shards[shard].handle_frame(self.now, broker, frame.to_bytes());
+        self.collect_outboxes(shard);
+        true
+    }
+
+    fn broker_to_app(&mut self, i: usize) -> bool {
+        let broker = self.apps[i].broker;
+        let shard = usize::from(broker.shard);
+        let Some(frame) = self.shards[shard].poll_transmit(broker) else {
+            return false;
+        };
+        self.shards[shard].written(broker);
+        let app = &mut self.apps[i];
+        app.conn.handle_frame(self.now, frame.to_bytes());
+        while let Some(e) = app.conn.poll_event() {
+            app.events.push(e);
+        }
+        self.react(i);
+        true
+    }
+
+    fn deliver_queue(&mut self, index: usize) -> bool {
+        let Some((&(from, to), _)) = self.queues.iter().nth(index) else {
+            return false;
+        };
+        let q = self.queues.get_mut(&(from, to)).unwrap();
+        // Deliver a random-sized batch, in order.
+        let n = 1 + self.rng.below(q.len().min(4));
+        let batch: Vec<Message> = q.drain(..n).collect();
+        self.shards[usize::from(to)].handle_messages(self.now, from, batch);
+        self.collect_outboxes(usize::from(to));
+        true
+    }
+
+    /// App behaviour: responders answer, requesters record.
+    fn react(&mut self, i: usize) {
+        let events = std::mem::take(&mut self.apps[i].events);
+        let app = &mut self.apps[i];
+        for e in events {
+            match e {
+                Event::Request {
+                    stream_id,
+                    interaction,
+                    frame,
+                    ended,
+                } => match interaction {
+                    Interaction::RequestResponse => {
+                        let data = Bytes::from(format!(
+                            "{}:{}",
+                            app.uuid,
+                            String::from_utf8_lossy(frame.data_slice())
+                        ));
+                        app.conn
+                            .send_payload(stream_id, None, data, true, true)
+                            .unwrap();
+                    }
+                    Interaction::FireAndForget => {
+                        assert!(ended);
+                        app.fnf += 1;
+                    }
+                    Interaction::Stream => {
+                        app.serving.insert(stream_id, 0);
+                    }
+                    Interaction::Channel => {
+                        // Echo the request and each item back, then complete when the requester does.
+                        let _ = app.conn.send_request_n(stream_id, 1000);
+                        app.serving.insert(stream_id, 0);
+                        let _ = app.conn.send_payload(
+                            stream_id,
+                            None,
+                            frame.data(),
+                            true,
+                            frame.complete(),
+                        );
+                    }
+                },
+                Event::Payload {
+                    stream_id,
+                    frame,
+                    ended,
+                } => {
+                    if let Some(o) = app.outcomes.get_mut(&stream_id) {
+                        if frame.next() {
+                            o.items.push(frame.data());
+                        }
+                        if ended && o.done.is_none() {
+                            o.done = Some(Ok(()));
+                        }
+                    } else if app.serving.contains_key(&stream_id) {
+                        // A channel item from the requester: echo it back.
+                        let _ = app.conn.send_payload(
+                            stream_id,
+                            None,
+                            frame.data(),
+                            frame.next(),
+                            frame.complete(),
+                        );
+                        if !app.conn.is_stream_open(stream_id) {
+                            app.serving.remove(&stream_id);
+                        }
+                    }
+                }
+                Event::Error {
+                    stream_id, code, ..
+                } => {
+                    if let Some(o) = app.outcomes.get_mut(&stream_id) {
+                        o.done.get_or_insert(Err(code));
+                    }
+                    app.serving.remove(&stream_id);
+                }
+                Event::Cancel { stream_id, ended } if ended => {
+                    app.serving.remove(&stream_id);
+                }
+                _ => {}
+            }
+        }
+        // Responders send stream items as credit allows.
+        let items = app.items;
+        let streams: Vec<u32> = app.serving.keys().copied().collect();
+        for s in streams {
+            let Some(info) = app.conn.stream_info(s) else {
+                app.serving.remove(&s);
+                continue;
+            };
+            if info.interaction != Interaction::Stream {
+                continue;
+            }
+            while let Some(next) = app.serving.get(&s).copied() {
+                if next >= items {
+                    let _ = app.conn.send_payload(s, None, Bytes::new(), false, true);
+                    app.serving.remove(&s);
+                    break;
+                }
+                if app
+                    .conn
+                    .send_payload(s, None, Bytes::from(format!("item{next}")), true, false)
+                    .is_err()
+                {
+                    break;
+                }
+                app.serving.insert(s, next + 1);
+            }
+        }
+    }
+
+    fn run(&mut self, max_steps: usize) {
+        for _ in 0..max_steps {
+            if !self.step() {
+                return;
+            }
+        }
+        panic!("no quiescence after {max_steps} steps");
+    }
+
+    fn request(&mut self, app: usize, kind: RequestKind, tags: &[&str], data: &str) -> u32 {
+        let a = &mut self.apps[app];
+        let id = a
+            .conn
+            .send_request(kind, Some(route(tags)), Bytes::from(data.to_owned()))
+            .unwrap();
+        let requested = match kind {
+            RequestKind::Stream { initial_n } | RequestKind::Channel { initial_n, .. } => initial_n,
+            _ => 1,
+        };
+        a.outcomes.insert(
+            id,
+            Outcome {
+                requested,
+                ..Outcome::default()
+            },
+        );
+        id
+    }
+
+    fn disconnect(&mut self, app: usize) {
+        let a = &mut self.apps[app];
+        a.alive = false;
+        let broker = a.broker;
+        self.shards[usize::from(broker.shard)].close(self.now, broker);
+        self.collect_outboxes(usize::from(broker.shard));
+    }
+
+    fn assert_clean(&self) {
+        for s in &self.shards {
+            for c in s.connections() {
+                assert_eq!(
+                    s.stream_maps(c),
+                    Some((0, 0, 0)),
+                    "shard {} conn {c:?} has stream entries",
+                    s.id()
+                );
+                assert_eq!(
+                    s.protocol_streams(c),
+                    0,
+                    "shard {} conn {c:?} has open streams",
+                    s.id()
+                );
+            }
+        }
+        let first = self.shards[0].routes().snapshot();
+        for s in &self.shards[1..] {
+            assert_eq!(
+                s.routes().snapshot(),
+                first,
+                "route tables differ between shards"
+            );
+        }
+        for a in self.apps.iter().filter(|a| a.alive) {
+            assert_eq!(a.conn.stream_count(), 0, "app {} has open streams", a.uuid);
+        }
+    }
+}
+
+#[test]
+fn all_four_models_across_shards() {
+    let mut sim = Sim::new(2, 1, Policies::default());
+    let responder = sim.connect(1, "r1", &["echo"], 0);
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    let rr = sim.request(requester, RequestKind::RequestResponse, &["echo"], "hi");
+    sim.request(requester, RequestKind::FireAndForget, &["echo"], "note");
+    let st = sim.request(
+        requester,
+        RequestKind::Stream { initial_n: 10 },
+        &["echo"],
+        "s",
+    );
+    let ch = sim.request(
+        requester,
+        RequestKind::Channel {
+            initial_n: 10,
+            complete: false,
+        },
+        &["echo"],
+        "c0",
+    );
+    sim.run(10_000);
+    sim.apps[requester]
+        .conn
+        .send_payload(ch, None, Bytes::from_static(b"c1"), true, true)
+        .unwrap();
+    sim.run(10_000);
+    let out = &sim.apps[requester].outcomes;
+    assert_eq!(out[&rr].items, [Bytes::from_static(b"r1:hi")]);
+    assert_eq!(out[&st].items, ["item0", "item1", "item2"].map(Bytes::from));
+    assert_eq!(
+        out[&ch].items,
+        [Bytes::from_static(b"c0"), Bytes::from_static(b"c1")]
+    );
+    for id in [rr, st, ch] {
+        assert_eq!(out[&id].done, Some(Ok(())), "stream {id}");
+    }
+    assert!(sim.apps[responder].alive);
+    sim.assert_clean();
+}
+
+#[test]
+fn no_instance_is_rejected_and_named() {
+    let mut sim = Sim::new(2, 2, Policies::default());
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(1000);
+    let id = sim.request(
+        requester,
+        RequestKind::RequestResponse,
+        &["missing.Service.m"],
+        "x",
+    );
+    sim.run(1000);
+    assert_eq!(
+        sim.apps[requester].outcomes[&id].done,
+        Some(Err(ErrorCode::REJECTED))
+    );
+    sim.assert_clean();
+}
+
+#[test]
+fn request_n_windows_hold_end_to_end() {
+    let mut sim = Sim::new(2, 3, Policies::default());
+    let responder = sim.connect(1, "r1", &["svc"], 0);
+    sim.apps[responder].items = 6;
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(1000);
+    let id = sim.request(
+        requester,
+        RequestKind::Stream { initial_n: 1 },
+        &["svc"],
+        "",
+    );
+    for window in 1..=5usize {
+        sim.run(10_000);
+        assert_eq!(
+            sim.apps[requester].outcomes[&id].items.len(),
+            window,
+            "exactly what was asked"
+        );
+        assert_eq!(sim.apps[requester].outcomes[&id].done, None);
+        sim.apps[requester].conn.send_request_n(id, 1).unwrap();
+    }
+    sim.run(10_000);
+    assert_eq!(sim.apps[requester].outcomes[&id].items.len(), 6);
+    assert_eq!(sim.apps[requester].outcomes[&id].done, Some(Ok(())));
+    sim.assert_clean();
+}
+
+#[test]
+fn responder_disconnect_ends_its_streams_and_its_routes() {
+    let mut sim = Sim::new(2, 4, Policies::default());
+    let responder = sim.connect(1, "r1", &["svc"], 0);
+    sim.apps[responder].items = 1000;
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(1000);
+    let id = sim.request(
+        requester,
+        RequestKind::Stream { initial_n: 2 },
+        &["svc"],
+        "",
+    );
+    sim.run(10_000);
+    assert_eq!(sim.apps[requester].outcomes[&id].items.len(), 2);
+    sim.disconnect(responder);
+    sim.run(10_000);
+    assert_eq!(
+        sim.apps[requester].outcomes[&id].done,
+        Some(Err(ErrorCode::CANCELED))
+    );
+    for s in &sim.shards {
+        assert!(
+            s.routes().instance("r1").is_none(),
+            "shard {} still routes to the gone instance",
+            s.id()
+        );
+    }
+    sim.assert_clean();
+}
+
+#[test]
+fn requester_disconnect_cancels_at_the_responder() {
+    let mut sim = Sim::new(2, 5, Policies::default());
+    let responder = sim.connect(1, "r1", &["svc"], 0);
+    sim.apps[responder].items = 1000;
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(1000);
+    sim.request(
+        requester,
+        RequestKind::Stream { initial_n: 2 },
+        &["svc"],
+        "",
+    );
+    sim.request(
+        requester,
+        RequestKind::Channel {
+            initial_n: 2,
+            complete: false,
+        },
+        &["svc"],
+        "c",
+    );
+    sim.run(10_000);
+    assert_eq!(sim.apps[responder].conn.stream_count(), 2);
+    sim.disconnect(requester);
+    sim.run(10_000);
+    assert_eq!(
+        sim.apps[responder].conn.stream_count(),
+        0,
+        "the responder got CANCELs"
+    );
+    sim.assert_clean();
+}
+
+#[test]
+fn failover_retries_on_another_instance() {
+    let mut policies = Policies::default();
+    policies.services.insert(
+        "svc".into(),
+        ServicePolicy {
+            balancer: Balancer::RoundRobin,
+            failover: Failover::Retry { attempts: 2 },
+        },
+    );
+    let mut sim = Sim::new(2, 6, policies);
+    let dead = sim.connect(1, "dead", &["svc"], 0);
+    // This one never answers: the request waits on it.
+    sim.apps[dead].items = 0;
+    sim.connect(0, "alive", &["svc"], 0);
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(1000);
+    // Round robin: find a request that went to "dead" (it stays unanswered
+    // because the fake app answers only once it gets the frame).
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ids.push(sim.request(requester, RequestKind::RequestResponse, &["svc"], "x"));
+    }
+    // Deliver the requests but cut "dead" off before it can answer anything.
+    sim.disconnect(dead);
+    sim.run(10_000);
+    for id in ids {
+        let o = &sim.apps[requester].outcomes[&id];
+        assert_eq!(
+            o.items,
+            [Bytes::from_static(b"alive:x")],
+            "stream {id}: {o:?}"
+        );
+    }
+    assert!(sim.shards[0].stats().requests_retried >= 1);
+    sim.assert_clean();
+}
+
+#[test]
+fn broadcast_reaches_every_instance() {
+    let mut sim = Sim::new(3, 7, Policies::default());
+    let rs: Vec<usize> = (0..3u16)
+        .map(|s| sim.connect(s, &format!("r{s}"), &["news"], 0))
+        .collect();
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    sim.request(
+        requester,
+        RequestKind::FireAndForget,
+        &["news", "broadcast=1"],
+        "hello",
+    );
+    sim.run(10_000);
+    for r in rs {
+        assert_eq!(
+            sim.apps[r].fnf, 1,
+            "every instance got the fire-and-forget once"
+        );
+    }
+    sim.assert_clean();
+}
+
+#[test]
+fn endpoint_tag_targets_one_instance() {
+    let mut sim = Sim::new(2, 8, Policies::default());
+    sim.connect(0, "a", &["svc"], 0);
+    sim.connect(1, "b", &["svc"], 0);
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(1000);
+    let ids: Vec<u32> = (0..4)
+        .map(|_| {
+            sim.request(
+                requester,
+                RequestKind::RequestResponse,
+                &["svc", "e=b"],
+                "x",
+            )
+        })
+        .collect();
+    sim.run(10_000);
+    for id in ids {
+        assert_eq!(
+            sim.apps[requester].outcomes[&id].items,
+            [Bytes::from_static(b"b:x")]
+        );
+    }
+    let id = sim.request(
+        requester,
+        RequestKind::RequestResponse,
+        &["svc", "e=zzz"],
+        "x",
+    );
+    sim.run(10_000);
+    assert_eq!(
+        sim.apps[requester].outcomes[&id].done,
+        Some(Err(ErrorCode::REJECTED))
+    );
+    sim.assert_clean();
+}
+
+#[test]
+fn fragmented_requests_and_routing_metadata_spanning_fragments() {
+    let mut sim = Sim::new(2, 9, Policies::default());
+    sim.connect(1, "r", &["a.very.long.service.name.that.spans"], 64);
+    let requester = sim.connect(0, "", &[], 64);
+    sim.run(1000);
+    // Routing metadata of ~80 bytes with 64-byte fragments: it spans two frames.
+    let key = "a.very.long.service.name.that.spans";
+    let tags = [key, "x=0123456789012345678901234567890123456789"];
+    let data = "d".repeat(500);
+    let id = sim.request(requester, RequestKind::RequestResponse, &tags, &data);
+    sim.run(10_000);
+    let o = &sim.apps[requester].outcomes[&id];
+    assert_eq!(o.items, [Bytes::from(format!("r:{data}"))]);
+    sim.assert_clean();
+}
+
+/// Random traffic with disconnects and route changes racing it, over many
+/// seeds: nothing is left behind and every stream ends exactly once.
+#[test]
+fn random_traffic_leaves_nothing_behind() {
+    for seed in 1..=40u64 {
+        let mut rng = Rng::new(seed);
+        let mut sim = Sim::new(3, seed, Policies::default());
+        let mut responders = Vec::new();
+        for i in 0..4u16 {
+            // Two connections of instance "m" on different shards.
+            let uuid = if i < 2 {
+                "m".to_owned()
+            } else {
+                format!("r{i}")
+            };
+            let r = sim.connect(i % 3, &uuid, &["svc"], if i % 2 == 0 { 64 } else { 0 });
+            sim.apps[r].items = 2 + rng.below(4) as u32;
+            responders.push(r);
+        }
+        let requesters: Vec<usize> = (0..3u16)
+            .map(|s| sim.connect(s, "", &[], if s == 1 { 64 } else { 0 }))
+            .collect();
+        sim.run(100_000);
+        let mut streams = Vec::new();
+        for round in 0..30 {
+            let alive_requesters: Vec<usize> = requesters
+                .iter()
+                .copied()
+                .filter(|r| sim.apps[*r].alive)
+                .collect();
+            let q = alive_requesters[rng.below(alive_requesters.len())];
+            let data = "p".repeat(rng.below(200));
+            let kind = match rng.below(4) {
+                0 => RequestKind::RequestResponse,
+                1 => RequestKind::FireAndForget,
+                2 => RequestKind::Stream {
+                    initial_n: 1 + rng.below(3) as u32,
+                },
+                _ => RequestKind::Channel {
+                    initial_n: 2,
+                    complete: rng.below(2) == 0,
+                },
+            };
+            let id = sim.request(q, kind, &["svc"], &data);
+            if !matches!(kind, RequestKind::FireAndForget) {
+                streams.push((q, id));
+            }
+            for _ in 0..rng.below(30) {
+                sim.step();
+            }
+            match rng.below(10) {
+                0 if round > 10 => {
+                    // A responder goes away mid-traffic.
+                    let alive: Vec<usize> = responders
+                        .iter()
+                        .copied()
+                        .filter(|r| sim.apps[*r].alive)
+                        .collect();
+                    if alive.len() > 1 {
+                        sim.disconnect(alive[rng.below(alive.len())]);
+                    }
+                }
+                1 => {
+                    // A requester cancels one of its streams.
+                    if let Some(&(q, id)) = streams.get(rng.below(streams.len().max(1)))
+                        && sim.apps[q].conn.is_stream_open(id)
+                    {
+                        sim.apps[q].conn.send_cancel(id).unwrap();
+                        sim.apps[q]
+                            .outcomes
+                            .get_mut(&id)
+                            .unwrap()
+                            .done
+                            .get_or_insert(Err(ErrorCode::CANCELED));
+                    }
+                }
+                2 => {
+                    // More credit for a stream.
+                    if let Some(&(q, id)) = streams.get(rng.below(streams.len().max(1)))
+                        && let Some(info) = sim.apps[q].conn.stream_info(id)
+                        && info.inbound_open
+                        && info.local_requester
+                    {
+                        let _ = sim.apps[q].conn.send_request_n(id, 5);
+                    }
+                }
+                5 if round > 20 => {
+                    // A requester goes away with streams open.
+                    let q = requesters[rng.below(requesters.len())];
+                    if sim.apps[q].alive
+                        && requesters.iter().filter(|r| sim.apps[**r].alive).count() > 1
+                    {
+                        sim.disconnect(q);
+                        streams.retain(|(r, _)| *r != q);
+                    }
+                }
+                3 | 4 => {
+                    // A responder changes what it serves, racing requests in flight.
+                    let alive: Vec<usize> = responders
+                        .iter()
+                        .copied()
+                        .filter(|r| sim.apps[*r].alive)
+                        .collect();
+                    let r = alive[rng.below(alive.len())];
+                    let json = match rng.below(4) {
+                        0 => {
+                            r#"{"type":"com.alibaba.rsocket.events.AppStatusEvent","data":{"status":2}}"#
+                        }
+                        1 => {
+                            r#"{"type":"com.alibaba.rsocket.events.AppStatusEvent","data":{"status":1}}"#
+                        }
+                        2 => {
+                            r#"{"type":"com.alibaba.rsocket.events.ServicesHiddenEvent","data":{"services":[{"service":"svc"}]}}"#
+                        }
+                        _ => {
+                            r#"{"type":"com.alibaba.rsocket.events.ServicesExposedEvent","data":{"services":[{"service":"svc"}]}}"#
+                        }
+                    };
+                    sim.apps[r]
+                        .conn
+                        .send_metadata_push(Bytes::from_static(json.as_bytes()))
+                        .unwrap();
+                }
+                _ => {}
+            }
+        }
+        sim.run(1_000_000);
+        // Finish what is still open: requesters complete their channels and cancel the rest.
+        for &(q, id) in &streams {
+            if sim.apps[q].conn.is_stream_open(id) {
+                sim.apps[q].conn.send_cancel(id).unwrap();
+                sim.apps[q]
+                    .outcomes
+                    .get_mut(&id)
+                    .unwrap()
+                    .done
+                    .get_or_insert(Err(ErrorCode::CANCELED));
+            }
+        }
+        sim.run(1_000_000);
+        for &(q, id) in &streams {
+            let o = &sim.apps[q].outcomes[&id];
+            assert!(
+                o.done.is_some(),
+                "seed {seed}: stream {id} never ended: {o:?}"
+            );
+            assert!(
+                o.items.len() as u32 <= o.requested.max(1) + 5 * 30,
+                "seed {seed}: more items than credit"
+            );
+        }
+        sim.assert_clean();
+        sim.now += Duration::from_secs(1);
+    }
+}
