@@ -434,6 +434,12 @@ impl Shard {
             .map(|c| (c.upstream.len(), c.downstream.len(), c.pending.len()))
     }
 
+    /// The app name and instance uuid a connection registered, if it did.
+    pub fn connection_app(&self, id: ConnId) -> Option<(String, Arc<str>)> {
+        let c = self.conn(id)?;
+        Some((c.app_name.clone()?, c.instance.clone()?))
+    }
+
     /// Streams open in `id`'s protocol state machine.
     pub fn protocol_streams(&self, id: ConnId) -> usize {
         self.conn(id).map_or(0, |c| c.proto.stream_count())

@@ -1,0 +1,775 @@
+//! A small RSocket client for rsbroker, on glommio: for Rust apps, for
+//! tests and for `loadgen`.
+//!
+//! A [`Client`] is one connection, driven by a task on the current glommio
+//! executor. It registers the app and its services in SETUP, makes requests
+//! of all four interaction models with explicit REQUEST_N control, answers
+//! requests for the services it registered through [`Responder`]s, and sends
+//! and receives METADATA_PUSH.
+//!
+//! # Layout
+//!
+//! - this file: [`Client`], its configuration and the driver task;
+//! - [`Subscription`]: the items of a request-stream or request-channel;
+//! - [`Sink`]: what a responder (or a channel's requester) sends;
+//! - [`metadata`]: building routing and SETUP metadata.
+
+pub mod metadata;
+mod stream;
+
+use std::cell::{Cell, RefCell};
+use std::future::{Future, poll_fn};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rsbroker_transports::{FrameIo, TcpFrames, TransportError};
+use rsocket_proto::conn::{Config, Connection, Event, Interaction, RequestKind, SetupPayload};
+use rsocket_proto::metadata::{RequestMetadata, Route};
+use rsocket_proto::{ErrorCode, FrameView, SendError};
+use rustc_hash::FxHashMap;
+
+pub use stream::{Sink, Subscription};
+
+/// A request's or response's metadata and data.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Payload {
+    /// Metadata.
+    pub metadata: Option<Bytes>,
+    /// Data.
+    pub data: Bytes,
+}
+
+impl Payload {
+    /// A payload with data only.
+    pub fn data(data: impl Into<Bytes>) -> Self {
+        Self {
+            metadata: None,
+            data: data.into(),
+        }
+    }
+
+    /// A payload with metadata and data.
+    pub fn new(metadata: impl Into<Bytes>, data: impl Into<Bytes>) -> Self {
+        Self {
+            metadata: Some(metadata.into()),
+            data: data.into(),
+        }
+    }
+
+    fn from_frame(frame: &FrameView) -> Self {
+        Self {
+            metadata: frame.metadata(),
+            data: frame.data(),
+        }
+    }
+}
+
+/// Why a request or the connection failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The responder (or the broker) answered with ERROR.
+    #[error("{code}: {message}")]
+    Remote {
+        /// The error code.
+        code: ErrorCode,
+        /// The error data as text.
+        message: String,
+    },
+    /// The stream was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// The connection is closed.
+    #[error("connection closed: {0}")]
+    Closed(String),
+    /// The connection refused the call.
+    #[error("{0}")]
+    Send(#[from] SendError),
+}
+
+impl ClientError {
+    /// The RSocket error code, for remote errors.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Remote { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// A future that lives on the current executor.
+pub type LocalBoxFuture<T> = Pin<Box<dyn Future<Output = T>>>;
+
+/// Answers the requests for one service. Every method has a default that
+/// refuses the interaction with ERROR[REJECTED].
+pub trait Responder {
+    /// A request-response.
+    fn request_response(&self, request: Payload) -> LocalBoxFuture<Result<Payload, ClientError>> {
+        let _ = request;
+        Box::pin(async { Err(rejected("request-response is not served here")) })
+    }
+
+    /// A fire-and-forget.
+    fn fire_and_forget(&self, request: Payload) {
+        let _ = request;
+    }
+
+    /// A request-stream: send items on `sink` (each needs credit; `send` waits for it).
+    fn request_stream(&self, request: Payload, sink: Sink) {
+        let _ = request;
+        sink.error(ErrorCode::REJECTED, "request-stream is not served here");
+    }
+
+    /// A request-channel: the requester's items arrive on `inbound`, the
+    /// answers go on `sink`.
+    fn request_channel(&self, request: Payload, inbound: Subscription, sink: Sink) {
+        let _ = (request, inbound);
+        sink.error(ErrorCode::REJECTED, "request-channel is not served here");
+    }
+}
+
+fn rejected(message: &str) -> ClientError {
+    ClientError::Remote {
+        code: ErrorCode::REJECTED,
+        message: message.to_owned(),
+    }
+}
+
+/// The app this client registers as.
+#[derive(Clone, Debug)]
+pub struct AppConfig {
+    /// App name.
+    pub name: String,
+    /// Instance id; connections with the same uuid are one instance.
+    pub uuid: String,
+    /// Relative capacity for the weighted balancer.
+    pub power_rating: u32,
+}
+
+/// How to connect.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// The app, or `None` for a plain requester.
+    pub app: Option<AppConfig>,
+    /// Services to publish: `(group, service, version)`.
+    pub services: Vec<(String, String, String)>,
+    /// Interval between KEEPALIVE frames.
+    pub keepalive_interval: Duration,
+    /// How long the broker may be silent.
+    pub max_lifetime: Duration,
+    /// Largest frame sent; larger messages are fragmented (0: only beyond 16 MiB).
+    pub fragment_size: usize,
+    /// Largest frame accepted.
+    pub max_frame_size: usize,
+    /// Data MIME type announced in SETUP.
+    pub data_mime: String,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            app: None,
+            services: Vec::new(),
+            keepalive_interval: Duration::from_secs(20),
+            max_lifetime: Duration::from_secs(90),
+            fragment_size: 0,
+            max_frame_size: rsocket_proto::frame::MAX_U24,
+            data_mime: "application/octet-stream".into(),
+        }
+    }
+}
+
+/// Per-stream state shared between the driver and the API objects.
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    pub(crate) items: std::collections::VecDeque<Result<Payload, ClientError>>,
+    /// No more items will come.
+    pub(crate) finished: bool,
+    pub(crate) reader: Option<Waker>,
+    /// A sender waiting for credit (or for the stream to end).
+    pub(crate) writer: Option<Waker>,
+    /// The peer cancelled (or ended) the direction this side sends in.
+    pub(crate) send_closed: bool,
+}
+
+pub(crate) struct Inner {
+    pub(crate) conn: RefCell<Connection>,
+    pub(crate) slots: RefCell<FxHashMap<u32, Slot>>,
+    handlers: RefCell<FxHashMap<String, Rc<dyn Responder>>>,
+    default_handler: RefCell<Option<Rc<dyn Responder>>>,
+    driver: RefCell<Option<Waker>>,
+    closed: RefCell<Option<String>>,
+    pushes: RefCell<std::collections::VecDeque<Bytes>>,
+    push_waker: RefCell<Option<Waker>>,
+    closed_waker: RefCell<Option<Waker>>,
+    setup_done: Cell<bool>,
+    local: Cell<Option<SocketAddr>>,
+}
+
+impl Inner {
+    pub(crate) fn wake_driver(&self) {
+        if let Some(w) = self.driver.borrow().as_ref() {
+            w.wake_by_ref();
+        }
+    }
+
+    pub(crate) fn closed_error(&self) -> ClientError {
+        ClientError::Closed(
+            self.closed
+                .borrow()
+                .clone()
+                .unwrap_or_else(|| "closed".into()),
+        )
+    }
+}
+
+/// One connection to the broker (cheap to clone; all clones share it).
+#[derive(Clone)]
+pub struct Client {
+    inner: Rc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("closed", &self.inner.closed.borrow())
+            .finish()
+    }
+}
+
+/// Builds a client: responders first, then [`ClientBuilder::connect`].
+pub struct ClientBuilder {
+    config: ClientConfig,
+    handlers: FxHashMap<String, Rc<dyn Responder>>,
+    default_handler: Option<Rc<dyn Responder>>,
+}
+
+impl ClientBuilder {
+    /// Answers requests whose route names `service` with `responder`.
+    pub fn responder(mut self, service: &str, responder: impl Responder + 'static) -> Self {
+        self.handlers.insert(service.to_owned(), Rc::new(responder));
+        self
+    }
+
+    /// Answers requests for any other service with `responder`.
+    pub fn default_responder(mut self, responder: impl Responder + 'static) -> Self {
+        self.default_handler = Some(Rc::new(responder));
+        self
+    }
+
+    /// Connects over TCP and starts the driver task on the current executor.
+    pub async fn connect(self, addr: SocketAddr) -> io::Result<Client> {
+        let io = TcpFrames::connect(addr, self.config.max_frame_size).await?;
+        let local = io.local_addr();
+        let client = self.start(io);
+        client.inner.local.set(local);
+        Ok(client)
+    }
+
+    /// Starts the client over an established transport.
+    pub fn start(self, io: impl FrameIo + 'static) -> Client {
+        let metadata = metadata::setup(self.config.app.as_ref(), &self.config.services);
+        let config = Config {
+            reassemble: true,
+            fragment_size: self.config.fragment_size,
+            keepalive_interval: self.config.keepalive_interval,
+            max_lifetime: self.config.max_lifetime,
+            data_mime: Bytes::from(self.config.data_mime.clone()),
+            ..Config::default()
+        };
+        let conn = Connection::client(
+            config,
+            SetupPayload {
+                metadata,
+                data: Bytes::new(),
+            },
+            Instant::now(),
+        );
+        let inner = Rc::new(Inner {
+            conn: RefCell::new(conn),
+            slots: RefCell::new(FxHashMap::default()),
+            handlers: RefCell::new(self.handlers),
+            default_handler: RefCell::new(self.default_handler),
+            driver: RefCell::new(None),
+            closed: RefCell::new(None),
+            pushes: RefCell::new(std::collections::VecDeque::new()),
+            push_waker: RefCell::new(None),
+            closed_waker: RefCell::new(None),
+            setup_done: Cell::new(false),
+            local: Cell::new(None),
+        });
+        glommio::spawn_local(drive(inner.clone(), io)).detach();
+        Client { inner }
+    }
+}
+
+impl Client {
+    /// A client that will register as `config` says.
+    pub fn builder(config: ClientConfig) -> ClientBuilder {
+        ClientBuilder {
+            config,
+            handlers: FxHashMap::default(),
+            default_handler: None,
+        }
+    }
+
+    /// A plain requester connected to `addr`.
+    pub async fn connect(addr: SocketAddr) -> io::Result<Client> {
+        Self::builder(ClientConfig::default()).connect(addr).await
+    }
+
+    fn check_open(&self) -> Result<(), ClientError> {
+        if self.inner.closed.borrow().is_some() {
+            Err(self.inner.closed_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn start_request(&self, kind: RequestKind, payload: Payload) -> Result<u32, ClientError> {
+        self.check_open()?;
+        let id = self
+            .inner
+            .conn
+            .borrow_mut()
+            .send_request(kind, payload.metadata, payload.data)?;
+        if !matches!(kind, RequestKind::FireAndForget) {
+            self.inner.slots.borrow_mut().insert(id, Slot::default());
+        }
+        self.inner.wake_driver();
+        Ok(id)
+    }
+
+    /// A request-response.
+    pub async fn request_response(&self, request: Payload) -> Result<Payload, ClientError> {
+        let id = self.start_request(RequestKind::RequestResponse, request)?;
+        let mut sub = Subscription::new(self.inner.clone(), id, false);
+        match sub.next().await {
+            Some(result) => result,
+            None => Ok(Payload::default()),
+        }
+    }
+
+    /// A fire-and-forget.
+    pub fn fire_and_forget(&self, request: Payload) -> Result<(), ClientError> {
+        self.start_request(RequestKind::FireAndForget, request)
+            .map(|_| ())
+    }
+
+    /// A request-stream with `initial_n` (> 0) items requested.
+    pub fn request_stream(
+        &self,
+        request: Payload,
+        initial_n: u32,
+    ) -> Result<Subscription, ClientError> {
+        let id = self.start_request(RequestKind::Stream { initial_n }, request)?;
+        Ok(Subscription::new(self.inner.clone(), id, true))
+    }
+
+    /// A request-channel with `initial_n` (> 0) items requested; the first
+    /// payload goes with the request, later ones through the [`Sink`].
+    pub fn request_channel(
+        &self,
+        request: Payload,
+        initial_n: u32,
+    ) -> Result<(Sink, Subscription), ClientError> {
+        let id = self.start_request(
+            RequestKind::Channel {
+                initial_n,
+                complete: false,
+            },
+            request,
+        )?;
+        Ok((
+            Sink::new(self.inner.clone(), id),
+            Subscription::new(self.inner.clone(), id, true),
+        ))
+    }
+
+    /// Sends METADATA_PUSH.
+    pub fn metadata_push(&self, metadata: Bytes) -> Result<(), ClientError> {
+        self.check_open()?;
+        self.inner.conn.borrow_mut().send_metadata_push(metadata)?;
+        self.inner.wake_driver();
+        Ok(())
+    }
+
+    /// The next METADATA_PUSH from the broker, or `None` once closed.
+    pub async fn next_metadata_push(&self) -> Option<Bytes> {
+        poll_fn(|cx| {
+            if let Some(m) = self.inner.pushes.borrow_mut().pop_front() {
+                return Poll::Ready(Some(m));
+            }
+            if self.inner.closed.borrow().is_some() {
+                return Poll::Ready(None);
+            }
+            *self.inner.push_waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// This side's address, for TCP connections.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.inner.local.get()
+    }
+
+    /// Whether the connection is closed.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.borrow().is_some()
+    }
+
+    /// Streams this client has open.
+    pub fn open_streams(&self) -> usize {
+        self.inner.conn.borrow().stream_count()
+    }
+
+    /// Closes the connection (ERROR[CONNECTION_CLOSE] once its streams end).
+    pub fn close(&self) {
+        self.inner
+            .conn
+            .borrow_mut()
+            .close_gracefully("client closing");
+        self.inner.wake_driver();
+    }
+
+    /// Closes at once, without waiting for streams.
+    pub fn abort(&self) {
+        self.inner
+            .conn
+            .borrow_mut()
+            .close(ErrorCode::CONNECTION_ERROR, "client aborted");
+        self.inner.wake_driver();
+    }
+
+    /// Waits until the connection has closed.
+    pub async fn closed(&self) {
+        poll_fn(|cx| {
+            if self.inner.closed.borrow().is_some() {
+                Poll::Ready(())
+            } else {
+                *self.inner.closed_waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+fn service_of(frame: &FrameView) -> Option<String> {
+    let found = RequestMetadata::scan(frame.metadata_slice()?).ok()?;
+    let route = found.route().ok()??;
+    Some(String::from_utf8_lossy(route.service).into_owned())
+}
+
+fn route_key_of(frame: &FrameView) -> Option<String> {
+    let found = RequestMetadata::scan(frame.metadata_slice()?).ok()?;
+    let tags = found.routing?;
+    let route = Route::from_tags(tags).ok()?;
+    Some(String::from_utf8_lossy(route.key).into_owned())
+}
+
+impl Inner {
+    fn handler_for(&self, frame: &FrameView) -> Option<Rc<dyn Responder>> {
+        let handlers = self.handlers.borrow();
+        route_key_of(frame)
+            .and_then(|k| handlers.get(&k).cloned())
+            .or_else(|| service_of(frame).and_then(|s| handlers.get(&s).cloned()))
+            .or_else(|| self.default_handler.borrow().clone())
+    }
+
+    fn on_event(self: &Rc<Self>, event: Event) {
+        match event {
+            Event::Request {
+                stream_id,
+                interaction,
+                frame,
+                ..
+            } => self.on_request(stream_id, interaction, &frame),
+            Event::Payload {
+                stream_id,
+                frame,
+                ended,
+            } => {
+                let mut slots = self.slots.borrow_mut();
+                if let Some(slot) = slots.get_mut(&stream_id) {
+                    if frame.next() {
+                        slot.items.push_back(Ok(Payload::from_frame(&frame)));
+                    }
+                    if frame.complete()
+                        || ended
+                        || !self
+                            .conn
+                            .borrow()
+                            .stream_info(stream_id)
+                            .is_some_and(|i| i.inbound_open)
+                    {
+                        slot.finished = true;
+                    }
+                    if ended {
+                        slot.send_closed = true;
+                        wake(&mut slot.writer);
+                    }
+                    wake(&mut slot.reader);
+                }
+            }
+            Event::Error {
+                stream_id,
+                code,
+                data,
+            } => {
+                let error = ClientError::Remote {
+                    code,
+                    message: String::from_utf8_lossy(&data).into_owned(),
+                };
+                self.end_slot(stream_id, Some(error));
+            }
+            Event::StreamError { stream_id, error } => {
+                let error = ClientError::Remote {
+                    code: error.code,
+                    message: error.message.into_owned(),
+                };
+                self.end_slot(stream_id, Some(error));
+            }
+            Event::Cancel { stream_id, ended } => {
+                let mut slots = self.slots.borrow_mut();
+                if let Some(slot) = slots.get_mut(&stream_id) {
+                    slot.send_closed = true;
+                    if ended {
+                        slot.finished = true;
+                        slot.items.push_back(Err(ClientError::Cancelled));
+                        wake(&mut slot.reader);
+                    }
+                    wake(&mut slot.writer);
+                }
+            }
+            Event::RequestN { stream_id, .. } => {
+                if let Some(slot) = self.slots.borrow_mut().get_mut(&stream_id) {
+                    wake(&mut slot.writer);
+                }
+            }
+            Event::MetadataPush(m) => {
+                self.pushes.borrow_mut().push_back(m);
+                wake(&mut self.push_waker.borrow_mut());
+            }
+            Event::Closed(e) => {
+                *self.closed.borrow_mut() = Some(format!("{}: {}", e.code, e.message));
+                let mut slots = self.slots.borrow_mut();
+                for slot in slots.values_mut() {
+                    if !slot.finished {
+                        slot.items
+                            .push_back(Err(ClientError::Closed(e.message.to_string())));
+                        slot.finished = true;
+                    }
+                    slot.send_closed = true;
+                    wake(&mut slot.reader);
+                    wake(&mut slot.writer);
+                }
+                wake(&mut self.push_waker.borrow_mut());
+                wake(&mut self.closed_waker.borrow_mut());
+            }
+            Event::Setup(_)
+            | Event::ResumeRequested(_)
+            | Event::Resumed
+            | Event::Lease(_)
+            | Event::Closing(_)
+            | Event::Fragment { .. } => {}
+        }
+    }
+
+    fn end_slot(&self, stream_id: u32, error: Option<ClientError>) {
+        if let Some(slot) = self.slots.borrow_mut().get_mut(&stream_id) {
+            if let Some(e) = error {
+                slot.items.push_back(Err(e));
+            }
+            slot.finished = true;
+            slot.send_closed = true;
+            wake(&mut slot.reader);
+            wake(&mut slot.writer);
+        }
+    }
+
+    fn on_request(self: &Rc<Self>, id: u32, interaction: Interaction, frame: &FrameView) {
+        let request = Payload::from_frame(frame);
+        let handler = self.handler_for(frame);
+        let Some(handler) = handler else {
+            if interaction != Interaction::FireAndForget {
+                let _ = self.conn.borrow_mut().send_error(
+                    id,
+                    ErrorCode::REJECTED,
+                    Bytes::from_static(b"no responder for this route"),
+                );
+            }
+            return;
+        };
+        match interaction {
+            Interaction::FireAndForget => handler.fire_and_forget(request),
+            Interaction::RequestResponse => {
+                let inner = self.clone();
+                let future = handler.request_response(request);
+                glommio::spawn_local(async move {
+                    let result = future.await;
+                    let mut conn = inner.conn.borrow_mut();
+                    if conn.is_stream_open(id) {
+                        let _ = match result {
+                            Ok(p) => conn.send_payload(id, p.metadata, p.data, true, true),
+                            Err(e) => {
+                                let (code, message) = match e {
+                                    ClientError::Remote { code, message } => (code, message),
+                                    other => (ErrorCode::APPLICATION_ERROR, other.to_string()),
+                                };
+                                conn.send_error(id, code, Bytes::from(message))
+                            }
+                        };
+                    }
+                    drop(conn);
+                    inner.wake_driver();
+                })
+                .detach();
+            }
+            Interaction::Stream => {
+                self.slots.borrow_mut().insert(
+                    id,
+                    Slot {
+                        finished: true,
+                        ..Slot::default()
+                    },
+                );
+                handler.request_stream(request, Sink::new(self.clone(), id));
+            }
+            Interaction::Channel => {
+                let finished = !self
+                    .conn
+                    .borrow()
+                    .stream_info(id)
+                    .is_some_and(|i| i.inbound_open);
+                self.slots.borrow_mut().insert(
+                    id,
+                    Slot {
+                        finished,
+                        ..Slot::default()
+                    },
+                );
+                let inbound = Subscription::new(self.clone(), id, true);
+                handler.request_channel(request, inbound, Sink::new(self.clone(), id));
+            }
+        }
+    }
+
+    /// Drops slots of streams that have ended and that nobody will read.
+    fn collect_slots(&self) {
+        let conn = self.conn.borrow();
+        self.slots.borrow_mut().retain(|id, slot| {
+            conn.is_stream_open(*id) || !slot.items.is_empty() || slot.reader.is_some()
+        });
+    }
+}
+
+fn wake(waker: &mut Option<Waker>) {
+    if let Some(w) = waker.take() {
+        w.wake();
+    }
+}
+
+async fn drive(inner: Rc<Inner>, mut io: impl FrameIo) {
+    let mut frames = Vec::with_capacity(32);
+    let mut timer: Option<glommio::timer::Timer> = None;
+    let mut done = false;
+    poll_fn(|cx| {
+        {
+            let mut d = inner.driver.borrow_mut();
+            if !d.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *d = Some(cx.waker().clone());
+            }
+        }
+        // Read.
+        loop {
+            match io.poll_read(cx, &mut frames) {
+                Poll::Ready(Ok(true)) => {
+                    let now = Instant::now();
+                    for f in frames.drain(..) {
+                        inner.conn.borrow_mut().handle_frame(now, f);
+                    }
+                }
+                Poll::Ready(Ok(false)) => {
+                    done = true;
+                    break;
+                }
+                Poll::Ready(Err(e)) => {
+                    if let TransportError::Decode(d) = &e {
+                        inner.conn.borrow_mut().close(
+                            ErrorCode::CONNECTION_ERROR,
+                            format!("unreadable frame: {d}"),
+                        );
+                    }
+                    done = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        // Time.
+        let now = Instant::now();
+        inner.conn.borrow_mut().handle_timeout(now);
+        // Events.
+        loop {
+            let event = inner.conn.borrow_mut().poll_event();
+            let Some(event) = event else { break };
+            inner.on_event(event);
+        }
+        inner.collect_slots();
+        // Write.
+        loop {
+            let frame = inner.conn.borrow_mut().poll_transmit();
+            let Some(frame) = frame else { break };
+            if io.queue(&frame).is_err() {
+                done = true;
+            }
+        }
+        let flushed = match io.poll_flush(cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(_)) => {
+                done = true;
+                true
+            }
+            Poll::Pending => false,
+        };
+        if !inner.setup_done.get() {
+            inner.setup_done.set(true);
+        }
+        let closed = inner.conn.borrow().is_closed();
+        if done || (closed && flushed) {
+            if !closed {
+                inner.conn.borrow_mut().transport_lost();
+                while let Some(event) = inner.conn.borrow_mut().poll_event() {
+                    inner.on_event(event);
+                }
+            }
+            if inner.closed.borrow().is_none() {
+                *inner.closed.borrow_mut() = Some("the connection closed".into());
+            }
+            let _ = io.poll_close(cx);
+            inner.on_event(Event::Closed(rsocket_proto::ConnectionError::local(
+                ErrorCode::CONNECTION_CLOSE,
+                "closed",
+            )));
+            return Poll::Ready(());
+        }
+        // Wake for the next keepalive or timeout.
+        if let Some(at) = inner.conn.borrow().poll_timeout() {
+            let t = timer.get_or_insert_with(|| {
+                glommio::timer::Timer::new(at.saturating_duration_since(now))
+            });
+            t.reset(at.saturating_duration_since(now));
+            if Pin::new(t).poll(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}

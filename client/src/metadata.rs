@@ -1,0 +1,91 @@
+//! Building metadata: composite routing metadata for requests, and the
+//! SETUP metadata that registers an app and its services (the format
+//! alibaba-rsocket-broker clients use).
+
+use bytes::Bytes;
+use rsocket_proto::metadata::{MimeType, WellKnownMime, put_entry, put_tag};
+
+use crate::AppConfig;
+
+/// Composite metadata with one routing entry: `tags[0]` is the route
+/// (`[group!]service[.method][:version]`), further tags refine it
+/// (`e=<instance>`, `sticky=1`, `broadcast=1`, ...). Tags over 255 bytes are
+/// left out.
+pub fn route(tags: &[&str]) -> Bytes {
+    let mut routing = Vec::new();
+    for t in tags {
+        let _ = put_tag(&mut routing, t);
+    }
+    let mut md = Vec::with_capacity(routing.len() + 4);
+    let _ = put_entry(
+        &mut md,
+        MimeType::WellKnown(WellKnownMime::ROUTING),
+        &routing,
+    );
+    Bytes::from(md)
+}
+
+pub(crate) fn setup(
+    app: Option<&AppConfig>,
+    services: &[(String, String, String)],
+) -> Option<Bytes> {
+    let app = app?;
+    let mut md = Vec::new();
+    let app_json = serde_json::json!({
+        "name": app.name,
+        "uuid": app.uuid,
+        "powerRating": app.power_rating,
+    });
+    let _ = put_entry(
+        &mut md,
+        MimeType::WellKnown(WellKnownMime::APPLICATION),
+        app_json.to_string().as_bytes(),
+    );
+    if !services.is_empty() {
+        let published: Vec<serde_json::Value> = services
+            .iter()
+            .map(|(group, service, version)| serde_json::json!({"group": group, "service": service, "version": version}))
+            .collect();
+        let registry = serde_json::json!({ "published": published });
+        let _ = put_entry(
+            &mut md,
+            MimeType::WellKnown(WellKnownMime::SERVICE_REGISTRY),
+            registry.to_string().as_bytes(),
+        );
+    }
+    Some(Bytes::from(md))
+}
+
+/// METADATA_PUSH content announcing a status change of this app
+/// (1 serving, 2 out of service, -1 stopped).
+pub fn app_status_event(status: i32) -> Bytes {
+    let event = serde_json::json!({
+        "specversion": "1.0",
+        "id": format!("status-{status}"),
+        "source": "rsbroker-client",
+        "type": "com.alibaba.rsocket.events.AppStatusEvent",
+        "data": { "status": status },
+    });
+    Bytes::from(event.to_string())
+}
+
+/// METADATA_PUSH content exposing (`hidden` false) or hiding services.
+pub fn services_event(services: &[&str], hidden: bool) -> Bytes {
+    let list: Vec<serde_json::Value> = services
+        .iter()
+        .map(|s| serde_json::json!({"group": "", "service": s, "version": ""}))
+        .collect();
+    let kind = if hidden {
+        "ServicesHiddenEvent"
+    } else {
+        "ServicesExposedEvent"
+    };
+    let event = serde_json::json!({
+        "specversion": "1.0",
+        "id": "services",
+        "source": "rsbroker-client",
+        "type": format!("com.alibaba.rsocket.events.{kind}"),
+        "data": { "services": list },
+    });
+    Bytes::from(event.to_string())
+}
