@@ -283,20 +283,16 @@ impl FromStr for ListenAddr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (scheme, rest) = s
-            .split_once("://")
-            .ok_or_else(|| format!("{s:?}: expected scheme://host:port"))?;
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| format!("{s:?}: expected scheme://host:port"))?;
+        if scheme != "tcp" {
+            return Err(format!("{s:?}: unsupported transport {scheme:?} (supported: tcp)"));
+        }
         let addr = rest
             .to_socket_addrs()
             .map_err(|e| format!("{s:?}: {e}"))?
             .next()
             .ok_or_else(|| format!("{s:?}: the host resolves to no address"))?;
-        match scheme {
-            "tcp" => Ok(Self::Tcp(addr)),
-            other => Err(format!(
-                "{s:?}: unsupported transport {other:?} (supported: tcp)"
-            )),
-        }
+        Ok(Self::Tcp(addr))
     }
 }
 
