@@ -283,9 +283,13 @@ impl FromStr for ListenAddr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (scheme, rest) = s.split_once("://").ok_or_else(|| format!("{s:?}: expected scheme://host:port"))?;
+        let (scheme, rest) = s
+            .split_once("://")
+            .ok_or_else(|| format!("{s:?}: expected scheme://host:port"))?;
         if scheme != "tcp" {
-            return Err(format!("{s:?}: unsupported transport {scheme:?} (supported: tcp)"));
+            return Err(format!(
+                "{s:?}: unsupported transport {scheme:?} (supported: tcp)"
+            ));
         }
         let addr = rest
             .to_socket_addrs()
