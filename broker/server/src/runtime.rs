@@ -39,6 +39,8 @@ pub struct ConnectionSnapshot {
     pub peer: Option<SocketAddr>,
     /// App name and instance uuid, once the app registered.
     pub app: Option<(String, String)>,
+    /// Bytes the broker holds for it, not yet handed to the transport.
+    pub pending_bytes: usize,
 }
 
 /// What a shard last reported about itself (refreshed every 100 ms).
@@ -133,6 +135,8 @@ struct ShardRt {
     out_notify: Vec<Notify>,
     max_frame_size: usize,
     stopping: Cell<bool>,
+    /// A connection stopped reading because a peer's queue was too long.
+    read_blocked: Cell<bool>,
 }
 
 /// Batches that may wait for one peer before this shard stops reading its connections.
@@ -141,6 +145,8 @@ const MAX_WAITING_BATCHES: usize = 64;
 const WRITE_HIGH: usize = 256 * 1024;
 /// Reads per connection before it yields to the others.
 const READS_PER_TURN: usize = 4;
+/// Flushes of up to `WRITE_HIGH` bytes per connection before it yields.
+const WRITES_PER_TURN: usize = 4;
 
 impl ShardRt {
     fn dispatch(&self) {
@@ -177,6 +183,16 @@ impl ShardRt {
             .any(|q| q.borrow().len() > MAX_WAITING_BATCHES)
     }
 
+    /// [`ShardRt::mesh_blocked`], for a reader that will stop: it is woken
+    /// when the queue drains.
+    fn mesh_blocks_reading(&self) -> bool {
+        let blocked = self.mesh_blocked();
+        if blocked {
+            self.read_blocked.set(true);
+        }
+        blocked
+    }
+
     fn wake_all(&self) {
         for w in self.wakers.borrow().values() {
             w.wake_by_ref();
@@ -194,6 +210,7 @@ impl ShardRt {
                 app: shard
                     .connection_app(id)
                     .map(|(name, uuid)| (name, uuid.to_string())),
+                pending_bytes: shard.pending_bytes(id),
             })
             .collect();
         ShardSnapshot {
@@ -378,6 +395,7 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         out_notify: (0..shards).map(|_| Notify::default()).collect(),
         max_frame_size: config.max_frame_size,
         stopping: Cell::new(false),
+        read_blocked: Cell::new(false),
     });
 
     let senders = Rc::new(senders);
@@ -478,12 +496,12 @@ async fn send_to_peer(rt: Rc<ShardRt>, senders: Rc<Senders<Vec<Message>>>, peer:
             notify.notified().await;
             continue;
         };
-        let was_blocked = rt.mesh_blocked();
         if senders.send_to(peer, batch).await.is_err() {
             // The peer has stopped; what it would have received no longer matters.
             return;
         }
-        if was_blocked && !rt.mesh_blocked() {
+        if rt.read_blocked.get() && !rt.mesh_blocked() {
+            rt.read_blocked.set(false);
             rt.wake_all();
         }
     }
@@ -528,7 +546,7 @@ async fn drive(rt: Rc<ShardRt>, mut io: TcpFrames, id: ConnId) {
         let mut reads = 0;
         while !failed
             && rt.shard.borrow().may_read(id)
-            && !rt.mesh_blocked()
+            && !rt.mesh_blocks_reading()
             && !rt.shard.borrow().is_closed(id)
         {
             if reads == READS_PER_TURN {
@@ -564,23 +582,39 @@ async fn drive(rt: Rc<ShardRt>, mut io: TcpFrames, id: ConnId) {
                 Poll::Pending => break,
             }
         }
-        // Write: take frames from the shard while the transport has room.
-        {
-            let mut shard = rt.shard.borrow_mut();
-            while io.queued_bytes() < WRITE_HIGH {
-                let Some(frame) = shard.poll_transmit(id) else {
-                    break;
-                };
-                if let Err(e) = io.queue(&frame) {
-                    tracing::warn!(conn = %id, error = %e, "frame dropped");
+        // Write: take frames from the shard while the transport has room and
+        // flush; when a flush empties the transport and the shard holds more,
+        // go again (nothing else would wake this task for them).
+        let mut rounds = 0;
+        loop {
+            {
+                let mut shard = rt.shard.borrow_mut();
+                while io.queued_bytes() < WRITE_HIGH {
+                    let Some(frame) = shard.poll_transmit(id) else {
+                        break;
+                    };
+                    if let Err(e) = io.queue(&frame) {
+                        tracing::warn!(conn = %id, error = %e, "frame dropped");
+                    }
                 }
             }
-        }
-        match io.poll_flush(cx) {
-            Poll::Ready(Ok(())) | Poll::Pending => {}
-            Poll::Ready(Err(e)) => {
-                tracing::debug!(conn = %id, error = %e, "connection write failed");
-                return finish(&rt, id);
+            match io.poll_flush(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Ok(())) => {
+                    if rt.shard.borrow().pending_bytes(id) == 0 {
+                        break;
+                    }
+                    rounds += 1;
+                    if rounds == WRITES_PER_TURN {
+                        // Let the other connections have the core; come back soon.
+                        cx.waker().wake_by_ref();
+                        break;
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(conn = %id, error = %e, "connection write failed");
+                    return finish(&rt, id);
+                }
             }
         }
         rt.shard.borrow_mut().written(id);

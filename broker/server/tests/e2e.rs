@@ -3,304 +3,20 @@
 //! the requester is connected until it lands on the other shard than the
 //! responder, so requests cross shards.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use glommio::{LocalExecutorBuilder, Placement};
-use rsbroker::{BrokerConfig, BrokerHandle};
+use rsbroker::BrokerHandle;
 use rsbroker_client::metadata::route;
-use rsbroker_client::{
-    AppConfig, Client, ClientConfig, ClientError, LocalBoxFuture, Payload, Responder, Sink,
-    Subscription,
-};
+use rsbroker_client::{AppConfig, Client, ClientConfig, ClientError, Payload};
 use rsbroker_core::{Balancer, Failover, ServicePolicy};
-use rsbroker_transports::ListenAddr;
 use rsocket_proto::ErrorCode;
 
-/// Tests start brokers and executors; running them one at a time keeps
-/// locked memory and the two cores from being oversubscribed.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn broker(policies: &[(&str, ServicePolicy)]) -> BrokerHandle {
-    let mut config = BrokerConfig {
-        listen: vec![ListenAddr::Tcp(([127, 0, 0, 1], 0).into())],
-        shards: 2,
-        io_memory: 64 << 10,
-        shutdown_grace: Duration::from_secs(1),
-        ..BrokerConfig::default()
-    };
-    for (svc, p) in policies {
-        config
-            .policies
-            .services
-            .insert((*svc).to_owned(), p.clone());
-    }
-    rsbroker::start(config).expect("broker starts")
-}
-
-/// Runs `f` on a fresh glommio executor and returns its result.
-fn run<T: Send + 'static, F: std::future::Future<Output = T> + 'static>(
-    f: impl FnOnce() -> F + Send + 'static,
-) -> T {
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .io_memory(64 << 10)
-        .spawn(f)
-        .expect("executor")
-        .join()
-        .expect("the test's executor panicked")
-}
-
-/// A test responder: echoes request-response, logs fire-and-forget, streams
-/// `data` items, echoes channels.
-#[derive(Clone)]
-struct TestService {
-    name: String,
-    log: mpsc::Sender<String>,
-    /// Answer request-response only after this long (a slow instance).
-    delay: Duration,
-}
-
-impl Responder for TestService {
-    fn request_response(&self, request: Payload) -> LocalBoxFuture<Result<Payload, ClientError>> {
-        let name = self.name.clone();
-        let delay = self.delay;
-        Box::pin(async move {
-            if !delay.is_zero() {
-                glommio::timer::sleep(delay).await;
-            }
-            Ok(Payload::data(format!(
-                "{name}:{}",
-                String::from_utf8_lossy(&request.data)
-            )))
-        })
-    }
-
-    fn fire_and_forget(&self, request: Payload) {
-        let _ = self.log.send(format!(
-            "fnf {} {}",
-            self.name,
-            String::from_utf8_lossy(&request.data)
-        ));
-    }
-
-    fn request_stream(&self, request: Payload, sink: Sink) {
-        let n: u32 = String::from_utf8_lossy(&request.data).parse().unwrap_or(3);
-        let log = self.log.clone();
-        glommio::spawn_local(async move {
-            for i in 0..n {
-                if sink.send(Payload::data(i.to_string())).await.is_err() {
-                    let _ = log.send(format!("stream cancelled after {i}"));
-                    return;
-                }
-            }
-            let _ = sink.complete();
-        })
-        .detach();
-    }
-
-    fn request_channel(&self, request: Payload, mut inbound: Subscription, sink: Sink) {
-        glommio::spawn_local(async move {
-            let _ = inbound.request(1000);
-            if sink.send(request).await.is_err() {
-                return;
-            }
-            while let Some(Ok(item)) = inbound.next().await {
-                if sink.send(item).await.is_err() {
-                    return;
-                }
-            }
-            let _ = sink.complete();
-        })
-        .detach();
-    }
-}
-
-/// A responder app on its own executor; stops when the handle is dropped
-/// or when asked to disconnect.
-struct App {
-    local: SocketAddr,
-    log: mpsc::Receiver<String>,
-    stop: mpsc::Sender<bool>,
-    thread: Option<glommio::ExecutorJoinHandle<()>>,
-}
-
-impl App {
-    fn start(
-        addr: SocketAddr,
-        uuid: &str,
-        service: &str,
-        power_rating: u32,
-        delay: Duration,
-    ) -> Self {
-        let (log_tx, log) = mpsc::channel();
-        let (stop, stop_rx) = mpsc::channel::<bool>();
-        let (local_tx, local_rx) = mpsc::channel();
-        let uuid = uuid.to_owned();
-        let service = service.to_owned();
-        let thread = LocalExecutorBuilder::new(Placement::Unbound)
-            .io_memory(64 << 10)
-            .spawn(move || async move {
-                let config = ClientConfig {
-                    app: Some(AppConfig {
-                        name: format!("app-{uuid}"),
-                        uuid: uuid.clone(),
-                        power_rating,
-                    }),
-                    services: vec![(String::new(), service.clone(), String::new())],
-                    ..ClientConfig::default()
-                };
-                let svc = TestService {
-                    name: uuid.clone(),
-                    log: log_tx,
-                    delay,
-                };
-                let client = Client::builder(config)
-                    .responder(&service, svc)
-                    .connect(addr)
-                    .await
-                    .expect("connect");
-                local_tx
-                    .send(client.local_addr().expect("local address"))
-                    .expect("report");
-                loop {
-                    match stop_rx.try_recv() {
-                        Ok(abort) => {
-                            if abort {
-                                client.abort();
-                            } else {
-                                client.close();
-                            }
-                            break;
-                        }
-                        Err(mpsc::TryRecvError::Empty) => {
-                            glommio::timer::sleep(Duration::from_millis(5)).await
-                        }
-                        Err(mpsc::TryRecvError::Disconnected) => break,
-                    }
-                }
-                glommio::timer::sleep(Duration::from_millis(50)).await;
-            })
-            .expect("executor");
-        let local = local_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the app connected");
-        Self {
-            local,
-            log,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.stop.send(true);
-        if let Some(t) = self.thread.take() {
-            t.join().expect("app thread");
-        }
-    }
-
-    fn logs(&self) -> Vec<String> {
-        std::iter::from_fn(|| self.log.recv_timeout(Duration::from_millis(200)).ok()).collect()
-    }
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        let _ = self.stop.send(false);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Waits until every shard has reported `apps` registered instances.
-fn wait_for_instances(broker: &BrokerHandle, apps: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let snap = broker.snapshot();
-        if snap.len() == broker.shards() && snap.iter().all(|s| s.instances == apps) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!(
-        "instances did not register on every shard: {:?}",
-        broker.snapshot()
-    );
-}
-
-fn shard_of(broker: &BrokerHandle, local: SocketAddr) -> u16 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(s) = broker.shard_of(local) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "connection {local} never showed up"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Connects plain requesters until one lands on a shard other than `avoid`,
-/// then runs `f` with it.
-fn on_other_shard<T: Send + 'static, F: std::future::Future<Output = T> + 'static>(
-    broker: &BrokerHandle,
-    avoid: u16,
-    f: impl FnOnce(Client) -> F + Send + 'static,
-) -> T {
-    let addr = broker.tcp_addr().expect("tcp");
-    let (local_tx, local_rx) = mpsc::channel();
-    let (go_tx, go_rx) = mpsc::channel::<usize>();
-    let handle = LocalExecutorBuilder::new(Placement::Unbound)
-        .io_memory(64 << 10)
-        .spawn(move || async move {
-            let mut clients = Vec::new();
-            loop {
-                let c = Client::connect(addr).await.expect("connect");
-                local_tx
-                    .send(c.local_addr().expect("local"))
-                    .expect("report");
-                clients.push(c);
-                let pick = loop {
-                    match go_rx.try_recv() {
-                        Ok(i) => break Some(i),
-                        Err(mpsc::TryRecvError::Empty) => {
-                            glommio::timer::sleep(Duration::from_millis(5)).await
-                        }
-                        Err(mpsc::TryRecvError::Disconnected) => break None,
-                    }
-                };
-                match pick {
-                    Some(usize::MAX) => continue,
-                    Some(i) => {
-                        let chosen = clients.swap_remove(i);
-                        for c in &clients {
-                            c.abort();
-                        }
-                        return f(chosen).await;
-                    }
-                    None => panic!("no requester landed on another shard"),
-                }
-            }
-        })
-        .expect("executor");
-    for attempt in 0..40 {
-        let local = local_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("requester connected");
-        if shard_of(broker, local) != avoid {
-            go_tx.send(attempt).expect("go");
-            return handle.join().expect("requester panicked");
-        }
-        go_tx.send(usize::MAX).expect("next");
-    }
-    panic!("40 requesters all landed on shard {avoid}");
-}
+use common::*;
 
 #[test]
 fn all_four_models_across_shards() {
@@ -835,4 +551,195 @@ fn stop_closes_connections_and_exits() {
         closed.lock().unwrap().is_some(),
         "the client saw the connection close"
     );
+}
+
+/// Streams `count` items of `size` bytes; item i starts with i (u32, big endian).
+struct Bulk {
+    count: u32,
+    size: usize,
+}
+
+impl rsbroker_client::Responder for Bulk {
+    fn request_stream(&self, _request: Payload, sink: rsbroker_client::Sink) {
+        let (count, size) = (self.count, self.size);
+        glommio::spawn_local(async move {
+            for i in 0..count {
+                let mut item = vec![0xAB; size];
+                item[..4].copy_from_slice(&i.to_be_bytes());
+                if sink.send(Payload::data(item)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sink.complete();
+        })
+        .detach();
+    }
+}
+
+#[test]
+fn a_slow_consumer_on_the_producers_shard_pauses_it_and_loses_nothing() {
+    slow_consumer(true);
+}
+
+#[test]
+fn a_slow_consumer_on_another_shard_pauses_the_producer_and_loses_nothing() {
+    slow_consumer(false);
+}
+
+/// A requester asks for 64 MiB and does not read: the broker stops reading
+/// from the responder instead of buffering (on the requester's shard only
+/// up to about the pending-bytes limit), then delivers every item once the
+/// requester reads.
+fn slow_consumer(same_shard: bool) {
+    use std::io::{Read, Write};
+
+    use bytes::BytesMut;
+    use rsocket_proto::codec::{LengthPrefixed, put_prefixed};
+    use rsocket_proto::frame::{Frame, RequestStream, Setup, VERSION};
+    use rsocket_proto::{FrameType, FrameView, OutFrame};
+
+    const LIMIT: usize = 256 << 10;
+    const ITEMS: u32 = 4000;
+    const SIZE: usize = 16 << 10;
+
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let broker = rsbroker::start(rsbroker::BrokerConfig {
+        max_pending_bytes: LIMIT,
+        ..test_config()
+    })
+    .expect("broker starts");
+    let addr = broker.tcp_addr().unwrap();
+    let (stop_app, stop_rx) = mpsc::channel::<()>();
+    let app = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .io_memory(64 << 10)
+        .spawn(move || async move {
+            let config = ClientConfig {
+                app: Some(AppConfig {
+                    name: "bulk".into(),
+                    uuid: "bulk-1".into(),
+                    power_rating: 1,
+                }),
+                services: vec![(String::new(), "bulk".into(), String::new())],
+                ..ClientConfig::default()
+            };
+            let client = Client::builder(config)
+                .responder(
+                    "bulk",
+                    Bulk {
+                        count: ITEMS,
+                        size: SIZE,
+                    },
+                )
+                .connect(addr)
+                .await
+                .expect("connect");
+            while stop_rx.try_recv() == Err(mpsc::TryRecvError::Empty) {
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+            client.close();
+        })
+        .expect("executor");
+    wait_for_instances(&broker, 1);
+    let responder_shard = broker
+        .snapshot()
+        .iter()
+        .find(|s| s.connections.iter().any(|c| c.app.is_some()))
+        .map(|s| s.shard)
+        .expect("the responder's shard");
+
+    // A requester that asks for everything and then does not read.
+    let mut conn = None;
+    for _ in 0..40 {
+        let c = std::net::TcpStream::connect(addr).unwrap();
+        if (shard_of(&broker, c.local_addr().unwrap()) == responder_shard) == same_shard {
+            conn = Some(c);
+            break;
+        }
+    }
+    let mut conn = conn.expect("a connection on the wanted shard");
+    let local = conn.local_addr().unwrap();
+    let mut out = BytesMut::new();
+    let setup = Frame::Setup(Setup {
+        version: VERSION,
+        keepalive_interval: 60_000,
+        max_lifetime: 120_000,
+        resume_token: None,
+        lease: false,
+        metadata_mime: Bytes::from_static(b"message/x.rsocket.composite-metadata.v0"),
+        data_mime: Bytes::from_static(b"application/octet-stream"),
+        metadata: None,
+        data: Bytes::new(),
+    });
+    let request = Frame::RequestStream(RequestStream {
+        stream_id: 1,
+        follows: false,
+        initial_n: i32::MAX as u32,
+        metadata: Some(route(&["bulk"])),
+        data: Bytes::new(),
+    });
+    for f in [&setup, &request] {
+        put_prefixed(&mut out, &OutFrame::from_frame(f)).unwrap();
+    }
+    conn.write_all(&out).unwrap();
+
+    // While it does not read, what the broker holds for it stays near the limit.
+    let mut peak = 0;
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        let held = broker
+            .snapshot()
+            .iter()
+            .flat_map(|s| &s.connections)
+            .filter(|c| c.peer == Some(local))
+            .map(|c| c.pending_bytes)
+            .sum::<usize>();
+        peak = peak.max(held);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pauses: u64 = broker.snapshot().iter().map(|s| s.stats.pauses).sum();
+    assert!(pauses > 0, "the producer was never paused");
+    // One read's worth of frames may land after the pause: allow 1 MiB over
+    // the limit, against the 64 MiB the stream carries.
+    assert!(
+        peak <= LIMIT + (1 << 20),
+        "the broker held {peak} bytes for a consumer that did not read (limit {LIMIT})"
+    );
+
+    // Now read it all: every item arrives, in order, intact.
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let codec = LengthPrefixed::default();
+    let mut buf = BytesMut::with_capacity(1 << 20);
+    let mut next = 0u32;
+    let mut chunk = vec![0u8; 256 << 10];
+    'read: loop {
+        while let Some(frame) = codec.decode(&mut buf).expect("valid frames") {
+            let view = FrameView::parse(frame).expect("valid frame");
+            assert_eq!(view.frame_type(), FrameType::Payload, "{view:?}");
+            let data = view.data_slice();
+            if !data.is_empty() {
+                assert_eq!(data.len(), SIZE);
+                assert_eq!(data[..4], next.to_be_bytes(), "items in order");
+                assert!(data[4..].iter().all(|b| *b == 0xAB), "item {next} intact");
+                next += 1;
+            }
+            if view.flags().has(rsocket_proto::frame::Flags::COMPLETE) {
+                break 'read;
+            }
+        }
+        let n = conn.read(&mut chunk).unwrap_or_else(|e| {
+            panic!(
+                "stalled after {next} items: {e}; broker: {:?}",
+                broker.snapshot()
+            )
+        });
+        assert!(n > 0, "the broker closed the stream after {next} items");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(next, ITEMS);
+    drop(conn);
+    let _ = stop_app.send(());
+    app.join().unwrap();
+    broker.stop();
+    broker.join().unwrap();
 }

@@ -1,0 +1,305 @@
+//! Helpers shared by the loopback test binaries: a broker on two shards
+//! and apps built on rsbroker-client, each on its own glommio executor.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use glommio::{LocalExecutorBuilder, Placement};
+use rsbroker::{BrokerConfig, BrokerHandle};
+use rsbroker_client::{
+    AppConfig, Client, ClientConfig, ClientError, LocalBoxFuture, Payload, Responder, Sink,
+    Subscription,
+};
+use rsbroker_core::ServicePolicy;
+use rsbroker_transports::ListenAddr;
+
+/// Tests start brokers and executors; running them one at a time keeps
+/// locked memory and the two cores from being oversubscribed.
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The tests' broker settings: two shards on a loopback port chosen by the
+/// system, small io_memory.
+pub fn test_config() -> BrokerConfig {
+    BrokerConfig {
+        listen: vec![ListenAddr::Tcp(([127, 0, 0, 1], 0).into())],
+        shards: 2,
+        io_memory: 64 << 10,
+        shutdown_grace: Duration::from_secs(1),
+        ..BrokerConfig::default()
+    }
+}
+
+pub fn broker(policies: &[(&str, ServicePolicy)]) -> BrokerHandle {
+    let mut config = test_config();
+    for (svc, p) in policies {
+        config
+            .policies
+            .services
+            .insert((*svc).to_owned(), p.clone());
+    }
+    rsbroker::start(config).expect("broker starts")
+}
+
+/// Runs `f` on a fresh glommio executor and returns its result.
+pub fn run<T: Send + 'static, F: std::future::Future<Output = T> + 'static>(
+    f: impl FnOnce() -> F + Send + 'static,
+) -> T {
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .io_memory(64 << 10)
+        .spawn(f)
+        .expect("executor")
+        .join()
+        .expect("the test's executor panicked")
+}
+
+/// A test responder: echoes request-response, logs fire-and-forget, streams
+/// `data` items, echoes channels.
+#[derive(Clone)]
+pub struct TestService {
+    pub name: String,
+    pub log: mpsc::Sender<String>,
+    /// Answer request-response only after this long (a slow instance).
+    pub delay: Duration,
+}
+
+impl Responder for TestService {
+    fn request_response(&self, request: Payload) -> LocalBoxFuture<Result<Payload, ClientError>> {
+        let name = self.name.clone();
+        let delay = self.delay;
+        Box::pin(async move {
+            if !delay.is_zero() {
+                glommio::timer::sleep(delay).await;
+            }
+            Ok(Payload::data(format!(
+                "{name}:{}",
+                String::from_utf8_lossy(&request.data)
+            )))
+        })
+    }
+
+    fn fire_and_forget(&self, request: Payload) {
+        let _ = self.log.send(format!(
+            "fnf {} {}",
+            self.name,
+            String::from_utf8_lossy(&request.data)
+        ));
+    }
+
+    fn request_stream(&self, request: Payload, sink: Sink) {
+        let n: u32 = String::from_utf8_lossy(&request.data).parse().unwrap_or(3);
+        let log = self.log.clone();
+        glommio::spawn_local(async move {
+            for i in 0..n {
+                if sink.send(Payload::data(i.to_string())).await.is_err() {
+                    let _ = log.send(format!("stream cancelled after {i}"));
+                    return;
+                }
+            }
+            let _ = sink.complete();
+        })
+        .detach();
+    }
+
+    fn request_channel(&self, request: Payload, mut inbound: Subscription, sink: Sink) {
+        glommio::spawn_local(async move {
+            let _ = inbound.request(1000);
+            if sink.send(request).await.is_err() {
+                return;
+            }
+            while let Some(Ok(item)) = inbound.next().await {
+                if sink.send(item).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sink.complete();
+        })
+        .detach();
+    }
+}
+
+/// A responder app on its own executor; stops when the handle is dropped
+/// or when asked to disconnect.
+pub struct App {
+    pub local: SocketAddr,
+    pub log: mpsc::Receiver<String>,
+    stop: mpsc::Sender<bool>,
+    thread: Option<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl App {
+    pub fn start(
+        addr: SocketAddr,
+        uuid: &str,
+        service: &str,
+        power_rating: u32,
+        delay: Duration,
+    ) -> Self {
+        let (log_tx, log) = mpsc::channel();
+        let (stop, stop_rx) = mpsc::channel::<bool>();
+        let (local_tx, local_rx) = mpsc::channel();
+        let uuid = uuid.to_owned();
+        let service = service.to_owned();
+        let thread = LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(64 << 10)
+            .spawn(move || async move {
+                let config = ClientConfig {
+                    app: Some(AppConfig {
+                        name: format!("app-{uuid}"),
+                        uuid: uuid.clone(),
+                        power_rating,
+                    }),
+                    services: vec![(String::new(), service.clone(), String::new())],
+                    ..ClientConfig::default()
+                };
+                let svc = TestService {
+                    name: uuid.clone(),
+                    log: log_tx,
+                    delay,
+                };
+                let client = Client::builder(config)
+                    .responder(&service, svc)
+                    .connect(addr)
+                    .await
+                    .expect("connect");
+                local_tx
+                    .send(client.local_addr().expect("local address"))
+                    .expect("report");
+                loop {
+                    match stop_rx.try_recv() {
+                        Ok(abort) => {
+                            if abort {
+                                client.abort();
+                            } else {
+                                client.close();
+                            }
+                            break;
+                        }
+                        Err(mpsc::TryRecvError::Empty) => {
+                            glommio::timer::sleep(Duration::from_millis(5)).await
+                        }
+                        Err(mpsc::TryRecvError::Disconnected) => break,
+                    }
+                }
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            })
+            .expect("executor");
+        let local = local_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the app connected");
+        Self {
+            local,
+            log,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("app thread");
+        }
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        std::iter::from_fn(|| self.log.recv_timeout(Duration::from_millis(200)).ok()).collect()
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = self.stop.send(false);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Waits until every shard has reported `apps` registered instances.
+pub fn wait_for_instances(broker: &BrokerHandle, apps: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let snap = broker.snapshot();
+        if snap.len() == broker.shards() && snap.iter().all(|s| s.instances == apps) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "instances did not register on every shard: {:?}",
+        broker.snapshot()
+    );
+}
+
+pub fn shard_of(broker: &BrokerHandle, local: SocketAddr) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(s) = broker.shard_of(local) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "connection {local} never showed up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Connects plain requesters until one lands on a shard other than `avoid`,
+/// then runs `f` with it.
+pub fn on_other_shard<T: Send + 'static, F: std::future::Future<Output = T> + 'static>(
+    broker: &BrokerHandle,
+    avoid: u16,
+    f: impl FnOnce(Client) -> F + Send + 'static,
+) -> T {
+    let addr = broker.tcp_addr().expect("tcp");
+    let (local_tx, local_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<usize>();
+    let handle = LocalExecutorBuilder::new(Placement::Unbound)
+        .io_memory(64 << 10)
+        .spawn(move || async move {
+            let mut clients = Vec::new();
+            loop {
+                let c = Client::connect(addr).await.expect("connect");
+                local_tx
+                    .send(c.local_addr().expect("local"))
+                    .expect("report");
+                clients.push(c);
+                let pick = loop {
+                    match go_rx.try_recv() {
+                        Ok(i) => break Some(i),
+                        Err(mpsc::TryRecvError::Empty) => {
+                            glommio::timer::sleep(Duration::from_millis(5)).await
+                        }
+                        Err(mpsc::TryRecvError::Disconnected) => break None,
+                    }
+                };
+                match pick {
+                    Some(usize::MAX) => continue,
+                    Some(i) => {
+                        let chosen = clients.swap_remove(i);
+                        for c in &clients {
+                            c.abort();
+                        }
+                        return f(chosen).await;
+                    }
+                    None => panic!("no requester landed on another shard"),
+                }
+            }
+        })
+        .expect("executor");
+    for attempt in 0..40 {
+        let local = local_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("requester connected");
+        if shard_of(broker, local) != avoid {
+            go_tx.send(attempt).expect("go");
+            return handle.join().expect("requester panicked");
+        }
+        go_tx.send(usize::MAX).expect("next");
+    }
+    panic!("40 requesters all landed on shard {avoid}");
+}
