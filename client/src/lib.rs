@@ -202,15 +202,31 @@ pub(crate) struct Inner {
     handlers: RefCell<FxHashMap<String, Rc<dyn Responder>>>,
     default_handler: RefCell<Option<Rc<dyn Responder>>>,
     driver: RefCell<Option<Waker>>,
-    closed: RefCell<Option<String>>,
+    pub(crate) closed: RefCell<Option<String>>,
     pushes: RefCell<std::collections::VecDeque<Bytes>>,
     push_waker: RefCell<Option<Waker>>,
+    /// Senders waiting for the unsent bytes to drain below the low-water mark.
+    pub(crate) send_waiters: RefCell<Vec<Waker>>,
+    /// Bytes accepted but not yet written to the socket, as of the driver's last pass.
+    unsent: Cell<usize>,
     closed_waker: RefCell<Option<Waker>>,
     setup_done: Cell<bool>,
     local: Cell<Option<SocketAddr>>,
 }
 
+/// Unsent bytes above which [`Sink::send`] waits for the socket to drain.
+pub(crate) const MAX_UNSENT: usize = 1 << 20;
+/// Bytes the transport holds before the driver stops taking frames.
+const WRITE_HIGH: usize = 256 << 10;
+/// Flushes per driver pass before it yields.
+const WRITES_PER_TURN: usize = 4;
+
 impl Inner {
+    /// Bytes accepted for sending that the socket has not taken yet.
+    pub(crate) fn unsent(&self) -> usize {
+        self.unsent.get() + self.conn.borrow().pending_bytes()
+    }
+
     pub(crate) fn wake_driver(&self) {
         if let Some(w) = self.driver.borrow().as_ref() {
             w.wake_by_ref();
@@ -298,6 +314,8 @@ impl ClientBuilder {
             closed: RefCell::new(None),
             pushes: RefCell::new(std::collections::VecDeque::new()),
             push_waker: RefCell::new(None),
+            send_waiters: RefCell::new(Vec::new()),
+            unsent: Cell::new(0),
             closed_waker: RefCell::new(None),
             setup_done: Cell::new(false),
             local: Cell::new(None),
@@ -722,22 +740,44 @@ async fn drive(inner: Rc<Inner>, mut io: impl FrameIo) {
             inner.on_event(event);
         }
         inner.collect_slots();
-        // Write.
-        loop {
-            let frame = inner.conn.borrow_mut().poll_transmit();
-            let Some(frame) = frame else { break };
-            if io.queue(&frame).is_err() {
-                done = true;
+        // Write: take frames while the transport has room and flush; when a
+        // flush empties the transport and more is waiting, go again.
+        let mut rounds = 0;
+        let flushed = loop {
+            loop {
+                if io.queued_bytes() >= WRITE_HIGH {
+                    break;
+                }
+                let frame = inner.conn.borrow_mut().poll_transmit();
+                let Some(frame) = frame else { break };
+                if io.queue(&frame).is_err() {
+                    done = true;
+                }
+            }
+            match io.poll_flush(cx) {
+                Poll::Ready(Ok(())) => {
+                    if inner.conn.borrow().pending_bytes() == 0 {
+                        break true;
+                    }
+                    rounds += 1;
+                    if rounds == WRITES_PER_TURN {
+                        cx.waker().wake_by_ref();
+                        break false;
+                    }
+                }
+                Poll::Ready(Err(_)) => {
+                    done = true;
+                    break true;
+                }
+                Poll::Pending => break false,
+            }
+        };
+        inner.unsent.set(io.queued_bytes());
+        if inner.unsent() <= MAX_UNSENT / 2 {
+            for w in inner.send_waiters.borrow_mut().drain(..) {
+                w.wake();
             }
         }
-        let flushed = match io.poll_flush(cx) {
-            Poll::Ready(Ok(())) => true,
-            Poll::Ready(Err(_)) => {
-                done = true;
-                true
-            }
-            Poll::Pending => false,
-        };
         if !inner.setup_done.get() {
             inner.setup_done.set(true);
         }
@@ -753,6 +793,9 @@ async fn drive(inner: Rc<Inner>, mut io: impl FrameIo) {
                 *inner.closed.borrow_mut() = Some("the connection closed".into());
             }
             let _ = io.poll_close(cx);
+            for w in inner.send_waiters.borrow_mut().drain(..) {
+                w.wake();
+            }
             inner.on_event(Event::Closed(rsocket_proto::ConnectionError::local(
                 ErrorCode::CONNECTION_CLOSE,
                 "closed",

@@ -128,9 +128,19 @@ impl Sink {
         }
     }
 
-    /// Sends one item once the other side has granted credit for it.
+    /// Sends one item once the other side has granted credit for it and
+    /// the connection has room (at most about 1 MiB waits unsent; beyond
+    /// that, `send` waits for the socket to drain).
     pub async fn send(&self, item: Payload) -> Result<(), ClientError> {
         poll_fn(|cx| {
+            if self.inner.unsent() > crate::MAX_UNSENT && self.inner.closed.borrow().is_none() {
+                self.inner
+                    .send_waiters
+                    .borrow_mut()
+                    .push(cx.waker().clone());
+                self.inner.wake_driver();
+                return Poll::Pending;
+            }
             let result = self.inner.conn.borrow_mut().send_payload(
                 self.id,
                 item.metadata.clone(),
