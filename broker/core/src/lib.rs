@@ -27,4 +27,4 @@ pub use balance::{Balancer, Failover, Policies, ServicePolicy};
 pub use ids::{ConnId, ShardId, StreamRef};
 pub use message::{Message, Signal};
 pub use service::ServiceKey;
-pub use shard::{Shard, ShardConfig, ShardStats};
+pub use shard::{Destination, Shard, ShardConfig, ShardStats};

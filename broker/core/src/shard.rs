@@ -83,6 +83,25 @@ pub struct ShardStats {
     pub pauses: u64,
 }
 
+/// Where a request goes, as [`Shard::destination`] decides.
+#[derive(Debug)]
+pub enum Destination {
+    /// The broker answers it itself (the health check).
+    Broker,
+    /// Instances of a service.
+    Instances {
+        /// The service.
+        service: ServiceKey,
+        /// The chosen instances with the connection to use for each: one,
+        /// or every routable instance for a broadcast.
+        targets: Vec<(Arc<str>, ConnId)>,
+        /// The requester asked to stay on the instance it gets.
+        sticky: bool,
+        /// What to do when the instance goes away before answering.
+        failover: Failover,
+    },
+}
+
 /// Where a requester's stream goes.
 #[derive(Debug)]
 struct Upstream {
@@ -707,37 +726,97 @@ impl Shard {
         self.route(slot, stream, interaction, p.frames, &metadata, ended);
     }
 
-    /// Resolves the service of a request's metadata.
-    fn resolve<'m>(&self, metadata: &'m [u8]) -> Result<(ServiceKey, Option<Route<'m>>), String> {
+    /// Where a request with `metadata` from `requester` goes now: reads its
+    /// route, finds the service and picks the instance (every instance for a
+    /// broadcast). Sends nothing. The error says what is missing, naming the
+    /// service.
+    pub fn destination(
+        &mut self,
+        requester: ConnId,
+        interaction: Interaction,
+        metadata: &[u8],
+    ) -> Result<Destination, String> {
         let found = RequestMetadata::scan(metadata)
             .map_err(|e| format!("request metadata is malformed: {e}"))?;
-        if let Some(tags) = found.routing {
+        let (service, route) = if let Some(tags) = found.routing {
             let route = Route::from_tags(tags)
                 .map_err(|e| format!("routing metadata is malformed: {e}"))?;
+            if route.service == HEALTH_SERVICE.as_bytes() {
+                return Ok(Destination::Broker);
+            }
             let group = route.group.unwrap_or_default();
             let version = route.version.unwrap_or_default();
             // The whole key first (a service named with dots and no method),
             // then the key without its method.
-            for name in [route.key, route.service] {
-                if let Some((key, _)) = with_key(group, name, version, |k| self.routes.service(k)) {
-                    return Ok((key.clone(), Some(route)));
-                }
+            let key = [route.key, route.service].into_iter().find_map(|name| {
+                with_key(group, name, version, |k| {
+                    self.routes.service(k).map(|(key, _)| key.clone())
+                })
+            });
+            match key {
+                Some(key) => (key, Some(route)),
+                None => return Err(format!("no live instance of service {route}")),
             }
-            return Err(format!("no live instance of service {route}"));
-        }
-        if let Some(bin) = found.binary_routing {
+        } else if let Some(bin) = found.binary_routing {
             let bin = BinaryRouting::parse(bin)
                 .map_err(|e| format!("binary routing metadata is malformed: {e}"))?;
-            return match self.routes.service_by_binary_id(bin.service_id) {
-                Some(key) => Ok((key.clone(), None)),
-                None => Err(format!(
-                    "no live instance of service {} (binary id {:#010x})",
-                    String::from_utf8_lossy(bin.routing_text),
-                    bin.service_id
-                )),
-            };
+            match self.routes.service_by_binary_id(bin.service_id) {
+                Some(key) => (key.clone(), None),
+                None => {
+                    return Err(format!(
+                        "no live instance of service {} (binary id {:#010x})",
+                        String::from_utf8_lossy(bin.routing_text),
+                        bin.service_id
+                    ));
+                }
+            }
+        } else {
+            return Err("the request has no routing metadata".into());
+        };
+
+        let policy = self
+            .config
+            .policies
+            .for_service(&service, Self::service_name(&service))
+            .clone();
+        let endpoint = route.and_then(|r| r.endpoint);
+        let sticky = route.is_some_and(|r| r.sticky);
+        let broadcast =
+            route.is_some_and(|r| r.broadcast) && interaction == Interaction::FireAndForget;
+        let hash_key = match &policy.balancer {
+            crate::balance::Balancer::ConsistentHash { tag } => route.and_then(|r| r.tag(tag)),
+            _ => None,
+        };
+        let targets: Vec<(Arc<str>, ConnId)> = if broadcast {
+            self.all_targets(&service)
+        } else {
+            self.pick(
+                &service,
+                &policy.balancer,
+                requester,
+                endpoint,
+                sticky,
+                hash_key,
+                &[],
+            )
+            .into_iter()
+            .collect()
+        };
+        if targets.is_empty() {
+            return Err(match endpoint {
+                Some(e) => format!(
+                    "instance {} does not serve {service}",
+                    String::from_utf8_lossy(e)
+                ),
+                None => format!("no live instance of service {service}"),
+            });
         }
-        Err("the request has no routing metadata".into())
+        Ok(Destination::Instances {
+            service,
+            targets,
+            sticky,
+            failover: policy.failover,
+        })
     }
 
     /// The route's service name alone, for the health check and policies.
@@ -763,68 +842,34 @@ impl Shard {
             Some(c) => c.id,
             None => return,
         };
-        // The broker answers the health check itself.
-        if let Ok(found) = RequestMetadata::scan(metadata)
-            && let Some(tags) = found.routing
-            && let Ok(route) = Route::from_tags(tags)
-            && route.service == HEALTH_SERVICE.as_bytes()
-        {
-            if let Some(c) = self.conns.get_mut(slot)
-                && interaction == Interaction::RequestResponse
-            {
-                let _ = c
-                    .proto
-                    .send_payload(stream, None, Bytes::from_static(b"1"), true, true);
-            }
-            return;
-        }
-        let (service, route) = match self.resolve(metadata) {
-            Ok(found) => found,
-            Err(message) => {
-                tracing::debug!(conn = %requester, stream, %message, "request refused");
-                return self.refuse(slot, stream, ErrorCode::REJECTED, message);
-            }
-        };
-        let policy = self
-            .config
-            .policies
-            .for_service(&service, Self::service_name(&service))
-            .clone();
-        let endpoint = route.and_then(|r| r.endpoint).map(<[u8]>::to_vec);
-        let sticky = route.is_some_and(|r| r.sticky);
-        let broadcast =
-            route.is_some_and(|r| r.broadcast) && interaction == Interaction::FireAndForget;
-        let hash_key = match &policy.balancer {
-            crate::balance::Balancer::ConsistentHash { tag } => {
-                route.and_then(|r| r.tag(tag)).map(<[u8]>::to_vec)
-            }
-            _ => None,
-        };
-
-        let targets: Vec<(Arc<str>, ConnId)> = if broadcast {
-            self.all_targets(&service)
-        } else {
-            let pick = self.pick(
-                &service,
-                &policy.balancer,
-                requester,
-                endpoint.as_deref(),
-                sticky,
-                hash_key.as_deref(),
-                &[],
-            );
-            pick.into_iter().collect()
-        };
-        if targets.is_empty() {
-            let message = match &endpoint {
-                Some(e) => format!(
-                    "instance {} does not serve {service}",
-                    String::from_utf8_lossy(e)
-                ),
-                None => format!("no live instance of service {service}"),
+        let (service, targets, sticky, failover) =
+            match self.destination(requester, interaction, metadata) {
+                Ok(Destination::Instances {
+                    service,
+                    targets,
+                    sticky,
+                    failover,
+                }) => (service, targets, sticky, failover),
+                Ok(Destination::Broker) => {
+                    // The health check: the broker is up, so it answers "1".
+                    if let Some(c) = self.conns.get_mut(slot)
+                        && interaction == Interaction::RequestResponse
+                    {
+                        let _ = c.proto.send_payload(
+                            stream,
+                            None,
+                            Bytes::from_static(b"1"),
+                            true,
+                            true,
+                        );
+                    }
+                    return;
+                }
+                Err(message) => {
+                    tracing::debug!(conn = %requester, stream, %message, "request refused");
+                    return self.refuse(slot, stream, ErrorCode::REJECTED, message);
+                }
             };
-            return self.refuse(slot, stream, ErrorCode::REJECTED, message);
-        }
         self.stats.requests_routed += 1;
         let origin = StreamRef {
             conn: requester,
@@ -856,7 +901,7 @@ impl Shard {
         if ended {
             return;
         }
-        let retry = match policy.failover {
+        let retry = match failover {
             Failover::Retry { attempts }
                 if interaction == Interaction::RequestResponse
                     && frames.len() == 1
