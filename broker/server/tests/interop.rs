@@ -1,0 +1,307 @@
+//! Interop: RSocket clients that others wrote talk to each other through
+//! rsbroker on two shards.
+//!
+//! - rsocket-py (PyPI `rsocket`): a responder registers `com.example.Echo`
+//!   with alibaba-style SETUP metadata and announces one more service over
+//!   METADATA_PUSH; a requester calls it in all four interaction models.
+//!   The scripts live in `tests/interop/rsocket_py/`.
+//! - rsocket_rust: a requester doing request-response against an
+//!   rsbroker-client responder on the other shard.
+//!
+//! Python comes from `RSBROKER_INTEROP_PYTHON` when set (CI points it at the
+//! venv it built); otherwise this test builds a venv under cargo's target
+//! directory from `tests/interop/requirements.txt` (needs `python3 -m venv`
+//! and PyPI once).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn interop_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop")
+}
+
+/// The Python interpreter with rsocket-py installed.
+fn python() -> PathBuf {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PYTHON
+        .get_or_init(prepare_python)
+        .clone()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn prepare_python() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("RSBROKER_INTEROP_PYTHON") {
+        return Ok(p.into());
+    }
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("interop-venv");
+    let python = venv.join("bin/python");
+    let requirements = interop_dir().join("requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements)
+        .map_err(|e| format!("cannot read {}: {e}", requirements.display()))?;
+    let stamp = venv.join("requirements.installed");
+    if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&*wanted) {
+        return Ok(python);
+    }
+    let status = |what: &str, cmd: &mut Command| -> Result<(), String> {
+        match cmd.status() {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(format!("{what} failed ({s})")),
+            Err(e) => Err(format!("{what} could not start: {e}")),
+        }
+    };
+    status(
+        "python3 -m venv (install python3 and python3-venv, or set RSBROKER_INTEROP_PYTHON)",
+        Command::new("python3").arg("-m").arg("venv").arg(&venv),
+    )?;
+    status(
+        "pip install -r tests/interop/requirements.txt",
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(&requirements),
+    )?;
+    std::fs::write(&stamp, wanted).map_err(|e| format!("cannot write {}: {e}", stamp.display()))?;
+    Ok(python)
+}
+
+/// A child process whose stdout lines arrive on a channel; killed on drop
+/// so a failing test leaves nothing behind.
+struct Script {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Script {
+    fn start(script: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(python())
+            .arg(interop_dir().join("rsocket_py").join(script))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {script}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            name: script.to_owned(),
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line equal to `want`; panics with everything printed so
+    /// far if it does not come in time or the script exits.
+    fn expect_line(&mut self, want: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let done = line == want;
+                    self.seen.push(line);
+                    if done {
+                        return;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "{} did not print {want:?}; it printed {:?} (exit: {:?})",
+            self.name,
+            self.seen,
+            self.child.try_wait()
+        );
+    }
+
+    /// Waits for the script to exit by itself and returns whether it
+    /// succeeded, with every line it printed.
+    fn finish(mut self, within: Duration) -> (bool, Vec<String>) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} still running after {within:?}; it printed {:?}",
+                self.name,
+                self.seen
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The reader thread ends at EOF; take what it collected.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(line);
+        }
+        (status.success(), std::mem::take(&mut self.seen))
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        let _ = self.stdin.take().map(|mut s| s.flush());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn rsocket_py_responder_and_requester_all_models() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Build the venv before starting anything that has timeouts.
+    let _ = python();
+    let broker = broker(&[]);
+    let addr = broker.tcp_addr().unwrap();
+    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+
+    let mut responder = Script::start("responder.py", &[&host, &port, "py-echo-1"]);
+    responder.expect_line("READY", Duration::from_secs(60));
+    wait_for_instances(&broker, 1);
+    let registered: Vec<_> = broker
+        .snapshot()
+        .into_iter()
+        .flat_map(|s| s.connections)
+        .filter_map(|c| c.app)
+        .collect();
+    assert_eq!(
+        registered,
+        [("py-echo".to_owned(), "py-echo-1".to_owned())],
+        "the rsocket-py app registered with its name and uuid"
+    );
+
+    let requester = Script::start("requester.py", &[&host, &port]);
+    let (ok, lines) = requester.finish(Duration::from_secs(60));
+    assert!(ok, "requester.py failed: {lines:?}");
+    for check in [
+        "OK request-response",
+        "OK fragmented request-response",
+        "OK fire-and-forget sent",
+        "OK request-stream",
+        "OK request-channel",
+        "OK service exposed by METADATA_PUSH",
+        "OK no instance rejected",
+        "OK metadata push from a requester",
+    ] {
+        assert!(
+            lines.iter().any(|l| l == check),
+            "missing {check:?} in {lines:?}"
+        );
+    }
+    // Fire-and-forget has no answer: the responder says it arrived.
+    responder.expect_line("FNF note-1", Duration::from_secs(10));
+    let (ok, lines) = responder.finish(Duration::from_secs(20));
+    assert!(ok, "responder.py failed: {lines:?}");
+}
+
+#[test]
+fn rsocket_rust_requester_request_response() {
+    use rsocket_rust::Client as RustClient;
+    use rsocket_rust::extension::{CompositeMetadata, MimeType, RoutingMetadata};
+    use rsocket_rust::prelude::{Payload as RustPayload, RSocket, RSocketFactory};
+    use rsocket_rust::utils::Writeable;
+    use rsocket_rust_transport_tcp::TcpClientTransport;
+
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let broker = broker(&[]);
+    let addr = broker.tcp_addr().unwrap();
+    let app = App::start(addr, "rs-echo-1", "com.example.Echo", 1, Duration::ZERO);
+    wait_for_instances(&broker, 1);
+    let responder_shard = shard_of(&broker, app.local);
+
+    let request = |route: &str, data: String| {
+        let routing = RoutingMetadata::builder().push_str(route).build();
+        let metadata = CompositeMetadata::builder()
+            .push(MimeType::MESSAGE_X_RSOCKET_ROUTING_V0, routing.bytes())
+            .build();
+        RustPayload::builder()
+            .set_metadata(metadata.bytes())
+            .set_data(data.into_bytes())
+            .build()
+    };
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        // Connect until the connection lands on the responder's other shard.
+        let mut stream = None;
+        for _ in 0..40 {
+            let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            if shard_of(&broker, s.local_addr().unwrap()) != responder_shard {
+                stream = Some(s);
+                break;
+            }
+        }
+        let stream = stream.expect("a connection on the other shard");
+        let client: RustClient = RSocketFactory::connect()
+            .transport(TcpClientTransport::from(stream))
+            .metadata_mime_type("message/x.rsocket.composite-metadata.v0")
+            .start()
+            .await
+            .expect("rsocket_rust connects to rsbroker");
+
+        // One at a time, then many in flight on the one connection.
+        for i in 0..50 {
+            let answer = client
+                .request_response(request("com.example.Echo.hello", format!("seq-{i}")))
+                .await
+                .expect("answered")
+                .expect("with a payload");
+            assert_eq!(answer.data_utf8(), Some(&*format!("rs-echo-1:seq-{i}")));
+        }
+        let mut in_flight = tokio::task::JoinSet::new();
+        for i in 0..64 {
+            let client = client.clone();
+            let req = request("com.example.Echo.hello", format!("par-{i}"));
+            in_flight.spawn(async move { (i, client.request_response(req).await) });
+        }
+        let mut answered = 0;
+        while let Some(joined) = in_flight.join_next().await {
+            let (i, result) = joined.expect("task");
+            let answer = result.expect("answered").expect("with a payload");
+            assert_eq!(answer.data_utf8(), Some(&*format!("rs-echo-1:par-{i}")));
+            answered += 1;
+        }
+        assert_eq!(answered, 64);
+
+        let missing = client
+            .request_response(request("com.example.Missing.call", "x".to_owned()))
+            .await;
+        let err = missing.expect_err("no instance of com.example.Missing");
+        let text = err.to_string();
+        assert!(
+            text.contains("REJECTED") && text.contains("com.example.Missing"),
+            "{text}"
+        );
+    });
+    drop(app);
+}
