@@ -6,7 +6,10 @@
 //! Reports, for batches of 1, 16 and 64 messages, how many messages per
 //! second go from one core to the other, with and without the executors
 //! spinning before they park; and the round trip of one message there and
-//! back (what an idle shard pays to wake its peer).
+//! back (what an idle shard pays to wake its peer). The peer, in the same
+//! run: a crossbeam bounded channel of the same batches between two threads
+//! pinned to the same CPUs (blocking receive, so it parks like an idle
+//! executor does).
 //!
 //! `cargo bench -p rsbroker-benches --bench mesh` (add `-- --test` for a
 //! quick run that only checks it works).
@@ -147,30 +150,110 @@ fn ping_pong(rounds: usize, spin: Duration, frame: &FrameView) -> (Duration, Dur
     pinger.join().expect("pinger")
 }
 
+fn pin(cpu: usize) {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+        core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
+    }
+}
+
+/// [`throughput`] over a crossbeam bounded channel between pinned threads.
+fn crossbeam_throughput(total: usize, batch: usize, frame: &FrameView) -> f64 {
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<Message>>(CAPACITY);
+    let frame = frame.clone();
+    let sender = std::thread::spawn(move || {
+        pin(0);
+        let mut sent = 0;
+        while sent < total {
+            let n = batch.min(total - sent);
+            let msgs: Vec<Message> = (0..n).map(|_| message(&frame)).collect();
+            tx.send(msgs).expect("send");
+            sent += n;
+        }
+    });
+    let receiver = std::thread::spawn(move || {
+        pin(1);
+        let mut got = 0;
+        let mut start = None;
+        while got < total {
+            let batch = rx.recv().expect("recv");
+            start.get_or_insert_with(Instant::now);
+            got += batch.len();
+        }
+        start.map_or(Duration::ZERO, |s| s.elapsed())
+    });
+    sender.join().expect("sender");
+    let elapsed = receiver.join().expect("receiver");
+    (total - batch.min(total)) as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
+/// [`ping_pong`] over two crossbeam channels between pinned threads.
+fn crossbeam_ping_pong(rounds: usize, frame: &FrameView) -> (Duration, Duration) {
+    let (to_tx, to_rx) = crossbeam_channel::bounded::<Vec<Message>>(CAPACITY);
+    let (back_tx, back_rx) = crossbeam_channel::bounded::<Vec<Message>>(CAPACITY);
+    let ponger = std::thread::spawn(move || {
+        pin(1);
+        for _ in 0..rounds {
+            let batch = to_rx.recv().expect("recv");
+            back_tx.send(batch).expect("send");
+        }
+    });
+    let frame = frame.clone();
+    let pinger = std::thread::spawn(move || {
+        pin(0);
+        let mut times = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let t = Instant::now();
+            to_tx.send(vec![message(&frame)]).expect("send");
+            back_rx.recv().expect("recv");
+            times.push(t.elapsed());
+        }
+        times
+    });
+    let mut times = pinger.join().expect("pinger");
+    ponger.join().expect("ponger");
+    times.sort();
+    (times[times.len() / 2], times[times.len() * 99 / 100])
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--test");
     let frame = FrameView::parse(payload_frame(64)).expect("a 64-byte frame");
     let scale = if quick { 1000 } else { 1 };
     println!("cross-shard queue: CPU 0 -> CPU 1, Vec<Message> batches, capacity {CAPACITY}");
-    for spin in [Duration::ZERO, Duration::from_micros(100)] {
-        for batch in [1usize, 16, 64] {
-            let total = if batch == 1 { 200_000 } else { 2_000_000 } / scale;
-            // Best of three: the other runs lost time to something else on the machine.
-            let rate = (0..3)
-                .map(|_| throughput(total, batch, spin, &frame))
-                .fold(0.0, f64::max);
-            println!(
-                "  spin {:>3} us  batch {batch:>2}: {:>7.2} M messages/s",
-                spin.as_micros(),
-                rate / 1e6
-            );
-        }
-        let (p50, p99) = ping_pong(20_000 / scale, spin, &frame);
+    // Best of three everywhere: the other runs lost time to something else
+    // on the machine.
+    let best = |f: &dyn Fn() -> f64| (0..3).map(|_| f()).fold(0.0, f64::max);
+    for batch in [1usize, 16, 64] {
+        let total = if batch == 1 { 200_000 } else { 2_000_000 } / scale;
+        let mesh = best(&|| throughput(total, batch, Duration::ZERO, &frame));
+        let spun = best(&|| throughput(total, batch, Duration::from_micros(100), &frame));
+        let peer = best(&|| crossbeam_throughput(total, batch, &frame));
         println!(
-            "  spin {:>3} us  round trip of one message: p50 {:.1} us, p99 {:.1} us",
-            spin.as_micros(),
-            p50.as_secs_f64() * 1e6,
-            p99.as_secs_f64() * 1e6
+            "  batch {batch:>2}: glommio mesh {:>6.2} M/s (spinning 100 us before park: {:>6.2} M/s), crossbeam {:>6.2} M/s; mesh/crossbeam {:.2}",
+            mesh / 1e6,
+            spun / 1e6,
+            peer / 1e6,
+            mesh / peer
         );
     }
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let (m50, m99) = ping_pong(20_000 / scale, Duration::ZERO, &frame);
+    let (s50, s99) = ping_pong(20_000 / scale, Duration::from_micros(100), &frame);
+    let (c50, c99) = crossbeam_ping_pong(20_000 / scale, &frame);
+    println!("  round trip of one message, p50 / p99:");
+    println!(
+        "    glommio mesh                  {:>6.1} / {:>6.1} us",
+        us(m50),
+        us(m99)
+    );
+    println!(
+        "    glommio mesh, spinning 100 us {:>6.1} / {:>6.1} us",
+        us(s50),
+        us(s99)
+    );
+    println!(
+        "    crossbeam                     {:>6.1} / {:>6.1} us",
+        us(c50),
+        us(c99)
+    );
 }
