@@ -27,4 +27,6 @@ pub use balance::{Balancer, Failover, Policies, ServicePolicy};
 pub use ids::{ConnId, ShardId, StreamRef};
 pub use message::{Message, Signal};
 pub use service::ServiceKey;
-pub use shard::{Destination, Shard, ShardConfig, ShardStats};
+pub use shard::{
+    Destination, INTERACTIONS, ServiceCounters, Shard, ShardConfig, ShardStats, interaction_index,
+};

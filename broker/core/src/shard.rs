@@ -83,6 +83,41 @@ pub struct ShardStats {
     pub pauses: u64,
 }
 
+/// Requests and errors of one service on one shard, by interaction model
+/// (indexed as [`interaction_index`] says).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
+    /// Requests routed to an instance.
+    pub requests: [u64; 4],
+    /// Requests that ended with an ERROR from the instance, or because the
+    /// instance went away.
+    pub errors: [u64; 4],
+}
+
+/// Names of the interaction models, in [`interaction_index`] order.
+pub const INTERACTIONS: [&str; 4] = [
+    "request_response",
+    "fire_and_forget",
+    "request_stream",
+    "request_channel",
+];
+
+/// The index of an interaction model in [`ServiceCounters`] and [`INTERACTIONS`].
+pub fn interaction_index(interaction: Interaction) -> usize {
+    match interaction {
+        Interaction::RequestResponse => 0,
+        Interaction::FireAndForget => 1,
+        Interaction::Stream => 2,
+        Interaction::Channel => 3,
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Count {
+    Request,
+    Error,
+}
+
 /// Where a request goes, as [`Shard::destination`] decides.
 #[derive(Debug)]
 pub enum Destination {
@@ -108,6 +143,7 @@ struct Upstream {
     /// Responder connections (more than one for a broadcast).
     targets: Vec<ConnId>,
     service: ServiceKey,
+    interaction: Interaction,
     /// Instances tried so far (for failover).
     tried: Vec<Arc<str>>,
     /// The request, kept while a retry may still need it.
@@ -151,6 +187,8 @@ struct Conn {
     woken: bool,
     /// Routing and stream cleanup done (the connection is closed).
     released: bool,
+    /// Why the protocol ended, when it ended with an ERROR either way.
+    close_reason: Option<String>,
 }
 
 /// One shard's broker logic.
@@ -173,6 +211,7 @@ pub struct Shard {
     /// Per shard: how many full local connections stop reading its messages.
     mesh_paused: Vec<u32>,
     stats: ShardStats,
+    service_stats: FxHashMap<ServiceKey, ServiceCounters>,
     now: Instant,
 }
 
@@ -195,6 +234,7 @@ impl Shard {
             wakeups: Vec::new(),
             mesh_paused: vec![0; usize::from(shards)],
             stats: ShardStats::default(),
+            service_stats: FxHashMap::default(),
             now,
             config,
         }
@@ -213,6 +253,51 @@ impl Shard {
     /// Counters.
     pub fn stats(&self) -> ShardStats {
         self.stats
+    }
+
+    /// Requests and errors per service, counted on this shard (the
+    /// requester's) since it started.
+    pub fn service_counters(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceCounters)> {
+        self.service_stats.iter()
+    }
+
+    fn count(&mut self, service: &ServiceKey, interaction: Interaction, what: Count) {
+        let i = interaction_index(interaction);
+        let counters = match self.service_stats.get_mut(service) {
+            Some(c) => c,
+            None => self.service_stats.entry(service.clone()).or_default(),
+        };
+        match what {
+            Count::Request => counters.requests[i] += 1,
+            Count::Error => counters.errors[i] += 1,
+        }
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &ShardConfig {
+        &self.config
+    }
+
+    /// Replaces the settings (the shard's index, count and seed stay):
+    /// policies and limits apply at once, the connection settings to
+    /// connections opened from now on, except the stream limit, which
+    /// applies to every connection.
+    pub fn set_config(&mut self, config: ShardConfig) {
+        let max_streams = config.connection.max_inbound_streams;
+        self.config = ShardConfig {
+            shard: self.config.shard,
+            shards: self.config.shards,
+            seed: self.config.seed,
+            ..config
+        };
+        for (_, c) in self.conns.iter_mut() {
+            c.proto.set_max_inbound_streams(max_streams);
+        }
+    }
+
+    /// Streams open on all of this shard's connections.
+    pub fn open_streams(&self) -> usize {
+        self.conns.iter().map(|(_, c)| c.proto.stream_count()).sum()
     }
 
     /// Replaces the service policies (balancers, failover).
@@ -263,6 +348,7 @@ impl Shard {
             feeders: Vec::new(),
             woken: false,
             released: false,
+            close_reason: None,
         });
         self.stats.connections_opened += 1;
         id
@@ -300,12 +386,21 @@ impl Shard {
     }
 
     /// The transport of `id` is gone (or finished closing): everything about
-    /// the connection is dropped.
-    pub fn close(&mut self, now: Instant, id: ConnId) {
+    /// the connection is dropped. `transport` says what the transport saw
+    /// (the peer closed it, a read failed, ...); the log line names the
+    /// protocol's reason instead when the connection ended with an ERROR.
+    pub fn close(&mut self, now: Instant, id: ConnId, transport: &str) {
         self.now = now;
         let slot = id.slot as usize;
-        if self.conn(id).is_none() {
+        let Some(c) = self.conn(id) else {
             return;
+        };
+        let reason = c.close_reason.as_deref().unwrap_or(transport);
+        match (&c.app_name, &c.instance) {
+            (Some(app), Some(instance)) => {
+                tracing::info!(conn = %id, %app, %instance, %reason, "connection closed");
+            }
+            _ => tracing::info!(conn = %id, %reason, "connection closed"),
         }
         self.release(slot, "its connection closed");
         self.conns.remove(slot);
@@ -581,14 +676,30 @@ impl Shard {
                 );
             }
             Event::MetadataPush(metadata) => self.on_metadata_push(slot, &metadata),
-            Event::Closed(_) => self.release(slot, "its connection closed"),
+            Event::Closed(e) => {
+                self.note_close_reason(slot, &e);
+                self.release(slot, "its connection closed");
+            }
+            Event::Closing(e) => self.note_close_reason(slot, &e),
             Event::ResumeRequested(_) => {
                 if let Some(c) = self.conns.get_mut(slot) {
                     c.proto
                         .reject_resume("resume is not supported by this broker");
                 }
             }
-            Event::Resumed | Event::Lease(_) | Event::Closing(_) => {}
+            Event::Resumed | Event::Lease(_) => {}
+        }
+    }
+
+    fn note_close_reason(&mut self, slot: usize, e: &rsocket_proto::ConnectionError) {
+        if let Some(c) = self.conns.get_mut(slot)
+            && c.close_reason.is_none()
+        {
+            let by = match e.initiator {
+                rsocket_proto::Initiator::Local => "sent",
+                rsocket_proto::Initiator::Remote => "received",
+            };
+            c.close_reason = Some(format!("{by} ERROR {}: {}", e.code, e.message));
         }
     }
 
@@ -610,11 +721,14 @@ impl Shard {
                 return;
             }
         };
-        let Some(app) = info.app else { return };
+        let Some(app) = info.app else {
+            tracing::info!(conn = %c.id, "connection set up (a requester: no app metadata)");
+            return;
+        };
         c.app_name = Some(app.name.clone());
         c.instance = Some(app.uuid.clone());
         let conn = c.id;
-        tracing::info!(conn = %conn, app = %app.name, instance = %app.uuid, services = info.services.len(), "app connected");
+        tracing::info!(conn = %conn, app = %app.name, instance = %app.uuid, services = info.services.len(), "connection set up");
         self.broadcast(RouteChange::Join {
             conn,
             app: Arc::new(app),
@@ -871,6 +985,7 @@ impl Shard {
                 }
             };
         self.stats.requests_routed += 1;
+        self.count(&service, interaction, Count::Request);
         let origin = StreamRef {
             conn: requester,
             stream,
@@ -922,6 +1037,7 @@ impl Shard {
                 Upstream {
                     targets,
                     service,
+                    interaction,
                     tried,
                     retry,
                 },
@@ -1199,13 +1315,16 @@ impl Shard {
             }
             Message::ToRequester { to, signal } => {
                 let slot = to.conn.slot as usize;
-                let Some(responder) = self
-                    .conn(to.conn)
-                    .and_then(|c| c.upstream.get(&to.stream))
-                    .and_then(|u| u.targets.first().copied())
-                else {
+                let Some(up) = self.conn(to.conn).and_then(|c| c.upstream.get(&to.stream)) else {
                     return;
                 };
+                let Some(responder) = up.targets.first().copied() else {
+                    return;
+                };
+                if let Signal::Error { .. } = signal {
+                    let (service, interaction) = (up.service.clone(), up.interaction);
+                    self.count(&service, interaction, Count::Error);
+                }
                 let feeder = self.feeder_of(
                     from,
                     Some(responder.slot).filter(|_| responder.shard == self.id),
@@ -1306,6 +1425,7 @@ impl Shard {
                         Upstream {
                             targets: vec![target],
                             service: up.service,
+                            interaction: up.interaction,
                             tried,
                             retry: Some((frame, attempts - 1)),
                         },
@@ -1321,6 +1441,7 @@ impl Shard {
             let message = format!("{reason} (service {})", up.service);
             let _ = c.proto.send_error(to.stream, code, Bytes::from(message));
         }
+        self.count(&up.service, up.interaction, Count::Error);
         self.wake(slot);
     }
 
@@ -1341,7 +1462,7 @@ impl Shard {
         c.by_origin.clear();
         c.pending.clear();
         let feeders = std::mem::take(&mut c.feeders);
-        let instance = c.instance.take();
+        let instance = c.instance.clone();
         let name = c.app_name.clone().unwrap_or_else(|| "requester".to_owned());
         // Whoever paused it keeps a feeder entry; releasing one that is gone is harmless.
         c.paused = 0;
@@ -1376,8 +1497,7 @@ impl Shard {
             );
         }
         self.release_feeders(slot, feeders);
-        if let Some(instance) = instance {
-            tracing::info!(conn = %me, app = %name, %instance, "app disconnected");
+        if instance.is_some() {
             self.broadcast(RouteChange::Leave { conn: me });
         }
         self.wake(slot);

@@ -378,7 +378,7 @@ impl Sim {
         let a = &mut self.apps[app];
         a.alive = false;
         let broker = a.broker;
-        self.shards[usize::from(broker.shard)].close(self.now, broker);
+        self.shards[usize::from(broker.shard)].close(self.now, broker, "the test closed it");
         self.collect_outboxes(usize::from(broker.shard));
     }
 

@@ -66,6 +66,10 @@ pub struct Config {
     pub max_lifetime: Duration,
     /// Server: how long a new connection may take to send SETUP or RESUME.
     pub setup_timeout: Duration,
+    /// Server: the max lifetime a client asks for in SETUP is clamped to
+    /// `peer_lifetime.0 ..= peer_lifetime.1` (a client asking for hours of
+    /// silence cannot pin a dead connection that long).
+    pub peer_lifetime: (Duration, Duration),
     /// Client: ask for LEASE semantics (the L flag).
     pub lease: bool,
     /// Client: the resume token to offer in SETUP (resume needs `resume_buffer` > 0 too).
@@ -90,6 +94,7 @@ impl Default for Config {
             keepalive_interval: Duration::from_secs(20),
             max_lifetime: Duration::from_secs(90),
             setup_timeout: Duration::from_secs(30),
+            peer_lifetime: (Duration::ZERO, Duration::MAX),
             lease: false,
             resume_token: None,
             resume_buffer: 0,
@@ -452,6 +457,12 @@ impl Connection {
         Some(frame)
     }
 
+    /// Changes how many streams the peer may have open; streams already
+    /// open stay, new ones beyond the limit are refused.
+    pub fn set_max_inbound_streams(&mut self, max: usize) {
+        self.config.max_inbound_streams = max;
+    }
+
     /// Bytes queued for transmission.
     pub fn pending_bytes(&self) -> usize {
         self.out_bytes
@@ -715,7 +726,10 @@ impl Connection {
             self.resume = Some(ResumeState::new(token.clone(), self.config.resume_buffer));
         }
         self.lease_enabled = setup.lease;
-        self.max_lifetime = Duration::from_millis(u64::from(setup.max_lifetime));
+        let (min, max) = self.config.peer_lifetime;
+        self.max_lifetime = Duration::from_millis(u64::from(setup.max_lifetime))
+            .max(min)
+            .min(max);
         self.keepalive_interval = Duration::from_millis(u64::from(setup.keepalive_interval));
         self.state = State::Established;
         self.events.push_back(Event::Setup(Box::new(setup)));
