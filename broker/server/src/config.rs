@@ -1,52 +1,742 @@
-//! The broker's settings and how policies are written on the command line.
+//! The broker's settings. One structure is at once the TOML file
+//! (`/etc/rsbroker/rsbroker.toml`), the effective configuration that
+//! `--dump-config` prints, and what the runtime reads. Every key has a
+//! default, so no file at all is a valid configuration.
+//!
+//! Loading collects every error it can find, each with its line and column:
+//! syntax errors, unknown sections and keys, values of the wrong type or out
+//! of range. Sizes are written `"16 MiB"` or as a number of bytes; durations
+//! `"30s"`, `"500ms"`, `"5m"`.
 
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
+#[cfg(test)]
+use rsbroker_core::ServiceKey;
 use rsbroker_core::{Balancer, Failover, Policies, ServicePolicy};
 use rsbroker_transports::ListenAddr;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
 
-/// Everything a broker needs to start.
-#[derive(Clone, Debug)]
+/// Where the config file is read from when `--config` is not given (and
+/// only if it exists).
+pub const DEFAULT_PATH: &str = "/etc/rsbroker/rsbroker.toml";
+
+/// Everything the broker is configured with.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// Addresses to listen on; every shard listens on each.
-    pub listen: Vec<ListenAddr>,
-    /// Number of shards, one executor per core; 0 means one per available core.
-    pub shards: usize,
-    /// CPUs to pin shards to, in order (default: the available cores).
-    pub cores: Option<Vec<usize>>,
-    /// Balancer and failover per service.
-    pub policies: Policies,
-    /// Largest frame accepted (and sent), in bytes.
-    pub max_frame_size: usize,
-    /// Unsent bytes above which a connection pauses the connections feeding it.
-    pub max_pending_bytes: usize,
-    /// Most streams a connection may have open towards the broker.
-    pub max_streams_per_connection: usize,
-    /// Batches each cross-shard queue holds before its sender waits.
-    pub mesh_capacity: usize,
-    /// glommio I/O memory per shard (locked memory).
-    pub io_memory: usize,
-    /// How long an idle shard spins before it parks (0: park at once).
-    pub spin_before_park: Duration,
-    /// How long a stopping broker waits for connections to close.
-    pub shutdown_grace: Duration,
+    /// Listeners, shards and their executors.
+    pub server: ServerConfig,
+    /// The admin HTTP server.
+    pub admin: AdminConfig,
+    /// Limits on what connections may do.
+    pub limits: Limits,
+    /// Draining and stopping.
+    pub shutdown: Shutdown,
+    /// Logging.
+    pub log: LogConfig,
+    /// Balancer and failover of services not listed under `services`.
+    pub policy: PolicyConfig,
+    /// Balancer and failover per service, by `group!service:version` or by
+    /// service name alone.
+    pub services: BTreeMap<String, PolicyConfig>,
 }
 
-impl Default for BrokerConfig {
+/// `[server]`: listeners, shards and their executors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Addresses to listen on (`tcp://host:port`); every shard listens on each.
+    #[serde(
+        serialize_with = "ser_display_vec",
+        deserialize_with = "de_from_str_vec"
+    )]
+    pub listen: Vec<ListenAddr>,
+    /// Shards, one executor pinned per core; 0 means one per available core.
+    pub shards: usize,
+    /// CPUs to pin the shards to, in order; empty means the available cores.
+    pub cores: Vec<usize>,
+    /// I/O memory per shard, registered with io_uring (locked memory).
+    pub io_memory: Size,
+    /// Batches each cross-shard queue holds before its sender waits.
+    pub mesh_capacity: usize,
+    /// How long an idle shard spins before it parks (0: park at once).
+    #[serde(with = "humantime_serde")]
+    pub spin_before_park: Duration,
+}
+
+impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: vec![ListenAddr::Tcp(([0, 0, 0, 0], 9999).into())],
             shards: 0,
-            cores: None,
-            policies: Policies::default(),
-            max_frame_size: rsocket_proto::frame::MAX_U24,
-            max_pending_bytes: 4 << 20,
-            max_streams_per_connection: 65_536,
+            cores: Vec::new(),
+            io_memory: Size(512 << 10),
             mesh_capacity: 1024,
-            io_memory: 512 << 10,
             spin_before_park: Duration::ZERO,
-            shutdown_grace: Duration::from_secs(5),
         }
+    }
+}
+
+/// `[admin]`: the HTTP server for metrics, health and the status page.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Whether it runs.
+    pub enabled: bool,
+    /// Where it listens.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: ([127, 0, 0, 1], 9998).into(),
+        }
+    }
+}
+
+/// `[limits]`: what one connection may do, and how many there may be.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frame accepted, at most 16 MiB - 1 (the 24-bit length).
+    pub max_frame_size: Size,
+    /// Largest request whose routing metadata spans fragments and must be
+    /// joined before it can be routed.
+    pub max_reassembled_size: Size,
+    /// Most streams a connection may have open towards the broker; requests
+    /// beyond it get ERROR REJECTED.
+    pub max_streams_per_connection: usize,
+    /// Most connections at once, over all shards; more are refused with
+    /// ERROR REJECTED_SETUP.
+    pub max_connections: usize,
+    /// Unsent bytes for one connection above which the broker stops reading
+    /// from the connections that feed it.
+    pub max_pending_bytes: Size,
+    /// How long a new connection may take to send SETUP.
+    #[serde(with = "humantime_serde")]
+    pub setup_timeout: Duration,
+    /// Bounds on the max lifetime a client asks for in SETUP: the broker
+    /// closes a connection silent for longer than the clamped value.
+    #[serde(with = "humantime_serde")]
+    pub min_keepalive_lifetime: Duration,
+    /// See `min_keepalive_lifetime`.
+    #[serde(with = "humantime_serde")]
+    pub max_keepalive_lifetime: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_size: Size(rsocket_proto::frame::MAX_U24),
+            max_reassembled_size: Size(64 << 10),
+            max_streams_per_connection: 65_536,
+            max_connections: 100_000,
+            max_pending_bytes: Size(4 << 20),
+            setup_timeout: Duration::from_secs(10),
+            min_keepalive_lifetime: Duration::from_secs(1),
+            max_keepalive_lifetime: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `[shutdown]`: what SIGTERM does.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Shutdown {
+    /// After SIGTERM: how long in-flight streams may take to finish (new
+    /// requests are refused meanwhile) before every connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// After closing them: how long to wait for connections to go.
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(30),
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, `rsbroker_core=debug,info`, ...
+    pub level: String,
+    /// `auto` (journald under systemd, else text), `text`, `json` or `journald`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Auto,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// The journal when systemd started the broker with its output there,
+    /// else text.
+    #[default]
+    Auto,
+    /// Human-readable lines on stderr (coloured on a terminal).
+    Text,
+    /// One JSON object per line on stderr.
+    Json,
+    /// The systemd journal, with structured fields.
+    Journald,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            "journald" => Ok(Self::Journald),
+            _ => Err(format!(
+                "unknown log format {s:?} (auto, text, json, journald)"
+            )),
+        }
+    }
+}
+
+/// Balancer and failover of a service (`[policy]`, `[services."name"]`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// `round-robin`, `random`, `weighted`, `least-outstanding` or `hash:TAG`.
+    #[serde(serialize_with = "ser_balancer", deserialize_with = "de_balancer")]
+    pub balancer: Balancer,
+    /// `fail-fast`, or `retry` a request-response on another instance when
+    /// its instance disconnects before answering.
+    pub failover: FailoverKind,
+    /// With `retry`: how many times.
+    pub retries: u32,
+}
+
+/// See [`PolicyConfig::failover`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailoverKind {
+    /// The requester gets the error.
+    #[default]
+    FailFast,
+    /// Another instance gets the request.
+    Retry,
+}
+
+impl PolicyConfig {
+    /// The policy the shards apply.
+    pub fn to_policy(&self) -> ServicePolicy {
+        ServicePolicy {
+            balancer: self.balancer.clone(),
+            failover: match self.failover {
+                FailoverKind::Retry if self.retries > 0 => Failover::Retry {
+                    attempts: self.retries,
+                },
+                _ => Failover::FailFast,
+            },
+        }
+    }
+
+    fn from_policy(policy: &ServicePolicy) -> Self {
+        match policy.failover {
+            Failover::FailFast => Self {
+                balancer: policy.balancer.clone(),
+                failover: FailoverKind::FailFast,
+                retries: 0,
+            },
+            Failover::Retry { attempts } => Self {
+                balancer: policy.balancer.clone(),
+                failover: FailoverKind::Retry,
+                retries: attempts,
+            },
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// The policies of every service, as the shards take them.
+    pub fn policies(&self) -> Policies {
+        Policies {
+            default: self.policy.to_policy(),
+            services: self
+                .services
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_policy()))
+                .collect(),
+        }
+    }
+
+    /// Sets a service's policy (as `--policy` does).
+    pub fn set_policy(&mut self, service: &str, policy: &ServicePolicy) {
+        self.services
+            .insert(service.to_owned(), PolicyConfig::from_policy(policy));
+    }
+
+    /// The effective configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        let mut text =
+            toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"));
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text
+    }
+
+    /// Checks values against each other and against what the broker can
+    /// do; returns one problem per key: (`section.key`, what is wrong).
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut bad = |key: &str, msg: String| out.push((key.to_owned(), msg));
+        if self.server.listen.is_empty() {
+            bad("server.listen", "nothing to listen on".into());
+        }
+        if self.server.shards > usize::from(u16::MAX) {
+            bad(
+                "server.shards",
+                format!("{} is more than {}", self.server.shards, u16::MAX),
+            );
+        }
+        let cpus = available_cpus();
+        for cpu in &self.server.cores {
+            if !cpus.contains(cpu) {
+                bad(
+                    "server.cores",
+                    format!("CPU {cpu} is not available (available: {cpus:?})"),
+                );
+                break;
+            }
+        }
+        if self.server.io_memory.0 < 64 << 10 {
+            bad(
+                "server.io_memory",
+                format!("{} is below the 64 KiB minimum", self.server.io_memory),
+            );
+        }
+        if self.server.mesh_capacity == 0 {
+            bad("server.mesh_capacity", "must be at least 1".into());
+        }
+        let frame = self.limits.max_frame_size.0;
+        if !(64..=rsocket_proto::frame::MAX_U24).contains(&frame) {
+            bad(
+                "limits.max_frame_size",
+                format!(
+                    "{} is outside 64 B ..= 16777215 B (the 24-bit frame length)",
+                    self.limits.max_frame_size
+                ),
+            );
+        }
+        if self.limits.max_streams_per_connection == 0 {
+            bad(
+                "limits.max_streams_per_connection",
+                "must be at least 1".into(),
+            );
+        }
+        if self.limits.max_connections == 0 {
+            bad("limits.max_connections", "must be at least 1".into());
+        }
+        if self.limits.max_pending_bytes.0 < 16 << 10 {
+            bad(
+                "limits.max_pending_bytes",
+                format!(
+                    "{} is below the 16 KiB minimum",
+                    self.limits.max_pending_bytes
+                ),
+            );
+        }
+        if self.limits.setup_timeout.is_zero() {
+            bad("limits.setup_timeout", "must be more than 0".into());
+        }
+        if self.limits.min_keepalive_lifetime > self.limits.max_keepalive_lifetime {
+            bad(
+                "limits.min_keepalive_lifetime",
+                "is more than limits.max_keepalive_lifetime".into(),
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            bad(
+                "log.level",
+                format!("{:?} is not a log filter: {e}", self.log.level),
+            );
+        }
+        for (name, p) in &self.services {
+            if name.is_empty() {
+                bad("services", "a service name is empty".into());
+            }
+            if p.failover == FailoverKind::Retry && p.retries == 0 {
+                bad(
+                    &format!("services.{name:?}.retries"),
+                    "retry needs retries >= 1".into(),
+                );
+            }
+        }
+        if self.policy.failover == FailoverKind::Retry && self.policy.retries == 0 {
+            bad("policy.retries", "retry needs retries >= 1".into());
+        }
+        out
+    }
+}
+
+/// The CPUs this process may run on.
+pub fn available_cpus() -> Vec<usize> {
+    core_affinity::get_core_ids()
+        .map(|ids| ids.into_iter().map(|c| c.id).collect())
+        .unwrap_or_else(|| {
+            (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+        })
+}
+
+/// A problem with the configuration, and where it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file, if it came from one.
+    pub file: Option<PathBuf>,
+    /// 1-based line and column in the file.
+    pub location: Option<(usize, usize)>,
+    /// The key, as `section.key`, when known.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.file, self.location) {
+            (Some(file), Some((line, col))) => write!(f, "{}:{line}:{col}: ", file.display())?,
+            (Some(file), None) => write!(f, "{}: ", file.display())?,
+            (None, _) => {}
+        }
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Reads and checks a config file.
+pub fn load_file(path: &Path) -> Result<BrokerConfig, Vec<ConfigError>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![ConfigError {
+            file: Some(path.to_owned()),
+            location: None,
+            key: None,
+            message: format!("cannot read it: {e}"),
+        }]
+    })?;
+    parse(&text).map_err(|errors| {
+        errors
+            .into_iter()
+            .map(|e| ConfigError {
+                file: Some(path.to_owned()),
+                ..e
+            })
+            .collect()
+    })
+}
+
+/// Parses and checks a configuration, collecting every error it finds.
+pub fn parse(text: &str) -> Result<BrokerConfig, Vec<ConfigError>> {
+    let lines = LineIndex::new(text);
+    let error = |span: Option<Range<usize>>, key: Option<String>, message: String| ConfigError {
+        file: None,
+        location: span.map(|s| lines.locate(s.start)),
+        key,
+        message,
+    };
+    let (doc, syntax) = DeTable::parse_recoverable(text);
+    let mut errors: Vec<ConfigError> = syntax
+        .into_iter()
+        .map(|e| error(e.span(), None, e.message().to_owned()))
+        .collect();
+    let mut config = BrokerConfig::default();
+    for (key, value) in doc.get_ref() {
+        let name: &str = key.get_ref();
+        let mut failed =
+            |prefix: String, found: Vec<(Option<Range<usize>>, Option<String>, String)>| {
+                for (span, field, message) in found {
+                    let key = match field {
+                        Some(f) => format!("{prefix}.{f}"),
+                        None => prefix.clone(),
+                    };
+                    errors.push(error(span.or(Some(value.span())), Some(key), message));
+                }
+            };
+        match name {
+            "server" => load_into(&mut config.server, value),
+            "admin" => load_into(&mut config.admin, value),
+            "limits" => load_into(&mut config.limits, value),
+            "shutdown" => load_into(&mut config.shutdown, value),
+            "log" => load_into(&mut config.log, value),
+            "policy" => load_into(&mut config.policy, value),
+            "services" => match value.get_ref() {
+                // Each service on its own, so that one bad entry does not hide the others.
+                DeValue::Table(services) => {
+                    for (svc, policy) in services {
+                        let name = svc.get_ref().to_string();
+                        match section::<PolicyConfig>(policy) {
+                            Ok(p) => {
+                                config.services.insert(name, p);
+                            }
+                            Err((_, found)) => failed(format!("services.{name:?}"), found),
+                        }
+                    }
+                    Ok(())
+                }
+                _ => Err(vec![(
+                    None,
+                    None,
+                    "expected a table of services".to_owned(),
+                )]),
+            },
+            _ => Err(vec![(
+                Some(key.span()),
+                None,
+                "unknown section (server, admin, limits, shutdown, log, policy, services)"
+                    .to_owned(),
+            )]),
+        }
+        .unwrap_or_else(|found| failed(name.to_owned(), found));
+    }
+    for (key, message) in config.problems() {
+        let span = locate_key(doc.get_ref(), &key);
+        errors.push(error(span, Some(key), message));
+    }
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        errors.sort_by_key(|e| e.location);
+        Err(errors)
+    }
+}
+
+/// Loads a section into `slot`. A section that fails still sets its good
+/// keys, for the checks that compare values.
+fn load_into<T: for<'de> Deserialize<'de>>(
+    slot: &mut T,
+    value: &Spanned<DeValue<'_>>,
+) -> Result<(), Vec<Found>> {
+    match section(value) {
+        Ok(v) => {
+            *slot = v;
+            Ok(())
+        }
+        Err((partial, found)) => {
+            if let Some(v) = partial {
+                *slot = v;
+            }
+            Err(found)
+        }
+    }
+}
+
+/// An error found in a section: where, which key (if known), what.
+type Found = (Option<Range<usize>>, Option<String>, String);
+
+/// Deserializes a section. On failure it tries each key alone, so that
+/// every bad key is reported with its own location, not just the first,
+/// and returns the section built from the good keys (for the checks that
+/// compare values) with the errors.
+fn section<T: for<'de> Deserialize<'de>>(
+    value: &Spanned<DeValue<'_>>,
+) -> Result<T, (Option<T>, Vec<Found>)> {
+    let whole = match T::deserialize(ValueDeserializer::from(value.clone())) {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    let DeValue::Table(table) = value.get_ref() else {
+        return Err((None, vec![(whole.span(), None, whole.message().to_owned())]));
+    };
+    let mut found = Vec::new();
+    let mut good = DeTable::new();
+    for (k, v) in table {
+        let mut single = DeTable::new();
+        single.insert(k.clone(), v.clone());
+        let alone = Spanned::new(value.span(), DeValue::Table(single));
+        match T::deserialize(ValueDeserializer::from(alone)) {
+            Ok(_) => {
+                good.insert(k.clone(), v.clone());
+            }
+            Err(e) => found.push((
+                e.span().or(Some(v.span())),
+                Some(k.get_ref().to_string()),
+                e.message().to_owned(),
+            )),
+        }
+    }
+    if found.is_empty() {
+        found.push((whole.span(), None, whole.message().to_owned()));
+    }
+    let partial = T::deserialize(ValueDeserializer::from(Spanned::new(
+        value.span(),
+        DeValue::Table(good),
+    )))
+    .ok();
+    Err((partial, found))
+}
+
+/// The span of `a.b.c`'s value in the document, or of the closest parent
+/// (a segment may be quoted: `services."com.example.Echo".retries`).
+fn locate_key(doc: &DeTable<'_>, key: &str) -> Option<Range<usize>> {
+    let mut table = doc;
+    let mut found = None;
+    for part in key_segments(key) {
+        let Some((_, value)) = table.iter().find(|(k, _)| k.get_ref().as_ref() == part) else {
+            break;
+        };
+        found = Some(value.span());
+        match value.get_ref() {
+            DeValue::Table(t) => table = t,
+            _ => break,
+        }
+    }
+    found
+}
+
+fn key_segments(key: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = key;
+    while !rest.is_empty() {
+        if let Some(quoted) = rest.strip_prefix('"') {
+            let end = quoted.find('"').unwrap_or(quoted.len());
+            out.push(quoted[..end].to_owned());
+            rest = quoted.get(end + 1..).unwrap_or("");
+        } else {
+            let end = rest.find('.').unwrap_or(rest.len());
+            out.push(rest[..end].to_owned());
+            rest = &rest[end..];
+        }
+        rest = rest.strip_prefix('.').unwrap_or(rest);
+    }
+    out
+}
+
+/// Byte offsets to 1-based line and column.
+struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    fn new(text: &str) -> Self {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Self { starts }
+    }
+
+    fn locate(&self, offset: usize) -> (usize, usize) {
+        let line = self.starts.partition_point(|s| *s <= offset).max(1);
+        let start = self.starts.get(line - 1).copied().unwrap_or(0);
+        (line, offset - start + 1)
+    }
+}
+
+/// A number of bytes, written `"16 MiB"` (or a bare number) in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub usize);
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Exact: a unit only where it divides the value.
+        let n = self.0;
+        for (unit, scale) in [("GiB", 1usize << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if n >= scale && n.is_multiple_of(scale) {
+                return write!(f, "{} {unit}", n / scale);
+            }
+        }
+        write!(f, "{n} B")
+    }
+}
+
+impl FromStr for Size {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = s
+            .parse::<bytesize::ByteSize>()
+            .map_err(|e| format!("{s:?} is not a size ({e}); write e.g. \"512 KiB\""))?;
+        usize::try_from(bytes.as_u64())
+            .map(Size)
+            .map_err(|_| format!("{s:?} is too large"))
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => usize::try_from(n)
+                .map(Size)
+                .map_err(|_| serde::de::Error::custom(format!("{n} is too large"))),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+fn ser_display_vec<S: Serializer, T: fmt::Display>(v: &[T], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|x| x.to_string()))
+}
+
+fn de_from_str_vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr<Err = String>,
+{
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .collect()
+}
+
+fn ser_balancer<S: Serializer>(b: &Balancer, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&balancer_name(b))
+}
+
+fn de_balancer<'de, D: Deserializer<'de>>(d: D) -> Result<Balancer, D::Error> {
+    parse_balancer(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+/// How a balancer is written in the config and on the command line.
+pub fn balancer_name(b: &Balancer) -> String {
+    match b {
+        Balancer::RoundRobin => "round-robin".into(),
+        Balancer::Random => "random".into(),
+        Balancer::Weighted => "weighted".into(),
+        Balancer::LeastOutstanding => "least-outstanding".into(),
+        Balancer::ConsistentHash { tag } => format!("hash:{tag}"),
     }
 }
 
@@ -104,6 +794,305 @@ pub fn parse_balancer(name: &str) -> Result<Balancer, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every key, each set to something other than its default.
+    const EVERY_KEY: &str = r#"
+[server]
+listen = ["tcp://127.0.0.1:7000", "tcp://127.0.0.1:7001"]
+shards = 3
+cores = [0]
+io_memory = "1 MiB"
+mesh_capacity = 64
+spin_before_park = "50us"
+
+[admin]
+enabled = false
+listen = "127.0.0.1:7002"
+
+[limits]
+max_frame_size = "1 MiB"
+max_reassembled_size = "128 KiB"
+max_streams_per_connection = 100
+max_connections = 5000
+max_pending_bytes = 1048576
+setup_timeout = "3s"
+min_keepalive_lifetime = "2s"
+max_keepalive_lifetime = "2m"
+
+[shutdown]
+drain_timeout = "1m"
+close_timeout = "2s"
+
+[log]
+level = "rsbroker_core=debug,info"
+format = "json"
+
+[policy]
+balancer = "least-outstanding"
+failover = "retry"
+retries = 1
+
+[services."com.example.Echo"]
+balancer = "hash:user"
+
+[services."g!com.example.Other:1.0"]
+balancer = "weighted"
+failover = "retry"
+retries = 3
+"#;
+
+    #[test]
+    fn every_key_is_read() {
+        let c = parse(EVERY_KEY).unwrap();
+        assert_eq!(
+            c.server.listen,
+            vec![
+                ListenAddr::Tcp(([127, 0, 0, 1], 7000).into()),
+                ListenAddr::Tcp(([127, 0, 0, 1], 7001).into())
+            ]
+        );
+        assert_eq!(c.server.shards, 3);
+        assert_eq!(c.server.cores, vec![0]);
+        assert_eq!(c.server.io_memory, Size(1 << 20));
+        assert_eq!(c.server.mesh_capacity, 64);
+        assert_eq!(c.server.spin_before_park, Duration::from_micros(50));
+        assert!(!c.admin.enabled);
+        assert_eq!(c.admin.listen, SocketAddr::from(([127, 0, 0, 1], 7002)));
+        assert_eq!(c.limits.max_frame_size, Size(1 << 20));
+        assert_eq!(c.limits.max_reassembled_size, Size(128 << 10));
+        assert_eq!(c.limits.max_streams_per_connection, 100);
+        assert_eq!(c.limits.max_connections, 5000);
+        assert_eq!(c.limits.max_pending_bytes, Size(1 << 20));
+        assert_eq!(c.limits.setup_timeout, Duration::from_secs(3));
+        assert_eq!(c.limits.min_keepalive_lifetime, Duration::from_secs(2));
+        assert_eq!(c.limits.max_keepalive_lifetime, Duration::from_secs(120));
+        assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(60));
+        assert_eq!(c.shutdown.close_timeout, Duration::from_secs(2));
+        assert_eq!(c.log.level, "rsbroker_core=debug,info");
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(
+            c.policy.to_policy(),
+            ServicePolicy {
+                balancer: Balancer::LeastOutstanding,
+                failover: Failover::Retry { attempts: 1 }
+            }
+        );
+        let policies = c.policies();
+        let echo = ServiceKey::new("", "com.example.Echo", "");
+        assert_eq!(
+            policies.for_service(&echo, "com.example.Echo").balancer,
+            Balancer::ConsistentHash { tag: "user".into() }
+        );
+        let other = ServiceKey::new("g", "com.example.Other", "1.0");
+        assert_eq!(
+            policies.for_service(&other, "com.example.Other"),
+            &ServicePolicy {
+                balancer: Balancer::Weighted,
+                failover: Failover::Retry { attempts: 3 }
+            }
+        );
+        // Every key differs from its default: none was silently ignored.
+        let d = BrokerConfig::default();
+        assert_ne!(c.server, d.server);
+        assert_ne!(c.admin, d.admin);
+        assert_ne!(c.limits, d.limits);
+        assert_ne!(c.shutdown, d.shutdown);
+        assert_ne!(c.log, d.log);
+        assert_ne!(c.policy, d.policy);
+    }
+
+    #[test]
+    fn no_file_means_the_defaults_and_they_are_valid() {
+        assert_eq!(parse("").unwrap(), BrokerConfig::default());
+        assert!(BrokerConfig::default().problems().is_empty());
+        assert_eq!(
+            BrokerConfig::default().server.listen,
+            vec![ListenAddr::Tcp(([0, 0, 0, 0], 9999).into())]
+        );
+        assert_eq!(
+            BrokerConfig::default().admin.listen,
+            SocketAddr::from(([127, 0, 0, 1], 9998))
+        );
+    }
+
+    #[test]
+    fn dump_reads_back_the_same() {
+        let c = parse(EVERY_KEY).unwrap();
+        let text = c.to_toml();
+        assert_eq!(parse(&text).unwrap(), c, "{text}");
+        assert_eq!(
+            parse(&BrokerConfig::default().to_toml()).unwrap(),
+            BrokerConfig::default()
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_sections_are_errors_with_their_location() {
+        let errors = parse(
+            "[limits]
+max_frame_size = 1000
+max_frames = 3
+
+[lmits]
+x = 1
+",
+        )
+        .unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(errors[0].location, Some((3, 1)));
+        assert_eq!(errors[0].key.as_deref(), Some("limits.max_frames"));
+        assert!(
+            errors[0].message.contains("unknown field `max_frames`"),
+            "{}",
+            errors[0]
+        );
+        assert_eq!(errors[1].location, Some((5, 2)));
+        assert!(errors[1].message.contains("unknown section"));
+        let errors = parse(
+            "[services.\"x\"]
+balancer = \"random\"
+weight = 2
+",
+        )
+        .unwrap_err();
+        assert_eq!(errors[0].key.as_deref(), Some("services.\"x\".weight"));
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_with_its_location() {
+        let text = "[server]
+shards = -1
+listen = [\"udp://1.2.3.4:5\"]
+io_memory = \"1 KiB\"
+
+[limits]
+max_frame_size = \"20 MiB\"
+setup_timeout = \"soon\"
+min_keepalive_lifetime = \"1h\"
+
+[log]
+format = \"xml\"
+level = \"[[\"
+
+[policy]
+failover = \"retry\"
+";
+        let errors = parse(text).unwrap_err();
+        let shown: Vec<String> = errors
+            .iter()
+            .map(|e| format!("{:?} {e}", e.location))
+            .collect();
+        let expect = [
+            ("2:10", "server.shards"),
+            ("3:10", "server.listen"),
+            ("4:13", "server.io_memory"),
+            ("7:18", "limits.max_frame_size"),
+            ("8:17", "limits.setup_timeout"),
+            ("9:26", "limits.min_keepalive_lifetime"),
+            ("12:10", "log.format"),
+            ("13:9", "log.level"),
+            ("15:1", "policy.retries"),
+        ];
+        for (at, key) in expect {
+            let (line, col) = at.split_once(':').unwrap();
+            let location = Some((line.parse().unwrap(), col.parse().unwrap()));
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.location == location && e.key.as_deref() == Some(key)),
+                "no error for {key} at {at}: {shown:#?}"
+            );
+        }
+        assert!(
+            shown
+                .iter()
+                .any(|e| e.contains("unsupported transport \"udp\"")),
+            "{shown:#?}"
+        );
+        assert!(
+            shown.iter().any(|e| e.contains("below the 64 KiB minimum")),
+            "{shown:#?}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_have_a_location() {
+        let errors = parse(
+            "[server
+shards = 1
+",
+        )
+        .unwrap_err();
+        assert_eq!(errors[0].location.map(|(l, _)| l), Some(1), "{errors:?}");
+        let errors = parse(
+            "[server]
+shards = = 2
+",
+        )
+        .unwrap_err();
+        assert_eq!(errors[0].location.map(|(l, _)| l), Some(2), "{errors:?}");
+    }
+
+    #[test]
+    fn sizes_and_durations_as_operators_write_them() {
+        for (text, bytes) in [
+            ("\"512 KiB\"", 512 << 10),
+            ("\"16MiB\"", 16 << 20),
+            ("65536", 65536),
+            ("\"1 MB\"", 1_000_000),
+        ] {
+            let c = parse(&format!("[limits]\nmax_pending_bytes = {text}\n")).unwrap();
+            assert_eq!(c.limits.max_pending_bytes, Size(bytes), "{text}");
+        }
+        assert_eq!(Size(16 << 20).to_string(), "16 MiB");
+        assert_eq!(
+            Size(rsocket_proto::frame::MAX_U24).to_string(),
+            "16777215 B"
+        );
+        let c = parse("[shutdown]\ndrain_timeout = \"1m 30s\"\n").unwrap();
+        assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn the_example_file_has_every_key_and_is_valid() {
+        let example = include_str!("../../../systemd/rsbroker.toml");
+        let parsed = parse(example).unwrap();
+        // Every key the dump prints appears in the example, uncommented.
+        let keys = |text: &str| -> Vec<String> {
+            let mut section = String::new();
+            let mut out = Vec::new();
+            for line in text.lines().map(str::trim) {
+                if line.starts_with('[') {
+                    section = line.trim_matches(['[', ']']).to_owned();
+                    if section.starts_with("services.") {
+                        section = "services.*".into();
+                    }
+                } else if let Some((k, _)) = line.split_once('=')
+                    && !line.starts_with('#')
+                {
+                    out.push(format!("{section}.{}", k.trim()));
+                }
+            }
+            out.sort();
+            out.dedup();
+            out
+        };
+        let mut all = BrokerConfig::default();
+        all.set_policy("x", &ServicePolicy::default());
+        let documented = keys(example);
+        for key in keys(&all.to_toml()) {
+            assert!(
+                documented.contains(&key),
+                "systemd/rsbroker.toml lacks {key}"
+            );
+        }
+        assert_eq!(
+            parsed.server,
+            BrokerConfig::default().server,
+            "the example shows the defaults"
+        );
+        assert_eq!(parsed.limits, BrokerConfig::default().limits);
+    }
 
     #[test]
     fn policies() {

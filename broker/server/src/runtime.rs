@@ -7,6 +7,10 @@
 //! messages received, time passed) the runtime dispatches its outputs: it
 //! wakes the connections that have frames to write and hands each peer
 //! shard one batch of messages.
+//!
+//! The timer loop of each shard also beats its heartbeat, publishes its
+//! snapshot, applies reloaded settings, and walks the shard through drain
+//! and stop when the [`Control`] phase says so.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -14,58 +18,121 @@ use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, mpsc};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
-use glommio::net::TcpListener;
+use glommio::net::{TcpListener, TcpStream};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement, Task};
 use rsbroker_core::{ConnId, Message, Shard, ShardConfig, ShardId};
 use rsbroker_transports::{FrameIo, ListenAddr, TcpFrames, TransportError};
+use rsocket_proto::frame::{ErrorFrame, Frame};
+use rsocket_proto::{ErrorCode, OutFrame};
 use rustc_hash::FxHashMap;
 
-use crate::config::BrokerConfig;
+use crate::admin::AdminServer;
+use crate::config::{BrokerConfig, available_cpus};
+use crate::control::{ConnectionSnapshot, Control, InstanceView, IoStats, Phase, ShardSnapshot};
 use crate::notify::Notify;
-
-/// One connection as a shard last reported it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConnectionSnapshot {
-    /// The connection.
-    pub id: ConnId,
-    /// The peer's address.
-    pub peer: Option<SocketAddr>,
-    /// App name and instance uuid, once the app registered.
-    pub app: Option<(String, String)>,
-    /// Bytes the broker holds for it, not yet handed to the transport.
-    pub pending_bytes: usize,
-}
-
-/// What a shard last reported about itself (refreshed every 100 ms).
-#[derive(Clone, Debug, Default)]
-pub struct ShardSnapshot {
-    /// The shard.
-    pub shard: ShardId,
-    /// Its connections.
-    pub connections: Vec<ConnectionSnapshot>,
-    /// Its counters.
-    pub stats: rsbroker_core::ShardStats,
-    /// Instances in its copy of the route table.
-    pub instances: usize,
-}
-
-type Snapshots = Arc<Mutex<Vec<ShardSnapshot>>>;
 
 /// A running broker.
 #[derive(Debug)]
 pub struct BrokerHandle {
     addrs: Vec<ListenAddr>,
-    stop: Arc<AtomicBool>,
     threads: Vec<ExecutorJoinHandle<io::Result<()>>>,
     shards: usize,
-    snapshots: Snapshots,
+    control: Arc<Control>,
+    admin: Option<AdminServer>,
+}
+
+/// Drives a running broker from other threads (signal handlers, the
+/// watchdog): cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Controller {
+    control: Arc<Control>,
+}
+
+impl Controller {
+    /// Starts draining: listeners close, new requests get ERROR REJECTED,
+    /// in-flight streams have `shutdown.drain_timeout` to finish, then every
+    /// connection is closed with ERROR CONNECTION_CLOSE and the shards end.
+    pub fn drain(&self) {
+        self.control.advance(Phase::Draining);
+    }
+
+    /// Closes every connection now (ERROR CONNECTION_CLOSE) and ends the shards.
+    pub fn stop(&self) {
+        self.control.advance(Phase::Stopping);
+    }
+
+    /// Whether the broker is draining or stopping.
+    pub fn is_stopping(&self) -> bool {
+        self.control.phase() != Phase::Running
+    }
+
+    /// Whether every shard has finished.
+    pub fn is_finished(&self) -> bool {
+        self.control.all_finished()
+    }
+
+    /// Blocks shard `shard`'s thread for `duration`, as a stuck core would
+    /// (for tests of the watchdog and `/healthz`).
+    #[doc(hidden)]
+    pub fn stall_shard(&self, shard: usize, duration: Duration) {
+        self.control.stall_ms.store(
+            u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Release,
+        );
+        self.control.stall_shard.store(shard, Ordering::Release);
+    }
+
+    /// How long ago each shard last went round its timer loop (a few
+    /// hundred milliseconds at most while it is healthy).
+    pub fn heartbeat_ages(&self) -> Vec<Duration> {
+        self.control.heartbeat_ages()
+    }
+
+    /// What every shard last reported.
+    pub fn snapshot(&self) -> Vec<ShardSnapshot> {
+        self.control.snapshots()
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> BrokerConfig {
+        (*self.control.settings()).clone()
+    }
+
+    /// Applies what can change while running: limits, shutdown timeouts,
+    /// policies and the log level (the caller sets the log filter). Returns
+    /// the settings that differ but need a restart; those keep their old
+    /// values.
+    pub fn reload(&self, new: BrokerConfig) -> Vec<String> {
+        let old = self.control.settings();
+        let mut needs_restart = Vec::new();
+        if new.server != old.server {
+            needs_restart.push("server".to_owned());
+        }
+        if new.admin != old.admin {
+            needs_restart.push("admin".to_owned());
+        }
+        if new.log.format != old.log.format {
+            needs_restart.push("log.format".to_owned());
+        }
+        let applied = BrokerConfig {
+            server: old.server.clone(),
+            admin: old.admin.clone(),
+            log: crate::config::LogConfig {
+                format: old.log.format,
+                ..new.log.clone()
+            },
+            ..new
+        };
+        self.control.replace_settings(applied);
+        needs_restart
+    }
 }
 
 impl BrokerHandle {
@@ -79,14 +146,26 @@ impl BrokerHandle {
         self.addrs.iter().map(|ListenAddr::Tcp(a)| *a).next()
     }
 
+    /// Where the admin HTTP server listens, when it runs.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::addr)
+    }
+
     /// Number of shards.
     pub fn shards(&self) -> usize {
         self.shards
     }
 
+    /// A handle for other threads.
+    pub fn controller(&self) -> Controller {
+        Controller {
+            control: self.control.clone(),
+        }
+    }
+
     /// What every shard last reported.
     pub fn snapshot(&self) -> Vec<ShardSnapshot> {
-        self.snapshots.lock().map(|s| s.clone()).unwrap_or_default()
+        self.control.snapshots()
     }
 
     /// The shard that accepted the connection from `peer`, once it has reported it.
@@ -97,17 +176,17 @@ impl BrokerHandle {
             .map(|s| s.shard)
     }
 
-    /// Asks every shard to close its connections and stop.
+    /// See [`Controller::drain`].
+    pub fn drain(&self) {
+        self.controller().drain();
+    }
+
+    /// See [`Controller::stop`].
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
+        self.controller().stop();
     }
 
-    /// A flag that stops the broker when set (for signal handlers).
-    pub fn stop_flag(&self) -> Arc<AtomicBool> {
-        self.stop.clone()
-    }
-
-    /// Waits until every shard has stopped.
+    /// Waits until every shard has stopped, then stops the admin server.
     pub fn join(self) -> io::Result<()> {
         let mut first_error = None;
         for t in self.threads {
@@ -121,6 +200,9 @@ impl BrokerHandle {
                 }
             }
         }
+        if let Some(admin) = self.admin {
+            admin.stop();
+        }
         first_error.map_or(Ok(()), Err)
     }
 }
@@ -128,15 +210,20 @@ impl BrokerHandle {
 struct ShardRt {
     id: ShardId,
     shard: RefCell<Shard>,
+    control: Arc<Control>,
     wakers: RefCell<FxHashMap<ConnId, Waker>>,
     peers: RefCell<FxHashMap<ConnId, Option<SocketAddr>>>,
     /// Batches waiting for each peer shard's queue.
     out: Vec<RefCell<VecDeque<Vec<Message>>>>,
     out_notify: Vec<Notify>,
-    max_frame_size: usize,
+    /// Largest frame accepted on connections opened from now on.
+    max_frame_size: Cell<usize>,
     stopping: Cell<bool>,
     /// A connection stopped reading because a peer's queue was too long.
     read_blocked: Cell<bool>,
+    io: Cell<IoStats>,
+    /// The route table view last published, and the revisions it was built at.
+    routes: RefCell<(Vec<u64>, Arc<Vec<InstanceView>>)>,
 }
 
 /// Batches that may wait for one peer before this shard stops reading its connections.
@@ -147,6 +234,8 @@ const WRITE_HIGH: usize = 256 * 1024;
 const READS_PER_TURN: usize = 4;
 /// Flushes of up to `WRITE_HIGH` bytes per connection before it yields.
 const WRITES_PER_TURN: usize = 4;
+/// The timer loop's longest sleep (heartbeat, snapshot, phase checks).
+const TICK: Duration = Duration::from_millis(100);
 
 impl ShardRt {
     fn dispatch(&self) {
@@ -199,6 +288,12 @@ impl ShardRt {
         }
     }
 
+    fn count_io(&self, f: impl FnOnce(&mut IoStats)) {
+        let mut io = self.io.get();
+        f(&mut io);
+        self.io.set(io);
+    }
+
     fn snapshot(&self) -> ShardSnapshot {
         let shard = self.shard.borrow();
         let peers = self.peers.borrow();
@@ -213,111 +308,174 @@ impl ShardRt {
                 pending_bytes: shard.pending_bytes(id),
             })
             .collect();
+        // The route table view is rebuilt only when the table changed.
+        let routes = {
+            let mut cached = self.routes.borrow_mut();
+            let revisions = shard.routes().revisions();
+            if cached.0 != revisions {
+                let view = shard
+                    .routes()
+                    .instances()
+                    .map(|(uuid, inst)| InstanceView {
+                        uuid: uuid.to_string(),
+                        name: inst.app.name.clone(),
+                        ip: inst.app.ip.clone(),
+                        status: inst.status.as_str().to_owned(),
+                        power_rating: inst.app.power_rating,
+                        services: inst
+                            .services
+                            .iter()
+                            .map(|s| s.as_str().to_owned())
+                            .collect(),
+                        connections: inst.conns.len(),
+                    })
+                    .collect();
+                *cached = (revisions.to_vec(), Arc::new(view));
+            }
+            cached.1.clone()
+        };
         ShardSnapshot {
             shard: self.id,
             connections,
             stats: shard.stats(),
-            instances: shard.routes().instances().count(),
+            io: self.io.get(),
+            services: shard
+                .service_counters()
+                .map(|(k, c)| (k.as_str().to_owned(), *c))
+                .collect(),
+            instances: routes.len(),
+            routes,
+            open_streams: shard.open_streams(),
+            queue_depths: self.out.iter().map(|q| q.borrow().len()).collect(),
+            draining: self.stopping.get(),
         }
+    }
+
+    /// Applies the settings in `config` that may change while running.
+    fn apply(&self, config: &BrokerConfig) {
+        let mut shard = self.shard.borrow_mut();
+        let current = shard.config().clone();
+        shard.set_config(shard_config(current.shard, current.shards, config));
+        self.max_frame_size.set(config.limits.max_frame_size.0);
     }
 }
 
-/// Starts a broker: binds every listen address on every shard and returns
-/// once all of them listen.
+/// The settings of one shard, from the broker's.
+fn shard_config(id: ShardId, shards: u16, config: &BrokerConfig) -> ShardConfig {
+    let mut c = ShardConfig::new(id, shards);
+    c.connection.max_inbound_streams = config.limits.max_streams_per_connection;
+    c.connection.setup_timeout = config.limits.setup_timeout;
+    c.connection.peer_lifetime = (
+        config.limits.min_keepalive_lifetime,
+        config.limits.max_keepalive_lifetime,
+    );
+    c.policies = config.policies();
+    c.max_pending_bytes = config.limits.max_pending_bytes.0;
+    c.max_route_metadata = config.limits.max_reassembled_size.0;
+    c
+}
+
+/// Starts a broker: binds every listen address on every shard, and the
+/// admin server, and returns once all of them listen.
 pub fn start(config: BrokerConfig) -> io::Result<BrokerHandle> {
-    let cores: Vec<usize> = match &config.cores {
-        Some(c) if !c.is_empty() => c.clone(),
-        _ => core_affinity::get_core_ids()
-            .map(|ids| ids.into_iter().map(|c| c.id).collect())
-            .filter(|ids: &Vec<usize>| !ids.is_empty())
-            .unwrap_or_else(|| {
-                (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
-            }),
+    if let Some((key, problem)) = config.problems().into_iter().next() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{key}: {problem}"),
+        ));
+    }
+    let cores: Vec<usize> = if config.server.cores.is_empty() {
+        available_cpus()
+    } else {
+        config.server.cores.clone()
     };
-    let shards = if config.shards == 0 {
+    if cores.is_empty() {
+        return Err(io::Error::other("no CPU to run on"));
+    }
+    let shards = if config.server.shards == 0 {
         cores.len()
     } else {
-        config.shards
+        config.server.shards
     };
-    if shards > usize::from(u16::MAX) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "too many shards",
-        ));
-    }
-    if config.listen.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "nothing to listen on",
-        ));
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let snapshots: Snapshots = Arc::new(Mutex::new(vec![ShardSnapshot::default(); shards]));
+    let control = Arc::new(Control::new(config.clone(), shards));
     let mesh: MeshBuilder<Vec<Message>, Full> =
-        MeshBuilder::full(shards, config.mesh_capacity.max(1));
+        MeshBuilder::full(shards, config.server.mesh_capacity.max(1));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<Vec<ListenAddr>, String>>();
 
     let spawn =
         |id: usize, listen: Vec<ListenAddr>| -> io::Result<ExecutorJoinHandle<io::Result<()>>> {
             let cpu = cores[id % cores.len()];
-            let config = config.clone();
             let mesh = mesh.clone();
-            let stop = stop.clone();
+            let control = control.clone();
             let ready = ready_tx.clone();
-            let snapshots = snapshots.clone();
             LocalExecutorBuilder::new(Placement::Fixed(cpu))
                 .name(&format!("rsbroker-shard-{id}"))
-                .io_memory(config.io_memory)
-                .spin_before_park(config.spin_before_park)
+                .io_memory(config.server.io_memory.0)
+                .spin_before_park(config.server.spin_before_park)
                 .spawn(move || async move {
                     let ctx = ShardCtx {
                         id: id as ShardId,
                         shards: shards as u16,
                         listen,
-                        config,
                         mesh,
-                        stop,
+                        control: control.clone(),
                         ready,
-                        snapshots,
                     };
-                    run_shard(ctx).await
+                    let result = run_shard(ctx).await;
+                    control.shard_finished();
+                    result
                 })
-                .map_err(|e| io::Error::other(e.to_string()))
+                .map_err(|e| executor_error(id, cpu, &e.to_string()))
         };
 
     // Shard 0 binds first, so that port 0 resolves to one port every shard shares.
-    let mut threads = vec![spawn(0, config.listen.clone())?];
+    let mut threads = vec![spawn(0, config.server.listen.clone())?];
     let resolved = match ready_rx.recv_timeout(Duration::from_secs(30)) {
         Ok(Ok(addrs)) => addrs,
         Ok(Err(e)) => {
-            stop.store(true, Ordering::Release);
+            control.advance(Phase::Stopping);
             return Err(io::Error::other(e));
         }
         Err(_) => return Err(io::Error::other("shard 0 did not start")),
     };
+    let fail = |control: &Control, e: io::Error| {
+        control.advance(Phase::Stopping);
+        e
+    };
     for id in 1..shards {
-        threads.push(spawn(id, resolved.clone())?);
+        threads.push(spawn(id, resolved.clone()).map_err(|e| fail(&control, e))?);
     }
     for _ in 1..shards {
         match ready_rx.recv_timeout(Duration::from_secs(30)) {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                stop.store(true, Ordering::Release);
-                return Err(io::Error::other(e));
-            }
-            Err(_) => {
-                stop.store(true, Ordering::Release);
-                return Err(io::Error::other("a shard did not start"));
-            }
+            Ok(Err(e)) => return Err(fail(&control, io::Error::other(e))),
+            Err(_) => return Err(fail(&control, io::Error::other("a shard did not start"))),
         }
     }
+    let admin = if config.admin.enabled {
+        Some(
+            AdminServer::start(config.admin.listen, control.clone())
+                .map_err(|e| fail(&control, e))?,
+        )
+    } else {
+        None
+    };
+    control.ready.store(true, Ordering::Release);
     Ok(BrokerHandle {
         addrs: resolved,
-        stop,
         threads,
         shards,
-        snapshots,
+        control,
+        admin,
     })
+}
+
+/// An executor that could not start, with what to do about it.
+fn executor_error(shard: usize, cpu: usize, e: &str) -> io::Error {
+    io::Error::other(format!(
+        "shard {shard} could not start on CPU {cpu}: {e} \
+         (rsbroker needs io_uring and locked memory: see `rsbroker --check-config`)"
+    ))
 }
 
 fn bind(listen: &[ListenAddr]) -> Result<(Vec<TcpListener>, Vec<ListenAddr>), String> {
@@ -343,11 +501,9 @@ struct ShardCtx {
     id: ShardId,
     shards: u16,
     listen: Vec<ListenAddr>,
-    config: BrokerConfig,
     mesh: MeshBuilder<Vec<Message>, Full>,
-    stop: Arc<AtomicBool>,
+    control: Arc<Control>,
     ready: mpsc::Sender<Result<Vec<ListenAddr>, String>>,
-    snapshots: Snapshots,
 }
 
 async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
@@ -355,11 +511,9 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         id,
         shards,
         listen,
-        config,
         mesh,
-        stop,
+        control,
         ready,
-        snapshots,
     } = ctx;
     let (listeners, addrs) = match bind(&listen) {
         Ok(bound) => bound,
@@ -381,21 +535,22 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         }
     }
 
+    let settings = control.settings();
+    let mut generation = control.generation();
     let now = Instant::now();
-    let mut shard_config = ShardConfig::new(id, shards);
-    shard_config.connection.max_inbound_streams = config.max_streams_per_connection;
-    shard_config.policies = config.policies.clone();
-    shard_config.max_pending_bytes = config.max_pending_bytes;
     let rt = Rc::new(ShardRt {
         id,
-        shard: RefCell::new(Shard::new(shard_config, now)),
+        shard: RefCell::new(Shard::new(shard_config(id, shards, &settings), now)),
+        control: control.clone(),
         wakers: RefCell::new(FxHashMap::default()),
         peers: RefCell::new(FxHashMap::default()),
         out: (0..shards).map(|_| RefCell::new(VecDeque::new())).collect(),
         out_notify: (0..shards).map(|_| Notify::default()).collect(),
-        max_frame_size: config.max_frame_size,
+        max_frame_size: Cell::new(settings.limits.max_frame_size.0),
         stopping: Cell::new(false),
         read_blocked: Cell::new(false),
+        io: Cell::new(IoStats::default()),
+        routes: RefCell::new((Vec::new(), Arc::new(Vec::new()))),
     });
 
     let senders = Rc::new(senders);
@@ -416,37 +571,65 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
             peer,
         )));
     }
-    let accepts: Vec<Task<()>> = listeners
+    let mut accepts: Vec<Task<()>> = listeners
         .into_iter()
         .map(|l| glommio::spawn_local(accept(rt.clone(), l)))
         .collect();
 
-    // The timer: keepalives, lifetimes, the stop flag, and the snapshot.
+    // The timer: keepalives, lifetimes, heartbeat, snapshot, reloads, and
+    // the way through drain to stop.
     let mut last_snapshot = Instant::now() - Duration::from_secs(1);
+    let mut drain_deadline: Option<Instant> = None;
     loop {
+        control.maybe_stall(id);
         let now = Instant::now();
+        control.beat(id);
         rt.shard.borrow_mut().handle_timeout(now);
         rt.dispatch();
-        if now.duration_since(last_snapshot) >= Duration::from_millis(100) {
+        if control.generation() != generation {
+            generation = control.generation();
+            rt.apply(&control.settings());
+        }
+        if now.duration_since(last_snapshot) >= TICK {
             last_snapshot = now;
-            let snap = rt.snapshot();
-            if let Ok(mut all) = snapshots.lock()
-                && let Some(slot) = all.get_mut(usize::from(id))
-            {
-                *slot = snap;
+            control.publish(id, rt.snapshot());
+        }
+        match control.phase() {
+            Phase::Running => {}
+            Phase::Draining => {
+                if drain_deadline.is_none() {
+                    // No new connections, no new requests; open streams go on.
+                    accepts.clear();
+                    rt.stopping.set(true);
+                    rt.shard.borrow_mut().drain();
+                    rt.dispatch();
+                    drain_deadline = Some(now + control.settings().shutdown.drain_timeout);
+                    control.publish(id, rt.snapshot());
+                    if id == 0 {
+                        tracing::info!(
+                            "draining: new requests are refused, open streams may finish"
+                        );
+                    }
+                }
+                let open = rt.shard.borrow().open_streams();
+                if open == 0 {
+                    break;
+                }
+                if drain_deadline.is_some_and(|d| now >= d) {
+                    tracing::warn!(shard = id, open_streams = open, "drain deadline passed");
+                    break;
+                }
             }
+            Phase::Stopping => break,
         }
-        if stop.load(Ordering::Acquire) {
-            break;
-        }
-        let next = rt
-            .shard
-            .borrow()
-            .poll_timeout()
-            .map_or(Duration::from_millis(100), |t| {
-                t.saturating_duration_since(Instant::now())
-                    .min(Duration::from_millis(100))
-            });
+        let next = rt.shard.borrow().poll_timeout().map_or(TICK, |t| {
+            t.saturating_duration_since(Instant::now()).min(TICK)
+        });
+        let next = if drain_deadline.is_some() {
+            next.min(Duration::from_millis(10))
+        } else {
+            next
+        };
         glommio::timer::sleep(next.max(Duration::from_millis(1))).await;
     }
 
@@ -457,10 +640,12 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         .borrow_mut()
         .close_all("the broker is shutting down");
     rt.dispatch();
-    let deadline = Instant::now() + config.shutdown_grace;
+    let deadline = Instant::now() + control.settings().shutdown.close_timeout;
     while rt.shard.borrow().connections().next().is_some() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
+        control.beat(id);
     }
+    control.publish(id, rt.snapshot());
     senders.close();
     drop(tasks);
     Ok(())
@@ -473,8 +658,16 @@ async fn accept(rt: Rc<ShardRt>, listener: TcpListener) {
                 if rt.stopping.get() {
                     continue;
                 }
+                let max = rt.control.settings().limits.max_connections;
+                let open = rt.control.connections.fetch_add(1, Ordering::AcqRel);
+                if open >= max {
+                    rt.control.connections.fetch_sub(1, Ordering::AcqRel);
+                    rt.count_io(|io| io.refused_connections += 1);
+                    glommio::spawn_local(refuse(stream, rt.max_frame_size.get(), max)).detach();
+                    continue;
+                }
                 let id = rt.shard.borrow_mut().open(Instant::now());
-                let io = TcpFrames::new(stream, rt.max_frame_size);
+                let io = TcpFrames::new(stream, rt.max_frame_size.get());
                 rt.peers.borrow_mut().insert(id, io.peer());
                 glommio::spawn_local(drive(rt.clone(), io, id)).detach();
             }
@@ -484,6 +677,23 @@ async fn accept(rt: Rc<ShardRt>, listener: TcpListener) {
             }
         }
     }
+}
+
+/// Tells a connection over the limit why it is refused, and closes it.
+async fn refuse(stream: TcpStream, max_frame_size: usize, max: usize) {
+    let mut io = TcpFrames::new(stream, max_frame_size);
+    tracing::warn!(peer = ?io.peer(), max_connections = max, "connection refused: the broker is at max_connections");
+    let error = Frame::Error(ErrorFrame {
+        stream_id: 0,
+        code: ErrorCode::REJECTED_SETUP,
+        data: Bytes::from(format!(
+            "the broker is at its limit of {max} connections; try another broker or later"
+        )),
+    });
+    if io.queue(&OutFrame::from_frame(&error)).is_ok() {
+        let _ = poll_fn(|cx| io.poll_flush(cx)).await;
+    }
+    let _ = poll_fn(|cx| io.poll_close(cx)).await;
 }
 
 async fn send_to_peer(rt: Rc<ShardRt>, senders: Rc<Senders<Vec<Message>>>, peer: usize) {
@@ -557,6 +767,8 @@ async fn drive(rt: Rc<ShardRt>, mut io: TcpFrames, id: ConnId) {
             match io.poll_read(cx, &mut frames) {
                 Poll::Ready(Ok(true)) => {
                     let now = Instant::now();
+                    let bytes: usize = frames.iter().map(|f| f.len() + 3).sum();
+                    rt.count_io(|io| io.bytes_in += bytes as u64);
                     {
                         let mut shard = rt.shard.borrow_mut();
                         for f in frames.drain(..) {
@@ -566,7 +778,7 @@ async fn drive(rt: Rc<ShardRt>, mut io: TcpFrames, id: ConnId) {
                     rt.dispatch();
                 }
                 Poll::Ready(Ok(false)) => {
-                    return finish(&rt, id);
+                    return finish(&rt, id, "the peer closed the connection");
                 }
                 Poll::Ready(Err(TransportError::Decode(e))) => {
                     rt.shard
@@ -576,8 +788,7 @@ async fn drive(rt: Rc<ShardRt>, mut io: TcpFrames, id: ConnId) {
                     failed = true;
                 }
                 Poll::Ready(Err(e)) => {
-                    tracing::debug!(conn = %id, error = %e, "connection read failed");
-                    return finish(&rt, id);
+                    return finish(&rt, id, &format!("read failed: {e}"));
                 }
                 Poll::Pending => break,
             }
@@ -593,8 +804,12 @@ async fn drive(rt: Rc<ShardRt>, mut io: TcpFrames, id: ConnId) {
                     let Some(frame) = shard.poll_transmit(id) else {
                         break;
                     };
-                    if let Err(e) = io.queue(&frame) {
-                        tracing::warn!(conn = %id, error = %e, "frame dropped");
+                    match io.queue(&frame) {
+                        Ok(()) => rt.count_io(|io| {
+                            io.bytes_out += frame.len() as u64 + 3;
+                            io.frames_out += 1;
+                        }),
+                        Err(e) => tracing::warn!(conn = %id, error = %e, "frame dropped"),
                     }
                 }
             }
@@ -612,8 +827,7 @@ async fn drive(rt: Rc<ShardRt>, mut io: TcpFrames, id: ConnId) {
                     }
                 }
                 Poll::Ready(Err(e)) => {
-                    tracing::debug!(conn = %id, error = %e, "connection write failed");
-                    return finish(&rt, id);
+                    return finish(&rt, id, &format!("write failed: {e}"));
                 }
             }
         }
@@ -628,17 +842,18 @@ async fn drive(rt: Rc<ShardRt>, mut io: TcpFrames, id: ConnId) {
         };
         if done {
             let _ = io.poll_close(cx);
-            return finish(&rt, id);
+            return finish(&rt, id, "closed by the broker");
         }
         Poll::Pending
     })
     .await
 }
 
-fn finish(rt: &ShardRt, id: ConnId) -> Poll<()> {
+fn finish(rt: &ShardRt, id: ConnId, reason: &str) -> Poll<()> {
+    rt.control.connections.fetch_sub(1, Ordering::AcqRel);
     rt.wakers.borrow_mut().remove(&id);
     rt.peers.borrow_mut().remove(&id);
-    rt.shard.borrow_mut().close(Instant::now(), id);
+    rt.shard.borrow_mut().close(Instant::now(), id, reason);
     rt.dispatch();
     Poll::Ready(())
 }

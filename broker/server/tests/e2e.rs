@@ -603,11 +603,9 @@ fn slow_consumer(same_shard: bool) {
     const SIZE: usize = 16 << 10;
 
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = rsbroker::start(rsbroker::BrokerConfig {
-        max_pending_bytes: LIMIT,
-        ..test_config()
-    })
-    .expect("broker starts");
+    let mut config = test_config();
+    config.limits.max_pending_bytes = rsbroker::config::Size(LIMIT);
+    let broker = rsbroker::start(config).expect("broker starts");
     let addr = broker.tcp_addr().unwrap();
     let (stop_app, stop_rx) = mpsc::channel::<()>();
     let app = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)

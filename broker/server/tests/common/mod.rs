@@ -23,22 +23,19 @@ pub static SERIAL: Mutex<()> = Mutex::new(());
 /// The tests' broker settings: two shards on a loopback port chosen by the
 /// system, small io_memory.
 pub fn test_config() -> BrokerConfig {
-    BrokerConfig {
-        listen: vec![ListenAddr::Tcp(([127, 0, 0, 1], 0).into())],
-        shards: 2,
-        io_memory: 64 << 10,
-        shutdown_grace: Duration::from_secs(1),
-        ..BrokerConfig::default()
-    }
+    let mut c = BrokerConfig::default();
+    c.server.listen = vec![ListenAddr::Tcp(([127, 0, 0, 1], 0).into())];
+    c.server.shards = 2;
+    c.server.io_memory = rsbroker::config::Size(64 << 10);
+    c.shutdown.close_timeout = Duration::from_secs(1);
+    c.admin.listen = ([127, 0, 0, 1], 0).into();
+    c
 }
 
 pub fn broker(policies: &[(&str, ServicePolicy)]) -> BrokerHandle {
     let mut config = test_config();
     for (svc, p) in policies {
-        config
-            .policies
-            .services
-            .insert((*svc).to_owned(), p.clone());
+        config.set_policy(svc, p);
     }
     rsbroker::start(config).expect("broker starts")
 }
@@ -302,4 +299,185 @@ pub fn on_other_shard<T: Send + 'static, F: std::future::Future<Output = T> + 's
         go_tx.send(usize::MAX).expect("next");
     }
     panic!("40 requesters all landed on shard {avoid}");
+}
+
+/// GET `path` from an HTTP server; returns the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("admin server reachable");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("a response");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    (status, body.to_owned())
+}
+
+/// The socket address right after `marker` in a log line (text or JSON).
+fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let rest = line.split(marker).nth(1)?;
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':' || c == '[' || c == ']'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// The `rsbroker` binary running as a child process, its stderr collected
+/// line by line. Killed on drop.
+pub struct BrokerProcess {
+    pub child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    /// The broker's pid (not the wrapper's, when there is one).
+    pub pid: u32,
+}
+
+impl BrokerProcess {
+    /// Starts `rsbroker` with `args` (plus a loopback listener on a free
+    /// port, 2 shards and an admin server on a free port unless `args` say
+    /// otherwise) and waits until it listens.
+    pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Self {
+        Self::start_wrapped(&[], args, envs)
+    }
+
+    /// [`BrokerProcess::start`] under a wrapper command (`strace ...`).
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str], envs: &[(&str, &str)]) -> Self {
+        use std::io::BufRead;
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = std::process::Command::new(program);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_rsbroker"));
+                c
+            }
+            None => std::process::Command::new(env!("CARGO_BIN_EXE_rsbroker")),
+        };
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "tcp://127.0.0.1:0"]);
+        }
+        if !args.contains(&"--shards") {
+            cmd.args(["--shards", "2"]);
+        }
+        if !args.contains(&"--admin") && !args.contains(&"--no-admin") {
+            cmd.args(["--admin", "127.0.0.1:0"]);
+        }
+        cmd.args(args)
+            .envs(envs.iter().copied())
+            .env_remove("JOURNAL_STREAM")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("rsbroker starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let pid = child.id();
+        let mut p = Self {
+            child,
+            lines,
+            seen: Vec::new(),
+            addr: ([0, 0, 0, 0], 0).into(),
+            admin: None,
+            pid,
+        };
+        let line = p.wait_for("rsbroker listening on tcp://", Duration::from_secs(30));
+        p.addr = address_after(&line, "tcp://").unwrap_or_else(|| panic!("no address in {line:?}"));
+        if !args.contains(&"--no-admin") {
+            let line = p.wait_for("admin server on http://", Duration::from_secs(10));
+            p.admin = address_after(&line, "admin server on http://");
+        }
+        if !wrapper.is_empty() {
+            let out = std::process::Command::new("pgrep")
+                .args(["-P", &pid.to_string()])
+                .output()
+                .expect("pgrep runs");
+            p.pid = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .next()
+                .and_then(|s| s.parse().ok())
+                .expect("the wrapped broker's pid");
+        }
+        p
+    }
+
+    /// Waits for a stderr line containing `text`; returns it.
+    pub fn wait_for(&mut self, text: &str, within: Duration) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(text)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + within;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(text);
+                    self.seen.push(line.clone());
+                    if hit {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "rsbroker did not log {text:?} within {within:?}; it logged:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
+    /// Sends a signal (`HUP`, `TERM`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid.to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit; returns its status and every line it logged.
+    pub fn wait_exit(&mut self, within: Duration) -> (std::process::ExitStatus, Vec<String>) {
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rsbroker still running after {within:?}; it logged:\n{}",
+                self.seen.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            self.seen.push(line);
+        }
+        assert!(
+            !self.seen.iter().any(|l| l.contains("panicked at")),
+            "rsbroker panicked:\n{}",
+            self.seen.join("\n")
+        );
+        (status, self.seen.clone())
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,619 @@
+//! The admin HTTP server: `/metrics` (Prometheus), `/healthz`, `/readyz`,
+//! `/api/apps`, `/api/services`, `/api/overview`, and a status page at `/`.
+//!
+//! It runs on a thread of its own with a current-thread tokio runtime, so a
+//! slow scrape never stalls a shard. It reads only what the shards publish
+//! in their slots (snapshots every 100 ms, heartbeats): counters are kept
+//! per shard and summed here, at scrape time.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Json, Response};
+use axum::routing::get;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use rsbroker_core::INTERACTIONS;
+use serde::Serialize;
+
+use crate::control::{Control, Phase, ShardSnapshot};
+
+/// A shard whose timer loop has not run for this long is stuck.
+pub(crate) const STUCK_AFTER: Duration = Duration::from_secs(2);
+
+/// The running admin server.
+#[derive(Debug)]
+pub(crate) struct AdminServer {
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl AdminServer {
+    /// Binds `addr` and serves on a new thread.
+    pub(crate) fn start(addr: SocketAddr, control: Arc<Control>) -> io::Result<Self> {
+        let listener = std::net::TcpListener::bind(addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("admin server on {addr}: {e}")))?;
+        listener.set_nonblocking(true)?;
+        let local = listener.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("rsbroker-admin".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "admin server cannot listen");
+                            return;
+                        }
+                    };
+                    let served = axum::serve(listener, router(control))
+                        .with_graceful_shutdown(async {
+                            let _ = rx.await;
+                        })
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "admin server failed");
+                    }
+                });
+            })?;
+        tracing::info!("admin server on http://{local}/");
+        Ok(Self {
+            addr: local,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub(crate) fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn router(control: Arc<Control>) -> Router {
+    Router::new()
+        .route("/", get(status_page))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/api/apps", get(apps))
+        .route("/api/services", get(services))
+        .route("/api/overview", get(overview))
+        .route("/api/config", get(config))
+        .with_state(control)
+}
+
+async fn metrics(State(control): State<Arc<Control>>) -> Response {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SnapshotCollector(control)));
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics").into_response(),
+    }
+}
+
+async fn healthz(State(control): State<Arc<Control>>) -> Response {
+    let stuck: Vec<String> = control
+        .heartbeat_ages()
+        .iter()
+        .enumerate()
+        .filter(|(_, age)| **age > STUCK_AFTER)
+        .map(|(i, age)| format!("shard {i} has not run for {:.1} s", age.as_secs_f64()))
+        .collect();
+    if stuck.is_empty() || control.all_finished() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", stuck.join("\n")),
+        )
+            .into_response()
+    }
+}
+
+async fn readyz(State(control): State<Arc<Control>>) -> Response {
+    match control.phase() {
+        Phase::Running if control.ready.load(std::sync::atomic::Ordering::Acquire) => {
+            (StatusCode::OK, "ready\n").into_response()
+        }
+        Phase::Running => (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response(),
+        Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response(),
+        Phase::Stopping => (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response(),
+    }
+}
+
+/// An app and its instances, for `/api/apps`.
+#[derive(Debug, Serialize)]
+struct AppView {
+    name: String,
+    instances: Vec<InstanceJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct InstanceJson {
+    uuid: String,
+    ip: Option<String>,
+    status: String,
+    power_rating: u32,
+    connections: usize,
+    services: Vec<String>,
+}
+
+/// A service, its instances and its counters, for `/api/services`.
+#[derive(Debug, Serialize)]
+struct ServiceView {
+    service: String,
+    instances: Vec<String>,
+    requests: BTreeMap<&'static str, u64>,
+    errors: BTreeMap<&'static str, u64>,
+}
+
+/// Totals, for `/api/overview` and the status page.
+#[derive(Debug, Serialize)]
+struct Overview {
+    phase: &'static str,
+    shards: usize,
+    uptime_seconds: f64,
+    connections: usize,
+    apps: usize,
+    instances: usize,
+    services: usize,
+    open_streams: usize,
+    requests: u64,
+    request_errors: u64,
+    rejected: u64,
+    frames_in: u64,
+    frames_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// The route table as the freshest shard reports it.
+fn routes(snaps: &[ShardSnapshot]) -> Arc<Vec<crate::control::InstanceView>> {
+    snaps
+        .iter()
+        .map(|s| s.routes.clone())
+        .max_by_key(|r| r.len())
+        .unwrap_or_default()
+}
+
+fn app_views(snaps: &[ShardSnapshot]) -> Vec<AppView> {
+    let mut apps: BTreeMap<String, Vec<InstanceJson>> = BTreeMap::new();
+    for i in routes(snaps).iter() {
+        apps.entry(i.name.clone()).or_default().push(InstanceJson {
+            uuid: i.uuid.clone(),
+            ip: i.ip.clone(),
+            status: i.status.clone(),
+            power_rating: i.power_rating,
+            connections: i.connections,
+            services: i.services.clone(),
+        });
+    }
+    apps.into_iter()
+        .map(|(name, mut instances)| {
+            instances.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+            AppView { name, instances }
+        })
+        .collect()
+}
+
+fn service_views(snaps: &[ShardSnapshot]) -> Vec<ServiceView> {
+    let mut out: BTreeMap<String, ServiceView> = BTreeMap::new();
+    for i in routes(snaps).iter() {
+        for s in &i.services {
+            let v = out.entry(s.clone()).or_insert_with(|| empty_service(s));
+            v.instances.push(i.uuid.clone());
+        }
+    }
+    for snap in snaps {
+        for (name, c) in &snap.services {
+            let v = out
+                .entry(name.clone())
+                .or_insert_with(|| empty_service(name));
+            for (k, interaction) in INTERACTIONS.iter().enumerate() {
+                *v.requests.entry(interaction).or_default() += c.requests[k];
+                *v.errors.entry(interaction).or_default() += c.errors[k];
+            }
+        }
+    }
+    out.into_values()
+        .map(|mut v| {
+            v.instances.sort();
+            v
+        })
+        .collect()
+}
+
+fn empty_service(name: &str) -> ServiceView {
+    ServiceView {
+        service: name.to_owned(),
+        instances: Vec::new(),
+        requests: INTERACTIONS.iter().map(|i| (*i, 0)).collect(),
+        errors: INTERACTIONS.iter().map(|i| (*i, 0)).collect(),
+    }
+}
+
+fn overview_of(control: &Control, snaps: &[ShardSnapshot]) -> Overview {
+    let routes = routes(snaps);
+    let apps: std::collections::BTreeSet<&str> = routes.iter().map(|i| i.name.as_str()).collect();
+    let services: std::collections::BTreeSet<&str> = routes
+        .iter()
+        .flat_map(|i| i.services.iter().map(String::as_str))
+        .collect();
+    let sum = |f: &dyn Fn(&ShardSnapshot) -> u64| snaps.iter().map(f).sum::<u64>();
+    Overview {
+        phase: match control.phase() {
+            Phase::Running => "running",
+            Phase::Draining => "draining",
+            Phase::Stopping => "stopping",
+        },
+        shards: snaps.len(),
+        uptime_seconds: control.started.elapsed().as_secs_f64(),
+        connections: snaps.iter().map(|s| s.connections.len()).sum(),
+        apps: apps.len(),
+        instances: routes.len(),
+        services: services.len(),
+        open_streams: snaps.iter().map(|s| s.open_streams).sum(),
+        requests: sum(&|s| {
+            s.services
+                .iter()
+                .map(|(_, c)| c.requests.iter().sum::<u64>())
+                .sum()
+        }),
+        request_errors: sum(&|s| {
+            s.services
+                .iter()
+                .map(|(_, c)| c.errors.iter().sum::<u64>())
+                .sum()
+        }),
+        rejected: sum(&|s| s.stats.requests_rejected),
+        frames_in: sum(&|s| s.stats.frames_in),
+        frames_out: sum(&|s| s.io.frames_out),
+        bytes_in: sum(&|s| s.io.bytes_in),
+        bytes_out: sum(&|s| s.io.bytes_out),
+    }
+}
+
+async fn apps(State(control): State<Arc<Control>>) -> Json<Vec<AppView>> {
+    Json(app_views(&control.snapshots()))
+}
+
+async fn services(State(control): State<Arc<Control>>) -> Json<Vec<ServiceView>> {
+    Json(service_views(&control.snapshots()))
+}
+
+/// The settings in force (after reloads), as TOML.
+async fn config(State(control): State<Arc<Control>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        control.settings().to_toml(),
+    )
+        .into_response()
+}
+
+async fn overview(State(control): State<Arc<Control>>) -> Json<Overview> {
+    let snaps = control.snapshots();
+    Json(overview_of(&control, &snaps))
+}
+
+/// Escapes text for HTML.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+async fn status_page(State(control): State<Arc<Control>>) -> Html<String> {
+    let snaps = control.snapshots();
+    let o = overview_of(&control, &snaps);
+    let mut apps_rows = String::new();
+    for app in app_views(&snaps) {
+        for i in &app.instances {
+            let _ = write!(
+                apps_rows,
+                "<tr><td class=app>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&app.name),
+                esc(&i.uuid),
+                esc(i.ip.as_deref().unwrap_or("")),
+                esc(&i.status),
+                i.connections,
+                esc(&i.services.join(", ")),
+            );
+        }
+    }
+    if apps_rows.is_empty() {
+        apps_rows = "<tr><td colspan=6>No app is connected.</td></tr>".into();
+    }
+    let mut service_rows = String::new();
+    for s in service_views(&snaps) {
+        let total: u64 = s.requests.values().sum();
+        let errors: u64 = s.errors.values().sum();
+        let _ = write!(
+            service_rows,
+            "<tr data-service=\"{0}\"><td>{0}</td><td>{1}</td><td class=num>{2}</td><td class=num>{3}</td><td class=\"num rate\">–</td></tr>",
+            esc(&s.service),
+            s.instances.len(),
+            total,
+            errors,
+        );
+    }
+    if service_rows.is_empty() {
+        service_rows = "<tr><td colspan=5>No service is registered.</td></tr>".into();
+    }
+    Html(format!(
+        include_str!("status.html"),
+        phase = o.phase,
+        shards = o.shards,
+        connections = o.connections,
+        apps = o.apps,
+        instances = o.instances,
+        services = o.services,
+        apps_rows = apps_rows,
+        service_rows = service_rows,
+        version = env!("CARGO_PKG_VERSION"),
+    ))
+}
+
+/// Encodes every shard's last snapshot as Prometheus metrics, summed where
+/// a per-shard label would add nothing.
+#[derive(Debug)]
+struct SnapshotCollector(Arc<Control>);
+
+type Labels = Vec<(&'static str, String)>;
+
+fn family(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    values: Vec<(Labels, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in values {
+        let family = metric.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(value).encode(family)?,
+            _ => ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(family)?,
+        }
+    }
+    Ok(())
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let control = &self.0;
+        let snaps = control.snapshots();
+        let per_shard = |f: &dyn Fn(&ShardSnapshot) -> u64| -> Vec<(Labels, u64)> {
+            snaps
+                .iter()
+                .map(|s| (vec![("shard", s.shard.to_string())], f(s)))
+                .collect()
+        };
+        use MetricType::{Counter, Gauge};
+        let e = &mut encoder;
+        family(
+            e,
+            "rsbroker_connections",
+            "Open connections.",
+            Gauge,
+            per_shard(&|s| s.connections.len() as u64),
+        )?;
+        family(
+            e,
+            "rsbroker_connections_opened",
+            "Connections accepted.",
+            Counter,
+            per_shard(&|s| s.stats.connections_opened),
+        )?;
+        family(
+            e,
+            "rsbroker_connections_closed",
+            "Connections closed.",
+            Counter,
+            per_shard(&|s| s.stats.connections_closed),
+        )?;
+        family(
+            e,
+            "rsbroker_connections_refused",
+            "Connections refused at max_connections.",
+            Counter,
+            per_shard(&|s| s.io.refused_connections),
+        )?;
+        let routes = routes(&snaps);
+        let apps: std::collections::BTreeSet<&str> =
+            routes.iter().map(|i| i.name.as_str()).collect();
+        family(
+            e,
+            "rsbroker_apps",
+            "Apps with at least one live instance.",
+            Gauge,
+            vec![(vec![], apps.len() as u64)],
+        )?;
+        family(
+            e,
+            "rsbroker_instances",
+            "App instances connected.",
+            Gauge,
+            vec![(vec![], routes.len() as u64)],
+        )?;
+        let services = service_views(&snaps);
+        family(
+            e,
+            "rsbroker_service_instances",
+            "Instances serving each service.",
+            Gauge,
+            services
+                .iter()
+                .map(|s| {
+                    (
+                        vec![("service", s.service.clone())],
+                        s.instances.len() as u64,
+                    )
+                })
+                .collect(),
+        )?;
+        let by_interaction =
+            |pick: &dyn Fn(&crate::admin::ServiceView) -> &BTreeMap<&'static str, u64>| {
+                services
+                    .iter()
+                    .flat_map(|s| {
+                        pick(s).iter().map(move |(i, n)| {
+                            (
+                                vec![
+                                    ("service", s.service.clone()),
+                                    ("interaction", (*i).to_owned()),
+                                ],
+                                *n,
+                            )
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            };
+        family(
+            e,
+            "rsbroker_requests",
+            "Requests routed to an instance, by service and interaction model.",
+            Counter,
+            by_interaction(&|s| &s.requests),
+        )?;
+        family(
+            e,
+            "rsbroker_request_errors",
+            "Requests that ended with an ERROR from the instance or because it went away.",
+            Counter,
+            by_interaction(&|s| &s.errors),
+        )?;
+        family(
+            e,
+            "rsbroker_requests_rejected",
+            "Requests refused with ERROR REJECTED (no route, no live instance, draining, limits).",
+            Counter,
+            per_shard(&|s| s.stats.requests_rejected),
+        )?;
+        family(
+            e,
+            "rsbroker_requests_retried",
+            "Requests retried on another instance (failover).",
+            Counter,
+            per_shard(&|s| s.stats.requests_retried),
+        )?;
+        family(
+            e,
+            "rsbroker_frames_received",
+            "Frames received.",
+            Counter,
+            per_shard(&|s| s.stats.frames_in),
+        )?;
+        family(
+            e,
+            "rsbroker_frames_sent",
+            "Frames sent.",
+            Counter,
+            per_shard(&|s| s.io.frames_out),
+        )?;
+        family(
+            e,
+            "rsbroker_received_bytes",
+            "Bytes received, with length prefixes.",
+            Counter,
+            per_shard(&|s| s.io.bytes_in),
+        )?;
+        family(
+            e,
+            "rsbroker_sent_bytes",
+            "Bytes sent, with length prefixes.",
+            Counter,
+            per_shard(&|s| s.io.bytes_out),
+        )?;
+        family(
+            e,
+            "rsbroker_slow_consumer_pauses",
+            "Times a connection over max_pending_bytes paused the connections or shards feeding it.",
+            Counter,
+            per_shard(&|s| s.stats.pauses),
+        )?;
+        family(
+            e,
+            "rsbroker_open_streams",
+            "Streams open on connections.",
+            Gauge,
+            per_shard(&|s| s.open_streams as u64),
+        )?;
+        family(
+            e,
+            "rsbroker_mesh_queue_depth",
+            "Message batches waiting for a peer shard's queue.",
+            Gauge,
+            snaps
+                .iter()
+                .flat_map(|s| {
+                    s.queue_depths
+                        .iter()
+                        .enumerate()
+                        .filter(move |(p, _)| *p != usize::from(s.shard))
+                        .map(move |(p, d)| {
+                            (
+                                vec![("shard", s.shard.to_string()), ("peer", p.to_string())],
+                                *d as u64,
+                            )
+                        })
+                })
+                .collect(),
+        )?;
+        family(
+            e,
+            "rsbroker_shard_heartbeat_age_milliseconds",
+            "Time since each shard last went round its timer loop.",
+            Gauge,
+            control
+                .heartbeat_ages()
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (vec![("shard", i.to_string())], a.as_millis() as u64))
+                .collect(),
+        )?;
+        family(
+            e,
+            "rsbroker_draining",
+            "1 while the broker drains or stops.",
+            Gauge,
+            vec![(vec![], u64::from(control.phase() != Phase::Running))],
+        )?;
+        Ok(())
+    }
+}
