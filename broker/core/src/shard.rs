@@ -73,7 +73,7 @@ pub struct ShardStats {
     pub connections_closed: u64,
     /// Requests routed to an instance.
     pub requests_routed: u64,
-    /// Requests refused with REJECTED (no route, no instance, ...).
+    /// Requests refused (no route, no live instance, stream limit, draining, ...).
     pub requests_rejected: u64,
     /// Requests retried on another instance.
     pub requests_retried: u64,
@@ -361,7 +361,9 @@ impl Shard {
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
+        let refused = conn.proto.requests_refused();
         conn.proto.handle_frame(now, frame);
+        self.stats.requests_rejected += conn.proto.requests_refused() - refused;
         self.stats.frames_in += 1;
         self.drain_events(slot);
         self.wake(slot);

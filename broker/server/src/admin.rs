@@ -521,7 +521,7 @@ impl Collector for SnapshotCollector {
         family(
             e,
             "rsbroker_requests_rejected",
-            "Requests refused with ERROR REJECTED (no route, no live instance, draining, limits).",
+            "Requests refused: no route, no live instance, stream limit, draining, invalid request.",
             Counter,
             per_shard(&|s| s.stats.requests_rejected),
         )?;

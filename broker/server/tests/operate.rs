@@ -470,6 +470,19 @@ fn drain_lets_in_flight_streams_finish_and_refuses_new_requests() {
         }
         other => panic!("a request during drain was not refused: {other:?}"),
     }
+    // The refusal is counted.
+    eventually(
+        "the request refused while draining is counted",
+        Duration::from_secs(2),
+        || {
+            broker
+                .snapshot()
+                .iter()
+                .map(|s| s.stats.requests_rejected)
+                .sum::<u64>()
+                >= 1
+        },
+    );
     let started = Instant::now();
     broker.join().unwrap();
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -754,7 +767,10 @@ fn json_logs_name_each_connection_once_at_setup_and_close() {
         .iter()
         .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_err())
         .collect();
-    assert!(not_json.is_empty(), "lines that are not JSON: {not_json:#?}");
+    assert!(
+        not_json.is_empty(),
+        "lines that are not JSON: {not_json:#?}"
+    );
     let events: Vec<serde_json::Value> = lines
         .iter()
         .filter_map(|l| serde_json::from_str(l).ok())

@@ -292,6 +292,8 @@ pub struct Connection {
     granted_lease: Option<LeaseWindow>,
     resume: Option<ResumeState>,
     draining: bool,
+    /// Requests from the peer refused by this state machine (limits, draining, ...).
+    requests_refused: u64,
     close_when_idle: bool,
     /// Who asked for the close that waits for streams to end.
     close_initiator: Initiator,
@@ -343,6 +345,7 @@ impl Connection {
             granted_lease: None,
             resume: None,
             draining: false,
+            requests_refused: 0,
             close_when_idle: false,
             close_initiator: Initiator::Remote,
             reassembly_bytes: 0,
@@ -455,6 +458,12 @@ impl Connection {
         let frame = self.out.pop_front()?;
         self.out_bytes -= frame.len();
         Some(frame)
+    }
+
+    /// Requests from the peer this connection refused itself (stream
+    /// limit, draining, invalid initial request n, lease) since it opened.
+    pub fn requests_refused(&self) -> u64 {
+        self.requests_refused
     }
 
     /// Changes how many streams the peer may have open; streams already
@@ -1850,6 +1859,7 @@ impl Connection {
 
     /// Refuses a request before any stream exists for it.
     fn refuse(&mut self, id: u32, code: ErrorCode, message: impl Into<String>) {
+        self.requests_refused += 1;
         let error = ErrorFrame {
             stream_id: id,
             code,
