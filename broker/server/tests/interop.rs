@@ -144,19 +144,12 @@ impl Script {
     /// succeeded, with every line it printed.
     fn finish(mut self, within: Duration) -> (bool, Vec<String>) {
         drop(self.stdin.take());
-        let deadline = Instant::now() + within;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
+        let status = wait_child(&mut self.child, within).unwrap_or_else(|| {
+            panic!(
                 "{} still running after {within:?}; it printed {:?}",
-                self.name,
-                self.seen
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+                self.name, self.seen
+            )
+        });
         // The reader thread ends at EOF; take what it collected.
         while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
             self.seen.push(line);

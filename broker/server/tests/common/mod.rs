@@ -318,6 +318,23 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
+/// Waits up to `within` for a child process to exit.
+pub fn wait_child(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The socket address right after `marker` in a log line (text or JSON).
 fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
     let rest = line.split(marker).nth(1)?;
@@ -451,18 +468,12 @@ impl BrokerProcess {
 
     /// Waits for the process to exit; returns its status and every line it logged.
     pub fn wait_exit(&mut self, within: Duration) -> (std::process::ExitStatus, Vec<String>) {
-        let deadline = Instant::now() + within;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
+        let status = wait_child(&mut self.child, within).unwrap_or_else(|| {
+            panic!(
                 "rsbroker still running after {within:?}; it logged:\n{}",
                 self.seen.join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+            )
+        });
         while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(500)) {
             self.seen.push(line);
         }
