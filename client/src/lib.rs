@@ -289,22 +289,38 @@ impl ClientBuilder {
     /// Starts the client over an established transport.
     pub fn start(self, io: impl FrameIo + 'static) -> Client {
         let metadata = metadata::setup(self.config.app.as_ref(), &self.config.services);
-        let config = Config {
-            reassemble: true,
-            fragment_size: self.config.fragment_size,
-            keepalive_interval: self.config.keepalive_interval,
-            max_lifetime: self.config.max_lifetime,
-            data_mime: Bytes::from(self.config.data_mime.clone()),
-            ..Config::default()
-        };
         let conn = Connection::client(
-            config,
+            self.connection_config(),
             SetupPayload {
                 metadata,
                 data: Bytes::new(),
             },
             Instant::now(),
         );
+        self.run(conn, io)
+    }
+
+    /// Serves a connection that a peer opened: the other side sends SETUP,
+    /// this side answers its requests with the responders (and may send
+    /// requests of its own). This is a plain RSocket server, with no broker
+    /// in between.
+    pub fn serve(self, io: impl FrameIo + 'static) -> Client {
+        let conn = Connection::server(self.connection_config(), Instant::now());
+        self.run(conn, io)
+    }
+
+    fn connection_config(&self) -> Config {
+        Config {
+            reassemble: true,
+            fragment_size: self.config.fragment_size,
+            keepalive_interval: self.config.keepalive_interval,
+            max_lifetime: self.config.max_lifetime,
+            data_mime: Bytes::from(self.config.data_mime.clone()),
+            ..Config::default()
+        }
+    }
+
+    fn run(self, conn: Connection, io: impl FrameIo + 'static) -> Client {
         let inner = Rc::new(Inner {
             conn: RefCell::new(conn),
             slots: RefCell::new(FxHashMap::default()),

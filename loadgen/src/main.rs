@@ -1,0 +1,282 @@
+//! `loadgen requester` and `loadgen responder`: see the crate docs and
+//! `loadgen --help`.
+
+// The summary and JSON go to stdout.
+#![allow(clippy::print_stdout)]
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use loadgen::{Interaction, Mode, RequesterSpec, ResponderSpec, Summary, stats};
+use rsbroker_transports::ListenAddr;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Load for rsbroker, plain RSocket servers and nats-server, with latency
+/// measured from each request's scheduled send time.
+#[derive(Parser, Debug)]
+#[command(name = "loadgen", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Sends requests and reports rate and latency percentiles.
+    Requester(RequesterArgs),
+    /// Registers a service and answers every interaction model.
+    Responder(ResponderArgs),
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false, id = "requester_target")]
+struct RequesterTarget {
+    /// A broker, or any RSocket server (`loadgen responder --listen`), as tcp://host:port
+    #[arg(long, visible_alias = "target", value_name = "URL")]
+    broker: Option<ListenAddr>,
+    /// A NATS server, as nats://host:port
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct RequesterArgs {
+    #[command(flatten)]
+    target: RequesterTarget,
+    /// Route (RSocket routing tag) or subject (NATS)
+    #[arg(long, default_value = "echo")]
+    route: String,
+    /// Interaction model
+    #[arg(long, value_enum, default_value = "rr")]
+    interaction: Interaction,
+    /// Open loop: requests per second over all connections
+    #[arg(
+        long,
+        value_name = "N",
+        required_unless_present = "max",
+        conflicts_with = "max"
+    )]
+    rps: Option<f64>,
+    /// Closed loop instead: --concurrency requests in flight per connection, to find the ceiling
+    #[arg(long)]
+    max: bool,
+    /// In flight per connection with --max
+    #[arg(long, value_name = "K", default_value_t = 1, requires = "max")]
+    concurrency: usize,
+    /// Measured duration, e.g. 30s
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Sent but not measured, before the measured part
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    warmup: Duration,
+    /// Connections, spread over the threads
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Data bytes per request
+    #[arg(long, value_name = "B", default_value_t = 64)]
+    payload_size: usize,
+    /// REQUEST_N window for streams and channels (2147483647: unbounded)
+    #[arg(long, value_name = "W", default_value_t = loadgen::rsocket::UNBOUNDED)]
+    request_n: u32,
+    /// Items the requester sends on each channel
+    #[arg(long, value_name = "K", default_value_t = 16)]
+    items: u32,
+    /// Extra routing tags, e.g. broadcast=1 or e=<instance>
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// Spin (yielding) for the last 200 µs before each due time: a smaller
+    /// schedule lag for a busy core
+    #[arg(long)]
+    spin: bool,
+    /// CPUs to run on, one pinned thread each [default: those this process may use]
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    cpus: Option<Vec<usize>>,
+    /// Write the summary as JSON here
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Write the latency histogram in HdrHistogram's percentile distribution format (µs)
+    #[arg(long, value_name = "FILE")]
+    hgrm: Option<PathBuf>,
+    /// No line every second
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false, id = "responder_target")]
+struct ResponderTarget {
+    /// Register with this broker, as tcp://host:port
+    #[arg(long, value_name = "URL")]
+    broker: Option<ListenAddr>,
+    /// Be a plain RSocket server here instead, as tcp://host:port
+    #[arg(long, value_name = "URL")]
+    listen: Option<ListenAddr>,
+    /// Subscribe on this NATS server, as nats://host:port
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct ResponderArgs {
+    #[command(flatten)]
+    target: ResponderTarget,
+    /// Service to register (`[group!]service[:version]`), or NATS subject
+    #[arg(long, default_value = "echo")]
+    service: String,
+    /// App name; instances are <app>-0, <app>-1, ...
+    #[arg(long, default_value = "loadgen")]
+    app: String,
+    /// Instances (distinct app uuids), e.g. 16 for a broadcast fan-out
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// Connections per instance
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// CPU time spent on each request, in microseconds
+    #[arg(long, value_name = "D", default_value_t = 0)]
+    work_us: u64,
+    /// Items sent on each request-stream
+    #[arg(long, value_name = "K", default_value_t = 100)]
+    items: u32,
+    /// NATS: every connection subscribes and receives every message
+    /// (publish/subscribe fan-out) instead of sharing them in a queue group
+    #[arg(long)]
+    fanout: bool,
+    /// Stop after this long [default: at SIGINT or SIGTERM]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// CPUs to run on, one pinned thread each
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    cpus: Option<Vec<usize>>,
+    /// Write what was served as JSON here
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+fn tcp(addr: &ListenAddr) -> SocketAddr {
+    match addr {
+        ListenAddr::Tcp(a) => *a,
+    }
+}
+
+fn write(path: &PathBuf, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn requester(args: RequesterArgs) -> Result<bool, String> {
+    if !args.tags.is_empty() && args.target.nats.is_some() {
+        return Err("--tag is for RSocket routing; NATS has subjects only".into());
+    }
+    let spec = RequesterSpec {
+        interaction: args.interaction,
+        route: args.route.clone(),
+        tags: args.tags.clone(),
+        payload_size: args.payload_size,
+        connections: args.connections.max(1),
+        mode: match args.rps {
+            Some(rps) if rps > 0.0 => Mode::Open {
+                rps,
+                spin: args.spin,
+            },
+            Some(rps) => return Err(format!("--rps must be more than 0, got {rps}")),
+            None => Mode::Closed {
+                concurrency: args.concurrency.max(1),
+            },
+        },
+        duration: args.duration,
+        warmup: args.warmup,
+        request_n: args.request_n.max(1),
+        items: args.items.max(1),
+        cpus: args.cpus.unwrap_or_else(loadgen::available_cpus),
+        live: !args.quiet && std::io::stderr().is_terminal(),
+    };
+    let cpu_before = loadgen::cpu_seconds();
+    let (target, run) = match (&args.target.broker, &args.target.nats) {
+        (Some(b), _) => (
+            b.to_string(),
+            loadgen::rsocket::run_requester(&spec, tcp(b))?,
+        ),
+        (None, Some(n)) => (n.clone(), loadgen::nats::run_requester(&spec, n)?),
+        (None, None) => return Err("give --broker or --nats".into()),
+    };
+    let summary = Summary::new(&spec, target, &run, loadgen::cpu_seconds() - cpu_before);
+    print!("{}", summary.text());
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
+        write(path, &(json + "\n"))?;
+    }
+    if let Some(path) = &args.hgrm {
+        write(path, &stats::hgrm(&run.record.latency, 1000.0))?;
+    }
+    Ok(summary.passed)
+}
+
+fn responder(args: ResponderArgs) -> Result<bool, String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())
+            .map_err(|e| format!("cannot handle signals: {e}"))?;
+    }
+    if let Some(d) = args.duration {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(d);
+            stop.store(true, Ordering::Release);
+        });
+    }
+    let spec = ResponderSpec {
+        broker: args.target.broker.as_ref().map(tcp),
+        listen: args.target.listen.as_ref().map(tcp),
+        service: args.service.clone(),
+        app: args.app.clone(),
+        instances: args.instances.max(1),
+        connections: args.connections.max(1),
+        work: Duration::from_micros(args.work_us),
+        items: args.items,
+        cpus: args.cpus.unwrap_or_else(loadgen::available_cpus),
+    };
+    let counts = match &args.target.nats {
+        Some(url) => loadgen::nats::run_responder(&spec, url, args.fanout, stop)?,
+        None => loadgen::rsocket::run_responder(&spec, stop)?,
+    };
+    let secs = counts.seconds.max(1e-9);
+    println!(
+        "loadgen responder: served {} request-response, {} fire-and-forget, {} streams, {} channels, {} items in {:.1} s ({:.0} messages/s)",
+        counts.request_response,
+        counts.fire_and_forget,
+        counts.streams,
+        counts.channels,
+        counts.items,
+        counts.seconds,
+        (counts.request_response + counts.fire_and_forget + counts.items) as f64 / secs
+    );
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&counts).map_err(|e| e.to_string())?;
+        write(path, &(json + "\n"))?;
+    }
+    Ok(true)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Requester(a) => requester(a),
+        Command::Responder(a) => responder(a),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

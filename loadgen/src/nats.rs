@@ -1,0 +1,380 @@
+//! The same load over NATS (async-nats on a current-thread tokio runtime
+//! per CPU), so that nats-server is measured by the same program:
+//! request-response is NATS request/reply, fire-and-forget is publish, and
+//! the responder answers requests (a queue group, so each request is
+//! answered once) or, with `--fanout`, has every connection subscribe so
+//! each receives every message (publish/subscribe 1 -> N).
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_lite::StreamExt;
+
+use crate::schedule::{Schedule, latency, wait_until_tokio};
+use crate::stats::Recorder;
+use crate::{Interaction, Mode, RequesterSpec, ResponderCounts, ResponderSpec, Run};
+
+const DRAIN: Duration = Duration::from_secs(5);
+
+fn runtime(cpu: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    if let Some(c) = cpu {
+        core_affinity::set_for_current(core_affinity::CoreId { id: c });
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+async fn connect(url: &str) -> Result<async_nats::Client, String> {
+    async_nats::ConnectOptions::new()
+        .no_echo()
+        .connect(url)
+        .await
+        .map_err(|e| format!("cannot connect to {url}: {e}"))
+}
+
+/// Runs the requester side against nats-server at `url`.
+pub fn run_requester(spec: &RequesterSpec, url: &str) -> Result<Run, String> {
+    if matches!(spec.interaction, Interaction::Stream | Interaction::Channel) {
+        return Err(format!(
+            "NATS has no {}: use --interaction rr (request/reply) or fnf (publish)",
+            spec.interaction.name()
+        ));
+    }
+    let threads = spec.cpus.len().clamp(1, spec.connections.max(1));
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    let start: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
+    let failed = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let conns = (t..spec.connections).step_by(threads).count();
+        let (spec, barrier, start, failed, url) = (
+            spec.clone(),
+            barrier.clone(),
+            start.clone(),
+            failed.clone(),
+            url.to_owned(),
+        );
+        let progress = progress.clone();
+        let cpu = spec.cpus.get(t).copied();
+        handles.push(std::thread::spawn(move || -> Result<Recorder, String> {
+            let rt = runtime(cpu).map_err(|e| e.to_string());
+            let rt = match rt {
+                Ok(rt) => rt,
+                Err(e) => {
+                    failed.store(true, Ordering::Release);
+                    barrier.wait();
+                    return Err(e);
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let mut clients = Vec::new();
+                let mut error = None;
+                for _ in 0..conns {
+                    match connect(&url).await {
+                        Ok(c) => clients.push(c),
+                        Err(e) => {
+                            error = Some(e);
+                            failed.store(true, Ordering::Release);
+                            break;
+                        }
+                    }
+                }
+                barrier.wait();
+                if let Some(e) = error {
+                    return Err(e);
+                }
+                if failed.load(Ordering::Acquire) {
+                    return Ok(Recorder::default());
+                }
+                let start = *start.get_or_init(|| Instant::now() + Duration::from_millis(20));
+                Ok(thread_main(&spec, clients, start, progress).await)
+            })
+        }));
+    }
+    barrier.wait();
+    let mut total = Recorder::default();
+    let mut first_error = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(r)) => total.merge(&r),
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(_) => {
+                first_error.get_or_insert("a thread panicked".to_owned());
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    Ok(Run {
+        record: total,
+        measured: spec.duration,
+        started: start.get().copied().unwrap_or_else(Instant::now) + spec.warmup,
+    })
+}
+
+async fn thread_main(
+    spec: &RequesterSpec,
+    clients: Vec<async_nats::Client>,
+    start: Instant,
+    progress: Arc<AtomicU64>,
+) -> Recorder {
+    let rec = Rc::new(RefCell::new(Recorder::default()));
+    let (w_start, w_end) = (start + spec.warmup, start + spec.warmup + spec.duration);
+    let in_window = move |t: Instant| t >= w_start && t < w_end;
+    let subject = spec.route.clone();
+    let payload = Bytes::from(vec![b'x'; spec.payload_size]);
+    let rr = spec.interaction == Interaction::Rr;
+    let outstanding = Rc::new(Cell::new(0usize));
+    let one = move |client: async_nats::Client, subject: String, payload: Bytes| async move {
+        if rr {
+            client
+                .request(subject, payload)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        } else {
+            client
+                .publish(subject, payload)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    let record = {
+        let rec = rec.clone();
+        let progress = progress.clone();
+        move |due: Instant, measured: bool, result: Result<(), String>| {
+            let done = Instant::now();
+            let mut r = rec.borrow_mut();
+            match result {
+                Ok(()) => {
+                    if measured {
+                        r.record_latency(latency(due, done));
+                    }
+                    if in_window(done) {
+                        r.ok += 1;
+                        progress.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => r.error(|| e),
+            }
+        }
+    };
+    match spec.mode {
+        Mode::Open { rps, spin } => {
+            let share = clients.len() as f64 / spec.connections.max(1) as f64;
+            let mut schedule = Schedule::new(start, rps * share, w_end);
+            let timer = match crate::schedule::TokioTimer::new() {
+                Ok(t) => t,
+                Err(e) => {
+                    rec.borrow_mut()
+                        .error(|| format!("cannot create a timerfd: {e}"));
+                    return rec.borrow().clone();
+                }
+            };
+            let mut i = 0usize;
+            while let Some((_, due)) = schedule.next_due() {
+                let sent = wait_until_tokio(due, spin, &timer).await;
+                let measured = in_window(due);
+                {
+                    let mut r = rec.borrow_mut();
+                    r.sent += 1;
+                    if measured {
+                        r.record_lag(sent.saturating_duration_since(due));
+                    }
+                }
+                let client = clients[i % clients.len()].clone();
+                i += 1;
+                outstanding.set(outstanding.get() + 1);
+                let (outstanding, record, subject, payload) = (
+                    outstanding.clone(),
+                    record.clone(),
+                    subject.clone(),
+                    payload.clone(),
+                );
+                tokio::task::spawn_local(async move {
+                    let result = one(client, subject, payload).await;
+                    record(due, measured, result);
+                    outstanding.set(outstanding.get() - 1);
+                });
+            }
+        }
+        Mode::Closed { concurrency } => {
+            let mut workers = Vec::new();
+            for client in &clients {
+                for _ in 0..concurrency.max(1) {
+                    let (client, record, subject, payload, rec) = (
+                        client.clone(),
+                        record.clone(),
+                        subject.clone(),
+                        payload.clone(),
+                        rec.clone(),
+                    );
+                    workers.push(tokio::task::spawn_local(async move {
+                        loop {
+                            let t0 = Instant::now();
+                            if t0 >= w_end {
+                                break;
+                            }
+                            rec.borrow_mut().sent += 1;
+                            let result =
+                                one(client.clone(), subject.clone(), payload.clone()).await;
+                            record(t0, in_window(t0), result);
+                        }
+                    }));
+                }
+            }
+            for w in workers {
+                let _ = w.await;
+            }
+        }
+    }
+    let deadline = Instant::now() + DRAIN;
+    while outstanding.get() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for c in &clients {
+        let _ = c.flush().await;
+    }
+    let mut r = rec.borrow().clone();
+    let left = outstanding.get() as u64;
+    if left > 0 {
+        r.unanswered += left;
+        r.errors += left;
+        r.first_error.get_or_insert_with(|| {
+            format!("{left} requests were not answered within {DRAIN:?} after the run")
+        });
+    }
+    r
+}
+
+/// Serves requests over NATS until `stop` is set.
+pub fn run_responder(
+    spec: &ResponderSpec,
+    url: &str,
+    fanout: bool,
+    stop: Arc<AtomicBool>,
+) -> Result<ResponderCounts, String> {
+    let threads = spec.cpus.len().max(1);
+    let total = spec.instances * spec.connections;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let mine = (t..total).step_by(threads).count();
+        let (spec, url, stop, ready) =
+            (spec.clone(), url.to_owned(), stop.clone(), ready_tx.clone());
+        let cpu = spec.cpus.get(t).copied();
+        handles.push(std::thread::spawn(move || -> ResponderCounts {
+            let mut counts = ResponderCounts::default();
+            let rt = match runtime(cpu) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready.send(Err(e.to_string()));
+                    return counts;
+                }
+            };
+            let served = Rc::new(Cell::new(0u64));
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async {
+                let mut subs = Vec::new();
+                for _ in 0..mine {
+                    let client = match connect(&url).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    };
+                    let sub = if fanout {
+                        client.subscribe(spec.service.clone()).await
+                    } else {
+                        client
+                            .queue_subscribe(spec.service.clone(), "loadgen".into())
+                            .await
+                    };
+                    match sub {
+                        Ok(s) => subs.push((client, s)),
+                        Err(e) => {
+                            let _ = ready.send(Err(format!("cannot subscribe: {e}")));
+                            return;
+                        }
+                    }
+                }
+                // Subscriptions reach the server before anyone is told to send.
+                for (c, _) in &subs {
+                    let _ = c.flush().await;
+                }
+                let _ = ready.send(Ok(()));
+                for (client, mut sub) in subs {
+                    let served = served.clone();
+                    let work = spec.work;
+                    tokio::task::spawn_local(async move {
+                        while let Some(msg) = sub.next().await {
+                            served.set(served.get() + 1);
+                            if !work.is_zero() {
+                                let until = Instant::now() + work;
+                                while Instant::now() < until {
+                                    std::hint::spin_loop();
+                                }
+                            }
+                            if let Some(reply) = msg.reply {
+                                let _ = client.publish(reply, msg.payload).await;
+                            }
+                        }
+                    });
+                }
+                while !stop.load(Ordering::Acquire) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+            // Requests carry a reply subject, published messages do not;
+            // one counter serves both, the summary names it by mode.
+            if fanout {
+                counts.fire_and_forget = served.get();
+            } else {
+                counts.request_response = served.get();
+            }
+            counts
+        }));
+    }
+    drop(ready_tx);
+    for _ in 0..threads {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                stop.store(true, Ordering::Release);
+                return Err(e);
+            }
+            Err(_) => return Err("a responder thread ended early".into()),
+        }
+    }
+    eprintln!(
+        "loadgen responder: serving subject {} on {url} with {total} connection(s){}",
+        spec.service,
+        if fanout {
+            ", each receiving every message"
+        } else {
+            " in a queue group"
+        }
+    );
+    let started = Instant::now();
+    let mut total_counts = ResponderCounts::default();
+    for h in handles {
+        let c = h
+            .join()
+            .map_err(|_| "a responder thread panicked".to_owned())?;
+        total_counts.request_response += c.request_response;
+        total_counts.fire_and_forget += c.fire_and_forget;
+    }
+    total_counts.seconds = started.elapsed().as_secs_f64();
+    Ok(total_counts)
+}

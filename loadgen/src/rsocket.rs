@@ -1,0 +1,613 @@
+//! Load over RSocket with rsbroker-client: the requester (open or closed
+//! loop, all four interaction models) and the responder (registered with a
+//! broker, or a plain RSocket server with `--listen`). One glommio executor
+//! per CPU, pinned; each keeps its own [`Recorder`].
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use glommio::{LocalExecutorBuilder, Placement};
+use rsbroker_client::metadata::route;
+use rsbroker_client::{
+    AppConfig, Client, ClientConfig, ClientError, LocalBoxFuture, Payload, Responder, Sink,
+    Subscription,
+};
+use rsbroker_transports::TcpFrames;
+
+use crate::schedule::{Schedule, latency, wait_until};
+use crate::stats::Recorder;
+use crate::{Interaction, Mode, RequesterSpec, ResponderCounts, ResponderSpec, Run};
+
+/// A stream window this large is unbounded (2^31-1 saturates RSocket credit).
+pub const UNBOUNDED: u32 = i32::MAX as u32;
+
+/// How long a finished run waits for answers still in flight.
+const DRAIN: Duration = Duration::from_secs(5);
+
+fn executor(cpu: Option<usize>, name: String) -> LocalExecutorBuilder {
+    let placement = match cpu {
+        Some(c) => Placement::Fixed(c),
+        None => Placement::Unbound,
+    };
+    LocalExecutorBuilder::new(placement)
+        .name(&name)
+        .io_memory(256 << 10)
+}
+
+/// Runs the requester side against `addr`; returns the merged record and
+/// when the measurement window started.
+pub fn run_requester(spec: &RequesterSpec, addr: SocketAddr) -> Result<Run, String> {
+    let threads = spec.cpus.len().clamp(1, spec.connections.max(1));
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    let start: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
+    let progress: Vec<Arc<AtomicU64>> = (0..threads).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let failed_setup = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let conns = (t..spec.connections).step_by(threads).count();
+        let spec = spec.clone();
+        let barrier = barrier.clone();
+        let start = start.clone();
+        let progress = progress[t].clone();
+        let failed_setup = failed_setup.clone();
+        let cpu = spec.cpus.get(t).copied();
+        let h = executor(cpu, format!("loadgen-{t}"))
+            .spawn(move || async move {
+                let clients = connect_all(addr, conns).await;
+                if clients.is_err() {
+                    failed_setup.store(true, Ordering::Release);
+                }
+                barrier.wait();
+                let clients = clients?;
+                if failed_setup.load(Ordering::Acquire) {
+                    return Ok(Recorder::default());
+                }
+                let start = *start.get_or_init(|| Instant::now() + Duration::from_millis(20));
+                Ok(thread_main(&spec, clients, start, progress).await)
+            })
+            .map_err(|e| format!("cannot start a thread on CPU {cpu:?}: {e}"))?;
+        handles.push(h);
+    }
+    barrier.wait();
+    let started = Instant::now();
+    let report_progress = spec.live;
+    let measure_start_guess = started + Duration::from_millis(20) + spec.warmup;
+    let end_guess = measure_start_guess + spec.duration;
+    let live = std::thread::spawn({
+        let progress = progress.clone();
+        move || {
+            if !report_progress {
+                return;
+            }
+            let mut last = 0u64;
+            let mut t = 0;
+            while Instant::now() < end_guess {
+                std::thread::sleep(Duration::from_secs(1));
+                t += 1;
+                let now: u64 = progress.iter().map(|p| p.load(Ordering::Relaxed)).sum();
+                eprintln!("  {t:>4} s  {:>10} completed/s", now - last);
+                last = now;
+            }
+        }
+    });
+    let mut total = Recorder::default();
+    let mut first_error = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(r)) => total.merge(&r),
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(format!("a thread failed: {e}"));
+            }
+        }
+    }
+    let _ = live.join();
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let measure_start = start.get().copied().unwrap_or(started) + spec.warmup;
+    Ok(Run {
+        record: total,
+        measured: spec.duration,
+        started: measure_start,
+    })
+}
+
+async fn connect_all(addr: SocketAddr, n: usize) -> Result<Vec<Client>, String> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        let c = Client::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        clients.push(c);
+    }
+    Ok(clients)
+}
+
+/// The window a request counts in.
+#[derive(Clone, Copy)]
+struct Window {
+    start: Instant,
+    end: Instant,
+}
+
+impl Window {
+    fn contains(&self, t: Instant) -> bool {
+        t >= self.start && t < self.end
+    }
+}
+
+async fn thread_main(
+    spec: &RequesterSpec,
+    clients: Vec<Client>,
+    start: Instant,
+    progress: Arc<AtomicU64>,
+) -> Recorder {
+    let rec = Rc::new(RefCell::new(Recorder::default()));
+    let window = Window {
+        start: start + spec.warmup,
+        end: start + spec.warmup + spec.duration,
+    };
+    let request = Rc::new(Request {
+        interaction: spec.interaction,
+        metadata: route(
+            &std::iter::once(spec.route.as_str())
+                .chain(spec.tags.iter().map(String::as_str))
+                .collect::<Vec<_>>(),
+        ),
+        data: Bytes::from(vec![b'x'; spec.payload_size]),
+        request_n: spec.request_n.max(1),
+        items: spec.items.max(1),
+    });
+    let outstanding = Rc::new(Cell::new(0usize));
+    match spec.mode {
+        Mode::Open { rps, spin } => {
+            let share = clients.len() as f64 / spec.connections.max(1) as f64;
+            let mut schedule = Schedule::new(start, rps * share, window.end);
+            let mut i = 0usize;
+            while let Some((_, due)) = schedule.next_due() {
+                let sent = wait_until(due, spin).await;
+                let measured = window.contains(due);
+                {
+                    let mut r = rec.borrow_mut();
+                    r.sent += 1;
+                    if measured {
+                        r.record_lag(sent.saturating_duration_since(due));
+                    }
+                }
+                let client = clients[i % clients.len()].clone();
+                i += 1;
+                outstanding.set(outstanding.get() + 1);
+                let (rec, request, outstanding, progress) = (
+                    rec.clone(),
+                    request.clone(),
+                    outstanding.clone(),
+                    progress.clone(),
+                );
+                glommio::spawn_local(async move {
+                    let result = request.run(&client, &rec, window).await;
+                    finish(&rec, &progress, window, due, measured, result);
+                    outstanding.set(outstanding.get() - 1);
+                })
+                .detach();
+            }
+        }
+        Mode::Closed { concurrency } => {
+            let mut workers = Vec::new();
+            for client in &clients {
+                for _ in 0..concurrency.max(1) {
+                    let (client, rec, request, progress) = (
+                        client.clone(),
+                        rec.clone(),
+                        request.clone(),
+                        progress.clone(),
+                    );
+                    workers.push(glommio::spawn_local(async move {
+                        loop {
+                            let t0 = Instant::now();
+                            if t0 >= window.end {
+                                break;
+                            }
+                            rec.borrow_mut().sent += 1;
+                            let result = request.run(&client, &rec, window).await;
+                            finish(&rec, &progress, window, t0, window.contains(t0), result);
+                        }
+                    }));
+                }
+            }
+            for w in workers {
+                w.await;
+            }
+        }
+    }
+    // Answers still in flight get a little time; what does not come is counted.
+    let deadline = Instant::now() + DRAIN;
+    while outstanding.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    let mut r = rec.borrow().clone();
+    r.unanswered += outstanding.get() as u64;
+    if outstanding.get() > 0 {
+        r.errors += outstanding.get() as u64;
+        if r.first_error.is_none() {
+            r.first_error = Some(format!(
+                "{} requests were not answered within {DRAIN:?} after the run",
+                outstanding.get()
+            ));
+        }
+    }
+    for c in &clients {
+        c.close();
+    }
+    r
+}
+
+/// Records the outcome of one request that was due (or sent) at `due`.
+fn finish(
+    rec: &RefCell<Recorder>,
+    progress: &AtomicU64,
+    window: Window,
+    due: Instant,
+    measured: bool,
+    result: Result<(), String>,
+) {
+    let done = Instant::now();
+    let mut r = rec.borrow_mut();
+    match result {
+        Ok(()) => {
+            if measured {
+                r.record_latency(latency(due, done));
+            }
+            if window.contains(done) {
+                r.ok += 1;
+                progress.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Err(e) => r.error(|| e),
+    }
+}
+
+/// One request of the run's interaction model.
+struct Request {
+    interaction: Interaction,
+    metadata: Bytes,
+    data: Bytes,
+    request_n: u32,
+    items: u32,
+}
+
+impl Request {
+    fn payload(&self) -> Payload {
+        Payload {
+            metadata: Some(self.metadata.clone()),
+            data: self.data.clone(),
+        }
+    }
+
+    async fn run(
+        &self,
+        client: &Client,
+        rec: &RefCell<Recorder>,
+        window: Window,
+    ) -> Result<(), String> {
+        match self.interaction {
+            Interaction::Rr => client
+                .request_response(self.payload())
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Interaction::Fnf => client
+                .fire_and_forget(self.payload())
+                .map_err(|e| e.to_string()),
+            Interaction::Stream => {
+                let sub = client
+                    .request_stream(self.payload(), self.request_n)
+                    .map_err(|e| e.to_string())?;
+                consume(sub, self.request_n, rec, window).await
+            }
+            Interaction::Channel => {
+                let (sink, sub) = client
+                    .request_channel(self.payload(), self.request_n)
+                    .map_err(|e| e.to_string())?;
+                let items = self.items;
+                let data = self.data.clone();
+                let sending = glommio::spawn_local(async move {
+                    for _ in 1..items {
+                        if sink.send(Payload::data(data.clone())).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = sink.complete();
+                });
+                let received = consume(sub, self.request_n, rec, window).await;
+                sending.await;
+                received
+            }
+        }
+    }
+}
+
+/// Reads a stream to its end under a window of `n` items, asking for more
+/// as it consumes; per-item latency is counted from the credit that allowed
+/// the item (not for unbounded windows).
+async fn consume(
+    mut sub: Subscription,
+    n: u32,
+    rec: &RefCell<Recorder>,
+    window: Window,
+) -> Result<(), String> {
+    let bounded = n < UNBOUNDED;
+    let mut credits: VecDeque<(Instant, u32)> = VecDeque::new();
+    if bounded {
+        credits.push_back((Instant::now(), n));
+    }
+    let batch = (n / 2).max(1);
+    let mut since_request = 0u32;
+    while let Some(item) = sub.next().await {
+        item.map_err(|e| e.to_string())?;
+        let now = Instant::now();
+        {
+            let mut r = rec.borrow_mut();
+            if window.contains(now) {
+                r.items += 1;
+            }
+            if bounded && let Some(front) = credits.front_mut() {
+                if window.contains(now) {
+                    r.record_item(now.saturating_duration_since(front.0));
+                }
+                front.1 -= 1;
+                if front.1 == 0 {
+                    credits.pop_front();
+                }
+            }
+        }
+        if bounded {
+            since_request += 1;
+            if since_request == batch {
+                since_request = 0;
+                credits.push_back((Instant::now(), batch));
+                // The stream may have ended meanwhile; the next `next` says so.
+                let _ = sub.request(batch);
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- responder
+
+/// What a responder thread counted.
+#[derive(Debug, Default)]
+struct Counts {
+    rr: Cell<u64>,
+    fnf: Cell<u64>,
+    streams: Cell<u64>,
+    channels: Cell<u64>,
+    items: Cell<u64>,
+}
+
+#[derive(Clone)]
+struct Echo {
+    counts: Rc<Counts>,
+    work: Duration,
+    items: u32,
+}
+
+impl Echo {
+    /// Simulated work: the CPU is busy for `work`.
+    fn work(&self) {
+        if !self.work.is_zero() {
+            let until = Instant::now() + self.work;
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
+    }
+}
+
+impl Responder for Echo {
+    fn request_response(&self, request: Payload) -> LocalBoxFuture<Result<Payload, ClientError>> {
+        self.counts.rr.set(self.counts.rr.get() + 1);
+        self.work();
+        Box::pin(std::future::ready(Ok(Payload::data(request.data))))
+    }
+
+    fn fire_and_forget(&self, _request: Payload) {
+        self.counts.fnf.set(self.counts.fnf.get() + 1);
+        self.work();
+    }
+
+    fn request_stream(&self, request: Payload, sink: Sink) {
+        self.counts.streams.set(self.counts.streams.get() + 1);
+        self.work();
+        let (items, counts) = (self.items, self.counts.clone());
+        glommio::spawn_local(async move {
+            let item = Payload::data(request.data);
+            for _ in 0..items {
+                if sink.send(item.clone()).await.is_err() {
+                    return;
+                }
+                counts.items.set(counts.items.get() + 1);
+            }
+            let _ = sink.complete();
+        })
+        .detach();
+    }
+
+    fn request_channel(&self, request: Payload, mut inbound: Subscription, sink: Sink) {
+        self.counts.channels.set(self.counts.channels.get() + 1);
+        self.work();
+        let counts = self.counts.clone();
+        glommio::spawn_local(async move {
+            let _ = inbound.request(64);
+            if sink.send(Payload::data(request.data)).await.is_err() {
+                return;
+            }
+            counts.items.set(counts.items.get() + 1);
+            let mut since = 0;
+            while let Some(Ok(item)) = inbound.next().await {
+                since += 1;
+                if since == 32 {
+                    since = 0;
+                    let _ = inbound.request(32);
+                }
+                if sink.send(Payload::data(item.data)).await.is_err() {
+                    return;
+                }
+                counts.items.set(counts.items.get() + 1);
+            }
+            let _ = sink.complete();
+        })
+        .detach();
+    }
+}
+
+/// Runs responders until `stop` is set (or the spec's duration passes).
+pub fn run_responder(
+    spec: &ResponderSpec,
+    stop: Arc<AtomicBool>,
+) -> Result<ResponderCounts, String> {
+    let threads = spec.cpus.len().max(1);
+    let mut handles = Vec::new();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    for t in 0..threads {
+        let spec = spec.clone();
+        let stop = stop.clone();
+        let ready = ready_tx.clone();
+        let cpu = spec.cpus.get(t).copied();
+        let h = executor(cpu, format!("loadgen-responder-{t}"))
+            .spawn(move || async move {
+                let counts = Rc::new(Counts::default());
+                let echo = Echo {
+                    counts: counts.clone(),
+                    work: spec.work,
+                    items: spec.items,
+                };
+                let mut clients = Vec::new();
+                let mut server = None;
+                match (spec.broker, spec.listen) {
+                    (Some(addr), _) => {
+                        // Connections of every instance, spread over the threads.
+                        let (group, service, version) = split_service(&spec.service);
+                        let total = spec.instances * spec.connections;
+                        for k in (t..total).step_by(threads) {
+                            let instance = k / spec.connections;
+                            let config = ClientConfig {
+                                app: Some(AppConfig {
+                                    name: spec.app.clone(),
+                                    uuid: format!("{}-{instance}", spec.app),
+                                    power_rating: 1,
+                                }),
+                                services: vec![(group.clone(), service.clone(), version.clone())],
+                                ..ClientConfig::default()
+                            };
+                            match Client::builder(config)
+                                .responder(&service, echo.clone())
+                                .connect(addr)
+                                .await
+                            {
+                                Ok(c) => clients.push(c),
+                                Err(e) => {
+                                    let _ =
+                                        ready.send(Err(format!("cannot connect to {addr}: {e}")));
+                                    return Rc::unwrap_or_clone(counts);
+                                }
+                            }
+                        }
+                    }
+                    (None, Some(addr)) => match rsbroker_transports::tcp::bind(addr) {
+                        Ok(listener) => {
+                            let echo = echo.clone();
+                            server = Some(glommio::spawn_local(async move {
+                                let mut served = Vec::new();
+                                while let Ok(stream) = listener.accept().await {
+                                    let io = TcpFrames::new(stream, rsocket_proto::frame::MAX_U24);
+                                    served.push(
+                                        Client::builder(ClientConfig::default())
+                                            .default_responder(echo.clone())
+                                            .serve(io),
+                                    );
+                                    served.retain(|c| !c.is_closed());
+                                }
+                            }));
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(format!("cannot listen on {addr}: {e}")));
+                            return Rc::unwrap_or_clone(counts);
+                        }
+                    },
+                    (None, None) => {
+                        let _ = ready.send(Err("responder: give --broker or --listen".into()));
+                        return Rc::unwrap_or_clone(counts);
+                    }
+                }
+                let _ = ready.send(Ok(()));
+                while !stop.load(Ordering::Acquire) && !clients.iter().any(Client::is_closed) {
+                    glommio::timer::sleep(Duration::from_millis(20)).await;
+                }
+                if clients.iter().any(Client::is_closed) {
+                    eprintln!("loadgen responder: the broker closed a connection; stopping");
+                }
+                drop(server);
+                for c in &clients {
+                    c.close();
+                }
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+                Rc::unwrap_or_clone(counts)
+            })
+            .map_err(|e| format!("cannot start a thread on CPU {cpu:?}: {e}"))?;
+        handles.push(h);
+    }
+    drop(ready_tx);
+    for _ in 0..threads {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                stop.store(true, Ordering::Release);
+                return Err(e);
+            }
+            Err(_) => return Err("a responder thread ended early".into()),
+        }
+    }
+    eprintln!("{}", spec.ready_line());
+    let started = Instant::now();
+    let mut total = ResponderCounts::default();
+    for h in handles {
+        let c = h
+            .join()
+            .map_err(|e| format!("a responder thread failed: {e}"))?;
+        total.request_response += c.rr.get();
+        total.fire_and_forget += c.fnf.get();
+        total.streams += c.streams.get();
+        total.channels += c.channels.get();
+        total.items += c.items.get();
+    }
+    total.seconds = started.elapsed().as_secs_f64();
+    Ok(total)
+}
+
+impl Clone for Counts {
+    fn clone(&self) -> Self {
+        Self {
+            rr: Cell::new(self.rr.get()),
+            fnf: Cell::new(self.fnf.get()),
+            streams: Cell::new(self.streams.get()),
+            channels: Cell::new(self.channels.get()),
+            items: Cell::new(self.items.get()),
+        }
+    }
+}
+
+fn split_service(s: &str) -> (String, String, String) {
+    let (group, rest) = s.split_once('!').unwrap_or(("", s));
+    let (service, version) = rest.split_once(':').unwrap_or((rest, ""));
+    (group.into(), service.into(), version.into())
+}

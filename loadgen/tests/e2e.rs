@@ -1,0 +1,192 @@
+//! loadgen end to end: a broker (in this process), `loadgen responder` and
+//! `loadgen requester` as the user runs them.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rsbroker::BrokerConfig;
+use rsbroker_transports::ListenAddr;
+
+fn broker() -> rsbroker::BrokerHandle {
+    let mut c = BrokerConfig::default();
+    c.server.listen = vec![ListenAddr::Tcp(([127, 0, 0, 1], 0).into())];
+    c.server.shards = 1;
+    c.server.io_memory = rsbroker::config::Size(64 << 10);
+    c.admin.enabled = false;
+    c.shutdown.close_timeout = Duration::from_secs(1);
+    rsbroker::start(c).expect("broker starts")
+}
+
+fn loadgen() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_loadgen"))
+}
+
+/// Starts a responder and waits until it serves.
+fn responder(addr: SocketAddr, extra: &[&str]) -> Child {
+    let mut child = loadgen()
+        .args([
+            "responder",
+            "--broker",
+            &format!("tcp://{addr}"),
+            "--duration",
+            "60s",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("loadgen runs");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().expect("a line").expect("text");
+    assert!(first.contains("loadgen responder: serving echo"), "{first}");
+    child
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("loadgen");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn open_loop_run_reports_rate_and_percentiles_and_fails_without_a_responder() {
+    let broker = broker();
+    let addr = broker.tcp_addr().unwrap();
+    let mut resp = responder(addr, &[]);
+    let json = tmp("rr.json");
+    let hgrm = tmp("rr.hgrm");
+    let out = loadgen()
+        .args([
+            "requester",
+            "--broker",
+            &format!("tcp://{addr}"),
+            "--rps",
+            "2000",
+            "--duration",
+            "3s",
+        ])
+        .args([
+            "--json",
+            json.to_str().unwrap(),
+            "--hgrm",
+            hgrm.to_str().unwrap(),
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("target 2000/s, achieved"), "{stdout}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(summary["passed"], true);
+    assert_eq!(summary["target_rps"], 2000.0);
+    let achieved = summary["achieved_rps"].as_f64().unwrap();
+    assert!((1900.0..=2100.0).contains(&achieved), "{summary}");
+    assert_eq!(summary["errors"], 0);
+    let lat = &summary["latency_us"];
+    let p = |k: &str| lat[k].as_f64().unwrap();
+    assert!(
+        p("p50") > 0.0 && p("p50") <= p("p90") && p("p90") <= p("p99") && p("p99") <= p("p999")
+    );
+    assert!(p("p999") <= p("p9999") && p("p9999") <= p("max"));
+    // Every request due in the window is measured, answered in it or just after.
+    assert_eq!(lat["count"].as_u64().unwrap(), 6000);
+    assert!(summary["lag_us"]["count"].as_u64().unwrap() >= 5900);
+    let text = std::fs::read_to_string(&hgrm).unwrap();
+    assert!(text.starts_with("       Value     Percentile TotalCount 1/(1-Percentile)"));
+    assert!(text.contains("#[Max     ="));
+
+    // No responder: every request is refused; the run fails and says why.
+    resp.kill().unwrap();
+    resp.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = loadgen()
+        .args([
+            "requester",
+            "--broker",
+            &format!("tcp://{addr}"),
+            "--rps",
+            "500",
+            "--duration",
+            "1s",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL: achieved 0 requests/s, below 95% of the target 500/s"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("FAIL: 500 requests failed (first: REJECTED"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("no live instance of service echo"),
+        "{stdout}"
+    );
+    broker.stop();
+    broker.join().unwrap();
+}
+
+#[test]
+fn closed_loop_and_streams_under_a_window() {
+    let broker = broker();
+    let addr = broker.tcp_addr().unwrap();
+    let mut resp = responder(addr, &["--items", "50"]);
+    let json = tmp("stream.json");
+    let out = loadgen()
+        .args([
+            "requester",
+            "--broker",
+            &format!("tcp://{addr}"),
+            "--interaction",
+            "stream",
+        ])
+        .args([
+            "--max",
+            "--concurrency",
+            "2",
+            "--connections",
+            "2",
+            "--request-n",
+            "4",
+        ])
+        .args([
+            "--duration",
+            "1s",
+            "--quiet",
+            "--json",
+            json.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(summary["mode"], "closed");
+    assert_eq!(summary["request_n"], 4);
+    let streams = summary["ok"].as_u64().unwrap();
+    let items = summary["items"].as_u64().unwrap();
+    assert!(streams > 0);
+    // Each stream is 50 items (some streams straddle the window's edges).
+    assert!(
+        items >= streams * 40 && items <= (streams + 8) * 50,
+        "{summary}"
+    );
+    assert!(summary["item_latency_us"]["count"].as_u64().unwrap() > 0);
+    let _ = resp.kill();
+    let _ = resp.wait();
+    broker.stop();
+    broker.join().unwrap();
+}
