@@ -64,6 +64,8 @@ struct App {
     broker: ConnId,
     /// Responder: items to send per request-stream.
     items: u32,
+    /// Responder: bytes per stream item (0: a short text).
+    item_size: usize,
     /// Responder: fire-and-forget requests received.
     fnf: u32,
     /// Responder: streams with items still to send: stream -> next item.
@@ -87,6 +89,14 @@ struct Sim {
     shards: Vec<Shard>,
     queues: BTreeMap<(u16, u16), VecDeque<Message>>,
     apps: Vec<App>,
+    /// Address ranges of the frames apps handed to the broker.
+    received: Vec<(usize, usize)>,
+    /// Address ranges of payload data parts of 1 KiB or more the broker sent.
+    forwarded: Vec<(usize, usize)>,
+}
+
+fn range(b: &[u8]) -> (usize, usize) {
+    (b.as_ptr() as usize, b.len())
 }
 
 impl Sim {
@@ -106,6 +116,8 @@ impl Sim {
             shards,
             queues: BTreeMap::new(),
             apps: Vec::new(),
+            received: Vec::new(),
+            forwarded: Vec::new(),
         }
     }
 
@@ -140,6 +152,7 @@ impl Sim {
             conn,
             broker,
             items: 3,
+            item_size: 0,
             fnf: 0,
             serving: HashMap::new(),
             outcomes: HashMap::new(),
@@ -200,7 +213,9 @@ impl Sim {
         };
         let shard = usize::from(app.broker.shard);
         let broker = app.broker;
-        self.shards[shard].handle_frame(self.now, broker, frame.to_bytes());
+        let frame = frame.to_bytes();
+        self.received.push(range(&frame));
+        self.shards[shard].handle_frame(self.now, broker, frame);
         self.collect_outboxes(shard);
         true
     }
@@ -212,6 +227,10 @@ impl Sim {
             return false;
         };
         self.shards[shard].written(broker);
+        let (_, data) = frame.shared_parts();
+        if data.len() >= 1024 {
+            self.forwarded.push(range(data));
+        }
         let app = &mut self.apps[i];
         app.conn.handle_frame(self.now, frame.to_bytes());
         while let Some(e) = app.conn.poll_event() {
@@ -318,6 +337,7 @@ impl Sim {
         }
         // Responders send stream items as credit allows.
         let items = app.items;
+        let item_size = app.item_size;
         let streams: Vec<u32> = app.serving.keys().copied().collect();
         for s in streams {
             let Some(info) = app.conn.stream_info(s) else {
@@ -333,10 +353,12 @@ impl Sim {
                     app.serving.remove(&s);
                     break;
                 }
-                if app
-                    .conn
-                    .send_payload(s, None, Bytes::from(format!("item{next}")), true, false)
-                    .is_err()
+                let item = if item_size == 0 {
+                    Bytes::from(format!("item{next}"))
+                } else {
+                    Bytes::from(vec![next as u8; item_size])
+                };
+                if app.conn.send_payload(s, None, item, true, false).is_err()
                 {
                     break;
                 }
@@ -604,6 +626,44 @@ fn failover_retries_on_another_instance() {
         );
     }
     assert!(sim.shards[0].stats().requests_retried >= 1);
+    sim.assert_clean();
+}
+
+#[test]
+fn stream_items_leave_the_broker_in_the_buffers_they_arrived_in() {
+    let mut sim = Sim::new(2, 11, Policies::default());
+    let responder = sim.connect(1, "r", &["big"], 0);
+    sim.apps[responder].items = 5;
+    sim.apps[responder].item_size = 65_536;
+    // One requester on the responder's shard, one on the other.
+    let near = sim.connect(1, "", &[], 0);
+    let far = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    let ids: Vec<(usize, u32)> = [near, far]
+        .into_iter()
+        .map(|a| {
+            let id = sim.request(a, RequestKind::Stream { initial_n: 100 }, &["big"], "");
+            (a, id)
+        })
+        .collect();
+    sim.run(10_000);
+    for (a, id) in ids {
+        let o = &sim.apps[a].outcomes[&id];
+        assert_eq!(o.done, Some(Ok(())));
+        assert_eq!(o.items.len(), 5);
+        for (n, item) in o.items.iter().enumerate() {
+            assert!(item.len() == 65_536 && item.iter().all(|&b| b == n as u8));
+        }
+    }
+    assert_eq!(sim.forwarded.len(), 10, "every item was forwarded");
+    for &(at, len) in &sim.forwarded {
+        assert!(
+            sim.received
+                .iter()
+                .any(|&(start, n)| start <= at && at + len <= start + n),
+            "a forwarded item's bytes are the bytes the broker received, not a copy"
+        );
+    }
     sim.assert_clean();
 }
 
