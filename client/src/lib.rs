@@ -424,6 +424,25 @@ impl Client {
         ))
     }
 
+    /// Waits until the connection has room for more (at most about 1 MiB
+    /// unsent), so that a sender of fire-and-forgets slows down to what the
+    /// socket takes instead of queueing without limit.
+    pub async fn writable(&self) {
+        poll_fn(|cx| {
+            if self.inner.unsent() <= MAX_UNSENT || self.inner.closed.borrow().is_some() {
+                Poll::Ready(())
+            } else {
+                self.inner
+                    .send_waiters
+                    .borrow_mut()
+                    .push(cx.waker().clone());
+                self.inner.wake_driver();
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
     /// Sends METADATA_PUSH.
     pub fn metadata_push(&self, metadata: Bytes) -> Result<(), ClientError> {
         self.check_open()?;

@@ -207,6 +207,8 @@ pub struct Summary {
     pub items: u64,
     /// Items per second.
     pub items_per_s: f64,
+    /// Items received in all, warm-up included (for CPU per item).
+    pub items_total: u64,
     /// Items: from the credit that allowed each to its arrival.
     pub item_latency_us: Percentiles,
     /// loadgen's own CPU time during the run, in seconds.
@@ -242,7 +244,7 @@ impl Summary {
                 r.first_error.as_deref().unwrap_or("?")
             ));
         }
-        if r.ok == 0 && r.errors == 0 {
+        if r.ok == 0 && r.errors == 0 && r.items == 0 {
             failures.push("no request completed".into());
         }
         let streaming = matches!(spec.interaction, Interaction::Stream | Interaction::Channel);
@@ -267,6 +269,7 @@ impl Summary {
             lag_us: Percentiles::of(&r.lag),
             items: r.items,
             items_per_s: r.items as f64 / secs,
+            items_total: r.items_total,
             item_latency_us: Percentiles::of(&r.item_latency),
             cpu_s,
             passed: failures.is_empty(),

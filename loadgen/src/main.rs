@@ -34,6 +34,27 @@ enum Command {
     Requester(RequesterArgs),
     /// Registers a service and answers every interaction model.
     Responder(ResponderArgs),
+    /// A blocking TCP ping-pong: the round trip any broker is compared with.
+    Pingpong(PingpongArgs),
+}
+
+#[derive(Args, Debug)]
+struct PingpongArgs {
+    /// Echo on this address (tcp://host:port) until killed
+    #[arg(long, value_name = "URL", conflicts_with = "connect")]
+    listen: Option<ListenAddr>,
+    /// Send to an echo server here (tcp://host:port) and time each round trip
+    #[arg(long, value_name = "URL", required_unless_present = "listen")]
+    connect: Option<ListenAddr>,
+    /// Round trips
+    #[arg(long, default_value_t = 20_000)]
+    count: u64,
+    /// Bytes each way
+    #[arg(long, value_name = "B", default_value_t = 64)]
+    payload_size: usize,
+    /// Write the percentiles as JSON here
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -265,11 +286,63 @@ fn responder(args: ResponderArgs) -> Result<bool, String> {
     Ok(true)
 }
 
+fn pingpong(args: PingpongArgs) -> Result<bool, String> {
+    use std::io::{Read, Write};
+    let size = args.payload_size.max(1);
+    if let Some(listen) = &args.listen {
+        let listener = std::net::TcpListener::bind(tcp(listen))
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        eprintln!("loadgen pingpong: echoing on {listen}");
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || {
+                let _ = s.set_nodelay(true);
+                let mut buf = vec![0u8; size];
+                while s.read_exact(&mut buf).is_ok() {
+                    if s.write_all(&buf).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        return Ok(true);
+    }
+    let Some(addr) = &args.connect else {
+        return Err("give --listen or --connect".into());
+    };
+    let mut s = std::net::TcpStream::connect(tcp(addr))
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut buf = vec![b'p'; size];
+    let mut h = stats::histogram();
+    for i in 0..args.count + args.count / 10 {
+        let t0 = std::time::Instant::now();
+        s.write_all(&buf).map_err(|e| e.to_string())?;
+        s.read_exact(&mut buf).map_err(|e| e.to_string())?;
+        // The first tenth warms up.
+        if i >= args.count / 10 {
+            h.saturating_record(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    let p = stats::Percentiles::of(&h);
+    println!(
+        "loadgen pingpong: {} round trips of {size} B to {addr}: {}",
+        h.len(),
+        p.line()
+    );
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&p).map_err(|e| e.to_string())?;
+        write(path, &(json + "\n"))?;
+    }
+    Ok(true)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Requester(a) => requester(a),
         Command::Responder(a) => responder(a),
+        Command::Pingpong(a) => pingpong(a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -314,10 +314,11 @@ pub fn run_responder(
                     let _ = c.flush().await;
                 }
                 let _ = ready.send(Ok(()));
+                let mut tasks = Vec::new();
                 for (client, mut sub) in subs {
                     let served = served.clone();
                     let work = spec.work;
-                    tokio::task::spawn_local(async move {
+                    tasks.push(tokio::task::spawn_local(async move {
                         while let Some(msg) = sub.next().await {
                             served.set(served.get() + 1);
                             if !work.is_zero() {
@@ -330,10 +331,17 @@ pub fn run_responder(
                                 let _ = client.publish(reply, msg.payload).await;
                             }
                         }
-                    });
+                    }));
                 }
                 while !stop.load(Ordering::Acquire) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                // Subscriptions must be dropped while the runtime runs.
+                for t in &tasks {
+                    t.abort();
+                }
+                for t in tasks {
+                    let _ = t.await;
                 }
             });
             // Requests carry a reply subject, published messages do not;

@@ -304,9 +304,12 @@ impl Request {
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string()),
-            Interaction::Fnf => client
-                .fire_and_forget(self.payload())
-                .map_err(|e| e.to_string()),
+            Interaction::Fnf => {
+                client.writable().await;
+                client
+                    .fire_and_forget(self.payload())
+                    .map_err(|e| e.to_string())
+            }
             Interaction::Stream => {
                 let sub = client
                     .request_stream(self.payload(), self.request_n)
@@ -351,11 +354,26 @@ async fn consume(
     }
     let batch = (n / 2).max(1);
     let mut since_request = 0u32;
-    while let Some(item) = sub.next().await {
+    // A stream still running when the run ends is cancelled (dropping the
+    // subscription sends CANCEL). One timer for the whole stream: arming one
+    // per item would cost more than the item.
+    let mut deadline = std::pin::pin!(glommio::timer::sleep(
+        window.end.saturating_duration_since(Instant::now())
+    ));
+    loop {
+        let next = futures_lite::future::or(async { Some(sub.next().await) }, async {
+            (&mut deadline).await;
+            None
+        })
+        .await;
+        let Some(Some(item)) = next else {
+            break;
+        };
         item.map_err(|e| e.to_string())?;
         let now = Instant::now();
         {
             let mut r = rec.borrow_mut();
+            r.items_total += 1;
             if window.contains(now) {
                 r.items += 1;
             }

@@ -35,6 +35,8 @@ pub struct Recorder {
     pub first_error: Option<String>,
     /// Stream or channel items received in the window.
     pub items: u64,
+    /// Stream or channel items received in all (warm-up and drain too).
+    pub items_total: u64,
 }
 
 impl Default for Recorder {
@@ -49,6 +51,7 @@ impl Default for Recorder {
             unanswered: 0,
             first_error: None,
             items: 0,
+            items_total: 0,
         }
     }
 }
@@ -92,6 +95,7 @@ impl Recorder {
         self.errors += other.errors;
         self.unanswered += other.unanswered;
         self.items += other.items;
+        self.items_total += other.items_total;
         if self.first_error.is_none() {
             self.first_error.clone_from(&other.first_error);
         }
