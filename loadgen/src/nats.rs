@@ -183,6 +183,10 @@ async fn thread_main(
             };
             let mut i = 0usize;
             while let Some((_, due)) = schedule.next_due() {
+                // As over RSocket: one connection per wake-up.
+                if Instant::now() < due {
+                    i += 1;
+                }
                 let sent = wait_until_tokio(due, spin, &timer).await;
                 let measured = in_window(due);
                 {
@@ -193,7 +197,6 @@ async fn thread_main(
                     }
                 }
                 let client = clients[i % clients.len()].clone();
-                i += 1;
                 outstanding.set(outstanding.get() + 1);
                 let (outstanding, record, subject, payload) = (
                     outstanding.clone(),

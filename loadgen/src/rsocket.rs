@@ -174,6 +174,12 @@ async fn thread_main(
             let mut schedule = Schedule::new(start, rps * share, window.end);
             let mut i = 0usize;
             while let Some((_, due)) = schedule.next_due() {
+                // Requests found due at one wake-up go out on one connection,
+                // so they leave in one write; the next wake-up takes the next
+                // connection.
+                if Instant::now() < due {
+                    i += 1;
+                }
                 let sent = wait_until(due, spin).await;
                 let measured = window.contains(due);
                 {
@@ -184,7 +190,6 @@ async fn thread_main(
                     }
                 }
                 let client = clients[i % clients.len()].clone();
-                i += 1;
                 outstanding.set(outstanding.get() + 1);
                 let (rec, request, outstanding, progress) = (
                     rec.clone(),

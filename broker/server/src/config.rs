@@ -68,6 +68,9 @@ pub struct ServerConfig {
     /// Batches each cross-shard queue holds before its sender waits.
     pub mesh_capacity: usize,
     /// How long an idle shard spins before it parks (0: park at once).
+    /// The default, 100 µs, spares a request arriving soon after the last
+    /// the wake-up of a parked core (about 50 µs on VMs) for at most 100 µs
+    /// of CPU per idle period.
     #[serde(with = "humantime_serde")]
     pub spin_before_park: Duration,
 }
@@ -80,7 +83,7 @@ impl Default for ServerConfig {
             cores: Vec::new(),
             io_memory: Size(512 << 10),
             mesh_capacity: 1024,
-            spin_before_park: Duration::ZERO,
+            spin_before_park: Duration::from_micros(100),
         }
     }
 }

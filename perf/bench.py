@@ -1,0 +1,488 @@
+#!/usr/bin/env python3
+"""End-to-end scenarios: rsbroker against nats-server and against the direct
+path (no broker), measured by the same loadgen in the same run.
+
+On a 2-core machine the system under test (rsbroker with one shard,
+nats-server with GOMAXPROCS=1, or for the direct path the responder itself)
+runs alone on CPU0; loadgen's requester and responders run on CPU1. Each
+scenario runs --rounds times per system (3 by default) and the median round
+is reported, with the system under test's CPU time per operation (utime +
+stime from /proc, which does not depend on how fast loadgen is).
+
+usage: perf/bench.py [--rounds N] [--duration S] [--warmup S] [--smoke]
+                     [--out DIR] [scenario ...]
+
+  --smoke   every scenario once, for one second: checks that it all runs.
+Scenarios: see SCENARIOS below; none named means all.
+Results: DIR/<scenario>.json (every round, the medians, the commands),
+DIR/summary.json, DIR/summary.md, DIR/*.hgrm; perf/plot.py draws the PNGs.
+"""
+import argparse
+import datetime
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+UNBOUNDED = 2**31 - 1
+SUT_CPU = "0"
+LOAD_CPU = "1"
+TICK = os.sysconf("SC_CLK_TCK")
+
+# A scenario: what the requester does, what the responder does, which
+# systems run it. "rate_of" makes it an open-loop run at a fraction of a
+# system's own max measured by another scenario in the same invocation.
+SCENARIOS = {
+    "rr-max": dict(
+        what="request-response 64 B, 4 connections x 32 in flight, closed loop",
+        requester=["--interaction", "rr", "--connections", "4", "--max", "--concurrency", "32"],
+        systems=["rsbroker", "nats", "direct"],
+    ),
+    "rr-open-25": dict(
+        what="request-response 64 B, 4 connections, open loop at 25% of each system's max",
+        requester=["--interaction", "rr", "--connections", "4"],
+        rate_of=("rr-max", 0.25),
+        systems=["rsbroker", "nats", "direct"],
+    ),
+    "rr-open-50": dict(
+        what="request-response 64 B, 4 connections, open loop at 50% of each system's max",
+        requester=["--interaction", "rr", "--connections", "4"],
+        rate_of=("rr-max", 0.50),
+        systems=["rsbroker", "nats", "direct"],
+    ),
+    "rr-open-75": dict(
+        what="request-response 64 B, 4 connections, open loop at 75% of each system's max",
+        requester=["--interaction", "rr", "--connections", "4"],
+        rate_of=("rr-max", 0.75),
+        systems=["rsbroker", "nats", "direct"],
+    ),
+    "rr-1-in-flight": dict(
+        what="request-response 64 B, one request in flight",
+        requester=["--interaction", "rr", "--connections", "1", "--max", "--concurrency", "1"],
+        systems=["rsbroker", "nats", "direct", "tcp-pingpong"],
+    ),
+    "rr-16k": dict(
+        what="request-response 16 KiB, 4 connections x 8 in flight",
+        requester=["--interaction", "rr", "--connections", "4", "--max", "--concurrency", "8",
+                   "--payload-size", "16384"],
+        systems=["rsbroker", "nats", "direct"],
+    ),
+    "rr-1-conn": dict(
+        what="request-response 64 B, 1 connection x 32 in flight",
+        requester=["--interaction", "rr", "--connections", "1", "--max", "--concurrency", "32"],
+        systems=["rsbroker", "nats", "direct"],
+    ),
+    "rr-16-conns": dict(
+        what="request-response 64 B, 16 connections x 8 in flight",
+        requester=["--interaction", "rr", "--connections", "16", "--max", "--concurrency", "8"],
+        systems=["rsbroker", "nats", "direct"],
+    ),
+    "rr-256-conns": dict(
+        what="request-response 64 B, 256 connections x 1 in flight",
+        requester=["--interaction", "rr", "--connections", "256", "--max", "--concurrency", "1"],
+        systems=["rsbroker", "nats", "direct"],
+    ),
+    "fnf-max": dict(
+        what="fire-and-forget 64 B, 4 connections, as fast as the connection takes them",
+        requester=["--interaction", "fnf", "--connections", "4", "--max", "--concurrency", "1"],
+        systems=["rsbroker", "nats", "direct"],
+        ops="delivered",
+    ),
+    "fanout-16": dict(
+        what="fire-and-forget 64 B broadcast to 16 subscribers, 1 publisher connection",
+        requester=["--interaction", "fnf", "--connections", "1", "--max", "--concurrency", "1"],
+        rsocket_requester=["--tag", "broadcast=1"],
+        responder=["--instances", "16"],
+        nats_responder=["--connections", "16", "--fanout"],
+        systems=["rsbroker", "nats"],
+        ops="delivered",
+    ),
+    "stream-unbounded": dict(
+        what="request-stream 64 B items, 4 connections, REQUEST_N 2^31-1",
+        requester=["--interaction", "stream", "--connections", "4", "--max", "--concurrency", "1",
+                   "--request-n", str(UNBOUNDED)],
+        responder=["--items", "1000000"],
+        systems=["rsbroker", "direct"],
+        ops="items",
+    ),
+    "stream-window-8": dict(
+        what="request-stream 64 B items, 4 connections, REQUEST_N window of 8",
+        requester=["--interaction", "stream", "--connections", "4", "--max", "--concurrency", "1",
+                   "--request-n", "8"],
+        responder=["--items", "100000"],
+        systems=["rsbroker", "direct"],
+        ops="items",
+    ),
+    "stream-64k": dict(
+        what="request-stream 64 KiB items, 4 connections, REQUEST_N 2^31-1",
+        requester=["--interaction", "stream", "--connections", "4", "--max", "--concurrency", "1",
+                   "--request-n", str(UNBOUNDED), "--payload-size", "65536"],
+        responder=["--items", "100000"],
+        systems=["rsbroker", "direct"],
+        ops="items",
+    ),
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, what, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("%s exited: %s" % (what, proc.args))
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("%s did not listen on %d" % (what, port))
+
+
+def cpu_ticks(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        rest = f.read().rsplit(") ", 1)[1].split()
+    return int(rest[11]) + int(rest[12])
+
+
+def stop(proc, sig=signal.SIGTERM, timeout=15):
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def pinned(cpu, args, env=None):
+    return subprocess.Popen(["taskset", "-c", cpu] + args, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_line(proc, text, timeout=30):
+    """Reads the process's stderr until a line containing text."""
+    deadline = time.time() + timeout
+    seen = []
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise SystemExit("exited before %r: %s\n%s" % (text, proc.args, "".join(seen)))
+            continue
+        seen.append(line)
+        if text in line:
+            return
+    raise SystemExit("no %r from %s" % (text, proc.args))
+
+
+def start_system(system, tmp):
+    """Starts the system under test; returns (process, pid, target args for loadgen)."""
+    port = free_port()
+    if system == "rsbroker":
+        cmd = [os.path.join(BIN, "rsbroker"), "--listen", "tcp://127.0.0.1:%d" % port,
+               "--shards", "1", "--no-admin", "--log", "warn"]
+        if os.environ.get("RSBROKER_SPIN"):
+            # To compare spin settings; the default config is what users get.
+            config = os.path.join(tmp, "rsbroker.toml")
+            with open(config, "w") as f:
+                f.write("[server]\nspin_before_park = \"%s\"\n" % os.environ["RSBROKER_SPIN"])
+            cmd += ["--config", config]
+        proc = pinned(SUT_CPU, cmd)
+        wait_port(port, proc, "rsbroker")
+        return proc, proc.pid, ["--broker", "tcp://127.0.0.1:%d" % port]
+    if system == "nats":
+        env = dict(os.environ, GOMAXPROCS="1")
+        proc = pinned(SUT_CPU, [shutil.which("nats-server") or "nats-server",
+                                "-a", "127.0.0.1", "-p", str(port)], env=env)
+        wait_port(port, proc, "nats-server")
+        return proc, proc.pid, ["--nats", "nats://127.0.0.1:%d" % port]
+    if system == "direct":
+        # The peer itself is the system under test: a plain RSocket responder on CPU0.
+        return None, None, ["--listen", "tcp://127.0.0.1:%d" % port]
+    raise SystemExit("unknown system " + system)
+
+
+def run_once(name, sc, system, args, rate, tmp):
+    if system == "tcp-pingpong":
+        return run_pingpong(args, tmp)
+    sut, sut_pid, target = start_system(system, tmp)
+    responder = None
+    try:
+        resp_json = os.path.join(tmp, "responder.json")
+        extra = list(sc.get("responder", []))
+        if system == "nats":
+            extra = list(sc.get("nats_responder", [i for i in extra if i not in ("--instances", "16")]))
+        if system == "direct":
+            port = int(target[1].rsplit(":", 1)[1])
+            responder = pinned(SUT_CPU, [os.path.join(BIN, "loadgen"), "responder",
+                                         "--listen", target[1], "--json", resp_json]
+                               + [x for x in extra if x not in ("--instances", "16")])
+            wait_port(port, responder, "loadgen responder --listen")
+            sut_pid = responder.pid
+            target = ["--broker", target[1]]
+        else:
+            responder = pinned(LOAD_CPU, [os.path.join(BIN, "loadgen"), "responder"] + target
+                               + ["--json", resp_json] + extra)
+            wait_line(responder, "serving")
+        req_json = os.path.join(tmp, "requester.json")
+        hgrm = os.path.join(tmp, "%s-%s-%d.hgrm" % (name, system, time.monotonic_ns()))
+        req = [os.path.join(BIN, "loadgen"), "requester"] + target + sc["requester"]
+        if system != "nats":
+            req += sc.get("rsocket_requester", [])
+        if rate is not None:
+            req += ["--rps", "%.0f" % rate]
+        req += ["--duration", "%gs" % args.duration, "--warmup", "%gs" % args.warmup,
+                "--json", req_json, "--hgrm", hgrm, "--quiet"]
+        before = cpu_ticks(sut_pid)
+        t0 = time.time()
+        done = subprocess.run(["taskset", "-c", LOAD_CPU] + req, capture_output=True, text=True)
+        elapsed = time.time() - t0
+        after = cpu_ticks(sut_pid)
+        if not os.path.exists(req_json):
+            raise SystemExit("requester failed: %s\n%s%s" % (" ".join(req), done.stdout, done.stderr))
+        with open(req_json) as f:
+            result = json.load(f)
+        stop(responder, signal.SIGTERM)
+        responder = None
+        delivered = None
+        if os.path.exists(resp_json):
+            with open(resp_json) as f:
+                r = json.load(f)
+            delivered = r["fire_and_forget"] + r["request_response"] + r["items"]
+            os.remove(resp_json)
+        kind = sc.get("ops", "requests")
+        ops = {"requests": result["sent"], "items": result["items_total"],
+               "delivered": delivered or 0}[kind]
+        cpu_s = (after - before) / TICK
+        return dict(
+            achieved_rps=result["achieved_rps"],
+            items_per_s=result["items_per_s"],
+            delivered=delivered,
+            delivered_per_s=(delivered / elapsed) if delivered else None,
+            # Streams: per-item latency where a window makes it meaningful.
+            latency_us=result["item_latency_us"]
+            if kind == "items" and result["item_latency_us"]["count"] else result["latency_us"],
+            lag_us=result["lag_us"],
+            errors=result["errors"],
+            passed=result["passed"],
+            failures=result["failures"],
+            sut_cpu_s=cpu_s,
+            ops=ops,
+            ops_kind=kind,
+            sut_cpu_us_per_op=(cpu_s * 1e6 / ops) if ops else None,
+            loadgen_cpu_s=result["cpu_s"],
+            command=" ".join(req),
+            hgrm=hgrm,
+        )
+    finally:
+        stop(responder)
+        stop(sut)
+
+
+def run_pingpong(args, tmp):
+    port = free_port()
+    server = pinned(SUT_CPU, [os.path.join(BIN, "loadgen"), "pingpong", "--listen",
+                              "tcp://127.0.0.1:%d" % port])
+    try:
+        wait_port(port, server, "pingpong")
+        out = os.path.join(tmp, "pingpong.json")
+        count = "2000" if args.smoke else "50000"
+        subprocess.run(["taskset", "-c", LOAD_CPU, os.path.join(BIN, "loadgen"), "pingpong",
+                        "--connect", "tcp://127.0.0.1:%d" % port, "--count", count,
+                        "--json", out], check=True, capture_output=True)
+        with open(out) as f:
+            p = json.load(f)
+        return dict(achieved_rps=1e6 / p["mean"] if p["mean"] else 0, latency_us=p,
+                    lag_us=None, errors=0, passed=True, failures=[], sut_cpu_s=None, ops=None,
+                    sut_cpu_us_per_op=None, command="loadgen pingpong")
+    finally:
+        stop(server, signal.SIGKILL)
+
+
+def median_round(rounds, key):
+    ordered = sorted(rounds, key=key)
+    return ordered[len(ordered) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("scenarios", nargs="*")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=os.path.join(ROOT, "perf", "results"))
+    args = ap.parse_args()
+    if args.smoke:
+        args.rounds, args.duration, args.warmup = 1, 1.0, 0.2
+    names = args.scenarios or list(SCENARIOS)
+    for n in names:
+        if n not in SCENARIOS:
+            raise SystemExit("unknown scenario %s (%s)" % (n, ", ".join(SCENARIOS)))
+    # Open-loop scenarios need the max they are a fraction of.
+    for n in list(names):
+        dep = SCENARIOS[n].get("rate_of")
+        if dep and dep[0] not in names:
+            names.insert(0, dep[0])
+    os.makedirs(args.out, exist_ok=True)
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip() != ""
+    meta = dict(commit=commit + ("-dirty" if dirty else ""),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                rounds=args.rounds, duration_s=args.duration, warmup_s=args.warmup,
+                nats_server=subprocess.run(["nats-server", "--version"], capture_output=True,
+                                           text=True).stdout.strip(),
+                cpus=os.cpu_count(), layout="system under test on CPU %s, loadgen on CPU %s"
+                % (SUT_CPU, LOAD_CPU))
+    summary = dict(meta=meta, scenarios={})
+    maxes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            sc = SCENARIOS[name]
+            entry = dict(what=sc["what"], systems={})
+            for system in sc["systems"]:
+                rate = None
+                if sc.get("rate_of"):
+                    base, frac = sc["rate_of"]
+                    rate = maxes[(base, system)] * frac
+                rounds = []
+                for i in range(args.rounds):
+                    r = run_once(name, sc, system, args, rate, tmp)
+                    rounds.append(r)
+                    print("%-18s %-12s round %d: %s" % (name, system, i + 1, brief(r)), flush=True)
+                key = (lambda r: r["items_per_s"]) if sc.get("ops") == "items" else \
+                      (lambda r: r["delivered_per_s"] or 0) if sc.get("ops") == "delivered" else \
+                      (lambda r: r["achieved_rps"])
+                med = median_round(rounds, key)
+                # The median round's histogram is the one kept.
+                hgrm = os.path.join(args.out, "%s-%s.hgrm" % (name, system))
+                if med.get("hgrm") and os.path.exists(med["hgrm"]):
+                    shutil.copyfile(med["hgrm"], hgrm)
+                for r in rounds:
+                    r["hgrm"] = os.path.basename(hgrm) if r is med else None
+                maxes[(name, system)] = med["achieved_rps"]
+                entry["systems"][system] = dict(median=med, rounds=rounds, target_rps=rate)
+            summary["scenarios"][name] = entry
+            with open(os.path.join(args.out, name + ".json"), "w") as f:
+                json.dump(dict(meta=meta, **entry), f, indent=1)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(markdown(summary))
+    print(markdown(summary))
+
+
+def brief(r):
+    parts = ["%.0f/s" % r["achieved_rps"]]
+    if r.get("items_per_s"):
+        parts.append("%.0f items/s" % r["items_per_s"])
+    if r.get("delivered_per_s"):
+        parts.append("%.0f delivered/s" % r["delivered_per_s"])
+    lat = r["latency_us"]
+    parts.append("p50 %.0f p99 %.0f µs" % (lat["p50"], lat["p99"]))
+    if r.get("sut_cpu_us_per_op") is not None:
+        parts.append("%.2f µs CPU/%s" % (r["sut_cpu_us_per_op"], r["ops_kind"][:-1]))
+    if r.get("failures"):
+        parts.append("FAIL: " + "; ".join(r["failures"]))
+    return ", ".join(parts)
+
+
+def targets(summary):
+    """The issue's targets, each as (what, measured, passed)."""
+    sc = summary["scenarios"]
+
+    def med(name, system):
+        s = sc.get(name, {}).get("systems", {}).get(system)
+        return s["median"] if s else None
+
+    out = []
+    rb, nt = med("rr-max", "rsbroker"), med("rr-max", "nats")
+    if rb and nt:
+        ratio = rb["achieved_rps"] / max(nt["achieved_rps"], 1)
+        out.append(("rr-max: requests/s >= 3x nats-server", "%.2fx (%.0f vs %.0f/s)"
+                    % (ratio, rb["achieved_rps"], nt["achieved_rps"]), ratio >= 3))
+        cpu = rb["sut_cpu_us_per_op"] or 0
+        out.append(("rr-max: broker CPU <= 1.0 µs/request", "%.2f µs (nats-server %.2f µs, %.2fx less)"
+                    % (cpu, nt["sut_cpu_us_per_op"] or 0, (nt["sut_cpu_us_per_op"] or 0) / max(cpu, 1e-9)),
+                    cpu <= 1.0))
+    st, direct = med("stream-unbounded", "rsbroker"), med("stream-unbounded", "direct")
+    if st:
+        out.append(("stream-unbounded: >= 2.1 M items/s", "%.2f M items/s (direct %.2f M)"
+                    % (st["items_per_s"] / 1e6, (direct or {}).get("items_per_s", 0) / 1e6),
+                    st["items_per_s"] >= 2.1e6))
+    rb, nt = med("fanout-16", "rsbroker"), med("fanout-16", "nats")
+    if rb and nt:
+        out.append(("fanout-16: delivered/s >= nats-server", "%.2fx (%.0f vs %.0f/s)"
+                    % ((rb["delivered_per_s"] or 0) / max(nt["delivered_per_s"] or 1, 1),
+                       rb["delivered_per_s"] or 0, nt["delivered_per_s"] or 0),
+                    (rb["delivered_per_s"] or 0) >= (nt["delivered_per_s"] or 0)))
+        out.append(("fanout-16: broker CPU per delivery <= nats-server", "%.2f vs %.2f µs"
+                    % (rb["sut_cpu_us_per_op"] or 0, nt["sut_cpu_us_per_op"] or 0),
+                    (rb["sut_cpu_us_per_op"] or 0) <= (nt["sut_cpu_us_per_op"] or 0)))
+    rb, nt, pp = (med("rr-1-in-flight", s) for s in ("rsbroker", "nats", "tcp-pingpong"))
+    if rb and nt and pp:
+        p50 = rb["latency_us"]["p50"]
+        out.append(("rr-1-in-flight: p50 <= 2x TCP ping-pong", "%.0f µs vs %.0f µs (%.2fx)"
+                    % (p50, pp["latency_us"]["p50"], p50 / max(pp["latency_us"]["p50"], 1e-9)),
+                    p50 <= 2 * pp["latency_us"]["p50"]))
+        out.append(("rr-1-in-flight: p50 <= nats-server p50", "%.0f µs vs %.0f µs"
+                    % (p50, nt["latency_us"]["p50"]), p50 <= nt["latency_us"]["p50"]))
+    rb = med("rr-open-50", "rsbroker")
+    if rb:
+        lat = rb["latency_us"]
+        out.append(("rr-open-50: p99 < 1.1 ms, p99.9 < 3 ms", "p99 %.0f µs, p99.9 %.0f µs at %.0f/s"
+                    % (lat["p99"], lat["p999"], rb["achieved_rps"]),
+                    lat["p99"] < 1100 and lat["p999"] < 3000 and rb["passed"]))
+    rb = med("stream-64k", "rsbroker")
+    if rb:
+        gbit = rb["items_per_s"] * 65536 * 8 / 1e9
+        out.append(("stream-64k: >= 8 Gbit/s", "%.1f Gbit/s" % gbit, gbit >= 8))
+    return out
+
+
+def markdown(summary):
+    m = summary["meta"]
+    out = ["Commit `%s`, %s; %s; %d round(s) of %gs (+%gs warm-up), median round shown; %s.\n"
+           % (m["commit"], m["date"], m["layout"], m["rounds"], m["duration_s"], m["warmup_s"],
+              m["nats_server"])]
+    out.append("| scenario | system | rate | items/s | delivered/s | p50 µs | p99 µs | p99.9 µs | CPU µs/op |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    for name, e in summary["scenarios"].items():
+        for system, s in e["systems"].items():
+            r = s["median"]
+            lat = r["latency_us"]
+            cpu = r.get("sut_cpu_us_per_op")
+            out.append("| %s | %s | %s | %s | %s | %.0f | %.0f | %.0f | %s |" % (
+                name, system,
+                "%.0f/s" % r["achieved_rps"] + (" (target %.0f)" % s["target_rps"] if s["target_rps"] else ""),
+                "%.0f" % r["items_per_s"] if r.get("items_per_s") else "",
+                "%.0f" % r["delivered_per_s"] if r.get("delivered_per_s") else "",
+                lat["p50"], lat["p99"], lat["p999"],
+                "%.2f" % cpu if cpu is not None else ""))
+    t = targets(summary)
+    if t:
+        out.append("\n| target | measured | met |")
+        out.append("|---|---|---|")
+        for what, measured, ok in t:
+            out.append("| %s | %s | %s |" % (what, measured, "yes" if ok else "**no**"))
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()
