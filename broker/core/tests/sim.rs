@@ -358,8 +358,7 @@ impl Sim {
                 } else {
                     Bytes::from(vec![next as u8; item_size])
                 };
-                if app.conn.send_payload(s, None, item, true, false).is_err()
-                {
+                if app.conn.send_payload(s, None, item, true, false).is_err() {
                     break;
                 }
                 app.serving.insert(s, next + 1);
