@@ -190,3 +190,90 @@ fn closed_loop_and_streams_under_a_window() {
     broker.stop();
     broker.join().unwrap();
 }
+
+/// A nats-server on a free loopback port, or None (test skipped) when the
+/// Debian package `nats-server` is not installed and RSBROKER_REQUIRE_ALL is
+/// not set.
+fn nats_server() -> Option<(Child, String)> {
+    let found = Command::new("sh")
+        .args(["-c", "command -v nats-server"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("RSBROKER_REQUIRE_ALL").is_none(),
+            "nats-server is missing (apt-get install nats-server)"
+        );
+        eprintln!("skipped: nats-server not installed");
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server runs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "nats-server listens");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some((child, format!("nats://127.0.0.1:{port}")))
+}
+
+#[test]
+fn the_same_scenario_runs_through_nats_server() {
+    let Some((mut server, url)) = nats_server() else {
+        return;
+    };
+    let mut resp = loadgen()
+        .args(["responder", "--nats", &url, "--duration", "60s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("loadgen runs");
+    let mut lines = BufReader::new(resp.stderr.take().unwrap()).lines();
+    let first = lines.next().expect("a line").expect("text");
+    assert!(
+        first.contains("loadgen responder: serving subject"),
+        "{first}"
+    );
+    let json = tmp("nats.json");
+    let out = loadgen()
+        .args(["requester", "--nats", &url, "--rps", "1000"])
+        .args(["--duration", "2s", "--connections", "2", "--quiet"])
+        .args(["--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let achieved = summary["achieved_rps"].as_f64().unwrap();
+    assert!((950.0..=1050.0).contains(&achieved), "{summary}");
+    assert_eq!(summary["latency_us"]["count"].as_u64().unwrap(), 2000);
+    assert_eq!(summary["errors"], 0);
+
+    // Without a subscriber NATS has no responder: the requests fail.
+    resp.kill().unwrap();
+    resp.wait().unwrap();
+    let out = loadgen()
+        .args(["requester", "--nats", &url, "--rps", "200"])
+        .args(["--duration", "1s", "--quiet"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("requests failed"), "{stdout}");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
