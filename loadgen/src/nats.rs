@@ -189,13 +189,7 @@ async fn thread_main(
                 }
                 let sent = wait_until_tokio(due, spin, &timer).await;
                 let measured = in_window(due);
-                {
-                    let mut r = rec.borrow_mut();
-                    r.sent += 1;
-                    if measured {
-                        r.record_lag(sent.saturating_duration_since(due));
-                    }
-                }
+                rec.borrow_mut().record_send(due, sent, measured);
                 let client = clients[i % clients.len()].clone();
                 outstanding.set(outstanding.get() + 1);
                 let (outstanding, record, subject, payload) = (

@@ -182,13 +182,7 @@ async fn thread_main(
                 }
                 let sent = wait_until(due, spin).await;
                 let measured = window.contains(due);
-                {
-                    let mut r = rec.borrow_mut();
-                    r.sent += 1;
-                    if measured {
-                        r.record_lag(sent.saturating_duration_since(due));
-                    }
-                }
+                rec.borrow_mut().record_send(due, sent, measured);
                 let client = clients[i % clients.len()].clone();
                 outstanding.set(outstanding.get() + 1);
                 let (rec, request, outstanding, progress) = (

@@ -4,7 +4,7 @@
 //! distribution (`.hgrm`) for plotting tools.
 
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -69,6 +69,15 @@ impl Recorder {
     /// A send's lateness.
     pub fn record_lag(&mut self, d: Duration) {
         self.lag.saturating_record(ns(d));
+    }
+
+    /// An open-loop request due at `due` went out at `sent`; its lag counts
+    /// when it is `measured` (due inside the window).
+    pub fn record_send(&mut self, due: Instant, sent: Instant, measured: bool) {
+        self.sent += 1;
+        if measured {
+            self.record_lag(sent.saturating_duration_since(due));
+        }
     }
 
     /// An item's latency.
