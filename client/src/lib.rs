@@ -23,7 +23,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -199,6 +199,8 @@ pub(crate) struct Slot {
 pub(crate) struct Inner {
     pub(crate) conn: RefCell<Connection>,
     pub(crate) slots: RefCell<FxHashMap<u32, Slot>>,
+    /// Slot count at which the next [`Inner::collect_slots`] pass runs.
+    collect_at: Cell<usize>,
     handlers: RefCell<FxHashMap<String, Rc<dyn Responder>>>,
     default_handler: RefCell<Option<Rc<dyn Responder>>>,
     driver: RefCell<Option<Waker>>,
@@ -218,6 +220,8 @@ pub(crate) struct Inner {
 pub(crate) const MAX_UNSENT: usize = 1 << 20;
 /// Bytes the transport holds before the driver stops taking frames.
 const WRITE_HIGH: usize = 256 << 10;
+/// Fewest slots that make a collection pass worth it.
+const COLLECT_SLOTS_MIN: usize = 64;
 /// Flushes per driver pass before it yields.
 const WRITES_PER_TURN: usize = 4;
 
@@ -324,6 +328,7 @@ impl ClientBuilder {
         let inner = Rc::new(Inner {
             conn: RefCell::new(conn),
             slots: RefCell::new(FxHashMap::default()),
+            collect_at: Cell::new(COLLECT_SLOTS_MIN),
             handlers: RefCell::new(self.handlers),
             default_handler: RefCell::new(self.default_handler),
             driver: RefCell::new(None),
@@ -662,24 +667,20 @@ impl Inner {
         match interaction {
             Interaction::FireAndForget => handler.fire_and_forget(request),
             Interaction::RequestResponse => {
+                let mut future = handler.request_response(request);
+                // An answer that is ready at once goes out without a task of
+                // its own (a task per request costs more than an echo). A
+                // future polled here with a no-op waker and still pending is
+                // polled again by its task, which registers the real waker.
+                let mut cx = Context::from_waker(Waker::noop());
+                if let Poll::Ready(result) = future.as_mut().poll(&mut cx) {
+                    self.answer(id, result);
+                    return;
+                }
                 let inner = self.clone();
-                let future = handler.request_response(request);
                 glommio::spawn_local(async move {
                     let result = future.await;
-                    let mut conn = inner.conn.borrow_mut();
-                    if conn.is_stream_open(id) {
-                        let _ = match result {
-                            Ok(p) => conn.send_payload(id, p.metadata, p.data, true, true),
-                            Err(e) => {
-                                let (code, message) = match e {
-                                    ClientError::Remote { code, message } => (code, message),
-                                    other => (ErrorCode::APPLICATION_ERROR, other.to_string()),
-                                };
-                                conn.send_error(id, code, Bytes::from(message))
-                            }
-                        };
-                    }
-                    drop(conn);
+                    inner.answer(id, result);
                     inner.wake_driver();
                 })
                 .detach();
@@ -713,12 +714,37 @@ impl Inner {
         }
     }
 
+    /// Sends a request-response's answer, unless the requester cancelled.
+    fn answer(&self, id: u32, result: Result<Payload, ClientError>) {
+        let mut conn = self.conn.borrow_mut();
+        if conn.is_stream_open(id) {
+            let _ = match result {
+                Ok(p) => conn.send_payload(id, p.metadata, p.data, true, true),
+                Err(e) => {
+                    let (code, message) = match e {
+                        ClientError::Remote { code, message } => (code, message),
+                        other => (ErrorCode::APPLICATION_ERROR, other.to_string()),
+                    };
+                    conn.send_error(id, code, Bytes::from(message))
+                }
+            };
+        }
+    }
+
     /// Drops slots of streams that have ended and that nobody will read.
+    /// A pass visits every slot, so it runs once the map has doubled since
+    /// the last one: amortised O(1) per stream, whatever is in flight.
     fn collect_slots(&self) {
+        let mut slots = self.slots.borrow_mut();
+        if slots.len() < self.collect_at.get() {
+            return;
+        }
         let conn = self.conn.borrow();
-        self.slots.borrow_mut().retain(|id, slot| {
+        slots.retain(|id, slot| {
             conn.is_stream_open(*id) || !slot.items.is_empty() || slot.reader.is_some()
         });
+        self.collect_at
+            .set((slots.len() * 2).max(COLLECT_SLOTS_MIN));
     }
 }
 
@@ -731,6 +757,7 @@ fn wake(waker: &mut Option<Waker>) {
 async fn drive(inner: Rc<Inner>, mut io: impl FrameIo) {
     let mut frames = Vec::with_capacity(32);
     let mut timer: Option<glommio::timer::Timer> = None;
+    let mut armed: Option<Instant> = None;
     let mut done = false;
     poll_fn(|cx| {
         {
@@ -837,14 +864,22 @@ async fn drive(inner: Rc<Inner>, mut io: impl FrameIo) {
             )));
             return Poll::Ready(());
         }
-        // Wake for the next keepalive or timeout.
+        // Wake for the next keepalive or timeout. The deadline moves later
+        // with every frame received; re-arming on each pass would cost a
+        // timer-map update per pass, so the timer is moved only to an earlier
+        // deadline or once it has fired (a wake-up that comes early finds
+        // nothing due and arms the timer again).
         if let Some(at) = inner.conn.borrow().poll_timeout() {
-            let t = timer.get_or_insert_with(|| {
-                glommio::timer::Timer::new(at.saturating_duration_since(now))
-            });
-            t.reset(at.saturating_duration_since(now));
-            if Pin::new(t).poll(cx).is_ready() {
-                cx.waker().wake_by_ref();
+            if armed.is_none_or(|a| at < a || a <= now) {
+                let t = timer.get_or_insert_with(|| {
+                    glommio::timer::Timer::new(at.saturating_duration_since(now))
+                });
+                t.reset(at.saturating_duration_since(now));
+                armed = Some(at);
+                if Pin::new(t).poll(cx).is_ready() {
+                    armed = None;
+                    cx.waker().wake_by_ref();
+                }
             }
         }
         Poll::Pending
