@@ -855,6 +855,11 @@ impl UringCommon for PollRing {
     }
 
     fn submit_one_event(&mut self, queue: &mut VecDeque<UringDescriptor>) -> Option<bool> {
+        if queue.is_empty() {
+            // Nothing to submit: skip the clock read (the loop polls every
+            // ring's queues on each pass, most of them empty).
+            return Some(false);
+        }
         let source_map = &mut *self.source_map.borrow_mut();
         let now = Instant::now();
 
@@ -1203,6 +1208,11 @@ impl UringCommon for SleepableRing {
     }
 
     fn submit_one_event(&mut self, queue: &mut VecDeque<UringDescriptor>) -> Option<bool> {
+        if queue.is_empty() {
+            // Nothing to submit: skip the clock read (the loop polls every
+            // ring's queues on each pass, most of them empty).
+            return Some(false);
+        }
         let source_map = &mut *self.source_map.borrow_mut();
         let now = Instant::now();
 
