@@ -869,17 +869,18 @@ async fn drive(inner: Rc<Inner>, mut io: impl FrameIo) {
         // timer-map update per pass, so the timer is moved only to an earlier
         // deadline or once it has fired (a wake-up that comes early finds
         // nothing due and arms the timer again).
-        if let Some(at) = inner.conn.borrow().poll_timeout() {
-            if armed.is_none_or(|a| at < a || a <= now) {
-                let t = timer.get_or_insert_with(|| {
-                    glommio::timer::Timer::new(at.saturating_duration_since(now))
-                });
-                t.reset(at.saturating_duration_since(now));
-                armed = Some(at);
-                if Pin::new(t).poll(cx).is_ready() {
-                    armed = None;
-                    cx.waker().wake_by_ref();
-                }
+        let next = inner.conn.borrow().poll_timeout();
+        if let Some(at) = next
+            && armed.is_none_or(|a| at < a || a <= now)
+        {
+            let t = timer.get_or_insert_with(|| {
+                glommio::timer::Timer::new(at.saturating_duration_since(now))
+            });
+            t.reset(at.saturating_duration_since(now));
+            armed = Some(at);
+            if Pin::new(t).poll(cx).is_ready() {
+                armed = None;
+                cx.waker().wake_by_ref();
             }
         }
         Poll::Pending
