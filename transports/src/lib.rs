@@ -352,14 +352,31 @@ impl WriteQueue {
         self.segments.front().map(|b| &b[..])
     }
 
-    /// `n` bytes of the front were written.
-    pub fn advance(&mut self, n: usize) {
+    /// Fills `out` with the queued parts in order (sealing the batch
+    /// first), for one vectored write; returns how many it filled.
+    pub fn slices<'a>(&'a mut self, out: &mut [std::io::IoSlice<'a>]) -> usize {
+        self.seal();
+        let mut filled = 0;
+        for (slot, part) in out.iter_mut().zip(self.segments.iter()) {
+            *slot = std::io::IoSlice::new(part);
+            filled += 1;
+        }
+        filled
+    }
+
+    /// `n` bytes from the front were written (they may span parts).
+    pub fn advance(&mut self, mut n: usize) {
         self.queued = self.queued.saturating_sub(n);
-        if let Some(front) = self.segments.front_mut() {
+        while n > 0 {
+            let Some(front) = self.segments.front_mut() else {
+                break;
+            };
             if n >= front.len() {
+                n -= front.len();
                 self.segments.pop_front();
             } else {
                 front.advance(n);
+                n = 0;
             }
         }
     }
@@ -618,6 +635,55 @@ mod tests {
         }
         assert_eq!(total, 3 * 3 + 2 * 106 + 65_542);
         assert!(q.is_empty());
+    }
+
+    proptest::proptest! {
+        /// Vectored writes that stop anywhere, even inside a part, put the
+        /// same bytes on the wire, in order, as one write per part did.
+        #[test]
+        fn vectored_writes_of_any_length_keep_the_wire_intact(
+            lens in proptest::collection::vec(0usize..20_000, 1..12),
+            cuts in proptest::collection::vec(1usize..30_000, 1..40),
+        ) {
+            let mut expected = WriteQueue::new(usize::MAX);
+            let mut q = WriteQueue::new(4096);
+            for (i, &len) in lens.iter().enumerate() {
+                let mut f = frame(len);
+                if i % 2 == 1 {
+                    f = frame(len + 5000);
+                }
+                expected.push_prefixed(&f).unwrap();
+                q.push_prefixed(&f).unwrap();
+            }
+            let mut want = Vec::new();
+            while let Some(f) = expected.front() {
+                let f = f.to_vec();
+                expected.advance(f.len());
+                want.extend_from_slice(&f);
+            }
+            let mut wire = Vec::new();
+            let mut cut = cuts.iter().cycle();
+            loop {
+                let mut iov = [std::io::IoSlice::new(&[]); 4];
+                let parts = q.slices(&mut iov);
+                if parts == 0 {
+                    break;
+                }
+                let limit = *cut.next().unwrap();
+                let mut n = 0;
+                for part in &iov[..parts] {
+                    let take = part.len().min(limit - n);
+                    wire.extend_from_slice(&part[..take]);
+                    n += take;
+                    if n == limit {
+                        break;
+                    }
+                }
+                q.advance(n);
+            }
+            proptest::prop_assert_eq!(wire, want);
+            proptest::prop_assert!(q.is_empty());
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! RSocket over TCP: frames with a 24-bit length prefix.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -11,6 +11,9 @@ use glommio::net::{TcpListener, TcpStream};
 use rsocket_proto::OutFrame;
 
 use crate::{FrameIo, ReadBuf, TransportError, WriteQueue};
+
+/// Parts handed to one vectored write.
+const MAX_PARTS_PER_WRITE: usize = 64;
 
 /// A TCP connection carrying RSocket frames.
 #[derive(Debug)]
@@ -92,8 +95,16 @@ impl FrameIo for TcpFrames {
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
-        while let Some(bytes) = self.write.front() {
-            match Pin::new(&mut self.stream).poll_write(cx, bytes) {
+        loop {
+            // Small frames are already copied into one batch; large bodies
+            // are parts of their own, shared with the buffers they arrived
+            // in. One sendmsg takes them all, instead of a send per part.
+            let mut iov = [IoSlice::new(&[]); MAX_PARTS_PER_WRITE];
+            let parts = self.write.slices(&mut iov);
+            if parts == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            match Pin::new(&mut self.stream).poll_write_vectored(cx, &iov[..parts]) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(TransportError::Io(io::ErrorKind::WriteZero.into())));
                 }
@@ -102,7 +113,6 @@ impl FrameIo for TcpFrames {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        Poll::Ready(Ok(()))
     }
 
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {

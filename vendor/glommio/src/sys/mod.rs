@@ -89,6 +89,19 @@ pub(crate) fn send_syscall(fd: RawFd, buf: *const u8, len: usize, flags: i32) ->
     syscall!(send(fd, buf as _, len, flags)).map(|x| x as usize)
 }
 
+/// `sendmsg` of several buffers at once (at most `IOV_MAX` of them).
+pub(crate) fn send_vectored_syscall(
+    fd: RawFd,
+    bufs: &[io::IoSlice<'_>],
+    flags: i32,
+) -> io::Result<usize> {
+    let mut hdr = unsafe { std::mem::zeroed::<libc::msghdr>() };
+    // `IoSlice` is ABI-compatible with `iovec` on Unix.
+    hdr.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    hdr.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
+    syscall!(sendmsg(fd, &hdr, flags)).map(|x| x as usize)
+}
+
 pub(crate) fn recv_syscall(fd: RawFd, buf: *mut u8, len: usize, flags: i32) -> io::Result<usize> {
     syscall!(recv(fd, buf as _, len, flags)).map(|x| x as usize)
 }
