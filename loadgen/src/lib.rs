@@ -59,8 +59,6 @@ pub enum Mode {
     Open {
         /// Requests per second over all connections.
         rps: f64,
-        /// Spin (yielding) for the last stretch before each due time.
-        spin: bool,
     },
     /// `concurrency` requests in flight per connection, each sent when the
     /// previous one is answered.
@@ -97,6 +95,14 @@ pub struct RequesterSpec {
     pub cpus: Vec<usize>,
     /// Print a line every second.
     pub live: bool,
+    /// Spin instead of sleeping: yield for the last stretch before each
+    /// due time (open loop), and poll for a while before parking when
+    /// there is nothing to do (every mode).
+    pub spin: bool,
+    /// Also answer the route in this process, on the requester's own
+    /// threads: the responder's connections and the requester's share one
+    /// event loop per CPU instead of two processes taking turns.
+    pub serve: Option<ResponderSpec>,
 }
 
 /// What a responder run asks for.
@@ -118,6 +124,9 @@ pub struct ResponderSpec {
     pub work: Duration,
     /// Items per stream.
     pub items: u32,
+    /// NATS: every connection subscribes and receives every message
+    /// (publish/subscribe) instead of sharing them in a queue group.
+    pub fanout: bool,
     /// CPUs to run on.
     pub cpus: Vec<usize>,
 }
@@ -153,6 +162,38 @@ pub struct ResponderCounts {
     pub seconds: f64,
 }
 
+impl ResponderCounts {
+    /// What was served, in words.
+    pub fn line(&self) -> String {
+        format!(
+            "{} request-response, {} fire-and-forget, {} streams, {} channels, {} items in {:.1} s ({:.0} messages/s)",
+            self.request_response,
+            self.fire_and_forget,
+            self.streams,
+            self.channels,
+            self.items,
+            self.seconds,
+            self.messages() as f64 / self.seconds.max(1e-9)
+        )
+    }
+
+    /// Messages that reached the responder or left it: requests answered,
+    /// fire-and-forgets received, stream items sent.
+    pub fn messages(&self) -> u64 {
+        self.request_response + self.fire_and_forget + self.items
+    }
+
+    /// Adds another thread's counts (the longer time stands).
+    pub fn add(&mut self, other: &ResponderCounts) {
+        self.request_response += other.request_response;
+        self.fire_and_forget += other.fire_and_forget;
+        self.streams += other.streams;
+        self.channels += other.channels;
+        self.items += other.items;
+        self.seconds = self.seconds.max(other.seconds);
+    }
+}
+
 /// The outcome of a requester run, before it is summarized.
 #[derive(Debug)]
 pub struct Run {
@@ -162,6 +203,8 @@ pub struct Run {
     pub measured: Duration,
     /// When the measured window started.
     pub started: Instant,
+    /// What the in-process responder served (`RequesterSpec::serve`).
+    pub served: Option<ResponderCounts>,
 }
 
 /// The summary a requester prints and writes as JSON.
@@ -213,6 +256,8 @@ pub struct Summary {
     pub item_latency_us: Percentiles,
     /// loadgen's own CPU time during the run, in seconds.
     pub cpu_s: f64,
+    /// What the in-process responder served, when there was one.
+    pub served: Option<ResponderCounts>,
     /// Whether the run met its target and nothing failed.
     pub passed: bool,
     /// Why not.
@@ -272,6 +317,7 @@ impl Summary {
             items_total: r.items_total,
             item_latency_us: Percentiles::of(&r.item_latency),
             cpu_s,
+            served: run.served.clone(),
             passed: failures.is_empty(),
             failures,
         }
@@ -330,6 +376,9 @@ impl Summary {
                 stats::short(self.lag_us.p99),
                 stats::short(self.lag_us.max)
             );
+        }
+        if let Some(c) = &self.served {
+            out += &format!("  served in this process: {}\n", c.line());
         }
         out += &format!("  loadgen CPU: {:.2} s\n", self.cpu_s);
         for f in &self.failures {

@@ -95,7 +95,8 @@ struct RequesterArgs {
     /// Measured duration, e.g. 30s
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     duration: Duration,
-    /// Sent but not measured, before the measured part
+    /// Sent but not measured, before the measured part; an open loop ramps
+    /// up to its rate over the first half of it
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
     warmup: Duration,
     /// Connections, spread over the threads
@@ -113,10 +114,17 @@ struct RequesterArgs {
     /// Extra routing tags, e.g. broadcast=1 or e=<instance>
     #[arg(long = "tag", value_name = "TAG")]
     tags: Vec<String>,
-    /// Spin (yielding) for the last 200 µs before each due time: a smaller
-    /// schedule lag for a busy core
+    /// Spin instead of sleeping: yield for the last 200 µs before each due
+    /// time, and poll for 100 µs before parking when idle. A smaller
+    /// schedule lag and fewer wake-ups, for a CPU loadgen has to itself
     #[arg(long)]
     spin: bool,
+    /// Also answer the route in this process, on the same threads, with the
+    /// responder options given here (e.g. --serve='--items 1000 --instances 16';
+    /// --serve alone for the defaults). One event loop per CPU then serves
+    /// both sides, instead of two processes taking turns on it
+    #[arg(long, value_name = "RESPONDER OPTIONS", num_args = 0..=1, default_missing_value = "")]
+    serve: Option<String>,
     /// CPUs to run on, one pinned thread each [default: those this process may use]
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     cpus: Option<Vec<usize>>,
@@ -149,9 +157,26 @@ struct ResponderTarget {
 struct ResponderArgs {
     #[command(flatten)]
     target: ResponderTarget,
+    #[command(flatten)]
+    options: ResponderOptions,
+    /// Stop after this long [default: at SIGINT or SIGTERM]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// CPUs to run on, one pinned thread each
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    cpus: Option<Vec<usize>>,
+    /// Write what was served as JSON here
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+/// What a responder serves; also what `requester --serve` takes.
+#[derive(Args, Debug)]
+struct ResponderOptions {
     /// Service to register (`[group!]service[:version]`), or NATS subject
-    #[arg(long, default_value = "echo")]
-    service: String,
+    /// [default: echo; with requester --serve: the requester's route]
+    #[arg(long)]
+    service: Option<String>,
     /// App name; instances are <app>-0, <app>-1, ...
     #[arg(long, default_value = "loadgen")]
     app: String,
@@ -171,15 +196,6 @@ struct ResponderArgs {
     /// (publish/subscribe fan-out) instead of sharing them in a queue group
     #[arg(long)]
     fanout: bool,
-    /// Stop after this long [default: at SIGINT or SIGTERM]
-    #[arg(long, value_parser = humantime::parse_duration)]
-    duration: Option<Duration>,
-    /// CPUs to run on, one pinned thread each
-    #[arg(long, value_name = "LIST", value_delimiter = ',')]
-    cpus: Option<Vec<usize>>,
-    /// Write what was served as JSON here
-    #[arg(long, value_name = "FILE")]
-    json: Option<PathBuf>,
 }
 
 fn tcp(addr: &ListenAddr) -> SocketAddr {
@@ -203,10 +219,7 @@ fn requester(args: RequesterArgs) -> Result<bool, String> {
         payload_size: args.payload_size,
         connections: args.connections.max(1),
         mode: match args.rps {
-            Some(rps) if rps > 0.0 => Mode::Open {
-                rps,
-                spin: args.spin,
-            },
+            Some(rps) if rps > 0.0 => Mode::Open { rps },
             Some(rps) => return Err(format!("--rps must be more than 0, got {rps}")),
             None => Mode::Closed {
                 concurrency: args.concurrency.max(1),
@@ -216,8 +229,13 @@ fn requester(args: RequesterArgs) -> Result<bool, String> {
         warmup: args.warmup,
         request_n: args.request_n.max(1),
         items: args.items.max(1),
-        cpus: args.cpus.unwrap_or_else(loadgen::available_cpus),
+        cpus: args.cpus.clone().unwrap_or_else(loadgen::available_cpus),
         live: !args.quiet && std::io::stderr().is_terminal(),
+        spin: args.spin,
+        serve: match &args.serve {
+            Some(options) => Some(serve_spec(&args, options)?),
+            None => None,
+        },
     };
     let cpu_before = loadgen::cpu_seconds();
     let (target, run) = match (&args.target.broker, &args.target.nats) {
@@ -240,6 +258,36 @@ fn requester(args: RequesterArgs) -> Result<bool, String> {
     Ok(summary.passed)
 }
 
+/// The responder `--serve` asks for: its options parsed as `loadgen
+/// responder` parses them, aimed at the requester's own target.
+fn serve_spec(args: &RequesterArgs, options: &str) -> Result<ResponderSpec, String> {
+    /// `--serve`'s options, parsed as the responder's.
+    #[derive(Parser, Debug)]
+    #[command(name = "--serve", no_binary_name = true)]
+    struct ServeOptions {
+        #[command(flatten)]
+        options: ResponderOptions,
+    }
+    let o = ServeOptions::try_parse_from(options.split_whitespace())
+        .map_err(|e| format!("--serve: {}", e.to_string().trim_end()))?
+        .options;
+    if args.target.broker.is_none() && args.target.nats.is_none() {
+        return Err("--serve needs --broker or --nats".into());
+    }
+    Ok(ResponderSpec {
+        broker: args.target.broker.as_ref().map(tcp),
+        listen: None,
+        service: o.service.unwrap_or_else(|| args.route.clone()),
+        app: o.app,
+        instances: o.instances.max(1),
+        connections: o.connections.max(1),
+        work: Duration::from_micros(o.work_us),
+        items: o.items,
+        fanout: o.fanout,
+        cpus: Vec::new(),
+    })
+}
+
 fn responder(args: ResponderArgs) -> Result<bool, String> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -253,32 +301,24 @@ fn responder(args: ResponderArgs) -> Result<bool, String> {
             stop.store(true, Ordering::Release);
         });
     }
+    let o = &args.options;
     let spec = ResponderSpec {
         broker: args.target.broker.as_ref().map(tcp),
         listen: args.target.listen.as_ref().map(tcp),
-        service: args.service.clone(),
-        app: args.app.clone(),
-        instances: args.instances.max(1),
-        connections: args.connections.max(1),
-        work: Duration::from_micros(args.work_us),
-        items: args.items,
+        service: o.service.clone().unwrap_or_else(|| "echo".into()),
+        app: o.app.clone(),
+        instances: o.instances.max(1),
+        connections: o.connections.max(1),
+        work: Duration::from_micros(o.work_us),
+        items: o.items,
+        fanout: o.fanout,
         cpus: args.cpus.unwrap_or_else(loadgen::available_cpus),
     };
     let counts = match &args.target.nats {
-        Some(url) => loadgen::nats::run_responder(&spec, url, args.fanout, stop)?,
+        Some(url) => loadgen::nats::run_responder(&spec, url, stop)?,
         None => loadgen::rsocket::run_responder(&spec, stop)?,
     };
-    let secs = counts.seconds.max(1e-9);
-    println!(
-        "loadgen responder: served {} request-response, {} fire-and-forget, {} streams, {} channels, {} items in {:.1} s ({:.0} messages/s)",
-        counts.request_response,
-        counts.fire_and_forget,
-        counts.streams,
-        counts.channels,
-        counts.items,
-        counts.seconds,
-        (counts.request_response + counts.fire_and_forget + counts.items) as f64 / secs
-    );
+    println!("loadgen responder: served {}", counts.line());
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&counts).map_err(|e| e.to_string())?;
         write(path, &(json + "\n"))?;

@@ -62,48 +62,85 @@ pub fn run_requester(spec: &RequesterSpec, url: &str) -> Result<Run, String> {
         );
         let progress = progress.clone();
         let cpu = spec.cpus.get(t).copied();
-        handles.push(std::thread::spawn(move || -> Result<Recorder, String> {
-            let rt = runtime(cpu).map_err(|e| e.to_string());
-            let rt = match rt {
-                Ok(rt) => rt,
-                Err(e) => {
-                    failed.store(true, Ordering::Release);
-                    barrier.wait();
-                    return Err(e);
-                }
-            };
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, async move {
-                let mut clients = Vec::new();
-                let mut error = None;
-                for _ in 0..conns {
-                    match connect(&url).await {
-                        Ok(c) => clients.push(c),
-                        Err(e) => {
-                            error = Some(e);
-                            failed.store(true, Ordering::Release);
-                            break;
+        handles.push(std::thread::spawn(
+            move || -> Result<(Recorder, ResponderCounts), String> {
+                let rt = runtime(cpu).map_err(|e| e.to_string());
+                let rt = match rt {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        failed.store(true, Ordering::Release);
+                        barrier.wait();
+                        return Err(e);
+                    }
+                };
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&rt, async move {
+                    let served_since = Instant::now();
+                    let served = Rc::new(Cell::new(0u64));
+                    let mut error = None;
+                    let mut serving = Vec::new();
+                    if let Some(serve) = &spec.serve {
+                        match subscribe(serve, &url, t, threads).await {
+                            Ok(subs) => serving = serve_all(subs, serve.work, &served),
+                            Err(e) => {
+                                error = Some(e);
+                                failed.store(true, Ordering::Release);
+                            }
                         }
                     }
-                }
-                barrier.wait();
-                if let Some(e) = error {
-                    return Err(e);
-                }
-                if failed.load(Ordering::Acquire) {
-                    return Ok(Recorder::default());
-                }
-                let start = *start.get_or_init(|| Instant::now() + Duration::from_millis(20));
-                Ok(thread_main(&spec, clients, start, progress).await)
-            })
-        }));
+                    let spinning = Rc::new(Cell::new(spec.spin));
+                    if spec.spin {
+                        let spinning = spinning.clone();
+                        // A task that always yields keeps the runtime polling its
+                        // sockets instead of sleeping in epoll_wait.
+                        tokio::task::spawn_local(async move {
+                            while spinning.get() {
+                                tokio::task::yield_now().await;
+                            }
+                        });
+                    }
+                    let mut clients = Vec::new();
+                    for _ in 0..conns {
+                        if error.is_some() {
+                            break;
+                        }
+                        match connect(&url).await {
+                            Ok(c) => clients.push(c),
+                            Err(e) => {
+                                error = Some(e);
+                                failed.store(true, Ordering::Release);
+                                break;
+                            }
+                        }
+                    }
+                    barrier.wait();
+                    let record = match error {
+                        Some(e) => Err(e),
+                        None if failed.load(Ordering::Acquire) => Ok(Recorder::default()),
+                        None => {
+                            let start =
+                                *start.get_or_init(|| Instant::now() + Duration::from_millis(20));
+                            Ok(thread_main(&spec, clients, start, progress).await)
+                        }
+                    };
+                    spinning.set(false);
+                    stop_serving(serving).await;
+                    let counts = served_counts(spec.serve.as_ref(), served.get(), served_since);
+                    record.map(|r| (r, counts))
+                })
+            },
+        ));
     }
     barrier.wait();
     let mut total = Recorder::default();
+    let mut served = ResponderCounts::default();
     let mut first_error = None;
     for h in handles {
         match h.join() {
-            Ok(Ok(r)) => total.merge(&r),
+            Ok(Ok((r, s))) => {
+                total.merge(&r);
+                served.add(&s);
+            }
             Ok(Err(e)) => {
                 first_error.get_or_insert(e);
             }
@@ -119,6 +156,7 @@ pub fn run_requester(spec: &RequesterSpec, url: &str) -> Result<Run, String> {
         record: total,
         measured: spec.duration,
         started: start.get().copied().unwrap_or_else(Instant::now) + spec.warmup,
+        served: spec.serve.is_some().then_some(served),
     })
 }
 
@@ -170,9 +208,9 @@ async fn thread_main(
         }
     };
     match spec.mode {
-        Mode::Open { rps, spin } => {
+        Mode::Open { rps } => {
             let share = clients.len() as f64 / spec.connections.max(1) as f64;
-            let mut schedule = Schedule::new(start, rps * share, w_end);
+            let mut schedule = Schedule::ramped(start, rps * share, spec.warmup / 2, w_end);
             let timer = match crate::schedule::TokioTimer::new() {
                 Ok(t) => t,
                 Err(e) => {
@@ -187,7 +225,7 @@ async fn thread_main(
                 if Instant::now() < due {
                     i += 1;
                 }
-                let sent = wait_until_tokio(due, spin, &timer).await;
+                let sent = wait_until_tokio(due, spec.spin, &timer).await;
                 let measured = in_window(due);
                 rec.borrow_mut().record_send(due, sent, measured);
                 let client = clients[i % clients.len()].clone();
@@ -254,11 +292,97 @@ async fn thread_main(
     r
 }
 
+/// Thread `t`'s share (of `threads`) of the responder connections `spec`
+/// asks for, each subscribed to the service's subject (in a queue group,
+/// or each on its own with `fanout`); the subscriptions have reached the
+/// server when this returns.
+async fn subscribe(
+    spec: &ResponderSpec,
+    url: &str,
+    t: usize,
+    threads: usize,
+) -> Result<Vec<(async_nats::Client, async_nats::Subscriber)>, String> {
+    let total = spec.instances * spec.connections;
+    let mut subs = Vec::new();
+    for _ in (t..total).step_by(threads.max(1)) {
+        let client = connect(url).await?;
+        let sub = if spec.fanout {
+            client.subscribe(spec.service.clone()).await
+        } else {
+            client
+                .queue_subscribe(spec.service.clone(), "loadgen".into())
+                .await
+        };
+        let sub = sub.map_err(|e| format!("cannot subscribe: {e}"))?;
+        subs.push((client, sub));
+    }
+    // Subscriptions reach the server before anyone is told to send.
+    for (c, _) in &subs {
+        c.flush()
+            .await
+            .map_err(|e| format!("cannot reach {url}: {e}"))?;
+    }
+    Ok(subs)
+}
+
+/// Answers (or just counts) every message of `subs`, each on a task of the
+/// current `LocalSet`, spending `work` of CPU on each.
+fn serve_all(
+    subs: Vec<(async_nats::Client, async_nats::Subscriber)>,
+    work: Duration,
+    served: &Rc<Cell<u64>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    subs.into_iter()
+        .map(|(client, mut sub)| {
+            let served = served.clone();
+            tokio::task::spawn_local(async move {
+                while let Some(msg) = sub.next().await {
+                    served.set(served.get() + 1);
+                    if !work.is_zero() {
+                        let until = Instant::now() + work;
+                        while Instant::now() < until {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    if let Some(reply) = msg.reply {
+                        let _ = client.publish(reply, msg.payload).await;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Ends the serving tasks; subscriptions must be dropped while the
+/// runtime runs.
+async fn stop_serving(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in &tasks {
+        t.abort();
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// What `served` messages mean: requests carry a reply subject, published
+/// messages do not; one counter serves both, named by the mode.
+fn served_counts(spec: Option<&ResponderSpec>, served: u64, since: Instant) -> ResponderCounts {
+    let mut counts = ResponderCounts {
+        seconds: since.elapsed().as_secs_f64(),
+        ..ResponderCounts::default()
+    };
+    if spec.is_some_and(|s| s.fanout) {
+        counts.fire_and_forget = served;
+    } else {
+        counts.request_response = served;
+    }
+    counts
+}
+
 /// Serves requests over NATS until `stop` is set.
 pub fn run_responder(
     spec: &ResponderSpec,
     url: &str,
-    fanout: bool,
     stop: Arc<AtomicBool>,
 ) -> Result<ResponderCounts, String> {
     let threads = spec.cpus.len().max(1);
@@ -266,89 +390,36 @@ pub fn run_responder(
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut handles = Vec::new();
     for t in 0..threads {
-        let mine = (t..total).step_by(threads).count();
         let (spec, url, stop, ready) =
             (spec.clone(), url.to_owned(), stop.clone(), ready_tx.clone());
         let cpu = spec.cpus.get(t).copied();
         handles.push(std::thread::spawn(move || -> ResponderCounts {
-            let mut counts = ResponderCounts::default();
+            let since = Instant::now();
             let rt = match runtime(cpu) {
                 Ok(rt) => rt,
                 Err(e) => {
                     let _ = ready.send(Err(e.to_string()));
-                    return counts;
+                    return ResponderCounts::default();
                 }
             };
             let served = Rc::new(Cell::new(0u64));
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async {
-                let mut subs = Vec::new();
-                for _ in 0..mine {
-                    let client = match connect(&url).await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            let _ = ready.send(Err(e));
-                            return;
-                        }
-                    };
-                    let sub = if fanout {
-                        client.subscribe(spec.service.clone()).await
-                    } else {
-                        client
-                            .queue_subscribe(spec.service.clone(), "loadgen".into())
-                            .await
-                    };
-                    match sub {
-                        Ok(s) => subs.push((client, s)),
-                        Err(e) => {
-                            let _ = ready.send(Err(format!("cannot subscribe: {e}")));
-                            return;
-                        }
+                let subs = match subscribe(&spec, &url, t, threads).await {
+                    Ok(subs) => subs,
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
                     }
-                }
-                // Subscriptions reach the server before anyone is told to send.
-                for (c, _) in &subs {
-                    let _ = c.flush().await;
-                }
+                };
                 let _ = ready.send(Ok(()));
-                let mut tasks = Vec::new();
-                for (client, mut sub) in subs {
-                    let served = served.clone();
-                    let work = spec.work;
-                    tasks.push(tokio::task::spawn_local(async move {
-                        while let Some(msg) = sub.next().await {
-                            served.set(served.get() + 1);
-                            if !work.is_zero() {
-                                let until = Instant::now() + work;
-                                while Instant::now() < until {
-                                    std::hint::spin_loop();
-                                }
-                            }
-                            if let Some(reply) = msg.reply {
-                                let _ = client.publish(reply, msg.payload).await;
-                            }
-                        }
-                    }));
-                }
+                let tasks = serve_all(subs, spec.work, &served);
                 while !stop.load(Ordering::Acquire) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                // Subscriptions must be dropped while the runtime runs.
-                for t in &tasks {
-                    t.abort();
-                }
-                for t in tasks {
-                    let _ = t.await;
-                }
+                stop_serving(tasks).await;
             });
-            // Requests carry a reply subject, published messages do not;
-            // one counter serves both, the summary names it by mode.
-            if fanout {
-                counts.fire_and_forget = served.get();
-            } else {
-                counts.request_response = served.get();
-            }
-            counts
+            served_counts(Some(&spec), served.get(), since)
         }));
     }
     drop(ready_tx);
@@ -365,7 +436,7 @@ pub fn run_responder(
     eprintln!(
         "loadgen responder: serving subject {} on {url} with {total} connection(s){}",
         spec.service,
-        if fanout {
+        if spec.fanout {
             ", each receiving every message"
         } else {
             " in a queue group"
@@ -377,8 +448,7 @@ pub fn run_responder(
         let c = h
             .join()
             .map_err(|_| "a responder thread panicked".to_owned())?;
-        total_counts.request_response += c.request_response;
-        total_counts.fire_and_forget += c.fire_and_forget;
+        total_counts.add(&c);
     }
     total_counts.seconds = started.elapsed().as_secs_f64();
     Ok(total_counts)

@@ -30,14 +30,27 @@ pub const UNBOUNDED: u32 = i32::MAX as u32;
 /// How long a finished run waits for answers still in flight.
 const DRAIN: Duration = Duration::from_secs(5);
 
-fn executor(cpu: Option<usize>, name: String) -> LocalExecutorBuilder {
+/// How long a spinning executor polls for work before it parks: longer
+/// than the open loop's final wait before a due time.
+const SPIN_BEFORE_PARK: Duration = Duration::from_micros(250);
+
+/// How long the requester waits for an in-process responder to be
+/// reachable through the broker before the run starts.
+const SERVE_READY: Duration = Duration::from_secs(5);
+
+fn executor(cpu: Option<usize>, name: String, spin: bool) -> LocalExecutorBuilder {
     let placement = match cpu {
         Some(c) => Placement::Fixed(c),
         None => Placement::Unbound,
     };
-    LocalExecutorBuilder::new(placement)
+    let b = LocalExecutorBuilder::new(placement)
         .name(&name)
-        .io_memory(256 << 10)
+        .io_memory(256 << 10);
+    if spin {
+        b.spin_before_park(SPIN_BEFORE_PARK)
+    } else {
+        b
+    }
 }
 
 /// Runs the requester side against `addr`; returns the merged record and
@@ -57,19 +70,44 @@ pub fn run_requester(spec: &RequesterSpec, addr: SocketAddr) -> Result<Run, Stri
         let progress = progress[t].clone();
         let failed_setup = failed_setup.clone();
         let cpu = spec.cpus.get(t).copied();
-        let h = executor(cpu, format!("loadgen-{t}"))
+        let h = executor(cpu, format!("loadgen-{t}"), spec.spin)
             .spawn(move || async move {
-                let clients = connect_all(addr, conns).await;
-                if clients.is_err() {
+                let counts = Rc::new(Counts::default());
+                let served_since = Instant::now();
+                let setup = async {
+                    let responders = match &spec.serve {
+                        Some(serve) => {
+                            let echo = Echo::new(serve, counts.clone());
+                            connect_responders(serve, addr, t, threads, &echo).await?
+                        }
+                        None => Vec::new(),
+                    };
+                    let clients = connect_all(addr, conns).await?;
+                    if spec.serve.is_some()
+                        && let Some(first) = clients.first()
+                    {
+                        served_ready(first, &spec.route).await?;
+                    }
+                    Ok::<_, String>((responders, clients))
+                }
+                .await;
+                if setup.is_err() {
                     failed_setup.store(true, Ordering::Release);
                 }
                 barrier.wait();
-                let clients = clients?;
-                if failed_setup.load(Ordering::Acquire) {
-                    return Ok(Recorder::default());
+                let (responders, clients) = setup?;
+                let record = if failed_setup.load(Ordering::Acquire) {
+                    Recorder::default()
+                } else {
+                    let start = *start.get_or_init(|| Instant::now() + Duration::from_millis(20));
+                    thread_main(&spec, clients, start, progress).await
+                };
+                for c in &responders {
+                    c.close();
                 }
-                let start = *start.get_or_init(|| Instant::now() + Duration::from_millis(20));
-                Ok(thread_main(&spec, clients, start, progress).await)
+                let mut served = counts.totals();
+                served.seconds = served_since.elapsed().as_secs_f64();
+                Ok((record, served))
             })
             .map_err(|e| format!("cannot start a thread on CPU {cpu:?}: {e}"))?;
         handles.push(h);
@@ -97,10 +135,14 @@ pub fn run_requester(spec: &RequesterSpec, addr: SocketAddr) -> Result<Run, Stri
         }
     });
     let mut total = Recorder::default();
+    let mut served = ResponderCounts::default();
     let mut first_error = None;
     for h in handles {
         match h.join() {
-            Ok(Ok(r)) => total.merge(&r),
+            Ok(Ok((r, s))) => {
+                total.merge(&r);
+                served.add(&s);
+            }
             Ok(Err(e)) => {
                 first_error.get_or_insert(e);
             }
@@ -118,7 +160,29 @@ pub fn run_requester(spec: &RequesterSpec, addr: SocketAddr) -> Result<Run, Stri
         record: total,
         measured: spec.duration,
         started: measure_start,
+        served: spec.serve.is_some().then_some(served),
     })
+}
+
+/// Waits until a request on `route` is answered: the in-process
+/// responder's registration has reached the broker and every shard.
+async fn served_ready(client: &Client, route_name: &str) -> Result<(), String> {
+    let deadline = Instant::now() + SERVE_READY;
+    let request = Payload {
+        metadata: Some(route(&[route_name])),
+        data: Bytes::from_static(b"ready?"),
+    };
+    loop {
+        match client.request_response(request.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!(
+                    "the responder in this process was not reachable on route {route_name} within {SERVE_READY:?}: {e}"
+                ));
+            }
+            Err(_) => glommio::timer::sleep(Duration::from_millis(5)).await,
+        }
+    }
 }
 
 async fn connect_all(addr: SocketAddr, n: usize) -> Result<Vec<Client>, String> {
@@ -169,9 +233,9 @@ async fn thread_main(
     });
     let outstanding = Rc::new(Cell::new(0usize));
     match spec.mode {
-        Mode::Open { rps, spin } => {
+        Mode::Open { rps } => {
             let share = clients.len() as f64 / spec.connections.max(1) as f64;
-            let mut schedule = Schedule::new(start, rps * share, window.end);
+            let mut schedule = Schedule::ramped(start, rps * share, spec.warmup / 2, window.end);
             let mut i = 0usize;
             while let Some((_, due)) = schedule.next_due() {
                 // Requests found due at one wake-up go out on one connection,
@@ -180,7 +244,7 @@ async fn thread_main(
                 if Instant::now() < due {
                     i += 1;
                 }
-                let sent = wait_until(due, spin).await;
+                let sent = wait_until(due, spec.spin).await;
                 let measured = window.contains(due);
                 rec.borrow_mut().record_send(due, sent, measured);
                 let client = clients[i % clients.len()].clone();
@@ -411,6 +475,19 @@ struct Counts {
     items: Cell<u64>,
 }
 
+impl Counts {
+    fn totals(&self) -> ResponderCounts {
+        ResponderCounts {
+            request_response: self.rr.get(),
+            fire_and_forget: self.fnf.get(),
+            streams: self.streams.get(),
+            channels: self.channels.get(),
+            items: self.items.get(),
+            seconds: 0.0,
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Echo {
     counts: Rc<Counts>,
@@ -419,6 +496,14 @@ struct Echo {
 }
 
 impl Echo {
+    fn new(spec: &ResponderSpec, counts: Rc<Counts>) -> Self {
+        Self {
+            counts,
+            work: spec.work,
+            items: spec.items,
+        }
+    }
+
     /// Simulated work: the CPU is busy for `work`.
     fn work(&self) {
         if !self.work.is_zero() {
@@ -500,43 +585,19 @@ pub fn run_responder(
         let stop = stop.clone();
         let ready = ready_tx.clone();
         let cpu = spec.cpus.get(t).copied();
-        let h = executor(cpu, format!("loadgen-responder-{t}"))
+        let h = executor(cpu, format!("loadgen-responder-{t}"), false)
             .spawn(move || async move {
                 let counts = Rc::new(Counts::default());
-                let echo = Echo {
-                    counts: counts.clone(),
-                    work: spec.work,
-                    items: spec.items,
-                };
+                let echo = Echo::new(&spec, counts.clone());
                 let mut clients = Vec::new();
                 let mut server = None;
                 match (spec.broker, spec.listen) {
                     (Some(addr), _) => {
-                        // Connections of every instance, spread over the threads.
-                        let (group, service, version) = split_service(&spec.service);
-                        let total = spec.instances * spec.connections;
-                        for k in (t..total).step_by(threads) {
-                            let instance = k / spec.connections;
-                            let config = ClientConfig {
-                                app: Some(AppConfig {
-                                    name: spec.app.clone(),
-                                    uuid: format!("{}-{instance}", spec.app),
-                                    power_rating: 1,
-                                }),
-                                services: vec![(group.clone(), service.clone(), version.clone())],
-                                ..ClientConfig::default()
-                            };
-                            match Client::builder(config)
-                                .responder(&service, echo.clone())
-                                .connect(addr)
-                                .await
-                            {
-                                Ok(c) => clients.push(c),
-                                Err(e) => {
-                                    let _ =
-                                        ready.send(Err(format!("cannot connect to {addr}: {e}")));
-                                    return Rc::unwrap_or_clone(counts);
-                                }
+                        match connect_responders(&spec, addr, t, threads, &echo).await {
+                            Ok(c) => clients = c,
+                            Err(e) => {
+                                let _ = ready.send(Err(e));
+                                return counts.totals();
                             }
                         }
                     }
@@ -558,12 +619,12 @@ pub fn run_responder(
                         }
                         Err(e) => {
                             let _ = ready.send(Err(format!("cannot listen on {addr}: {e}")));
-                            return Rc::unwrap_or_clone(counts);
+                            return counts.totals();
                         }
                     },
                     (None, None) => {
                         let _ = ready.send(Err("responder: give --broker or --listen".into()));
-                        return Rc::unwrap_or_clone(counts);
+                        return counts.totals();
                     }
                 }
                 let _ = ready.send(Ok(()));
@@ -578,7 +639,7 @@ pub fn run_responder(
                     c.close();
                 }
                 glommio::timer::sleep(Duration::from_millis(20)).await;
-                Rc::unwrap_or_clone(counts)
+                counts.totals()
             })
             .map_err(|e| format!("cannot start a thread on CPU {cpu:?}: {e}"))?;
         handles.push(h);
@@ -601,26 +662,44 @@ pub fn run_responder(
         let c = h
             .join()
             .map_err(|e| format!("a responder thread failed: {e}"))?;
-        total.request_response += c.rr.get();
-        total.fire_and_forget += c.fnf.get();
-        total.streams += c.streams.get();
-        total.channels += c.channels.get();
-        total.items += c.items.get();
+        total.add(&c);
     }
     total.seconds = started.elapsed().as_secs_f64();
     Ok(total)
 }
 
-impl Clone for Counts {
-    fn clone(&self) -> Self {
-        Self {
-            rr: Cell::new(self.rr.get()),
-            fnf: Cell::new(self.fnf.get()),
-            streams: Cell::new(self.streams.get()),
-            channels: Cell::new(self.channels.get()),
-            items: Cell::new(self.items.get()),
-        }
+/// Connects thread `t`'s share (of `threads`) of the responder
+/// connections `spec` asks for: every instance's connections, registered
+/// with the broker at `addr` and answered by `echo`.
+async fn connect_responders(
+    spec: &ResponderSpec,
+    addr: SocketAddr,
+    t: usize,
+    threads: usize,
+    echo: &Echo,
+) -> Result<Vec<Client>, String> {
+    let (group, service, version) = split_service(&spec.service);
+    let total = spec.instances * spec.connections;
+    let mut clients = Vec::new();
+    for k in (t..total).step_by(threads.max(1)) {
+        let instance = k / spec.connections.max(1);
+        let config = ClientConfig {
+            app: Some(AppConfig {
+                name: spec.app.clone(),
+                uuid: format!("{}-{instance}", spec.app),
+                power_rating: 1,
+            }),
+            services: vec![(group.clone(), service.clone(), version.clone())],
+            ..ClientConfig::default()
+        };
+        let client = Client::builder(config)
+            .responder(&service, echo.clone())
+            .connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        clients.push(client);
     }
+    Ok(clients)
 }
 
 fn split_service(s: &str) -> (String, String, String) {

@@ -277,3 +277,98 @@ fn the_same_scenario_runs_through_nats_server() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+#[test]
+fn serve_answers_in_the_requesters_own_process() {
+    let broker = broker();
+    let addr = broker.tcp_addr().unwrap();
+    let json = tmp("serve.json");
+    // No responder process: the requester registers the route itself, with
+    // the responder options given to --serve, and spins while it waits.
+    let out = loadgen()
+        .args(["requester", "--broker", &format!("tcp://{addr}")])
+        .args(["--route", "com.example.Count", "--interaction", "stream"])
+        .args(["--max", "--concurrency", "2", "--request-n", "8"])
+        .args(["--duration", "1s", "--warmup", "200ms", "--spin", "--quiet"])
+        .args(["--serve=--items 30 --instances 2"])
+        .args(["--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("served in this process:"), "{stdout}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let served = &summary["served"];
+    let streams = served["streams"].as_u64().unwrap();
+    let received = summary["items_total"].as_u64().unwrap();
+    assert!(streams > 0, "{summary}");
+    // Every item sent was sent by the responder in this process, 30 per
+    // stream (the last streams may be cancelled when the run ends).
+    let sent = served["items"].as_u64().unwrap();
+    assert!(sent <= streams * 30 && sent >= received, "{summary}");
+    // The route was registered by the in-process instances, not refused.
+    assert_eq!(summary["errors"], 0, "{summary}");
+
+    // Options --serve does not know are a clear error before anything runs.
+    let out = loadgen()
+        .args([
+            "requester",
+            "--broker",
+            &format!("tcp://{addr}"),
+            "--rps",
+            "10",
+        ])
+        .args(["--serve=--items many"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("loadgen: --serve: error: invalid value 'many'"),
+        "{stderr}"
+    );
+    broker.stop();
+    broker.join().unwrap();
+}
+
+#[test]
+fn serve_over_nats_answers_requests_and_counts_them() {
+    let Some((mut server, url)) = nats_server() else {
+        return;
+    };
+    let json = tmp("nats-serve.json");
+    let out = loadgen()
+        .args(["requester", "--nats", &url, "--rps", "1000", "--spin"])
+        .args([
+            "--duration",
+            "1s",
+            "--connections",
+            "2",
+            "--serve",
+            "--quiet",
+        ])
+        .args(["--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(summary["latency_us"]["count"].as_u64().unwrap(), 1000);
+    assert_eq!(
+        summary["served"]["request_response"].as_u64().unwrap(),
+        summary["sent"].as_u64().unwrap(),
+        "{summary}"
+    );
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
