@@ -4,7 +4,8 @@ path (no broker), measured by the same loadgen in the same run.
 
 On a 2-core machine the system under test (rsbroker with one shard,
 nats-server with GOMAXPROCS=1, or for the direct path the responder itself)
-runs alone on CPU0; loadgen's requester and responders run on CPU1. Each
+runs alone on CPU0; loadgen's requester and responders run on CPU1, in one
+process (requester --serve) that spins instead of parking (--spin). Each
 scenario runs --rounds times per system (3 by default) and the median round
 is reported, with the system under test's CPU time per operation (utime +
 stime from /proc, which does not depend on how fast loadgen is).
@@ -173,22 +174,6 @@ def pinned(cpu, args, env=None):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def wait_line(proc, text, timeout=30):
-    """Reads the process's stderr until a line containing text."""
-    deadline = time.time() + timeout
-    seen = []
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            if proc.poll() is not None:
-                raise SystemExit("exited before %r: %s\n%s" % (text, proc.args, "".join(seen)))
-            continue
-        seen.append(line)
-        if text in line:
-            return
-    raise SystemExit("no %r from %s" % (text, proc.args))
-
-
 def start_system(system, tmp):
     """Starts the system under test; returns (process, pid, target args for loadgen)."""
     port = free_port()
@@ -222,30 +207,35 @@ def run_once(name, sc, system, args, rate, tmp):
     sut, sut_pid, target = start_system(system, tmp)
     responder = None
     try:
-        resp_json = os.path.join(tmp, "responder.json")
         extra = list(sc.get("responder", []))
         if system == "nats":
             extra = list(sc.get("nats_responder", [i for i in extra if i not in ("--instances", "16")]))
+        req = [os.path.join(BIN, "loadgen"), "requester"]
         if system == "direct":
+            # The responder is the system under test, alone on CPU0.
+            resp_json = os.path.join(tmp, "responder.json")
             port = int(target[1].rsplit(":", 1)[1])
             responder = pinned(SUT_CPU, [os.path.join(BIN, "loadgen"), "responder",
                                          "--listen", target[1], "--json", resp_json]
                                + [x for x in extra if x not in ("--instances", "16")])
             wait_port(port, responder, "loadgen responder --listen")
             sut_pid = responder.pid
-            target = ["--broker", target[1]]
+            req += ["--broker", target[1]]
         else:
-            responder = pinned(LOAD_CPU, [os.path.join(BIN, "loadgen"), "responder"] + target
-                               + ["--json", resp_json] + extra)
-            wait_line(responder, "serving")
+            # The responders answer in the requester's own process, on its
+            # event loop on CPU1 (--serve): two processes taking turns on one
+            # CPU would measure their context switches.
+            resp_json = None
+            req += target + ["--serve=" + " ".join(extra)]
         req_json = os.path.join(tmp, "requester.json")
         hgrm = os.path.join(tmp, "%s-%s-%d.hgrm" % (name, system, time.monotonic_ns()))
-        req = [os.path.join(BIN, "loadgen"), "requester"] + target + sc["requester"]
+        req += sc["requester"]
         if system != "nats":
             req += sc.get("rsocket_requester", [])
         if rate is not None:
             req += ["--rps", "%.0f" % rate]
-        req += ["--duration", "%gs" % args.duration, "--warmup", "%gs" % args.warmup,
+        # loadgen has CPU1 to itself: it spins instead of parking.
+        req += ["--spin", "--duration", "%gs" % args.duration, "--warmup", "%gs" % args.warmup,
                 "--json", req_json, "--hgrm", hgrm, "--quiet"]
         before = cpu_ticks(sut_pid)
         t0 = time.time()
@@ -256,14 +246,17 @@ def run_once(name, sc, system, args, rate, tmp):
             raise SystemExit("requester failed: %s\n%s%s" % (" ".join(req), done.stdout, done.stderr))
         with open(req_json) as f:
             result = json.load(f)
+        os.remove(req_json)
         stop(responder, signal.SIGTERM)
         responder = None
-        delivered = None
-        if os.path.exists(resp_json):
+        served = result.get("served")
+        if resp_json and os.path.exists(resp_json):
             with open(resp_json) as f:
-                r = json.load(f)
-            delivered = r["fire_and_forget"] + r["request_response"] + r["items"]
+                served = json.load(f)
             os.remove(resp_json)
+        delivered = None
+        if served:
+            delivered = served["fire_and_forget"] + served["request_response"] + served["items"]
         kind = sc.get("ops", "requests")
         ops = {"requests": result["sent"], "items": result["items_total"],
                "delivered": delivered or 0}[kind]
@@ -327,6 +320,9 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "perf", "results"))
     args = ap.parse_args()
+    # rsbroker and loadgen keep transparent huge pages off their heaps even
+    # where the host's setting is "always" (see systemd/rsbroker.service).
+    os.environ.setdefault("MIMALLOC_ALLOW_THP", "0")
     if args.smoke:
         args.rounds, args.duration, args.warmup = 1, 1.0, 0.2
     names = args.scenarios or list(SCENARIOS)
