@@ -99,7 +99,7 @@ fn destination(c: &mut Criterion) {
             plain.clone()
         };
         for instances in [1u32, 4, 16] {
-            let (mut shard, requester) = shard(instances, balancer.clone());
+            let (shard, requester) = shard(instances, balancer.clone());
             assert!(matches!(
                 shard.destination(requester, Interaction::RequestResponse, &metadata),
                 Ok(Destination::Instances { .. })

@@ -1,8 +1,6 @@
 //! Choosing an instance for a request: the per-service policy (balancer
 //! and failover) and the balancers themselves.
 
-use std::sync::Arc;
-
 use rustc_hash::FxHashMap;
 
 use crate::service::ServiceKey;
@@ -96,11 +94,12 @@ impl Rng {
     }
 }
 
-/// One candidate instance for a request.
-#[derive(Clone, Debug)]
-pub struct Candidate {
+/// One candidate instance for a request (borrowed from the route table:
+/// gathering candidates takes no reference count).
+#[derive(Clone, Copy, Debug)]
+pub struct Candidate<'a> {
     /// Instance uuid.
-    pub uuid: Arc<str>,
+    pub uuid: &'a str,
     /// Its power rating (>= 1).
     pub weight: u32,
     /// Requests this shard has outstanding on it.
@@ -134,7 +133,7 @@ impl BalancerState {
         &mut self,
         service: &ServiceKey,
         balancer: &Balancer,
-        candidates: &[Candidate],
+        candidates: &[Candidate<'_>],
         hash_key: Option<&[u8]>,
         rng: &mut Rng,
     ) -> usize {
@@ -163,7 +162,7 @@ impl BalancerState {
                     b += 1;
                 }
                 // A local connection saves a hop across cores: prefer it when loads tie.
-                let load = |c: &Candidate| u64::from(c.outstanding) * 2 + u64::from(!c.local);
+                let load = |c: &Candidate<'_>| u64::from(c.outstanding) * 2 + u64::from(!c.local);
                 if load(&candidates[b]) < load(&candidates[a]) {
                     b
                 } else {
@@ -197,10 +196,15 @@ impl BalancerState {
 mod tests {
     use super::*;
 
-    fn candidates(n: usize) -> Vec<Candidate> {
-        (0..n)
-            .map(|i| Candidate {
-                uuid: format!("u{i}").into(),
+    fn uuids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("u{i}")).collect()
+    }
+
+    fn candidates(uuids: &[String]) -> Vec<Candidate<'_>> {
+        uuids
+            .iter()
+            .map(|u| Candidate {
+                uuid: u,
                 weight: 1,
                 outstanding: 0,
                 local: false,
@@ -213,7 +217,8 @@ mod tests {
         let mut s = BalancerState::default();
         let mut rng = Rng::new(1);
         let key = ServiceKey::new("", "s", "");
-        let c = candidates(3);
+        let u = uuids(3);
+        let c = candidates(&u);
         let picks: Vec<usize> = (0..6)
             .map(|_| s.pick(&key, &Balancer::RoundRobin, &c, None, &mut rng))
             .collect();
@@ -225,7 +230,8 @@ mod tests {
         let mut s = BalancerState::default();
         let mut rng = Rng::new(7);
         let key = ServiceKey::new("", "s", "");
-        let mut c = candidates(2);
+        let u = uuids(2);
+        let mut c = candidates(&u);
         c[1].weight = 9;
         let heavy = (0..10_000)
             .filter(|_| s.pick(&key, &Balancer::Weighted, &c, None, &mut rng) == 1)
@@ -238,7 +244,8 @@ mod tests {
         let mut s = BalancerState::default();
         let mut rng = Rng::new(3);
         let key = ServiceKey::new("", "s", "");
-        let mut c = candidates(2);
+        let u = uuids(2);
+        let mut c = candidates(&u);
         c[0].outstanding = 50;
         for _ in 0..100 {
             assert_eq!(
@@ -254,28 +261,21 @@ mod tests {
         let mut rng = Rng::new(3);
         let key = ServiceKey::new("", "s", "");
         let b = Balancer::ConsistentHash { tag: "h".into() };
-        let c5 = candidates(5);
-        let before: Vec<Arc<str>> = (0..1000)
-            .map(|k| {
-                c5[s.pick(&key, &b, &c5, Some(format!("k{k}").as_bytes()), &mut rng)]
-                    .uuid
-                    .clone()
-            })
+        let u = uuids(5);
+        let c5 = candidates(&u);
+        let before: Vec<&str> = (0..1000)
+            .map(|k| c5[s.pick(&key, &b, &c5, Some(format!("k{k}").as_bytes()), &mut rng)].uuid)
             .collect();
-        let again: Vec<Arc<str>> = (0..1000)
-            .map(|k| {
-                c5[s.pick(&key, &b, &c5, Some(format!("k{k}").as_bytes()), &mut rng)]
-                    .uuid
-                    .clone()
-            })
+        let again: Vec<&str> = (0..1000)
+            .map(|k| c5[s.pick(&key, &b, &c5, Some(format!("k{k}").as_bytes()), &mut rng)].uuid)
             .collect();
         assert_eq!(before, again);
-        let c4: Vec<Candidate> = c5[..4].to_vec();
+        let c4: Vec<Candidate<'_>> = c5[..4].to_vec();
         let moved = (0..1000)
             .filter(|k| {
                 let now =
-                    &c4[s.pick(&key, &b, &c4, Some(format!("k{k}").as_bytes()), &mut rng)].uuid;
-                *now != before[*k as usize] && &*before[*k as usize] != "u4"
+                    c4[s.pick(&key, &b, &c4, Some(format!("k{k}").as_bytes()), &mut rng)].uuid;
+                now != before[*k as usize] && before[*k as usize] != "u4"
             })
             .count();
         assert_eq!(moved, 0, "only the removed instance's keys move");

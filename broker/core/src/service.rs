@@ -70,6 +70,10 @@ impl fmt::Display for ServiceKey {
 /// Calls `f` with the key bytes of `name` in `group` at `version`, built
 /// without allocating when it fits 256 bytes.
 pub fn with_key<R>(group: &[u8], name: &[u8], version: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
+    if group.is_empty() && version.is_empty() {
+        // The key is the name itself.
+        return f(name);
+    }
     let len = group.len() + name.len() + version.len() + 2;
     let mut stack = [0u8; 256];
     let mut heap = Vec::new();

@@ -10,6 +10,7 @@
 //! each passed on with only its stream id replaced. A stream's entries are
 //! dropped when the connection's state machine says the stream has ended.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,6 +29,7 @@ use crate::ids::{ConnId, ShardId, StreamRef};
 use crate::message::{Message, Signal};
 use crate::routes::{RouteChange, RouteTable, RouteUpdate};
 use crate::service::{HEALTH_SERVICE, ServiceKey, with_key};
+use smallvec::SmallVec;
 
 /// Settings of a shard.
 #[derive(Clone, Debug)]
@@ -129,7 +131,7 @@ pub enum Destination {
         service: ServiceKey,
         /// The chosen instances with the connection to use for each: one,
         /// or every routable instance for a broadcast.
-        targets: Vec<(Arc<str>, ConnId)>,
+        targets: Targets,
         /// The requester asked to stay on the instance it gets.
         sticky: bool,
         /// What to do when the instance goes away before answering.
@@ -137,15 +139,19 @@ pub enum Destination {
     },
 }
 
+/// Instances a request goes to, each with the connection to use: one
+/// except for a broadcast, so held inline.
+pub type Targets = SmallVec<[(Arc<str>, ConnId); 1]>;
+
 /// Where a requester's stream goes.
 #[derive(Debug)]
 struct Upstream {
     /// Responder connections (more than one for a broadcast).
-    targets: Vec<ConnId>,
+    targets: SmallVec<[ConnId; 1]>,
     service: ServiceKey,
     interaction: Interaction,
     /// Instances tried so far (for failover).
-    tried: Vec<Arc<str>>,
+    tried: SmallVec<[Arc<str>; 1]>,
     /// The request, kept while a retry may still need it.
     retry: Option<(FrameView, u32)>,
 }
@@ -200,8 +206,9 @@ pub struct Shard {
     conns: Slab<Conn>,
     next_generation: u32,
     routes: RouteTable,
-    balancer: BalancerState,
-    rng: Rng,
+    /// Balancer state and randomness, in a cell so that a pick can read
+    /// the route table while it moves them.
+    picker: RefCell<(BalancerState, Rng)>,
     /// Requests this shard has outstanding per responder connection.
     outstanding: FxHashMap<ConnId, u32>,
     revision: u64,
@@ -225,8 +232,7 @@ impl Shard {
             conns: Slab::new(),
             next_generation: 1,
             routes: RouteTable::new(shards),
-            balancer: BalancerState::default(),
-            rng: Rng::new(config.seed),
+            picker: RefCell::new((BalancerState::default(), Rng::new(config.seed))),
             outstanding: FxHashMap::default(),
             revision: 0,
             local: VecDeque::new(),
@@ -847,14 +853,14 @@ impl Shard {
     /// broadcast). Sends nothing. The error says what is missing, naming the
     /// service.
     pub fn destination(
-        &mut self,
+        &self,
         requester: ConnId,
         interaction: Interaction,
         metadata: &[u8],
     ) -> Result<Destination, String> {
         let found = RequestMetadata::scan(metadata)
             .map_err(|e| format!("request metadata is malformed: {e}"))?;
-        let (service, route) = if let Some(tags) = found.routing {
+        let (service, uuids, route) = if let Some(tags) = found.routing {
             let route = Route::from_tags(tags)
                 .map_err(|e| format!("routing metadata is malformed: {e}"))?;
             if route.service == HEALTH_SERVICE.as_bytes() {
@@ -864,20 +870,22 @@ impl Shard {
             let version = route.version.unwrap_or_default();
             // The whole key first (a service named with dots and no method),
             // then the key without its method.
-            let key = [route.key, route.service].into_iter().find_map(|name| {
-                with_key(group, name, version, |k| {
-                    self.routes.service(k).map(|(key, _)| key.clone())
-                })
-            });
-            match key {
-                Some(key) => (key, Some(route)),
+            let found = [route.key, route.service]
+                .into_iter()
+                .find_map(|name| with_key(group, name, version, |k| self.routes.service(k)));
+            match found {
+                Some((key, uuids)) => (key, uuids, Some(route)),
                 None => return Err(format!("no live instance of service {route}")),
             }
         } else if let Some(bin) = found.binary_routing {
             let bin = BinaryRouting::parse(bin)
                 .map_err(|e| format!("binary routing metadata is malformed: {e}"))?;
-            match self.routes.service_by_binary_id(bin.service_id) {
-                Some(key) => (key.clone(), None),
+            match self
+                .routes
+                .service_by_binary_id(bin.service_id)
+                .and_then(|key| self.routes.service(key.as_str().as_bytes()))
+            {
+                Some((key, uuids)) => (key, uuids, None),
                 None => {
                     return Err(format!(
                         "no live instance of service {} (binary id {:#010x})",
@@ -893,8 +901,7 @@ impl Shard {
         let policy = self
             .config
             .policies
-            .for_service(&service, Self::service_name(&service))
-            .clone();
+            .for_service(service, Self::service_name(service));
         let endpoint = route.and_then(|r| r.endpoint);
         let sticky = route.is_some_and(|r| r.sticky);
         let broadcast =
@@ -903,21 +910,21 @@ impl Shard {
             crate::balance::Balancer::ConsistentHash { tag } => route.and_then(|r| r.tag(tag)),
             _ => None,
         };
-        let targets: Vec<(Arc<str>, ConnId)> = if broadcast {
-            self.all_targets(&service)
-        } else {
-            self.pick(
-                &service,
-                &policy.balancer,
-                requester,
-                endpoint,
-                sticky,
-                hash_key,
-                &[],
-            )
-            .into_iter()
-            .collect()
-        };
+        let mut targets = Targets::new();
+        if broadcast {
+            targets = self.all_targets(uuids);
+        } else if let Some(t) = self.pick(
+            service,
+            uuids,
+            &policy.balancer,
+            requester,
+            endpoint,
+            sticky,
+            hash_key,
+            &[],
+        ) {
+            targets.push(t);
+        }
         if targets.is_empty() {
             return Err(match endpoint {
                 Some(e) => format!(
@@ -928,7 +935,7 @@ impl Shard {
             });
         }
         Ok(Destination::Instances {
-            service,
+            service: service.clone(),
             targets,
             sticky,
             failover: policy.failover,
@@ -1047,11 +1054,8 @@ impl Shard {
         }
     }
 
-    /// One connection of every routable instance of `service` (for broadcast).
-    fn all_targets(&self, service: &ServiceKey) -> Vec<(Arc<str>, ConnId)> {
-        let Some((_, uuids)) = self.routes.service(service.as_str().as_bytes()) else {
-            return Vec::new();
-        };
+    /// One connection of every routable instance in `uuids` (for broadcast).
+    fn all_targets(&self, uuids: &[Arc<str>]) -> Targets {
         uuids
             .iter()
             .filter_map(|u| {
@@ -1073,10 +1077,13 @@ impl Shard {
             .copied()
     }
 
+    /// The instance of `service` (among `uuids`, its instances) the
+    /// balancer picks for `requester`, with the connection to use.
     #[allow(clippy::too_many_arguments)]
     fn pick(
-        &mut self,
+        &self,
         service: &ServiceKey,
+        uuids: &[Arc<str>],
         balancer: &crate::balance::Balancer,
         requester: ConnId,
         endpoint: Option<&[u8]>,
@@ -1084,9 +1091,10 @@ impl Shard {
         hash_key: Option<&[u8]>,
         exclude: &[Arc<str>],
     ) -> Option<(Arc<str>, ConnId)> {
-        let (_, uuids) = self.routes.service(service.as_str().as_bytes())?;
-        let mut candidates: Vec<Candidate> = Vec::with_capacity(uuids.len());
-        let mut conns: Vec<ConnId> = Vec::with_capacity(uuids.len());
+        // Candidates borrow from the route table and live on the stack: no
+        // allocation or reference count per request for up to 8 instances.
+        let mut candidates: SmallVec<[Candidate<'_>; 8]> = SmallVec::new();
+        let mut chosen: SmallVec<[(&Arc<str>, ConnId); 8]> = SmallVec::new();
         for uuid in uuids {
             if exclude.contains(uuid) {
                 continue;
@@ -1109,26 +1117,32 @@ impl Shard {
                 .map(|c| self.outstanding.get(c).copied().unwrap_or(0))
                 .sum();
             candidates.push(Candidate {
-                uuid: uuid.clone(),
+                uuid,
                 weight: inst.app.power_rating.max(1),
                 outstanding,
                 local: conn.shard == self.id,
             });
-            conns.push(conn);
+            chosen.push((uuid, conn));
         }
         if candidates.is_empty() {
             return None;
         }
         if sticky
-            && let Some(chosen) = self.conn(requester).and_then(|c| c.sticky.get(service))
-            && let Some(i) = candidates.iter().position(|c| &c.uuid == chosen)
+            && let Some(stuck) = self
+                .conns
+                .get(requester.slot as usize)
+                .filter(|c| c.id == requester)
+                .and_then(|c| c.sticky.get(service))
+            && let Some(&(uuid, conn)) = chosen.iter().find(|(u, _)| *u == stuck)
         {
-            return Some((candidates[i].uuid.clone(), conns[i]));
+            return Some((uuid.clone(), conn));
         }
-        let i = self
-            .balancer
-            .pick(service, balancer, &candidates, hash_key, &mut self.rng);
-        Some((candidates.get(i)?.uuid.clone(), *conns.get(i)?))
+        let i = {
+            let (state, rng) = &mut *self.picker.borrow_mut();
+            state.pick(service, balancer, &candidates, hash_key, rng)
+        };
+        let &(uuid, conn) = chosen.get(i)?;
+        Some((uuid.clone(), conn))
     }
 
     /// A frame or signal from connection `slot` on an existing stream.
@@ -1397,17 +1411,23 @@ impl Shard {
             let policy = self
                 .config
                 .policies
-                .for_service(&up.service, Self::service_name(&up.service))
-                .clone();
-            if let Some((instance, target)) = self.pick(
-                &up.service,
-                &policy.balancer,
-                requester,
-                None,
-                false,
-                None,
-                &up.tried,
-            ) {
+                .for_service(&up.service, Self::service_name(&up.service));
+            let picked = self
+                .routes
+                .service(up.service.as_str().as_bytes())
+                .and_then(|(_, uuids)| {
+                    self.pick(
+                        &up.service,
+                        uuids,
+                        &policy.balancer,
+                        requester,
+                        None,
+                        false,
+                        None,
+                        &up.tried,
+                    )
+                });
+            if let Some((instance, target)) = picked {
                 self.stats.requests_retried += 1;
                 tracing::debug!(conn = %requester, stream = to.stream, %instance, "request retried on another instance");
                 let mut tried = up.tried;
@@ -1425,7 +1445,7 @@ impl Shard {
                     c.upstream.insert(
                         to.stream,
                         Upstream {
-                            targets: vec![target],
+                            targets: smallvec::smallvec![target],
                             service: up.service,
                             interaction: up.interaction,
                             tried,
