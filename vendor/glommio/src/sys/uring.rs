@@ -1249,9 +1249,6 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
-    /// The latency timer above is a preempt timer (not a sleeping pass's
-    /// user timer), so a busy pass may keep it until it fires.
-    latency_timer_is_preempt: Cell<bool>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1383,7 +1380,6 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
-            latency_timer_is_preempt: Cell::new(false),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1845,34 +1841,22 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // A pass that may sleep (no preempt timer asked for) cancels the old
-        // timer, or we would wake up when it expires. A busy pass keeps a
-        // preempt timer that has not fired yet: re-arming it on every pass
-        // cost a timeout and a cancellation per pass (rsbroker patch: a
-        // task queue may now be preempted up to one preempt period after
-        // the timer was armed rather than after this pass).
-        let keep_latency_timer = self.latency_preemption_timeout_src.take().filter(|src| {
-            self.latency_timer_is_preempt.get()
-                && preempt_timer().is_some()
-                && src.result().is_none()
-        });
-        self.latency_timer_is_preempt.set(false);
+        // Cancel the old timer regardless of whether we can sleep:
+        // if we won't sleep, we will register the new timer with its new
+        // value.
+        //
+        // But if we will sleep, there might be a timer registered that needs
+        // to be removed otherwise we'll wake up when it expires.
+        drop(self.latency_preemption_timeout_src.take());
 
-        // The throughput-based timeout fires after a ring's depth of main-ring
-        // completions; one that has not fired yet stays armed (rsbroker patch:
-        // it then fires after that many completions counted from when it was
-        // armed, which at worst preempts a task queue early).
-        let throughput_armed = self
-            .throughput_preemption_timeout_src
-            .take()
-            .filter(|src| src.result().is_none());
-        self.throughput_preemption_timeout_src
-            .replace(Some(throughput_armed.unwrap_or_else(|| {
-                main_ring.prepare_throughput_preemption_timer(
-                    self.ring_depth() as u32,
-                    self.eventfd_src.raw(),
-                )
-            })));
+        // Schedule the throughput-based timeout immediately: it won't matter if we end
+        // up sleeping.
+        self.throughput_preemption_timeout_src.replace(Some(
+            main_ring.prepare_throughput_preemption_timer(
+                self.ring_depth() as u32,
+                self.eventfd_src.raw(),
+            ),
+        ));
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1922,13 +1906,9 @@ impl Reactor {
             }
         }
 
-        if let Some(src) = keep_latency_timer {
-            self.latency_preemption_timeout_src.set(Some(src));
-            self.latency_timer_is_preempt.set(true);
-        } else if let Some(preempt) = preempt_timer() {
+        if let Some(preempt) = preempt_timer() {
             self.latency_preemption_timeout_src
                 .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            self.latency_timer_is_preempt.set(true);
             flush_rings!(lat_ring, main_ring)?;
         }
 
