@@ -789,9 +789,13 @@ impl Shard {
         ended: bool,
     ) {
         let metadata = frame.metadata_slice().unwrap_or_default();
-        let found = RequestMetadata::scan(metadata);
-        let routable = matches!(&found, Ok(f) if f.routing.is_some() || f.binary_routing.is_some());
-        if frame.follows() && !routable && !ended {
+        // Only a fragmented request may have its route still to come; a
+        // whole one is scanned once, when it is routed.
+        let gather = frame.follows()
+            && !ended
+            && !matches!(RequestMetadata::scan(metadata),
+                Ok(f) if f.routing.is_some() || f.binary_routing.is_some());
+        if gather {
             // The routing metadata may go on in the next fragments: gather
             // metadata until data (or the end of the message) shows it is complete.
             if metadata.len() > self.config.max_route_metadata {
@@ -810,8 +814,14 @@ impl Shard {
             }
             return;
         }
-        let metadata = frame.metadata().unwrap_or_default();
-        self.route(slot, stream, interaction, vec![frame], &metadata, ended);
+        self.route(
+            slot,
+            stream,
+            interaction,
+            smallvec::smallvec![frame],
+            None,
+            ended,
+        );
     }
 
     fn on_pending_fragment(&mut self, slot: usize, stream: u32, frame: FrameView) {
@@ -845,7 +855,14 @@ impl Shard {
         };
         let ended = !c.proto.is_stream_open(stream);
         let metadata = p.metadata.freeze();
-        self.route(slot, stream, interaction, p.frames, &metadata, ended);
+        self.route(
+            slot,
+            stream,
+            interaction,
+            SmallVec::from_vec(p.frames),
+            Some(&metadata),
+            ended,
+        );
     }
 
     /// Where a request with `metadata` from `requester` goes now: reads its
@@ -954,12 +971,18 @@ impl Shard {
         slot: usize,
         stream: u32,
         interaction: Interaction,
-        frames: Vec<FrameView>,
-        metadata: &Bytes,
+        frames: SmallVec<[FrameView; 1]>,
+        gathered: Option<&Bytes>,
         ended: bool,
     ) {
         let Some(first) = frames.first().cloned() else {
             return;
+        };
+        // The routing metadata: the first frame's, or what the fragments
+        // of a request gathered.
+        let metadata = match gathered {
+            Some(m) => &m[..],
+            None => first.metadata_slice().unwrap_or_default(),
         };
         let requester = match self.conns.get(slot) {
             Some(c) => c.id,
@@ -1039,12 +1062,16 @@ impl Shard {
             if sticky && let Some((instance, _)) = targets.first() {
                 c.sticky.insert(service.clone(), instance.clone());
             }
-            let tried = targets.iter().map(|(i, _)| i.clone()).collect();
-            let targets = targets.into_iter().map(|(_, c)| c).collect();
+            let mut tried = SmallVec::new();
+            let mut conns = SmallVec::new();
+            for (instance, conn) in targets {
+                tried.push(instance);
+                conns.push(conn);
+            }
             c.upstream.insert(
                 stream,
                 Upstream {
-                    targets,
+                    targets: conns,
                     service,
                     interaction,
                     tried,
