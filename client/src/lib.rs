@@ -224,6 +224,8 @@ const WRITE_HIGH: usize = 256 << 10;
 const COLLECT_SLOTS_MIN: usize = 64;
 /// Flushes per driver pass before it yields.
 const WRITES_PER_TURN: usize = 4;
+/// Reads per driver pass before it yields.
+const READS_PER_TURN: usize = 4;
 
 impl Inner {
     /// Bytes accepted for sending that the socket has not taken yet.
@@ -766,8 +768,17 @@ async fn drive(inner: Rc<Inner>, mut io: impl FrameIo) {
                 *d = Some(cx.waker().clone());
             }
         }
-        // Read.
+        // Read, a few times: a socket that never runs dry (a peer streaming
+        // faster than this side consumes) would otherwise keep this task
+        // reading forever and starve every other task on the thread, the
+        // consumers of what it reads included.
+        let mut reads = 0;
         loop {
+            if reads == READS_PER_TURN {
+                cx.waker().wake_by_ref();
+                break;
+            }
+            reads += 1;
             match io.poll_read(cx, &mut frames) {
                 Poll::Ready(Ok(true)) => {
                     let now = Instant::now();
