@@ -854,13 +854,12 @@ impl Shard {
             _ => Interaction::Channel,
         };
         let ended = !c.proto.is_stream_open(stream);
-        let metadata = p.metadata.freeze();
         self.route(
             slot,
             stream,
             interaction,
             SmallVec::from_vec(p.frames),
-            Some(&metadata),
+            Some(&p.metadata),
             ended,
         );
     }
@@ -972,7 +971,7 @@ impl Shard {
         stream: u32,
         interaction: Interaction,
         frames: SmallVec<[FrameView; 1]>,
-        gathered: Option<&Bytes>,
+        gathered: Option<&[u8]>,
         ended: bool,
     ) {
         let Some(first) = frames.first().cloned() else {
@@ -980,10 +979,7 @@ impl Shard {
         };
         // The routing metadata: the first frame's, or what the fragments
         // of a request gathered.
-        let metadata = match gathered {
-            Some(m) => &m[..],
-            None => first.metadata_slice().unwrap_or_default(),
-        };
+        let metadata = gathered.unwrap_or_else(|| first.metadata_slice().unwrap_or_default());
         let requester = match self.conns.get(slot) {
             Some(c) => c.id,
             None => return,
