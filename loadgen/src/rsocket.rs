@@ -20,7 +20,7 @@ use rsbroker_client::{
 };
 use rsbroker_transports::TcpFrames;
 
-use crate::schedule::{Schedule, latency, wait_until};
+use crate::schedule::{SPIN, Schedule, latency, wait_until};
 use crate::stats::Recorder;
 use crate::{Interaction, Mode, RequesterSpec, ResponderCounts, ResponderSpec, Run};
 
@@ -31,8 +31,8 @@ pub const UNBOUNDED: u32 = i32::MAX as u32;
 const DRAIN: Duration = Duration::from_secs(5);
 
 /// How long a spinning executor polls for work before it parks: longer
-/// than the open loop's final wait before a due time.
-const SPIN_BEFORE_PARK: Duration = Duration::from_micros(250);
+/// than the open loop's final wait before a due time, so that wait is spun.
+const SPIN_BEFORE_PARK: Duration = SPIN.saturating_add(Duration::from_micros(50));
 
 /// How long the requester waits for an in-process responder to be
 /// reachable through the broker before the run starts.

@@ -50,6 +50,19 @@ fn tmp(name: &str) -> std::path::PathBuf {
     dir.join(name)
 }
 
+/// Asserts that a requester run succeeded and returns its stdout and the
+/// JSON summary it wrote to `json`.
+fn succeeded(out: &std::process::Output, json: &std::path::Path) -> (String, serde_json::Value) {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    (stdout, summary)
+}
+
 #[test]
 fn open_loop_run_reports_rate_and_percentiles_and_fails_without_a_responder() {
     let broker = broker();
@@ -76,15 +89,8 @@ fn open_loop_run_reports_rate_and_percentiles_and_fails_without_a_responder() {
         ])
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, summary) = succeeded(&out, &json);
     assert!(stdout.contains("target 2000/s, achieved"), "{stdout}");
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(summary["passed"], true);
     assert_eq!(summary["target_rps"], 2000.0);
     let achieved = summary["achieved_rps"].as_f64().unwrap();
@@ -170,10 +176,7 @@ fn closed_loop_and_streams_under_a_window() {
         ])
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (_, summary) = succeeded(&out, &json);
     assert_eq!(summary["mode"], "closed");
     assert_eq!(summary["request_n"], 4);
     let streams = summary["ok"].as_u64().unwrap();
@@ -250,14 +253,7 @@ fn the_same_scenario_runs_through_nats_server() {
         .args(["--json", json.to_str().unwrap()])
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (_, summary) = succeeded(&out, &json);
     let achieved = summary["achieved_rps"].as_f64().unwrap();
     assert!((950.0..=1050.0).contains(&achieved), "{summary}");
     assert_eq!(summary["latency_us"]["count"].as_u64().unwrap(), 2000);
@@ -294,15 +290,8 @@ fn serve_answers_in_the_requesters_own_process() {
         .args(["--json", json.to_str().unwrap()])
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, summary) = succeeded(&out, &json);
     assert!(stdout.contains("served in this process:"), "{stdout}");
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let served = &summary["served"];
     let streams = served["streams"].as_u64().unwrap();
     let received = summary["items_total"].as_u64().unwrap();
@@ -355,14 +344,7 @@ fn serve_over_nats_answers_requests_and_counts_them() {
         .args(["--json", json.to_str().unwrap()])
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (_, summary) = succeeded(&out, &json);
     assert_eq!(summary["latency_us"]["count"].as_u64().unwrap(), 1000);
     assert_eq!(
         summary["served"]["request_response"].as_u64().unwrap(),
