@@ -345,6 +345,8 @@ fn fill_sqe<F>(
                 sqe.prep_timeout(&*timespec, events, TimeoutFlags::empty());
             }
             UringOpDescriptor::TimeoutRemove(timer) => {
+                // Like a cancellation, its own completion carries nothing.
+                user_data = 0;
                 sqe.prep_timeout_remove(timer as _);
             }
             UringOpDescriptor::Close => {
@@ -623,9 +625,18 @@ impl UringQueueState {
         self.submissions.is_empty() && self.cancellations.is_empty()
     }
 
-    pub(crate) fn cancel_request(&mut self, id: SourceId) {
+    /// Cancels a submitted request. A timeout is removed with
+    /// `IORING_OP_TIMEOUT_REMOVE` (rsbroker patch): the generic cancel
+    /// searches the io-wq workers and the poll table before the timeouts,
+    /// and executors cancel two timers on every pass.
+    pub(crate) fn cancel_request(&mut self, id: SourceId, is_timeout: bool) {
+        let target = to_user_data(id);
         self.cancellations.push_back(UringDescriptor {
-            args: UringOpDescriptor::Cancel(to_user_data(id)),
+            args: if is_timeout {
+                UringOpDescriptor::TimeoutRemove(target)
+            } else {
+                UringOpDescriptor::Cancel(target)
+            },
             fd: -1,
             flags: SubmissionFlags::empty(),
             user_data: 0,
@@ -1849,6 +1860,16 @@ impl Reactor {
         // to be removed otherwise we'll wake up when it expires.
         drop(self.latency_preemption_timeout_src.take());
 
+        // A pass with tasks to run cannot sleep: its new preempt timer goes to
+        // the kernel in the same submission as the old one's cancellation
+        // (rsbroker patch: one latency-ring entry per busy pass instead of
+        // two; the timer is armed a few microseconds earlier than upstream).
+        let busy = preempt_timer();
+        if let Some(preempt) = busy {
+            self.latency_preemption_timeout_src
+                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+        }
+
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
         self.throughput_preemption_timeout_src.replace(Some(
@@ -1868,7 +1889,8 @@ impl Reactor {
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
         // If we generated any event so far, we can't sleep. Need to handle them.
-        let should_sleep = preempt_timer().is_none()
+        let should_sleep = busy.is_none()
+            && preempt_timer().is_none()
             && (woke == 0)
             && poll_ring.can_sleep()
             && main_ring.can_sleep()
@@ -1906,7 +1928,7 @@ impl Reactor {
             }
         }
 
-        if let Some(preempt) = preempt_timer() {
+        if let Some(preempt) = busy.is_none().then(&preempt_timer).flatten() {
             self.latency_preemption_timeout_src
                 .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
             flush_rings!(lat_ring, main_ring)?;
