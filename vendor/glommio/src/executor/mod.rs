@@ -1325,7 +1325,14 @@ impl LocalExecutor {
         loop {
             self.reactor.sys.install_eventfd();
             if self.need_preempt() {
-                break;
+                // rsbroker patch: a latency-ring completion that arrives
+                // before the first queue runs (a timer firing, a cancelled
+                // timer's completion posted at a syscall's exit) must not
+                // read as "nothing to run": the caller would spin and then
+                // park with woken tasks still queued, and sleep until some
+                // unrelated event. Report work left so the loop polls I/O
+                // (which clears the preemption) and comes back.
+                return ran || !self.queues.borrow().active_executors.is_empty();
             }
             if !self.run_one_task_queue() {
                 return false;
