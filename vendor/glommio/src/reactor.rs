@@ -173,6 +173,13 @@ pub(crate) struct Reactor {
     /// refcell) every time. Acquire during initialization
     preempt_ptr_head: *const u32,
     preempt_ptr_tail: *const AtomicU32,
+
+    /// The main ring's completion queue head and tail, and how many
+    /// completions waiting there make a task queue yield (rsbroker patch:
+    /// replaces glommio's per-pass throughput timer).
+    backlog_ptr_head: *const u32,
+    backlog_ptr_tail: *const AtomicU32,
+    backlog_limit: u32,
 }
 
 impl Reactor {
@@ -185,6 +192,7 @@ impl Reactor {
     ) -> io::Result<Reactor> {
         let sys = sys::Reactor::new(notifier, io_memory, ring_depth, blocking_thread)?;
         let (preempt_ptr_head, preempt_ptr_tail) = sys.preempt_pointers();
+        let (backlog_ptr_head, backlog_ptr_tail) = sys.backlog_pointers();
         Ok(Reactor {
             sys,
             timers: RefCell::new(Timers::new()),
@@ -193,6 +201,9 @@ impl Reactor {
             record_io_latencies,
             preempt_ptr_head,
             preempt_ptr_tail: preempt_ptr_tail as _,
+            backlog_ptr_head,
+            backlog_ptr_tail: backlog_ptr_tail as _,
+            backlog_limit: ring_depth as u32,
         })
     }
 
@@ -206,7 +217,15 @@ impl Reactor {
 
     #[inline(always)]
     pub(crate) fn need_preempt(&self) -> bool {
-        unsafe { *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire) }
+        // SAFETY: the pointers are into the rings' shared memory, mapped
+        // for as long as the reactor lives.
+        unsafe {
+            *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire)
+                || (*self.backlog_ptr_tail)
+                    .load(Ordering::Acquire)
+                    .wrapping_sub(*self.backlog_ptr_head)
+                    >= self.backlog_limit
+        }
     }
 
     pub(crate) fn id(&self) -> usize {
