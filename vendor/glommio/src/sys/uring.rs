@@ -1217,6 +1217,9 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    /// The timer above is a preempt timer, which a busy pass may keep (not
+    /// a sleeping pass's user timer).
+    latency_timer_is_preempt: Cell<bool>,
 
     link_fd: RawFd,
 
@@ -1347,6 +1350,7 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_timer_is_preempt: Cell::new(false),
             blocking_thread,
             link_fd,
             notifier,
@@ -1813,17 +1817,25 @@ impl Reactor {
         //
         // But if we will sleep, there might be a timer registered that needs
         // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
-
-        // A pass with tasks to run cannot sleep: its new preempt timer goes to
-        // the kernel in the same submission as the old one's cancellation
-        // (rsbroker patch: one latency-ring entry per busy pass instead of
-        // two; the timer is armed a few microseconds earlier than upstream).
+        //
+        // rsbroker patch: a pass with tasks to run cannot sleep, and keeps a
+        // preempt timer that has not fired yet instead of cancelling it and
+        // arming a new one (a timeout, a removal and a latency-ring entry per
+        // pass). A task queue may then be preempted up to one preempt period
+        // after the timer was armed rather than after this pass started. A
+        // busy pass without one arms it before the rings are flushed, in the
+        // same submission as any cancellation.
         let busy = preempt_timer();
-        if let Some(preempt) = busy {
+        let kept = self.latency_preemption_timeout_src.take().filter(|src| {
+            busy.is_some() && self.latency_timer_is_preempt.get() && src.result().is_none()
+        });
+        if let Some(src) = kept {
+            self.latency_preemption_timeout_src.set(Some(src));
+        } else if let Some(preempt) = busy {
             self.latency_preemption_timeout_src
                 .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
         }
+        self.latency_timer_is_preempt.set(busy.is_some());
 
         // rsbroker patch: no per-pass throughput timer (a timeout counting a
         // ring's depth of main-ring completions, linked to an eventfd write
@@ -1852,6 +1864,7 @@ impl Reactor {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
             if let Some(dur) = user_timer {
+                self.latency_timer_is_preempt.set(false);
                 self.latency_preemption_timeout_src
                     .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
                 assert!(flush_rings!(lat_ring)? > 0);
@@ -1881,6 +1894,7 @@ impl Reactor {
         }
 
         if let Some(preempt) = busy.is_none().then(&preempt_timer).flatten() {
+            self.latency_timer_is_preempt.set(true);
             self.latency_preemption_timeout_src
                 .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
             flush_rings!(lat_ring, main_ring)?;
