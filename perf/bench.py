@@ -362,8 +362,12 @@ def main():
                     r = run_once(name, sc, system, args, rate, tmp)
                     rounds.append(r)
                     print("%-18s %-12s round %d: %s" % (name, system, i + 1, brief(r)), flush=True)
+                # Closed loops: the median by throughput. Open loops send at
+                # the same rate every round, so the median is by p99 latency
+                # (a rate that differs in the last digit would pick the round).
                 key = (lambda r: r["items_per_s"]) if sc.get("ops") == "items" else \
                       (lambda r: r["delivered_per_s"] or 0) if sc.get("ops") == "delivered" else \
+                      (lambda r: r["latency_us"].get("p99") or 0) if rate is not None else \
                       (lambda r: r["achieved_rps"])
                 med = median_round(rounds, key)
                 # The median round's histogram is the one kept.
