@@ -970,13 +970,15 @@ impl Shard {
         slot: usize,
         stream: u32,
         interaction: Interaction,
-        frames: SmallVec<[FrameView; 1]>,
+        mut frames: SmallVec<[FrameView; 1]>,
         gathered: Option<&[u8]>,
         ended: bool,
     ) {
-        let Some(first) = frames.first().cloned() else {
+        if frames.is_empty() {
             return;
-        };
+        }
+        // The request's first frame, and in `frames` the fragments after it.
+        let first = frames.remove(0);
         // The routing metadata: the first frame's, or what the fragments
         // of a request gathered.
         let metadata = gathered.unwrap_or_else(|| first.metadata_slice().unwrap_or_default());
@@ -1018,16 +1020,34 @@ impl Shard {
             conn: requester,
             stream,
         };
-        for (_, to) in &targets {
+        // Kept for a retry on another instance: a whole request-response.
+        let keep = !ended
+            && matches!(failover, Failover::Retry { .. })
+            && interaction == Interaction::RequestResponse
+            && frames.is_empty()
+            && !first.follows();
+        // The last target takes the request itself, unless a retry keeps it:
+        // its buffer moves on instead of being shared once more.
+        let mut first = Some(first);
+        let last = targets.len().saturating_sub(1);
+        for (i, (_, to)) in targets.iter().enumerate() {
+            let frame = if i == last && !keep {
+                first.take()
+            } else {
+                first.clone()
+            };
+            let Some(frame) = frame else {
+                break;
+            };
             self.send(
                 to.shard,
                 Message::Open {
                     origin,
                     to: *to,
-                    frame: first.clone(),
+                    frame,
                 },
             );
-            for f in frames.iter().skip(1) {
+            for f in &frames {
                 self.send(
                     to.shard,
                     Message::ToResponder {
@@ -1045,13 +1065,7 @@ impl Shard {
             return;
         }
         let retry = match failover {
-            Failover::Retry { attempts }
-                if interaction == Interaction::RequestResponse
-                    && frames.len() == 1
-                    && !first.follows() =>
-            {
-                Some((first, attempts))
-            }
+            Failover::Retry { attempts } if keep => first.map(|f| (f, attempts)),
             _ => None,
         };
         if let Some(c) = self.conns.get_mut(slot) {
@@ -1249,23 +1263,25 @@ impl Shard {
         &mut self,
         slot: usize,
         stream: u32,
-        signal: &Signal,
+        signal: Signal,
         feeder: Option<Feeder>,
     ) -> bool {
         let Some(c) = self.conns.get_mut(slot) else {
             return false;
         };
+        // The signal is taken by value: a frame's buffer moves on to the
+        // outgoing queue instead of being shared (a reference count less).
         let ok = match signal {
             Signal::Frame(f) => c.proto.forward(stream, f).is_ok(),
-            Signal::RequestN(n) => c.proto.send_request_n(stream, *n).is_ok(),
+            Signal::RequestN(n) => c.proto.send_request_n(stream, n).is_ok(),
             Signal::Cancel => c.proto.send_cancel(stream).is_ok(),
             Signal::Error { code, data } => {
                 if code.is_connection_level() {
                     c.proto
-                        .send_error(stream, ErrorCode::APPLICATION_ERROR, data.clone())
+                        .send_error(stream, ErrorCode::APPLICATION_ERROR, data)
                         .is_ok()
                 } else {
-                    c.proto.send_error(stream, *code, data.clone()).is_ok()
+                    c.proto.send_error(stream, code, data).is_ok()
                 }
             }
         };
@@ -1322,7 +1338,7 @@ impl Shard {
                     from,
                     Some(origin.conn.slot).filter(|_| origin.conn.shard == self.id),
                 );
-                self.on_open(origin, to, &frame, feeder)
+                self.on_open(origin, to, frame, feeder)
             }
             Message::ToResponder { origin, to, signal } => {
                 let slot = to.slot as usize;
@@ -1336,7 +1352,7 @@ impl Shard {
                     from,
                     Some(origin.conn.slot).filter(|_| origin.conn.shard == self.id),
                 );
-                if !self.deliver(slot, stream, &signal, feeder) {
+                if !self.deliver(slot, stream, signal, feeder) {
                     // The requester sent something the responder's stream cannot take.
                     if let Some(c) = self.conns.get_mut(slot) {
                         let _ = c.proto.send_cancel(stream);
@@ -1369,20 +1385,14 @@ impl Shard {
                     from,
                     Some(responder.slot).filter(|_| responder.shard == self.id),
                 );
-                self.deliver(slot, to.stream, &signal, feeder);
+                self.deliver(slot, to.stream, signal, feeder);
                 self.check_upstream(slot, to.stream);
             }
             Message::Gone { to, code, reason } => self.on_gone(to, code, reason),
         }
     }
 
-    fn on_open(
-        &mut self,
-        origin: StreamRef,
-        to: ConnId,
-        frame: &FrameView,
-        feeder: Option<Feeder>,
-    ) {
+    fn on_open(&mut self, origin: StreamRef, to: ConnId, frame: FrameView, feeder: Option<Feeder>) {
         let slot = to.slot as usize;
         let result = match self.conn_mut(to) {
             Some(c) if !c.released => c.proto.forward_request(frame).map_err(|e| e.to_string()),

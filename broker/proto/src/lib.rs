@@ -36,7 +36,9 @@ pub mod frame;
 pub mod metadata;
 pub mod out;
 
-pub use conn::{Config, Connection, Event, Interaction, RequestKind, Role, SetupPayload};
+pub use conn::{
+    Config, Connection, Event, ForwardFrame, Interaction, RequestKind, Role, SetupPayload,
+};
 pub use error::{ConnectionError, DecodeError, ErrorCode, Initiator, SendError, StreamError};
 pub use frame::{Frame, FrameType, FrameView};
 pub use out::OutFrame;

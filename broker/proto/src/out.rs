@@ -37,10 +37,19 @@ impl OutFrame {
     /// A received frame sent on under another stream id: a new 4-byte stream
     /// id followed by the original bytes (type, flags and the rest).
     pub fn forward(stream_id: u32, view: &FrameView) -> Self {
+        Self::forwarded(stream_id, view.after_stream_id())
+    }
+
+    /// [`OutFrame::forward`] taking the received frame's buffer.
+    pub fn forward_owned(stream_id: u32, view: FrameView) -> Self {
+        Self::forwarded(stream_id, view.into_after_stream_id())
+    }
+
+    fn forwarded(stream_id: u32, after_stream_id: Bytes) -> Self {
         Self::with_head(
             |w| w.put_u32(stream_id & crate::frame::MAX_STREAM_ID),
             Bytes::new(),
-            view.after_stream_id(),
+            after_stream_id,
         )
     }
 

@@ -86,7 +86,7 @@ impl Relay {
                 Event::RequestN { stream_id, n } => {
                     let f = bytes(rsocket_proto::frame::RequestN { stream_id, n });
                     self.cb
-                        .forward(self.down[&stream_id], &FrameView::parse(f).unwrap())
+                        .forward(self.down[&stream_id], FrameView::parse(f).unwrap())
                         .unwrap()
                 }
                 Event::Cancel { stream_id, .. } => {
@@ -116,13 +116,13 @@ impl Relay {
                 Event::RequestN { stream_id, n } => {
                     let f = bytes(rsocket_proto::frame::RequestN { stream_id, n });
                     self.sa
-                        .forward(self.up[&stream_id], &FrameView::parse(f).unwrap())
+                        .forward(self.up[&stream_id], FrameView::parse(f).unwrap())
                         .unwrap()
                 }
                 Event::Cancel { stream_id, .. } => {
                     let f = bytes(Cancel { stream_id });
                     self.sa
-                        .forward(self.up[&stream_id], &FrameView::parse(f).unwrap())
+                        .forward(self.up[&stream_id], FrameView::parse(f).unwrap())
                         .unwrap()
                 }
                 Event::Error {
@@ -358,6 +358,47 @@ fn forwarded_frames_are_not_copied() {
         item[4..].as_ptr(),
         "the body is the received bytes, not a copy"
     );
+}
+
+#[test]
+fn a_frame_forwarded_by_value_moves_its_buffer() {
+    let mut r = Relay::new(0);
+    r.a.send_request(RequestKind::Stream { initial_n: 1 }, None, Bytes::new())
+        .unwrap();
+    r.drive();
+    let cb_id = r.down[&1];
+    let item = bytes(Payload {
+        stream_id: cb_id,
+        follows: false,
+        complete: true,
+        next: true,
+        metadata: None,
+        data: Bytes::from(vec![7; 64]),
+    });
+    r.cb.handle_frame(r.now, item.clone());
+    let Some(Event::Payload { frame, .. }) = r.cb.poll_event() else {
+        panic!()
+    };
+    let received_body = item[4..].as_ptr();
+    drop(item);
+    // Only the view holds the received buffer now; forwarding it by value
+    // hands that buffer to the outgoing frame.
+    r.sa.forward(1, frame).unwrap();
+    let out = r.sa.poll_transmit().unwrap();
+    assert_eq!(out.head(), &[0, 0, 0, 1], "a new stream id in front");
+    let (_, body) = out.shared_parts();
+    assert_eq!(
+        body.as_ptr(),
+        received_body,
+        "the received bytes, not a copy"
+    );
+    let mut body = body.clone();
+    drop(out);
+    // The body is the last reference to its buffer: it converts back into
+    // an owned buffer without a copy. A body that was a clone would still
+    // share it with the state machine's copy of the view and could not.
+    assert!(body.is_unique(), "the forwarded body is the only reference");
+    assert_eq!(&body.split_off(body.len() - 64)[..], &[7; 64][..]);
 }
 
 #[test]

@@ -18,6 +18,34 @@ mod stream;
 
 pub use stream::{Credit, Interaction, StreamInfo};
 
+/// A received frame handed to [`Connection::forward_request`] or
+/// [`Connection::forward`]: by reference, its body is shared with the
+/// receive buffer (one more reference); by value, the buffer itself moves.
+pub trait ForwardFrame {
+    /// The frame.
+    fn view(&self) -> &FrameView;
+    /// The outgoing frame: `stream_id`, then the received bytes after the stream id.
+    fn into_out(self, stream_id: u32) -> OutFrame;
+}
+
+impl ForwardFrame for &FrameView {
+    fn view(&self) -> &FrameView {
+        self
+    }
+    fn into_out(self, stream_id: u32) -> OutFrame {
+        OutFrame::forward(stream_id, self)
+    }
+}
+
+impl ForwardFrame for FrameView {
+    fn view(&self) -> &FrameView {
+        self
+    }
+    fn into_out(self, stream_id: u32) -> OutFrame {
+        OutFrame::forward_owned(stream_id, self)
+    }
+}
+
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -1651,8 +1679,10 @@ impl Connection {
     /// Sends a request received on another connection: allocates a stream id
     /// here and writes the frame with only the stream id replaced. Further
     /// fragments follow with [`Connection::forward`].
-    pub fn forward_request(&mut self, frame: &FrameView) -> Result<u32, SendError> {
+    pub fn forward_request(&mut self, frame: impl ForwardFrame) -> Result<u32, SendError> {
         self.check_can_request()?;
+        let out = frame;
+        let frame = out.view();
         let Some(interaction) = interaction_of(frame.frame_type()) else {
             return Err(SendError::InvalidArgument("not a request frame"));
         };
@@ -1681,14 +1711,16 @@ impl Connection {
         if !stream.is_done() {
             self.streams.insert(id, stream);
         }
-        self.push_stream_frame(OutFrame::forward(id, frame));
+        self.push_stream_frame(out.into_out(id));
         Ok(id)
     }
 
     /// Sends a PAYLOAD, REQUEST_N, CANCEL or ERROR received on another
     /// connection on `stream_id` here, with only the stream id replaced.
-    pub fn forward(&mut self, stream_id: u32, frame: &FrameView) -> Result<(), SendError> {
+    pub fn forward(&mut self, stream_id: u32, frame: impl ForwardFrame) -> Result<(), SendError> {
         self.check_open()?;
+        let out = frame;
+        let frame = out.view();
         if frame.len() > MAX_U24 {
             return Err(SendError::InvalidArgument(
                 "frame does not fit a 24-bit length",
@@ -1710,7 +1742,7 @@ impl Connection {
                 ));
             }
         };
-        self.push_stream_frame(OutFrame::forward(stream_id, frame));
+        self.push_stream_frame(out.into_out(stream_id));
         if done {
             self.end_stream(stream_id);
         }

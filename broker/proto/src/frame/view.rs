@@ -1,6 +1,6 @@
 //! [`FrameView`]: a validated, zero-copy view of one received frame.
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 
 use super::{Flags, FrameType, HEADER_LEN, Header, MAX_REQUEST_N, Reader, get_u24};
 use crate::error::DecodeError;
@@ -284,6 +284,15 @@ impl FrameView {
     #[inline]
     pub fn after_stream_id(&self) -> Bytes {
         self.buf.slice(4..)
+    }
+
+    /// [`FrameView::after_stream_id`], taking the frame's buffer instead of
+    /// sharing it: no reference count changes hands.
+    #[inline]
+    pub fn into_after_stream_id(self) -> Bytes {
+        let mut buf = self.buf;
+        buf.advance(4);
+        buf
     }
 }
 
