@@ -330,25 +330,32 @@ fn channel_responder_can_cancel_only_the_requesters_half() {
     assert_eq!(r.stream_counts(), [0, 0, 0, 0]);
 }
 
-#[test]
-fn forwarded_frames_are_not_copied() {
+/// A relay with one stream open, and a PAYLOAD carrying `data` that the
+/// responder side (CB) received on it: the relay, the received bytes and
+/// the frame's view.
+fn payload_received_by_cb(data: Bytes) -> (Relay, Bytes, FrameView) {
     let mut r = Relay::new(0);
     r.a.send_request(RequestKind::Stream { initial_n: 1 }, None, Bytes::new())
         .unwrap();
     r.drive();
-    let cb_id = r.down[&1];
     let item = bytes(Payload {
-        stream_id: cb_id,
+        stream_id: r.down[&1],
         follows: false,
         complete: true,
         next: true,
         metadata: None,
-        data: Bytes::from(vec![7; 4096]),
+        data,
     });
     r.cb.handle_frame(r.now, item.clone());
     let Some(Event::Payload { frame, .. }) = r.cb.poll_event() else {
-        panic!()
+        panic!("no PAYLOAD event")
     };
+    (r, item, frame)
+}
+
+#[test]
+fn forwarded_frames_are_not_copied() {
+    let (mut r, item, frame) = payload_received_by_cb(Bytes::from(vec![7; 4096]));
     r.sa.forward(1, &frame).unwrap();
     let out = r.sa.poll_transmit().unwrap();
     let (_, body) = out.shared_parts();
@@ -362,23 +369,7 @@ fn forwarded_frames_are_not_copied() {
 
 #[test]
 fn a_frame_forwarded_by_value_moves_its_buffer() {
-    let mut r = Relay::new(0);
-    r.a.send_request(RequestKind::Stream { initial_n: 1 }, None, Bytes::new())
-        .unwrap();
-    r.drive();
-    let cb_id = r.down[&1];
-    let item = bytes(Payload {
-        stream_id: cb_id,
-        follows: false,
-        complete: true,
-        next: true,
-        metadata: None,
-        data: Bytes::from(vec![7; 64]),
-    });
-    r.cb.handle_frame(r.now, item.clone());
-    let Some(Event::Payload { frame, .. }) = r.cb.poll_event() else {
-        panic!()
-    };
+    let (mut r, item, frame) = payload_received_by_cb(Bytes::from(vec![7; 64]));
     let received_body = item[4..].as_ptr();
     drop(item);
     // Only the view holds the received buffer now; forwarding it by value
@@ -394,9 +385,8 @@ fn a_frame_forwarded_by_value_moves_its_buffer() {
     );
     let mut body = body.clone();
     drop(out);
-    // The body is the last reference to its buffer: it converts back into
-    // an owned buffer without a copy. A body that was a clone would still
-    // share it with the state machine's copy of the view and could not.
+    // The body is the last reference to its buffer. Forwarded by reference,
+    // the caller's view would still share it.
     assert!(body.is_unique(), "the forwarded body is the only reference");
     assert_eq!(&body.split_off(body.len() - 64)[..], &[7; 64][..]);
 }

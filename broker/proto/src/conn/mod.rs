@@ -1679,10 +1679,9 @@ impl Connection {
     /// Sends a request received on another connection: allocates a stream id
     /// here and writes the frame with only the stream id replaced. Further
     /// fragments follow with [`Connection::forward`].
-    pub fn forward_request(&mut self, frame: impl ForwardFrame) -> Result<u32, SendError> {
+    pub fn forward_request(&mut self, received: impl ForwardFrame) -> Result<u32, SendError> {
         self.check_can_request()?;
-        let out = frame;
-        let frame = out.view();
+        let frame = received.view();
         let Some(interaction) = interaction_of(frame.frame_type()) else {
             return Err(SendError::InvalidArgument("not a request frame"));
         };
@@ -1711,16 +1710,19 @@ impl Connection {
         if !stream.is_done() {
             self.streams.insert(id, stream);
         }
-        self.push_stream_frame(out.into_out(id));
+        self.push_stream_frame(received.into_out(id));
         Ok(id)
     }
 
     /// Sends a PAYLOAD, REQUEST_N, CANCEL or ERROR received on another
     /// connection on `stream_id` here, with only the stream id replaced.
-    pub fn forward(&mut self, stream_id: u32, frame: impl ForwardFrame) -> Result<(), SendError> {
+    pub fn forward(
+        &mut self,
+        stream_id: u32,
+        received: impl ForwardFrame,
+    ) -> Result<(), SendError> {
         self.check_open()?;
-        let out = frame;
-        let frame = out.view();
+        let frame = received.view();
         if frame.len() > MAX_U24 {
             return Err(SendError::InvalidArgument(
                 "frame does not fit a 24-bit length",
@@ -1742,7 +1744,7 @@ impl Connection {
                 ));
             }
         };
-        self.push_stream_frame(out.into_out(stream_id));
+        self.push_stream_frame(received.into_out(stream_id));
         if done {
             self.end_stream(stream_id);
         }
