@@ -1811,12 +1811,8 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
+        // A pass that may sleep cancels the old timer, or it would wake up
+        // when that expires.
         //
         // rsbroker patch: a pass with tasks to run cannot sleep, and keeps a
         // preempt timer that has not fired yet instead of cancelling it and
