@@ -21,11 +21,7 @@ pub struct OutFrame {
 }
 
 impl OutFrame {
-    fn with_head(write: impl FnOnce(&mut &mut [u8]), metadata: Bytes, data: Bytes) -> Self {
-        let mut head = [0u8; HEAD_CAP];
-        let mut w: &mut [u8] = &mut head;
-        write(&mut w);
-        let head_len = (HEAD_CAP - w.len()) as u8;
+    fn with_head((head, head_len): ([u8; HEAD_CAP], u8), metadata: Bytes, data: Bytes) -> Self {
         Self {
             head,
             head_len,
@@ -47,7 +43,7 @@ impl OutFrame {
 
     fn forwarded(stream_id: u32, after_stream_id: Bytes) -> Self {
         Self::with_head(
-            |w| w.put_u32(stream_id & crate::frame::MAX_STREAM_ID),
+            head(|w| w.put_u32(stream_id & crate::frame::MAX_STREAM_ID)),
             Bytes::new(),
             after_stream_id,
         )
@@ -65,116 +61,13 @@ impl OutFrame {
 
     /// The outgoing form of a typed frame; metadata and data are shared, not copied.
     pub fn from_frame(frame: &Frame) -> Self {
-        fn md(m: &Option<Bytes>) -> Bytes {
-            m.clone().unwrap_or_default()
-        }
-        fn m_flag(m: &Option<Bytes>) -> u16 {
-            if m.is_some() { Flags::METADATA } else { 0 }
-        }
-        fn put_md_len(w: &mut &mut [u8], m: &Option<Bytes>) {
-            if let Some(m) = m {
-                put_u24(w, m.len());
-            }
-        }
-        match frame {
-            Frame::Payload(f) => Self::with_head(
-                |w| {
-                    put_header(w, f.stream_id, FrameType::Payload, f.flag_bits());
-                    put_md_len(w, &f.metadata);
-                },
-                md(&f.metadata),
-                f.data.clone(),
-            ),
-            Frame::RequestResponse(f) => Self::with_head(
-                |w| {
-                    let flags = m_flag(&f.metadata) | if f.follows { Flags::FOLLOWS } else { 0 };
-                    put_header(w, f.stream_id, FrameType::RequestResponse, flags);
-                    put_md_len(w, &f.metadata);
-                },
-                md(&f.metadata),
-                f.data.clone(),
-            ),
-            Frame::RequestFnf(f) => Self::with_head(
-                |w| {
-                    let flags = m_flag(&f.metadata) | if f.follows { Flags::FOLLOWS } else { 0 };
-                    put_header(w, f.stream_id, FrameType::RequestFnf, flags);
-                    put_md_len(w, &f.metadata);
-                },
-                md(&f.metadata),
-                f.data.clone(),
-            ),
-            Frame::RequestStream(f) => Self::with_head(
-                |w| {
-                    let flags = m_flag(&f.metadata) | if f.follows { Flags::FOLLOWS } else { 0 };
-                    put_header(w, f.stream_id, FrameType::RequestStream, flags);
-                    w.put_u32(f.initial_n & MAX_REQUEST_N);
-                    put_md_len(w, &f.metadata);
-                },
-                md(&f.metadata),
-                f.data.clone(),
-            ),
-            Frame::RequestChannel(f) => Self::with_head(
-                |w| {
-                    let flags = m_flag(&f.metadata)
-                        | if f.follows { Flags::FOLLOWS } else { 0 }
-                        | if f.complete { Flags::COMPLETE } else { 0 };
-                    put_header(w, f.stream_id, FrameType::RequestChannel, flags);
-                    w.put_u32(f.initial_n & MAX_REQUEST_N);
-                    put_md_len(w, &f.metadata);
-                },
-                md(&f.metadata),
-                f.data.clone(),
-            ),
-            Frame::Ext(f) => Self::with_head(
-                |w| {
-                    let flags = m_flag(&f.metadata) | if f.ignore { Flags::IGNORE } else { 0 };
-                    put_header(w, f.stream_id, FrameType::Ext, flags);
-                    w.put_u32(f.extended_type & MAX_REQUEST_N);
-                    put_md_len(w, &f.metadata);
-                },
-                md(&f.metadata),
-                f.data.clone(),
-            ),
-            Frame::RequestN(f) => Self::with_head(|w| f.encode(w), Bytes::new(), Bytes::new()),
-            Frame::Cancel(f) => Self::with_head(|w| f.encode(w), Bytes::new(), Bytes::new()),
-            Frame::ResumeOk(f) => Self::with_head(|w| f.encode(w), Bytes::new(), Bytes::new()),
-            Frame::Error(f) => Self::with_head(
-                |w| {
-                    put_header(w, f.stream_id, FrameType::Error, 0);
-                    w.put_u32(f.code.0);
-                },
-                Bytes::new(),
-                f.data.clone(),
-            ),
-            Frame::Keepalive(f) => Self::with_head(
-                |w| {
-                    put_header(
-                        w,
-                        0,
-                        FrameType::Keepalive,
-                        if f.respond { Flags::RESPOND } else { 0 },
-                    );
-                    w.put_u64(f.last_received_position & crate::frame::MAX_POSITION);
-                },
-                Bytes::new(),
-                f.data.clone(),
-            ),
-            Frame::Lease(f) => Self::with_head(
-                |w| {
-                    put_header(w, 0, FrameType::Lease, m_flag(&f.metadata));
-                    w.put_u32(f.ttl & MAX_REQUEST_N);
-                    w.put_u32(f.number_of_requests & MAX_REQUEST_N);
-                },
-                Bytes::new(),
-                md(&f.metadata),
-            ),
-            Frame::MetadataPush(f) => Self::with_head(
-                |w| put_header(w, 0, FrameType::MetadataPush, Flags::METADATA),
-                Bytes::new(),
-                f.metadata.clone(),
-            ),
-            Frame::Setup(_) | Frame::Resume(_) => Self::encoded(frame.to_bytes()),
-        }
+        Self::from(frame.clone())
+    }
+
+    /// [`OutFrame::from_frame`] taking the frame, so its buffers move
+    /// instead of being shared.
+    pub fn from_owned(frame: impl Into<Frame>) -> Self {
+        Self::from(frame.into())
     }
 
     /// Length of the frame in bytes (without length prefix).
@@ -225,6 +118,136 @@ impl OutFrame {
         }
         buf.freeze()
     }
+}
+
+impl From<Frame> for OutFrame {
+    /// The outgoing form of a typed frame, taking its metadata and data
+    /// buffers (no reference-count traffic).
+    fn from(frame: Frame) -> Self {
+        fn md(m: Option<Bytes>) -> Bytes {
+            m.unwrap_or_default()
+        }
+        fn m_flag(m: &Option<Bytes>) -> u16 {
+            if m.is_some() { Flags::METADATA } else { 0 }
+        }
+        fn put_md_len(w: &mut &mut [u8], m: &Option<Bytes>) {
+            if let Some(m) = m {
+                put_u24(w, m.len());
+            }
+        }
+        match frame {
+            Frame::Payload(f) => Self::with_head(
+                head(|w| {
+                    put_header(w, f.stream_id, FrameType::Payload, f.flag_bits());
+                    put_md_len(w, &f.metadata);
+                }),
+                md(f.metadata),
+                f.data,
+            ),
+            Frame::RequestResponse(f) => Self::with_head(
+                head(|w| {
+                    let flags = m_flag(&f.metadata) | if f.follows { Flags::FOLLOWS } else { 0 };
+                    put_header(w, f.stream_id, FrameType::RequestResponse, flags);
+                    put_md_len(w, &f.metadata);
+                }),
+                md(f.metadata),
+                f.data,
+            ),
+            Frame::RequestFnf(f) => Self::with_head(
+                head(|w| {
+                    let flags = m_flag(&f.metadata) | if f.follows { Flags::FOLLOWS } else { 0 };
+                    put_header(w, f.stream_id, FrameType::RequestFnf, flags);
+                    put_md_len(w, &f.metadata);
+                }),
+                md(f.metadata),
+                f.data,
+            ),
+            Frame::RequestStream(f) => Self::with_head(
+                head(|w| {
+                    let flags = m_flag(&f.metadata) | if f.follows { Flags::FOLLOWS } else { 0 };
+                    put_header(w, f.stream_id, FrameType::RequestStream, flags);
+                    w.put_u32(f.initial_n & MAX_REQUEST_N);
+                    put_md_len(w, &f.metadata);
+                }),
+                md(f.metadata),
+                f.data,
+            ),
+            Frame::RequestChannel(f) => Self::with_head(
+                head(|w| {
+                    let flags = m_flag(&f.metadata)
+                        | if f.follows { Flags::FOLLOWS } else { 0 }
+                        | if f.complete { Flags::COMPLETE } else { 0 };
+                    put_header(w, f.stream_id, FrameType::RequestChannel, flags);
+                    w.put_u32(f.initial_n & MAX_REQUEST_N);
+                    put_md_len(w, &f.metadata);
+                }),
+                md(f.metadata),
+                f.data,
+            ),
+            Frame::Ext(f) => Self::with_head(
+                head(|w| {
+                    let flags = m_flag(&f.metadata) | if f.ignore { Flags::IGNORE } else { 0 };
+                    put_header(w, f.stream_id, FrameType::Ext, flags);
+                    w.put_u32(f.extended_type & MAX_REQUEST_N);
+                    put_md_len(w, &f.metadata);
+                }),
+                md(f.metadata),
+                f.data,
+            ),
+            Frame::RequestN(f) => {
+                Self::with_head(head(|w| f.encode(w)), Bytes::new(), Bytes::new())
+            }
+            Frame::Cancel(f) => Self::with_head(head(|w| f.encode(w)), Bytes::new(), Bytes::new()),
+            Frame::ResumeOk(f) => {
+                Self::with_head(head(|w| f.encode(w)), Bytes::new(), Bytes::new())
+            }
+            Frame::Error(f) => Self::with_head(
+                head(|w| {
+                    put_header(w, f.stream_id, FrameType::Error, 0);
+                    w.put_u32(f.code.0);
+                }),
+                Bytes::new(),
+                f.data,
+            ),
+            Frame::Keepalive(f) => Self::with_head(
+                head(|w| {
+                    put_header(
+                        w,
+                        0,
+                        FrameType::Keepalive,
+                        if f.respond { Flags::RESPOND } else { 0 },
+                    );
+                    w.put_u64(f.last_received_position & crate::frame::MAX_POSITION);
+                }),
+                Bytes::new(),
+                f.data,
+            ),
+            Frame::Lease(f) => Self::with_head(
+                head(|w| {
+                    put_header(w, 0, FrameType::Lease, m_flag(&f.metadata));
+                    w.put_u32(f.ttl & MAX_REQUEST_N);
+                    w.put_u32(f.number_of_requests & MAX_REQUEST_N);
+                }),
+                Bytes::new(),
+                md(f.metadata),
+            ),
+            Frame::MetadataPush(f) => Self::with_head(
+                head(|w| put_header(w, 0, FrameType::MetadataPush, Flags::METADATA)),
+                Bytes::new(),
+                f.metadata,
+            ),
+            Frame::Setup(_) | Frame::Resume(_) => Self::encoded(frame.to_bytes()),
+        }
+    }
+}
+
+/// An inline head written by `write`, with its length.
+fn head(write: impl FnOnce(&mut &mut [u8])) -> ([u8; HEAD_CAP], u8) {
+    let mut head = [0u8; HEAD_CAP];
+    let mut w: &mut [u8] = &mut head;
+    write(&mut w);
+    let len = (HEAD_CAP - w.len()) as u8;
+    (head, len)
 }
 
 impl std::fmt::Debug for OutFrame {

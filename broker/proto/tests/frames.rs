@@ -114,6 +114,16 @@ fn request_response() {
 }
 
 #[test]
+fn into_parts_gives_the_metadata_and_the_data() {
+    let v = FrameView::parse(hex("00000001 1180 000002 6d6d 6464")).unwrap();
+    assert_eq!(v.into_parts(), (Some(b("mm")), b("dd")));
+    let v = FrameView::parse(hex("00000003 1000 64")).unwrap();
+    assert_eq!(v.into_parts(), (None, b("d")));
+    let v = FrameView::parse(hex("00000003 2960 000001 6d")).unwrap();
+    assert_eq!(v.into_parts(), (Some(b("m")), Bytes::new()));
+}
+
+#[test]
 fn request_fnf() {
     check(
         RequestFnf {

@@ -417,7 +417,7 @@ impl Connection {
         }
         conn.state = State::Established;
         conn.next_keepalive = Some(now + conn.keepalive_interval);
-        conn.push_control(OutFrame::from_frame(&frame));
+        conn.push_control(OutFrame::from_owned(frame));
         conn
     }
 
@@ -574,7 +574,7 @@ impl Connection {
                         last_received_position: position,
                         data: Bytes::new(),
                     };
-                    self.push_control(OutFrame::from_frame(&frame.into()));
+                    self.push_control(OutFrame::from_owned(frame));
                     self.next_keepalive = Some(now + self.keepalive_interval);
                 }
             }
@@ -679,7 +679,7 @@ impl Connection {
                 code: ErrorCode::INVALID,
                 data: Bytes::from(format!("malformed {frame_type}: {err}")),
             };
-            return self.push_stream_frame(OutFrame::from_frame(&error.into()));
+            return self.push_stream_frame(OutFrame::from_owned(error));
         }
         let stream_frame = matches!(
             frame_type,
@@ -921,7 +921,7 @@ impl Connection {
                 // A copy: the echo must not pin the peer's receive buffer.
                 data: Bytes::copy_from_slice(&keepalive.data),
             };
-            self.push_control(OutFrame::from_frame(&echo.into()));
+            self.push_control(OutFrame::from_owned(echo));
         }
     }
 
@@ -1307,7 +1307,7 @@ impl Connection {
         self.state = State::Established;
         self.now = now;
         self.last_received = now;
-        self.push_control(OutFrame::from_frame(&ok.into()));
+        self.push_control(OutFrame::from_owned(ok));
         for f in frames {
             self.transmit(f);
         }
@@ -1357,7 +1357,7 @@ impl Connection {
         self.now = now;
         self.last_received = now;
         self.state = State::AwaitingResumeOk;
-        self.push_control(OutFrame::from_frame(&frame.into()));
+        self.push_control(OutFrame::from_owned(frame));
         Ok(())
     }
 
@@ -1385,7 +1385,7 @@ impl Connection {
             code: ErrorCode::CONNECTION_CLOSE,
             data: Bytes::from(message.into()),
         };
-        self.push_control(OutFrame::from_frame(&error.into()));
+        self.push_control(OutFrame::from_owned(error));
         self.draining = true;
         self.close_when_idle = true;
         self.close_initiator = Initiator::Local;
@@ -1403,7 +1403,7 @@ impl Connection {
                 code,
                 data: Bytes::from(message.clone().into_owned()),
             };
-            self.push_control(OutFrame::from_frame(&error.into()));
+            self.push_control(OutFrame::from_owned(error));
         }
         self.state = State::Closed;
         self.events.push_back(Event::Closed(ConnectionError {
@@ -1522,7 +1522,7 @@ impl Connection {
             self.streams.insert(id, stream);
         }
         for frame in Fragmenter::new(id, message, complete, metadata, data, self.mtu()) {
-            self.push_stream_frame(OutFrame::from_frame(&frame));
+            self.push_stream_frame(OutFrame::from_owned(frame));
         }
         Ok(id)
     }
@@ -1557,7 +1557,7 @@ impl Connection {
             data,
             self.mtu(),
         ) {
-            self.push_stream_frame(OutFrame::from_frame(&frame));
+            self.push_stream_frame(OutFrame::from_owned(frame));
         }
         if done {
             self.end_stream(stream_id);
@@ -1569,7 +1569,7 @@ impl Connection {
     pub fn send_request_n(&mut self, stream_id: u32, n: u32) -> Result<(), SendError> {
         self.check_open()?;
         self.on_send_request_n(stream_id, n)?;
-        self.push_stream_frame(OutFrame::from_frame(&RequestN { stream_id, n }.into()));
+        self.push_stream_frame(OutFrame::from_owned(RequestN { stream_id, n }));
         Ok(())
     }
 
@@ -1579,7 +1579,7 @@ impl Connection {
     pub fn send_cancel(&mut self, stream_id: u32) -> Result<(), SendError> {
         self.check_open()?;
         let done = self.on_send_cancel(stream_id)?;
-        self.push_stream_frame(OutFrame::from_frame(&Cancel { stream_id }.into()));
+        self.push_stream_frame(OutFrame::from_owned(Cancel { stream_id }));
         if done {
             self.end_stream(stream_id);
         }
@@ -1603,14 +1603,11 @@ impl Connection {
         // An error message longer than a frame can hold is cut.
         let data = data.slice(..data.len().min(MAX_U24 - crate::frame::HEADER_LEN - 4));
         self.on_send_error(stream_id)?;
-        self.push_stream_frame(OutFrame::from_frame(
-            &ErrorFrame {
-                stream_id,
-                code,
-                data,
-            }
-            .into(),
-        ));
+        self.push_stream_frame(OutFrame::from_owned(ErrorFrame {
+            stream_id,
+            code,
+            data,
+        }));
         self.end_stream(stream_id);
         Ok(())
     }
@@ -1629,7 +1626,7 @@ impl Connection {
                 "metadata does not fit one frame",
             ));
         }
-        self.push_control(OutFrame::from_frame(&MetadataPush { metadata }.into()));
+        self.push_control(OutFrame::from_owned(MetadataPush { metadata }));
         Ok(())
     }
 
@@ -1672,7 +1669,7 @@ impl Connection {
             expires: now + Duration::from_millis(u64::from(lease.ttl)),
             remaining: lease.number_of_requests,
         });
-        self.push_control(OutFrame::from_frame(&lease.into()));
+        self.push_control(OutFrame::from_owned(lease));
         Ok(())
     }
 
@@ -1899,7 +1896,7 @@ impl Connection {
             code,
             data: Bytes::from(message.into()),
         };
-        self.push_stream_frame(OutFrame::from_frame(&error.into()));
+        self.push_stream_frame(OutFrame::from_owned(error));
     }
 
     /// Ends a stream on which the peer broke a rule, and tells the peer:
@@ -1910,16 +1907,13 @@ impl Connection {
         };
         let message = message.into();
         let frame = if stream.local_requester {
-            OutFrame::from_frame(&Cancel { stream_id: id }.into())
+            OutFrame::from_owned(Cancel { stream_id: id })
         } else {
-            OutFrame::from_frame(
-                &ErrorFrame {
-                    stream_id: id,
-                    code,
-                    data: Bytes::from(message.clone()),
-                }
-                .into(),
-            )
+            OutFrame::from_owned(ErrorFrame {
+                stream_id: id,
+                code,
+                data: Bytes::from(message.clone()),
+            })
         };
         self.push_stream_frame(frame);
         self.events.push_back(Event::StreamError {

@@ -209,6 +209,16 @@ impl FrameView {
         self.buf.slice(self.data_start as usize..)
     }
 
+    /// The metadata and the data, taking the frame's buffer for the data:
+    /// a frame without metadata changes no reference count.
+    #[inline]
+    pub fn into_parts(self) -> (Option<Bytes>, Bytes) {
+        let metadata = self.metadata();
+        let mut data = self.buf;
+        data.advance(self.data_start as usize);
+        (metadata, data)
+    }
+
     /// Bytes of metadata plus data: what counts against a reassembly cap.
     #[inline]
     pub fn payload_len(&self) -> usize {
