@@ -61,11 +61,10 @@ impl Payload {
         }
     }
 
-    fn from_frame(frame: &FrameView) -> Self {
-        Self {
-            metadata: frame.metadata(),
-            data: frame.data(),
-        }
+    /// The frame's metadata and data, taking its buffer.
+    fn from_frame(frame: FrameView) -> Self {
+        let (metadata, data) = frame.into_parts();
+        Self { metadata, data }
     }
 }
 
@@ -520,25 +519,31 @@ impl Client {
     }
 }
 
-fn service_of(frame: &FrameView) -> Option<String> {
-    let found = RequestMetadata::scan(frame.metadata_slice()?).ok()?;
-    let route = found.route().ok()??;
-    Some(String::from_utf8_lossy(route.service).into_owned())
-}
-
-fn route_key_of(frame: &FrameView) -> Option<String> {
-    let found = RequestMetadata::scan(frame.metadata_slice()?).ok()?;
-    let tags = found.routing?;
-    let route = Route::from_tags(tags).ok()?;
-    Some(String::from_utf8_lossy(route.key).into_owned())
-}
-
 impl Inner {
+    /// The handler for a request: by its route key (`service.method`), then
+    /// by its service, then the default. Looks up by borrowed text, so
+    /// dispatch allocates nothing.
     fn handler_for(&self, frame: &FrameView) -> Option<Rc<dyn Responder>> {
         let handlers = self.handlers.borrow();
-        route_key_of(frame)
-            .and_then(|k| handlers.get(&k).cloned())
-            .or_else(|| service_of(frame).and_then(|s| handlers.get(&s).cloned()))
+        let lookup = |name: &[u8]| {
+            std::str::from_utf8(name)
+                .ok()
+                .and_then(|name| handlers.get(name).cloned())
+        };
+        let found = frame
+            .metadata_slice()
+            .filter(|_| !handlers.is_empty())
+            .and_then(|m| RequestMetadata::scan(m).ok());
+        let by_key = found
+            .as_ref()
+            .and_then(|f| f.routing)
+            .and_then(|tags| Route::from_tags(tags).ok())
+            .and_then(|route| lookup(route.key));
+        by_key
+            .or_else(|| {
+                let route = found?.route().ok()??;
+                lookup(route.service)
+            })
             .or_else(|| self.default_handler.borrow().clone())
     }
 
@@ -549,7 +554,7 @@ impl Inner {
                 interaction,
                 frame,
                 ..
-            } => self.on_request(stream_id, interaction, &frame),
+            } => self.on_request(stream_id, interaction, frame),
             Event::Payload {
                 stream_id,
                 frame,
@@ -557,10 +562,11 @@ impl Inner {
             } => {
                 let mut slots = self.slots.borrow_mut();
                 if let Some(slot) = slots.get_mut(&stream_id) {
+                    let complete = frame.complete();
                     if frame.next() {
-                        slot.items.push_back(Ok(Payload::from_frame(&frame)));
+                        slot.items.push_back(Ok(Payload::from_frame(frame)));
                     }
-                    if frame.complete()
+                    if complete
                         || ended
                         || !self
                             .conn
@@ -653,9 +659,9 @@ impl Inner {
         }
     }
 
-    fn on_request(self: &Rc<Self>, id: u32, interaction: Interaction, frame: &FrameView) {
+    fn on_request(self: &Rc<Self>, id: u32, interaction: Interaction, frame: FrameView) {
+        let handler = self.handler_for(&frame);
         let request = Payload::from_frame(frame);
-        let handler = self.handler_for(frame);
         let Some(handler) = handler else {
             if interaction != Interaction::FireAndForget {
                 let _ = self.conn.borrow_mut().send_error(
