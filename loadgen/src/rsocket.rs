@@ -274,14 +274,14 @@ async fn thread_main(
                         progress.clone(),
                     );
                     workers.push(glommio::spawn_local(async move {
-                        loop {
-                            let t0 = Instant::now();
-                            if t0 >= window.end {
-                                break;
-                            }
+                        // The next request goes out as soon as one is
+                        // recorded, so the time it was recorded is the next
+                        // one's send time (one clock read per request).
+                        let mut t0 = Instant::now();
+                        while t0 < window.end {
                             rec.borrow_mut().sent += 1;
                             let result = request.run(&client, &rec, window).await;
-                            finish(&rec, &progress, window, t0, window.contains(t0), result);
+                            t0 = finish(&rec, &progress, window, t0, window.contains(t0), result);
                         }
                     }));
                 }
@@ -313,7 +313,8 @@ async fn thread_main(
     r
 }
 
-/// Records the outcome of one request that was due (or sent) at `due`.
+/// Records the outcome of one request that was due (or sent) at `due`;
+/// returns the time it was recorded.
 fn finish(
     rec: &RefCell<Recorder>,
     progress: &AtomicU64,
@@ -321,7 +322,7 @@ fn finish(
     due: Instant,
     measured: bool,
     result: Result<(), String>,
-) {
+) -> Instant {
     let done = Instant::now();
     let mut r = rec.borrow_mut();
     match result {
@@ -336,6 +337,7 @@ fn finish(
         }
         Err(e) => r.error(|| e),
     }
+    done
 }
 
 /// One request of the run's interaction model.
