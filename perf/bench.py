@@ -6,9 +6,11 @@ On a 2-core machine the system under test (rsbroker with one shard,
 nats-server with GOMAXPROCS=1, or for the direct path the responder itself)
 runs alone on CPU0; loadgen's requester and responders run on CPU1, in one
 process (requester --serve) that spins instead of parking (--spin). Each
-scenario runs --rounds times per system (3 by default) and the median round
-is reported, with the system under test's CPU time per operation (utime +
-stime from /proc, which does not depend on how fast loadgen is).
+scenario runs --rounds times per system (3 by default), the rounds
+alternating between the systems, and the median round is reported, with the
+system under test's CPU time per operation (utime + stime from /proc, which
+does not depend on how fast loadgen is) and the CPU time every other thread
+on the machine took during the round (what took the CPUs from the run).
 
 usage: perf/bench.py [--rounds N] [--duration S] [--warmup S] [--smoke]
                      [--out DIR] [scenario ...]
@@ -306,6 +308,49 @@ def run_pingpong(args, tmp):
         stop(server, signal.SIGKILL)
 
 
+# Processes whose threads are the measurement itself.
+MEASURED = ("rsbroker", "loadgen", "nats-server")
+
+
+def other_threads_cpu():
+    """CPU time (ns) of every thread on the machine outside the measured
+    processes, by thread id: kernel threads (memory reclaim, compaction,
+    workqueues) and other programs that take the CPUs from the run.
+    ksoftirqd is left out: it mostly carries the run's own network work."""
+    times = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/comm" % pid) as f:
+                if f.read().strip() in MEASURED:
+                    continue
+            for tid in os.listdir("/proc/%s/task" % pid):
+                with open("/proc/%s/task/%s/comm" % (pid, tid)) as f:
+                    comm = f.read().strip()
+                if comm.startswith("ksoftirqd"):
+                    continue
+                with open("/proc/%s/task/%s/schedstat" % (pid, tid)) as f:
+                    times[tid] = (comm, int(f.read().split()[0]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return times
+
+
+def interference(before, after):
+    """Total CPU ms other threads took between two snapshots, and the three
+    largest takers as "name ms"."""
+    by_name = {}
+    for tid, (comm, ns) in after.items():
+        spent = ns - before.get(tid, (comm, 0))[1]
+        if spent > 0:
+            # Per-CPU kernel threads (kworker/0:2, ...) counted by family.
+            name = comm.split("/")[0] if comm.startswith("kworker") else comm
+            by_name[name] = by_name.get(name, 0) + spent
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:3]
+    return sum(by_name.values()) / 1e6, ["%s %.0f" % (n, ns / 1e6) for n, ns in top]
+
+
 def median_round(rounds, key):
     ordered = sorted(rounds, key=key)
     return ordered[len(ordered) // 2]
@@ -352,16 +397,25 @@ def main():
         for name in names:
             sc = SCENARIOS[name]
             entry = dict(what=sc["what"], systems={})
+            rates = {}
             for system in sc["systems"]:
-                rate = None
+                rates[system] = None
                 if sc.get("rate_of"):
                     base, frac = sc["rate_of"]
-                    rate = maxes[(base, system)] * frac
-                rounds = []
-                for i in range(args.rounds):
-                    r = run_once(name, sc, system, args, rate, tmp)
-                    rounds.append(r)
+                    rates[system] = maxes[(base, system)] * frac
+            # Rounds alternate between the systems (A B C A B C ...): this
+            # VM's speed drifts by several percent over minutes, and a ratio
+            # between systems measured minutes apart would carry that drift.
+            all_rounds = {system: [] for system in sc["systems"]}
+            for i in range(args.rounds):
+                for system in sc["systems"]:
+                    before = other_threads_cpu()
+                    r = run_once(name, sc, system, args, rates[system], tmp)
+                    r["others_cpu_ms"], r["others_top"] = interference(before, other_threads_cpu())
+                    all_rounds[system].append(r)
                     print("%-18s %-12s round %d: %s" % (name, system, i + 1, brief(r)), flush=True)
+            for system in sc["systems"]:
+                rate, rounds = rates[system], all_rounds[system]
                 # Closed loops: the median by throughput. Open loops send at
                 # the same rate every round, so the median is by p99 latency
                 # (a rate that differs in the last digit would pick the round).
@@ -398,6 +452,8 @@ def brief(r):
     parts.append("p50 %.0f p99 %.0f µs" % (lat["p50"], lat["p99"]))
     if r.get("sut_cpu_us_per_op") is not None:
         parts.append("%.2f µs CPU/%s" % (r["sut_cpu_us_per_op"], r["ops_kind"][:-1]))
+    if r.get("others_cpu_ms") is not None:
+        parts.append("others %.0f ms CPU (%s)" % (r["others_cpu_ms"], ", ".join(r["others_top"])))
     if r.get("failures"):
         parts.append("FAIL: " + "; ".join(r["failures"]))
     return ", ".join(parts)
@@ -458,23 +514,26 @@ def targets(summary):
 
 def markdown(summary):
     m = summary["meta"]
-    out = ["Commit `%s`, %s; %s; %d round(s) of %gs (+%gs warm-up), median round shown; %s.\n"
+    out = ["Commit `%s`, %s; %s; %d round(s) of %gs (+%gs warm-up), rounds alternating between "
+           "the systems, median round shown; %s. \"others ms\": CPU time other threads on the "
+           "machine (kernel reclaim, workqueues, other programs) took during that round.\n"
            % (m["commit"], m["date"], m["layout"], m["rounds"], m["duration_s"], m["warmup_s"],
               m["nats_server"])]
-    out.append("| scenario | system | rate | items/s | delivered/s | p50 µs | p99 µs | p99.9 µs | CPU µs/op |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+    out.append("| scenario | system | rate | items/s | delivered/s | p50 µs | p99 µs | p99.9 µs | CPU µs/op | others ms |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
     for name, e in summary["scenarios"].items():
         for system, s in e["systems"].items():
             r = s["median"]
             lat = r["latency_us"]
             cpu = r.get("sut_cpu_us_per_op")
-            out.append("| %s | %s | %s | %s | %s | %.0f | %.0f | %.0f | %s |" % (
+            out.append("| %s | %s | %s | %s | %s | %.0f | %.0f | %.0f | %s | %s |" % (
                 name, system,
                 "%.0f/s" % r["achieved_rps"] + (" (target %.0f)" % s["target_rps"] if s["target_rps"] else ""),
                 "%.0f" % r["items_per_s"] if r.get("items_per_s") else "",
                 "%.0f" % r["delivered_per_s"] if r.get("delivered_per_s") else "",
                 lat["p50"], lat["p99"], lat["p999"],
-                "%.2f" % cpu if cpu is not None else ""))
+                "%.2f" % cpu if cpu is not None else "",
+                "%.0f" % r["others_cpu_ms"] if r.get("others_cpu_ms") is not None else ""))
     t = targets(summary)
     if t:
         out.append("\n| target | measured | met |")
