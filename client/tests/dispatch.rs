@@ -45,10 +45,16 @@ fn requests_go_to_the_route_key_then_the_service_then_the_default() {
             .detach();
             let client = Client::connect(addr).await.unwrap();
             let mut answers = Vec::new();
+            // Repeated and alternating routes too, and two of one length
+            // that differ in their last byte.
             for (tags, data) in [
                 (&["svc.hello"][..], "a"),
                 (&["svc.bye"][..], "b"),
+                (&["svc.bye"][..], "b2"),
                 (&["g!svc.hello:1"][..], "c"),
+                (&["svc.hello"][..], "a2"),
+                (&["svc.hello"][..], "a3"),
+                (&["svc.hellp"][..], "x"),
                 (&["other"][..], "d"),
             ] {
                 let metadata = route(tags);
@@ -72,7 +78,17 @@ fn requests_go_to_the_route_key_then_the_service_then_the_default() {
         .unwrap()
         .join()
         .unwrap();
-    let expected = ["key a", "service b", "key c", "default d", "default e"];
+    let expected = [
+        "key a",
+        "service b",
+        "service b2",
+        "key c",
+        "key a2",
+        "key a3",
+        "service x",
+        "default d",
+        "default e",
+    ];
     assert_eq!(answers.len(), expected.len());
     for ((answer, metadata_len), who) in answers.iter().zip(expected) {
         assert_eq!(answer, &format!("{who} {metadata_len}"));
