@@ -18,6 +18,22 @@ mod stream;
 
 pub use stream::{Credit, Interaction, StreamInfo};
 
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rustc_hash::FxHashMap;
+
+use self::resume::ResumeState;
+use self::stream::{InboundPartial, MessageRole, OutboundPartial, Stream};
+use crate::error::{ConnectionError, DecodeError, ErrorCode, Initiator, SendError, StreamError};
+use crate::fragment::{Fragmenter, MIN_FRAGMENT_SIZE, MessageKind, Reassembly};
+use crate::frame::{
+    Cancel, ErrorFrame, Flags, FrameType, FrameView, Header, Keepalive, Lease, MAX_STREAM_ID,
+    MAX_U24, MetadataPush, RequestN, Resume, ResumeOk, Setup, VERSION,
+};
+use crate::out::OutFrame;
+
 /// A received frame handed to [`Connection::forward_request`] or
 /// [`Connection::forward`]: by reference, its body is shared with the
 /// receive buffer (one more reference); by value, the buffer itself moves.
@@ -45,22 +61,6 @@ impl ForwardFrame for FrameView {
         OutFrame::forward_owned(stream_id, self)
     }
 }
-
-use std::collections::VecDeque;
-use std::time::{Duration, Instant};
-
-use bytes::Bytes;
-use rustc_hash::FxHashMap;
-
-use self::resume::ResumeState;
-use self::stream::{InboundPartial, MessageRole, OutboundPartial, Stream};
-use crate::error::{ConnectionError, DecodeError, ErrorCode, Initiator, SendError, StreamError};
-use crate::fragment::{Fragmenter, MIN_FRAGMENT_SIZE, MessageKind, Reassembly};
-use crate::frame::{
-    Cancel, ErrorFrame, Flags, FrameType, FrameView, Header, Keepalive, Lease, MAX_STREAM_ID,
-    MAX_U24, MetadataPush, RequestN, Resume, ResumeOk, Setup, VERSION,
-};
-use crate::out::OutFrame;
 
 /// Which end of the transport this side is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
