@@ -226,6 +226,27 @@ fn connection(c: &mut Criterion) {
             black_box(outbound.poll_transmit())
         })
     });
+    // As a responder answers: a PAYLOAD built from the app's bytes.
+    let data = bytes::Bytes::from(vec![7u8; 64]);
+    c.bench_function("connection/send_payload_64B", |b| {
+        b.iter(|| {
+            outbound
+                .send_payload(id, None, black_box(data.clone()), true, false)
+                .unwrap();
+            black_box(outbound.poll_transmit())
+        })
+    });
+    // As the broker forwards: the received frame's buffer moves on.
+    c.bench_function("connection/receive_and_forward_payload_64B_by_value", |b| {
+        b.iter(|| {
+            inbound.handle_frame(now, black_box(item.clone()));
+            let Some(Event::Payload { frame, .. }) = inbound.poll_event() else {
+                unreachable!()
+            };
+            outbound.forward(id, frame).unwrap();
+            black_box(outbound.poll_transmit())
+        })
+    });
 }
 
 criterion_group!(benches, decode, encode, metadata, connection, peer);
