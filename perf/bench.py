@@ -314,12 +314,13 @@ MEASURED = ("rsbroker", "loadgen", "nats-server")
 
 def other_threads_cpu():
     """CPU time (ns) of every thread on the machine outside the measured
-    processes, by thread id: kernel threads (memory reclaim, compaction,
+    processes and this script, by thread id: kernel threads (memory reclaim, compaction,
     workqueues) and other programs that take the CPUs from the run.
     ksoftirqd is left out: it mostly carries the run's own network work."""
     times = {}
+    me = str(os.getpid())
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+        if not pid.isdigit() or pid == me:
             continue
         try:
             with open("/proc/%s/comm" % pid) as f:
