@@ -41,6 +41,29 @@ impl OutFrame {
         Self::forwarded(stream_id, view.into_after_stream_id())
     }
 
+    /// A received REQUEST_STREAM or REQUEST_CHANNEL sent on under another
+    /// stream id with another initial request n: a new 10-byte head
+    /// (stream id, the original type and flags, `initial_n`) followed by
+    /// the original bytes after the initial request n.
+    pub fn forward_with_request_n(stream_id: u32, view: FrameView, initial_n: u32) -> Self {
+        let mut rest = view.into_bytes();
+        let type_and_flags = rest
+            .get(4..6)
+            .and_then(|b| <[u8; 2]>::try_from(b).ok())
+            .map_or(0, u16::from_be_bytes);
+        let skip = rest.len().min(10);
+        bytes::Buf::advance(&mut rest, skip);
+        Self::with_head(
+            head(|w| {
+                w.put_u32(stream_id & crate::frame::MAX_STREAM_ID);
+                w.put_u16(type_and_flags);
+                w.put_u32(initial_n & MAX_REQUEST_N);
+            }),
+            Bytes::new(),
+            rest,
+        )
+    }
+
     fn forwarded(stream_id: u32, after_stream_id: Bytes) -> Self {
         Self::with_head(
             head(|w| w.put_u32(stream_id & crate::frame::MAX_STREAM_ID)),

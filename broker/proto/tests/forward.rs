@@ -435,3 +435,50 @@ fn forward_accepts_what_receive_accepts() {
     r.sa.forward(3, &view).unwrap();
     assert_eq!(r.sa.stream_count(), 0);
 }
+
+/// A relay may grant the responder less than the requester asked for: the
+/// forwarded REQUEST_STREAM carries the granted n (the rest of the frame
+/// unchanged, its body not copied), and the relay's side of the stream
+/// accepts exactly that many items until it grants more.
+#[test]
+fn a_forwarded_request_can_grant_less_than_was_asked() {
+    let now = Instant::now();
+    let mut cb = Connection::client(Config::default(), SetupPayload::default(), now);
+    let mut b = Connection::server(Config::default(), now);
+    wire(&mut cb, &mut b, now);
+    drain_events(&mut b);
+    let request = bytes(rsocket_proto::frame::RequestStream {
+        stream_id: 7,
+        follows: false,
+        initial_n: 1_000_000,
+        metadata: Some(Bytes::from_static(b"md")),
+        data: Bytes::from(vec![5; 2048]),
+    });
+    let view = FrameView::parse(request.clone()).unwrap();
+    let id = cb.forward_request_granting(view, Some(3)).unwrap();
+    let out = cb.poll_transmit().unwrap();
+    let (_, body) = out.shared_parts();
+    assert_eq!(
+        body.as_ptr(),
+        request[10..].as_ptr(),
+        "the body is not copied"
+    );
+    b.handle_frame(now, out.to_bytes());
+    let Some(Event::Request { frame, .. }) = b.poll_event() else {
+        panic!("no request at the responder")
+    };
+    assert_eq!(frame.request_n(), 3);
+    assert_eq!(frame.stream_id(), id);
+    assert_eq!(frame.metadata_slice(), Some(&b"md"[..]));
+    assert_eq!(frame.data_slice(), &[5; 2048][..]);
+    assert_eq!(cb.stream_info(id).unwrap().recv_credit.get(), 3);
+    // Without a grant the request goes as it came.
+    let view = FrameView::parse(request.clone()).unwrap();
+    let id2 = cb.forward_request_granting(view, None).unwrap();
+    assert_eq!(cb.stream_info(id2).unwrap().recv_credit.get(), 1_000_000);
+    b.handle_frame(now, cb.poll_transmit().unwrap().to_bytes());
+    let Some(Event::Request { frame, .. }) = b.poll_event() else {
+        panic!("no request at the responder")
+    };
+    assert_eq!(frame.request_n(), 1_000_000);
+}

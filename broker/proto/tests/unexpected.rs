@@ -259,6 +259,98 @@ fn silent_peer_times_out_after_max_lifetime() {
     assert_failed(&mut s, ErrorCode::CONNECTION_ERROR);
 }
 
+/// Time the transport spends not reading the peer is not the peer's
+/// silence: a peer held back by backpressure keeps its connection.
+#[test]
+fn time_not_reading_the_peer_does_not_count_as_its_silence() {
+    let (mut s, now) = server();
+    // 2 s of silence, then 60 s not read, then 2.9 s more: 4.9 s < 5 s.
+    let paused = now + Duration::from_secs(2);
+    s.handle_timeout(paused);
+    s.set_reading(paused, false);
+    assert!(!s.is_reading());
+    let resumed = paused + Duration::from_secs(60);
+    for t in 1..=60 {
+        s.handle_timeout(paused + Duration::from_secs(t));
+    }
+    assert!(!s.is_closed(), "closed while it was not read");
+    s.set_reading(resumed, true);
+    s.handle_timeout(resumed + Duration::from_millis(2_900));
+    assert!(!s.is_closed());
+    drain_frames(&mut s);
+    // ... and the silence before the pause still counts.
+    s.handle_timeout(resumed + Duration::from_millis(3_000));
+    assert_failed(&mut s, ErrorCode::CONNECTION_ERROR);
+}
+
+/// While a peer is not read, the server tells it every keepalive interval
+/// (1 s in this SETUP) that it is alive: the peer's KEEPALIVEs wait unread
+/// and cannot be echoed.
+#[test]
+fn a_peer_that_is_not_read_hears_a_keepalive_every_interval() {
+    let (mut s, now) = server();
+    s.set_reading(now, false);
+    assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(1)));
+    let mut sent = 0;
+    for ms in (100..=3_050).step_by(50) {
+        s.handle_timeout(now + Duration::from_millis(ms));
+        for f in drain_frames(&mut s) {
+            assert!(
+                matches!(&f, Frame::Keepalive(k) if !k.respond),
+                "a KEEPALIVE without R: {f:?}"
+            );
+            sent += 1;
+        }
+    }
+    assert_eq!(sent, 3, "one per second");
+    s.set_reading(now + Duration::from_millis(3_100), true);
+    s.handle_timeout(now + Duration::from_millis(4_500));
+    assert!(
+        drain_frames(&mut s).is_empty(),
+        "none once it is read again"
+    );
+}
+
+/// After `shut_down` the connection keeps reading until the linger ends:
+/// a request already on its way gets ERROR[REJECTED] (not processed), not
+/// silence; then it closes.
+#[test]
+fn shut_down_sends_connection_close_answers_late_requests_then_closes() {
+    let (mut s, now) = server();
+    s.shut_down(now, "the broker is shutting down", Duration::from_secs(2));
+    let frames = drain_frames(&mut s);
+    assert!(
+        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 0 && e.code == ErrorCode::CONNECTION_CLOSE),
+        "{frames:?}"
+    );
+    assert!(!s.is_closed());
+    s.handle_frame(now + Duration::from_secs(1), rr(1));
+    let frames = drain_frames(&mut s);
+    assert!(
+        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 1 && e.code == ErrorCode::REJECTED),
+        "{frames:?}"
+    );
+    assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(2)));
+    s.handle_timeout(now + Duration::from_millis(1_999));
+    assert!(!s.is_closed());
+    s.handle_timeout(now + Duration::from_secs(2));
+    assert!(s.is_closed());
+    assert!(
+        drain_events(&mut s)
+            .iter()
+            .any(|e| matches!(e, Event::Closed(c) if c.code == ErrorCode::CONNECTION_CLOSE))
+    );
+    assert!(drain_frames(&mut s).is_empty(), "the ERROR went out once");
+}
+
+#[test]
+fn shut_down_before_setup_closes_at_once() {
+    let now = Instant::now();
+    let mut s = Connection::server(Config::default(), now);
+    s.shut_down(now, "bye", Duration::from_secs(5));
+    assert!(s.is_closed());
+}
+
 #[test]
 fn client_sends_keepalive_every_interval() {
     let config = Config {

@@ -42,6 +42,9 @@ pub trait ForwardFrame {
     fn view(&self) -> &FrameView;
     /// The outgoing frame: `stream_id`, then the received bytes after the stream id.
     fn into_out(self, stream_id: u32) -> OutFrame;
+    /// The outgoing REQUEST_STREAM or REQUEST_CHANNEL with `initial_n` in
+    /// place of the received initial request n.
+    fn into_out_with_request_n(self, stream_id: u32, initial_n: u32) -> OutFrame;
 }
 
 impl ForwardFrame for &FrameView {
@@ -51,6 +54,9 @@ impl ForwardFrame for &FrameView {
     fn into_out(self, stream_id: u32) -> OutFrame {
         OutFrame::forward(stream_id, self)
     }
+    fn into_out_with_request_n(self, stream_id: u32, initial_n: u32) -> OutFrame {
+        OutFrame::forward_with_request_n(stream_id, self.clone(), initial_n)
+    }
 }
 
 impl ForwardFrame for FrameView {
@@ -59,6 +65,9 @@ impl ForwardFrame for FrameView {
     }
     fn into_out(self, stream_id: u32) -> OutFrame {
         OutFrame::forward_owned(stream_id, self)
+    }
+    fn into_out_with_request_n(self, stream_id: u32, initial_n: u32) -> OutFrame {
+        OutFrame::forward_with_request_n(stream_id, self, initial_n)
     }
 }
 
@@ -327,6 +336,19 @@ pub struct Connection {
     close_initiator: Initiator,
     /// Bytes held by incoming messages being reassembled.
     reassembly_bytes: usize,
+    /// Bytes ever queued for transmission, and ever taken by
+    /// [`Connection::poll_transmit`] (or dropped unsent): positions in the
+    /// outgoing byte stream.
+    queued_total: u64,
+    sent_total: u64,
+    /// Since when the transport has not been reading the peer's frames:
+    /// that time is not the peer's silence.
+    reading_paused_since: Option<Instant>,
+    /// Server: when to tell a peer that is not being read that this side
+    /// is alive (it cannot see that peer's KEEPALIVEs to answer them).
+    next_liveness: Option<Instant>,
+    /// After [`Connection::shut_down`]: when the connection closes.
+    linger_until: Option<Instant>,
     stats: Stats,
 }
 
@@ -377,6 +399,11 @@ impl Connection {
             close_when_idle: false,
             close_initiator: Initiator::Remote,
             reassembly_bytes: 0,
+            queued_total: 0,
+            sent_total: 0,
+            reading_paused_since: None,
+            next_liveness: None,
+            linger_until: None,
             stats: Stats::default(),
             config,
         }
@@ -485,7 +512,22 @@ impl Connection {
     pub fn poll_transmit(&mut self) -> Option<OutFrame> {
         let frame = self.out.pop_front()?;
         self.out_bytes -= frame.len();
+        self.sent_total += frame.len() as u64;
         Some(frame)
+    }
+
+    /// Where the outgoing byte stream stands: bytes ever queued, and bytes
+    /// ever taken by [`Connection::poll_transmit`]. A frame queued when the
+    /// first was `q` has been taken once the second reaches `q`.
+    pub fn transmit_positions(&self) -> (u64, u64) {
+        (self.queued_total, self.sent_total)
+    }
+
+    /// Drops every frame waiting to be written.
+    fn clear_out(&mut self) {
+        self.out.clear();
+        self.sent_total += self.out_bytes as u64;
+        self.out_bytes = 0;
     }
 
     /// Requests from the peer this connection refused itself (stream
@@ -505,13 +547,46 @@ impl Connection {
         self.out_bytes
     }
 
+    /// The transport stops reading the peer's frames (to hold it back) or
+    /// starts again. Time spent not reading is not the peer's silence: the
+    /// max lifetime does not run out meanwhile, and a server tells the
+    /// peer it is alive every keepalive interval, since the peer's own
+    /// KEEPALIVEs wait unread.
+    pub fn set_reading(&mut self, now: Instant, reading: bool) {
+        match (reading, self.reading_paused_since) {
+            (false, None) => {
+                self.reading_paused_since = Some(now);
+                if self.role == Role::Server {
+                    self.next_liveness = Some(now + self.keepalive_interval);
+                }
+            }
+            (true, Some(since)) => {
+                // The peer's silence resumes where the pause found it.
+                let silent_before = since.saturating_duration_since(self.last_received);
+                self.last_received = now.checked_sub(silent_before).unwrap_or(self.last_received);
+                self.reading_paused_since = None;
+                self.next_liveness = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the transport is told to read (see [`Connection::set_reading`]).
+    pub fn is_reading(&self) -> bool {
+        self.reading_paused_since.is_none()
+    }
+
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let lifetime = self.last_received + self.max_lifetime;
+        // The peer cannot be heard while it is not read: no lifetime then.
+        let peer_lifetime = Some(lifetime).filter(|_| self.reading_paused_since.is_none());
         match self.state {
             State::AwaitingSetup | State::ResumeOffered | State::AwaitingResumeOk => Some(lifetime),
             State::Established => [
-                Some(lifetime),
+                peer_lifetime,
+                self.next_liveness,
+                self.linger_until,
                 self.next_keepalive,
                 self.peer_lease
                     .filter(|l| l.remaining > 0)
@@ -554,7 +629,17 @@ impl Connection {
                         lease.remaining = 0;
                     }
                 }
-                if now >= self.last_received + self.max_lifetime {
+                if self.linger_until.is_some_and(|t| now >= t) {
+                    self.state = State::Closed;
+                    self.events.push_back(Event::Closed(ConnectionError::local(
+                        ErrorCode::CONNECTION_CLOSE,
+                        "closed by this side (ERROR[CONNECTION_CLOSE] was sent)",
+                    )));
+                    return;
+                }
+                if self.reading_paused_since.is_none()
+                    && now >= self.last_received + self.max_lifetime
+                {
                     self.fail(
                         ErrorCode::CONNECTION_ERROR,
                         format!(
@@ -563,6 +648,21 @@ impl Connection {
                         ),
                     );
                     return;
+                }
+                if self.state == State::Established
+                    && let Some(due) = self.next_liveness
+                    && now >= due
+                {
+                    // Not an answer to anything: a KEEPALIVE without R, so
+                    // the peer needs to send nothing back.
+                    let position = self.resume.as_ref().map_or(0, |r| r.received_position);
+                    let frame = Keepalive {
+                        respond: false,
+                        last_received_position: position,
+                        data: Bytes::new(),
+                    };
+                    self.push_control(OutFrame::from_owned(frame));
+                    self.next_liveness = Some(now + self.keepalive_interval);
                 }
                 if self.state == State::Established
                     && let Some(due) = self.next_keepalive
@@ -1252,8 +1352,7 @@ impl Connection {
             return;
         }
         self.events.clear();
-        self.out.clear();
-        self.out_bytes = 0;
+        self.clear_out();
         self.streams.clear();
         self.inbound_streams = 0;
         self.reassembly_bytes = 0;
@@ -1302,8 +1401,7 @@ impl Connection {
             last_received_client_position: r.received_position,
         };
         let frames = r.frames_from(resume.last_received_server_position);
-        self.out.clear();
-        self.out_bytes = 0;
+        self.clear_out();
         self.state = State::Established;
         self.now = now;
         self.last_received = now;
@@ -1321,8 +1419,7 @@ impl Connection {
         if self.state == State::Closed {
             return false;
         }
-        self.out.clear();
-        self.out_bytes = 0;
+        self.clear_out();
         if self.resume.is_some()
             && matches!(self.state, State::Established | State::AwaitingResumeOk)
         {
@@ -1390,6 +1487,32 @@ impl Connection {
         self.close_when_idle = true;
         self.close_initiator = Initiator::Local;
         self.close_if_idle(Initiator::Local);
+    }
+
+    /// Sends ERROR[CONNECTION_CLOSE] and closes after `linger`, whatever
+    /// is open then. Meanwhile the connection goes on reading: a request
+    /// that was already on its way gets ERROR[REJECTED] ("not processed")
+    /// instead of no answer, and frames of open streams are handled as
+    /// usual. Before establishment it closes at once.
+    pub fn shut_down(&mut self, now: Instant, message: impl Into<String>, linger: Duration) {
+        self.now = now;
+        if self.state != State::Established {
+            return self.fail(ErrorCode::CONNECTION_CLOSE, message.into());
+        }
+        if self.linger_until.is_some() {
+            return;
+        }
+        if !self.close_when_idle {
+            let error = ErrorFrame {
+                stream_id: 0,
+                code: ErrorCode::CONNECTION_CLOSE,
+                data: Bytes::from(message.into()),
+            };
+            self.push_control(OutFrame::from_owned(error));
+        }
+        self.draining = true;
+        self.close_initiator = Initiator::Local;
+        self.linger_until = Some(now + linger);
     }
 
     fn fail(&mut self, code: ErrorCode, message: impl Into<std::borrow::Cow<'static, str>>) {
@@ -1677,6 +1800,17 @@ impl Connection {
     /// here and writes the frame with only the stream id replaced. Further
     /// fragments follow with [`Connection::forward`].
     pub fn forward_request(&mut self, received: impl ForwardFrame) -> Result<u32, SendError> {
+        self.forward_request_granting(received, None)
+    }
+
+    /// [`Connection::forward_request`], granting the responder `initial_n`
+    /// items (> 0) instead of the initial request n the request carries
+    /// (REQUEST_STREAM and REQUEST_CHANNEL; other requests carry none).
+    pub fn forward_request_granting(
+        &mut self,
+        received: impl ForwardFrame,
+        initial_n: Option<u32>,
+    ) -> Result<u32, SendError> {
         self.check_can_request()?;
         let frame = received.view();
         let Some(interaction) = interaction_of(frame.frame_type()) else {
@@ -1687,10 +1821,15 @@ impl Connection {
                 "frame does not fit a 24-bit length",
             ));
         }
-        let initial_n = frame.request_n();
-        if matches!(interaction, Interaction::Stream | Interaction::Channel) && initial_n == 0 {
+        let carries_n = matches!(interaction, Interaction::Stream | Interaction::Channel);
+        let initial_n = match initial_n {
+            Some(n) if carries_n => n.min(crate::frame::MAX_REQUEST_N),
+            _ => frame.request_n(),
+        };
+        if carries_n && initial_n == 0 {
             return Err(SendError::InvalidArgument("initial request n must be > 0"));
         }
+        let rewrite = carries_n && initial_n != frame.request_n();
         let id = self.allocate_stream_id()?;
         if self.lease_enabled {
             LeaseWindow::take(&mut self.peer_lease, self.now);
@@ -1707,7 +1846,12 @@ impl Connection {
         if !stream.is_done() {
             self.streams.insert(id, stream);
         }
-        self.push_stream_frame(received.into_out(id));
+        let out = if rewrite {
+            received.into_out_with_request_n(id, initial_n)
+        } else {
+            received.into_out(id)
+        };
+        self.push_stream_frame(out);
         Ok(id)
     }
 
@@ -1878,7 +2022,11 @@ impl Connection {
     }
 
     fn close_if_idle(&mut self, initiator: Initiator) {
-        if self.close_when_idle && self.streams.is_empty() && self.state == State::Established {
+        if self.close_when_idle
+            && self.linger_until.is_none()
+            && self.streams.is_empty()
+            && self.state == State::Established
+        {
             self.state = State::Closed;
             self.events.push_back(Event::Closed(ConnectionError {
                 code: ErrorCode::CONNECTION_CLOSE,
@@ -1942,6 +2090,7 @@ impl Connection {
 
     fn transmit(&mut self, frame: OutFrame) {
         self.out_bytes += frame.len();
+        self.queued_total += frame.len() as u64;
         self.stats.frames_sent += 1;
         self.out.push_back(frame);
     }
