@@ -238,6 +238,14 @@ impl ReadBuf {
         self.filled == 0
     }
 
+    /// Bytes of the current buffer beyond the size it starts with: what a
+    /// frame longer than usual costs while it arrives (and, once the
+    /// reserve has grown for such frames, what every buffer costs more).
+    pub fn oversize(&self) -> usize {
+        let base = Self::size_for(MIN_RESERVE.min(PREFIX_LEN + self.max_frame));
+        self.size.saturating_sub(base)
+    }
+
     /// Bytes of frames in progress that were moved between buffers (each
     /// time a frame longer than any before it arrived).
     pub fn moved_bytes(&self) -> u64 {

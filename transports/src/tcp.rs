@@ -53,6 +53,12 @@ impl TcpFrames {
         self.local
     }
 
+    /// Bytes its buffers hold beyond their base size: frames queued and
+    /// not yet written, and a frame longer than usual on its way in.
+    pub fn buffered_bytes(&self) -> usize {
+        self.write.len() + self.read.oversize()
+    }
+
     /// The parts queued for writing (for tests that check bodies are shared, not copied).
     pub fn write_queue(&mut self) -> &mut WriteQueue {
         &mut self.write

@@ -8,6 +8,8 @@
 //!   failover, backpressure bookkeeping.
 //! - [`routes`]: the route table every shard holds a copy of, and the
 //!   revisioned updates that keep the copies equal.
+//! - [`flow`]: per-stream credit, pauses and memory limits: how one slow
+//!   or hostile peer is kept from holding up the others.
 //! - [`balance`]: per-service policies and the balancers.
 //! - [`message`]: what shards send each other.
 //! - [`app`]: app metadata and published services from SETUP, CloudEvents
@@ -17,6 +19,7 @@
 
 pub mod app;
 pub mod balance;
+pub mod flow;
 pub mod ids;
 pub mod message;
 pub mod routes;
@@ -24,6 +27,7 @@ pub mod service;
 pub mod shard;
 
 pub use balance::{Balancer, Failover, Policies, ServicePolicy};
+pub use flow::FlowLimits;
 pub use ids::{ConnId, ShardId, StreamRef};
 pub use message::{Message, Signal};
 pub use service::ServiceKey;

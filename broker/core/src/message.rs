@@ -38,6 +38,9 @@ pub enum Message {
         to: ConnId,
         /// The request (first frame, if fragmented).
         frame: FrameView,
+        /// For REQUEST_STREAM and REQUEST_CHANNEL: the credit to grant the
+        /// responder, in place of the request's own initial request n.
+        credit: Option<u32>,
     },
     /// From the requester's side of a stream to the responder's.
     ToResponder {
@@ -68,4 +71,15 @@ pub enum Message {
     },
     /// A route table change.
     Route(RouteUpdate),
+    /// Stop reading connection `conn`: a connection it feeds is full.
+    /// Counted: each `Pause` is undone by one `Resume`.
+    Pause {
+        /// The connection (with its generation: a reused slot is not it).
+        conn: ConnId,
+    },
+    /// Undoes one `Pause`.
+    Resume {
+        /// The connection.
+        conn: ConnId,
+    },
 }

@@ -13,7 +13,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rsocket_proto::conn::{Config as ConnConfig, Connection, Event, Interaction};
@@ -25,6 +25,7 @@ use slab::Slab;
 
 use crate::app::{AppEvent, parse_app_event, parse_setup};
 use crate::balance::{BalancerState, Candidate, Failover, Policies, Rng};
+use crate::flow::{Budget, ConnFlow, FRAGMENT_OVERHEAD, FlowLimits, Mark, StreamCredit};
 use crate::ids::{ConnId, ShardId, StreamRef};
 use crate::message::{Message, Signal};
 use crate::routes::{RouteChange, RouteTable, RouteUpdate};
@@ -43,10 +44,8 @@ pub struct ShardConfig {
     pub connection: ConnConfig,
     /// Balancer and failover per service.
     pub policies: Policies,
-    /// Unsent bytes above which a connection stops the connections that feed it.
-    pub max_pending_bytes: usize,
-    /// Cap on routing metadata that spans fragments and must be joined.
-    pub max_route_metadata: usize,
+    /// Credit, pauses and memory limits (see [`crate::flow`]).
+    pub flow: FlowLimits,
     /// Seed of the shard's random choices.
     pub seed: u64,
 }
@@ -59,8 +58,7 @@ impl ShardConfig {
             shards,
             connection: ConnConfig::default(),
             policies: Policies::default(),
-            max_pending_bytes: 4 << 20,
-            max_route_metadata: 64 << 10,
+            flow: FlowLimits::default(),
             seed: 0x5eed ^ u64::from(shard),
         }
     }
@@ -83,6 +81,13 @@ pub struct ShardStats {
     pub frames_in: u64,
     /// Times a connection was paused because a connection it feeds was full.
     pub pauses: u64,
+    /// Times a connection was not read because the shard was over its
+    /// memory budget and it held the most.
+    pub overload_pauses: u64,
+    /// Connections closed for a limit: a slow consumer past
+    /// `backpressure_timeout`, `max_connection_memory`, or the largest
+    /// holder of a spent memory budget.
+    pub closed_over_limit: u64,
 }
 
 /// Requests and errors of one service on one shard, by interaction model
@@ -156,18 +161,14 @@ struct Upstream {
     retry: Option<(FrameView, u32)>,
 }
 
-/// A request whose routing metadata spans fragments that have not all arrived.
+/// A request whose routing metadata spans fragments that have not all
+/// arrived. Its frames are copies (they may wait long; a copy does not keep
+/// a whole receive buffer alive), counted with their overhead in `held`.
 #[derive(Debug)]
 struct PendingRoute {
     frames: Vec<FrameView>,
     metadata: BytesMut,
-}
-
-/// Who a full connection stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Feeder {
-    Conn(usize),
-    Shard(ShardId),
+    held: usize,
 }
 
 #[derive(Debug)]
@@ -186,10 +187,12 @@ struct Conn {
     by_origin: FxHashMap<StreamRef, u32>,
     /// Sticky choices: service -> instance.
     sticky: FxHashMap<ServiceKey, Arc<str>>,
-    /// How many full connections stop this one from being read.
-    paused: u32,
-    /// Connections and shards this one stopped because it is full.
-    feeders: Vec<Feeder>,
+    /// Credit metering of the streams whose items are written to this
+    /// connection, by stream id on it (its requests' streams and channels
+    /// from the peer; the channels the broker opened on it).
+    meters: FxHashMap<u32, StreamCredit>,
+    /// Pauses, memory held, backlog of metered items.
+    flow: ConnFlow,
     woken: bool,
     /// Routing and stream cleanup done (the connection is closed).
     released: bool,
@@ -215,8 +218,15 @@ pub struct Shard {
     local: VecDeque<Message>,
     outbox: Vec<Vec<Message>>,
     wakeups: Vec<ConnId>,
-    /// Per shard: how many full local connections stop reading its messages.
-    mesh_paused: Vec<u32>,
+    /// The runtime stopped reading every connection (its queues to other
+    /// shards are too long).
+    reading_blocked: bool,
+    /// The broker-wide memory budget as this shard sees it.
+    budget: Budget,
+    /// Connections paused for the budget, to read again once it recovers.
+    budget_paused: Vec<ConnId>,
+    /// Connections over `max_connection_memory`, closed at the end of the pass.
+    overfull: Vec<ConnId>,
     stats: ShardStats,
     service_stats: FxHashMap<ServiceKey, ServiceCounters>,
     now: Instant,
@@ -238,7 +248,10 @@ impl Shard {
             local: VecDeque::new(),
             outbox: (0..shards).map(|_| Vec::new()).collect(),
             wakeups: Vec::new(),
-            mesh_paused: vec![0; usize::from(shards)],
+            reading_blocked: false,
+            budget: Budget::default(),
+            budget_paused: Vec::new(),
+            overfull: Vec::new(),
             stats: ShardStats::default(),
             service_stats: FxHashMap::default(),
             now,
@@ -319,13 +332,58 @@ impl Shard {
         self.conns.get_mut(id.slot as usize).filter(|c| c.id == id)
     }
 
+    /// Connection `slot` has something new to do (frames to write, reading
+    /// allowed again, closed): its transport is woken, and what it holds is
+    /// counted again.
     fn wake(&mut self, slot: usize) {
+        self.account(slot);
         if let Some(c) = self.conns.get_mut(slot)
             && !c.woken
         {
             c.woken = true;
             self.wakeups.push(c.id);
         }
+    }
+
+    /// Counts what connection `slot` holds now in the shard's total, and
+    /// notes when it passes its limits.
+    fn account(&mut self, slot: usize) {
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        let limits = &self.config.flow;
+        let pending = c.proto.pending_bytes();
+        let held = c.flow.held(pending);
+        self.budget.account(&mut c.flow, held);
+        if pending > limits.max_pending_bytes {
+            c.flow.over_since.get_or_insert(self.now);
+        } else {
+            c.flow.over_since = None;
+        }
+        if held > limits.max_connection_memory && !c.proto.is_closed() {
+            self.overfull.push(c.id);
+        }
+    }
+
+    /// Ends a pass: messages to this shard are handled, connections over
+    /// their memory cap are closed, and the memory budget is checked.
+    fn finish_pass(&mut self) {
+        self.run_local();
+        for id in std::mem::take(&mut self.overfull) {
+            let Some(c) = self.conn(id) else { continue };
+            let held = c.flow.held(c.proto.pending_bytes());
+            if held > self.config.flow.max_connection_memory {
+                let max = self.config.flow.max_connection_memory;
+                self.close_over_limit(
+                    id.slot as usize,
+                    format!(
+                        "the broker holds {held} bytes for this connection, more than its limit of {max} (max_connection_memory)"
+                    ),
+                );
+            }
+        }
+        self.check_budget();
+        self.run_local();
     }
 
     // ------------------------------------------------------------ transport side
@@ -350,8 +408,8 @@ impl Shard {
             downstream: FxHashMap::default(),
             by_origin: FxHashMap::default(),
             sticky: FxHashMap::default(),
-            paused: 0,
-            feeders: Vec::new(),
+            meters: FxHashMap::default(),
+            flow: ConnFlow::default(),
             woken: false,
             released: false,
             close_reason: None,
@@ -373,7 +431,7 @@ impl Shard {
         self.stats.frames_in += 1;
         self.drain_events(slot);
         self.wake(slot);
-        self.run_local();
+        self.finish_pass();
     }
 
     /// The byte stream of connection `id` is not RSocket (e.g. a frame
@@ -390,7 +448,7 @@ impl Shard {
         );
         self.drain_events(slot);
         self.wake(slot);
-        self.run_local();
+        self.finish_pass();
     }
 
     /// The transport of `id` is gone (or finished closing): everything about
@@ -411,9 +469,12 @@ impl Shard {
             _ => tracing::info!(conn = %id, %reason, "connection closed"),
         }
         self.release(slot, "its connection closed");
+        if let Some(c) = self.conns.get_mut(slot) {
+            self.budget.account(&mut c.flow, 0);
+        }
         self.conns.remove(slot);
         self.stats.connections_closed += 1;
-        self.run_local();
+        self.finish_pass();
     }
 
     /// Time has passed: keepalive timeouts and the like.
@@ -432,20 +493,43 @@ impl Shard {
             self.drain_events(slot);
             self.wake(slot);
         }
-        self.run_local();
+        self.check_backpressure_timeouts();
+        self.finish_pass();
     }
 
     /// When `handle_timeout` should next run.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let timeout = self.config.flow.backpressure_timeout;
         self.conns
             .iter()
-            .filter_map(|(_, c)| c.proto.poll_timeout())
+            .flat_map(|(_, c)| {
+                [
+                    c.proto.poll_timeout(),
+                    c.flow.over_since.map(|t| t + timeout),
+                ]
+            })
+            .flatten()
+            .chain(self.budget.over_since.map(|t| t + timeout))
             .min()
     }
 
     /// The next frame to write on `id`.
     pub fn poll_transmit(&mut self, id: ConnId) -> Option<OutFrame> {
-        self.conn_mut(id)?.proto.poll_transmit()
+        let c = self.conn_mut(id)?;
+        let frame = c.proto.poll_transmit()?;
+        if !c.flow.backlog.is_empty() {
+            // Items of metered streams the transport has now taken: their
+            // streams may be granted more.
+            let (_, sent) = c.proto.transmit_positions();
+            let mut taken: SmallVec<[Mark; 2]> = SmallVec::new();
+            while let Some(mark) = c.flow.backlog.pop_sent(sent) {
+                taken.push(mark);
+            }
+            for mark in taken {
+                self.on_taken(id.slot as usize, mark);
+            }
+        }
+        Some(frame)
     }
 
     /// Bytes waiting to be written on `id`.
@@ -459,51 +543,228 @@ impl Shard {
         self.conn(id).is_none_or(|c| c.proto.is_closed())
     }
 
-    /// Whether the transport should read from `id` now (false while a
-    /// connection it feeds is full).
+    /// Whether the transport should read from `id` now: not while a
+    /// connection it feeds is full, while the shard is over its memory
+    /// budget and it holds the most, or while the runtime holds every
+    /// connection back.
     pub fn may_read(&self, id: ConnId) -> bool {
-        self.conn(id).is_some_and(|c| c.paused == 0)
+        self.conn(id)
+            .is_some_and(|c| Self::reads(c, self.reading_blocked))
     }
 
-    /// Whether to take messages from shard `from` now (false while a local
-    /// connection it feeds is full).
-    pub fn may_receive_from(&self, from: ShardId) -> bool {
-        self.mesh_paused
-            .get(usize::from(from))
-            .is_none_or(|p| *p == 0)
+    fn reads(c: &Conn, blocked: bool) -> bool {
+        c.flow.paused_by == 0 && !c.flow.budget_paused && !blocked
     }
 
-    /// The transport wrote some of `id`'s frames: once below half the limit,
-    /// the connections and shards it stopped may go on.
-    pub fn written(&mut self, id: ConnId) {
-        let slot = id.slot as usize;
-        let low_water = self.config.max_pending_bytes / 2;
-        let Some(c) = self.conn_mut(id) else { return };
-        if c.feeders.is_empty() || c.proto.pending_bytes() > low_water {
+    /// The runtime stops (or resumes) reading every connection of the
+    /// shard, as when its queues to another shard are too long.
+    pub fn set_reading_blocked(&mut self, now: Instant, blocked: bool) {
+        self.now = now;
+        if self.reading_blocked == blocked {
             return;
         }
-        let feeders = std::mem::take(&mut c.feeders);
-        self.release_feeders(slot, feeders);
+        self.reading_blocked = blocked;
+        let slots: Vec<usize> = self.conns.iter().map(|(s, _)| s).collect();
+        for slot in slots {
+            self.sync_reading(slot);
+        }
     }
 
-    fn release_feeders(&mut self, _slot: usize, feeders: Vec<Feeder>) {
-        for f in feeders {
-            match f {
-                Feeder::Conn(s) => {
-                    if let Some(c) = self.conns.get_mut(s) {
-                        c.paused = c.paused.saturating_sub(1);
-                        if c.paused == 0 {
-                            self.wake(s);
-                        }
-                    }
-                }
-                Feeder::Shard(shard) => {
-                    if let Some(p) = self.mesh_paused.get_mut(usize::from(shard)) {
-                        *p = p.saturating_sub(1);
-                    }
+    /// Tells connection `slot`'s state machine whether it is read (time
+    /// not read is not the peer's silence), and wakes it when it is again.
+    fn sync_reading(&mut self, slot: usize) {
+        let blocked = self.reading_blocked;
+        let now = self.now;
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        let reads = Self::reads(c, blocked);
+        if reads != c.proto.is_reading() {
+            c.proto.set_reading(now, reads);
+            self.wake(slot);
+        }
+    }
+
+    /// The transport of `id` holds `bytes` beyond its base buffers (a
+    /// frame larger than usual on its way in, frames not yet written).
+    pub fn set_transport_bytes(&mut self, id: ConnId, bytes: usize) {
+        let slot = id.slot as usize;
+        let Some(c) = self.conn_mut(id) else { return };
+        if c.flow.transport == bytes {
+            return;
+        }
+        c.flow.transport = bytes;
+        self.account(slot);
+        self.finish_pass();
+    }
+
+    /// Bytes held for this shard's connections (see [`crate::flow`]).
+    pub fn held_bytes(&self) -> usize {
+        self.budget.held
+    }
+
+    /// Bytes this shard may hold: the broker-wide budget minus what the
+    /// other shards hold.
+    pub fn set_allowance(&mut self, now: Instant, bytes: usize) {
+        self.now = now;
+        self.budget.allowance = bytes;
+        self.finish_pass();
+    }
+
+    /// Whether the shard is over its memory allowance (and has stopped
+    /// reading its largest holders).
+    pub fn is_over_budget(&self) -> bool {
+        self.budget.over_since.is_some()
+    }
+
+    /// Enters or leaves overload: over its allowance, the shard stops
+    /// reading the connections that hold the most; at three quarters of it
+    /// they are read again.
+    fn check_budget(&mut self) {
+        if self.budget.is_over() {
+            if self.budget.over_since.is_none() {
+                self.budget.over_since = Some(self.now);
+                self.pause_largest_holders();
+            }
+        } else if self.budget.over_since.is_some() && self.budget.has_recovered() {
+            self.budget.over_since = None;
+            let paused = std::mem::take(&mut self.budget_paused);
+            tracing::info!(
+                shard = self.id,
+                held = self.budget.held,
+                allowance = self.budget.allowance,
+                resumed = paused.len(),
+                "back under the memory budget: reading every connection again"
+            );
+            for id in paused {
+                if let Some(c) = self.conn_mut(id) {
+                    c.flow.budget_paused = false;
+                    self.sync_reading(id.slot as usize);
                 }
             }
         }
+    }
+
+    fn pause_largest_holders(&mut self) {
+        let holders = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.flow.budget_paused)
+            .map(|(slot, c)| (slot, c.flow.accounted))
+            .collect();
+        let slots = self.budget.to_pause(holders);
+        let largest = slots
+            .first()
+            .and_then(|s| self.conns.get(*s))
+            .map(|c| (c.id, c.flow.accounted));
+        tracing::warn!(
+            shard = self.id,
+            held = self.budget.held,
+            allowance = self.budget.allowance,
+            paused = slots.len(),
+            largest = ?largest,
+            "over the memory budget (max_buffered_bytes): the connections that hold the most are not read until it recovers"
+        );
+        for slot in slots {
+            if let Some(c) = self.conns.get_mut(slot) {
+                c.flow.budget_paused = true;
+                self.budget_paused.push(c.id);
+                self.stats.overload_pauses += 1;
+                self.sync_reading(slot);
+            }
+        }
+    }
+
+    /// Closes the connections that stayed over `max_pending_bytes` for
+    /// `backpressure_timeout` (slow consumers), and, when the shard has
+    /// been over its memory budget that long, its largest holder.
+    fn check_backpressure_timeouts(&mut self) {
+        let limits = self.config.flow;
+        let timeout = limits.backpressure_timeout;
+        let now = self.now;
+        let slow: Vec<(usize, usize)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                !c.proto.is_closed() && c.flow.over_since.is_some_and(|t| now >= t + timeout)
+            })
+            .map(|(slot, c)| (slot, c.proto.pending_bytes()))
+            .collect();
+        for (slot, pending) in slow {
+            self.close_over_limit(
+                slot,
+                format!(
+                    "slow consumer: {pending} bytes not read for {} ms (more than max_pending_bytes = {} for backpressure_timeout)",
+                    timeout.as_millis(),
+                    limits.max_pending_bytes
+                ),
+            );
+        }
+        if self.budget.over_since.is_some_and(|t| now >= t + timeout) {
+            let largest = self
+                .conns
+                .iter()
+                .filter(|(_, c)| !c.proto.is_closed())
+                .max_by_key(|(_, c)| c.flow.accounted)
+                .map(|(slot, c)| (slot, c.flow.accounted));
+            if let Some((slot, held)) = largest {
+                self.close_over_limit(
+                    slot,
+                    format!(
+                        "the broker is over its memory budget (max_buffered_bytes) and this connection holds the most ({held} bytes)"
+                    ),
+                );
+            }
+            // Another one after another timeout, if it is still over.
+            self.budget.over_since = Some(now);
+        }
+    }
+
+    /// Closes connection `slot` for a limit, with ERROR[CONNECTION_ERROR]
+    /// saying which: what waited unsent for it is dropped (a peer that
+    /// does not read would never take it).
+    fn close_over_limit(&mut self, slot: usize, message: String) {
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if c.proto.is_closed() {
+            return;
+        }
+        tracing::warn!(conn = %c.id, %message, "connection closed for a limit");
+        self.stats.closed_over_limit += 1;
+        c.proto.abort(ErrorCode::CONNECTION_ERROR, message);
+        c.flow.backlog = crate::flow::Backlog::default();
+        self.drain_events(slot);
+        self.wake(slot);
+    }
+
+    /// The transport wrote some of `id`'s frames: once below half the limit,
+    /// the connections it stopped may go on, and its starved streams may
+    /// be granted credit.
+    pub fn written(&mut self, id: ConnId) {
+        let slot = id.slot as usize;
+        let limits = self.config.flow;
+        let Some(c) = self.conn_mut(id) else { return };
+        let pending = c.proto.pending_bytes();
+        if !c.flow.feeders.is_empty() && pending <= limits.max_pending_bytes / 2 {
+            let feeders = std::mem::take(&mut c.flow.feeders);
+            self.release_feeders(feeders);
+        }
+        let Some(c) = self.conn_mut(id) else { return };
+        if c.flow.starved && c.flow.room(&limits, pending) > 0 {
+            c.flow.starved = false;
+            let starved: SmallVec<[u32; 4]> = c
+                .meters
+                .iter()
+                .filter(|(_, m)| m.is_starved())
+                .map(|(s, _)| *s)
+                .collect();
+            for stream in starved {
+                self.top_up(slot, stream);
+            }
+        }
+        self.account(slot);
+        self.finish_pass();
     }
 
     /// Connections with something new to do (frames to write, reading
@@ -535,14 +796,14 @@ impl Shard {
     pub fn handle_messages(
         &mut self,
         now: Instant,
-        from: ShardId,
+        _from: ShardId,
         messages: impl IntoIterator<Item = Message>,
     ) {
         self.now = now;
         for m in messages {
-            self.on_message(Some(from), m);
+            self.on_message(m);
         }
-        self.run_local();
+        self.finish_pass();
     }
 
     /// Open connections on this shard.
@@ -586,17 +847,43 @@ impl Shard {
         }
     }
 
-    /// Closes every connection with ERROR[CONNECTION_CLOSE].
-    pub fn close_all(&mut self, message: &str) {
+    /// Closes every connection: the streams still open end (ERROR
+    /// CANCELED to requesters, whose requests may have been processed;
+    /// CANCEL to responders; REJECTED for requests not yet routed), then
+    /// each connection gets ERROR[CONNECTION_CLOSE] and is still read for
+    /// `linger`, answering every request that arrives meanwhile with ERROR
+    /// REJECTED, before it closes. Every shard does this for its own
+    /// connections, so nothing crosses shards.
+    pub fn shut_down(&mut self, now: Instant, message: &str, linger: Duration) {
+        self.now = now;
         let slots: Vec<usize> = self.conns.iter().map(|(s, _)| s).collect();
         for slot in slots {
-            if let Some(c) = self.conns.get_mut(slot) {
-                c.proto.close(ErrorCode::CONNECTION_CLOSE, message);
+            let Some(c) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            let ended = Bytes::from(format!("{message}; the request may have been processed"));
+            for (stream, _) in c.upstream.drain() {
+                let _ = c
+                    .proto
+                    .send_error(stream, ErrorCode::CANCELED, ended.clone());
             }
+            for (stream, _) in c.pending.drain() {
+                let not_routed = Bytes::from(format!("{message}; the request was not processed"));
+                let _ = c.proto.send_error(stream, ErrorCode::REJECTED, not_routed);
+            }
+            for (stream, _) in c.downstream.drain() {
+                let _ = c.proto.send_cancel(stream);
+            }
+            c.by_origin.clear();
+            c.meters.clear();
+            c.flow.reserved = 0;
+            c.flow.unrouted = 0;
+            c.proto.shut_down(now, message, linger);
             self.drain_events(slot);
             self.wake(slot);
         }
-        self.run_local();
+        self.outstanding.clear();
+        self.finish_pass();
     }
 
     // --------------------------------------------------------------- routing
@@ -611,7 +898,7 @@ impl Shard {
 
     fn run_local(&mut self) {
         while let Some(m) = self.local.pop_front() {
-            self.on_message(None, m);
+            self.on_message(m);
         }
     }
 
@@ -776,8 +1063,33 @@ impl Shard {
                 let _ = c.proto.send_error(stream, code, Bytes::from(message));
             }
             c.upstream.remove(&stream);
-            c.pending.remove(&stream);
+            if let Some(p) = c.pending.remove(&stream) {
+                c.flow.unrouted -= p.held;
+            }
         }
+        self.wake(slot);
+    }
+
+    /// Why connection `slot` may not hold one more fragment of `cost`
+    /// bytes for a request that already holds `held`, if it may not.
+    fn unroutable(&self, slot: usize, held: usize, cost: usize) -> Option<String> {
+        let limits = &self.config.flow;
+        if held + cost > limits.max_unrouted_bytes {
+            return Some(format!(
+                "the request's fragments before its routing metadata ends exceed {} bytes \
+                 (each fragment counts {FRAGMENT_OVERHEAD} bytes more than its length)",
+                limits.max_unrouted_bytes
+            ));
+        }
+        let c = self.conns.get(slot)?;
+        let total = c.flow.held(c.proto.pending_bytes()) + cost;
+        (total > limits.max_connection_memory).then(|| {
+            format!(
+                "the connection holds {total} bytes, more than its limit of {} \
+                 (max_connection_memory)",
+                limits.max_connection_memory
+            )
+        })
     }
 
     fn on_request(
@@ -798,21 +1110,20 @@ impl Shard {
         if gather {
             // The routing metadata may go on in the next fragments: gather
             // metadata until data (or the end of the message) shows it is complete.
-            if metadata.len() > self.config.max_route_metadata {
-                let msg = format!(
-                    "routing metadata exceeds {} bytes",
-                    self.config.max_route_metadata
-                );
+            let cost = frame.len() + FRAGMENT_OVERHEAD;
+            if let Some(msg) = self.unroutable(slot, 0, cost) {
                 return self.refuse(slot, stream, ErrorCode::REJECTED, msg);
             }
             if let Some(c) = self.conns.get_mut(slot) {
                 let pending = PendingRoute {
-                    frames: vec![frame.clone()],
+                    frames: vec![frame.detached()],
                     metadata: BytesMut::from(metadata),
+                    held: cost,
                 };
                 c.pending.insert(stream, pending);
+                c.flow.unrouted += cost;
             }
-            return;
+            return self.wake(slot);
         }
         self.route(
             slot,
@@ -825,7 +1136,14 @@ impl Shard {
     }
 
     fn on_pending_fragment(&mut self, slot: usize, stream: u32, frame: FrameView) {
-        let max = self.config.max_route_metadata;
+        let cost = frame.len() + FRAGMENT_OVERHEAD;
+        let held = match self.conns.get(slot).and_then(|c| c.pending.get(&stream)) {
+            Some(p) => p.held,
+            None => return,
+        };
+        if let Some(msg) = self.unroutable(slot, held, cost) {
+            return self.refuse(slot, stream, ErrorCode::REJECTED, msg);
+        }
         let Some(c) = self.conns.get_mut(slot) else {
             return;
         };
@@ -836,17 +1154,16 @@ impl Shard {
             p.metadata.extend_from_slice(m);
         }
         let complete = !frame.follows() || !frame.data_slice().is_empty() || !frame.has_metadata();
-        p.frames.push(frame);
-        if p.metadata.len() > max {
-            let msg = format!("routing metadata exceeds {max} bytes");
-            return self.refuse(slot, stream, ErrorCode::REJECTED, msg);
-        }
+        p.frames.push(frame.detached());
+        p.held += cost;
+        c.flow.unrouted += cost;
         if !complete {
-            return;
+            return self.wake(slot);
         }
         let Some(p) = c.pending.remove(&stream) else {
             return;
         };
+        c.flow.unrouted -= p.held;
         let interaction = match p.frames.first().map(FrameView::frame_type) {
             Some(FrameType::RequestResponse) => Interaction::RequestResponse,
             Some(FrameType::RequestFnf) => Interaction::FireAndForget,
@@ -1026,6 +1343,22 @@ impl Shard {
             && interaction == Interaction::RequestResponse
             && frames.is_empty()
             && !first.follows();
+        // A stream's items are metered here, where they are written to the
+        // requester: the responder is granted what this side can absorb.
+        let credit = if !ended && matches!(interaction, Interaction::Stream | Interaction::Channel)
+        {
+            let limits = self.config.flow;
+            self.conns.get_mut(slot).map(|c| {
+                let room = c.flow.room(&limits, c.proto.pending_bytes());
+                let mut meter = StreamCredit::new(c.flow.serial(), first.request_n());
+                let grant = meter.first_grant(&limits, room);
+                c.flow.reserved += grant.reserved;
+                c.meters.insert(stream, meter);
+                grant.n
+            })
+        } else {
+            None
+        };
         // The last target takes the request itself, unless a retry keeps it:
         // its buffer moves on instead of being shared once more.
         let mut first = Some(first);
@@ -1045,6 +1378,7 @@ impl Shard {
                     origin,
                     to: *to,
                     frame,
+                    credit,
                 },
             );
             for f in &frames {
@@ -1194,12 +1528,22 @@ impl Shard {
                 Signal::Frame(f) => return self.on_pending_fragment(slot, stream, f),
                 _ => {
                     // Cancelled (or errored) before it could be routed.
-                    c.pending.remove(&stream);
-                    return;
+                    if let Some(p) = c.pending.remove(&stream) {
+                        c.flow.unrouted -= p.held;
+                    }
+                    return self.wake(slot);
                 }
             }
         }
         if let Some(up) = c.upstream.get(&stream) {
+            if let Signal::RequestN(n) = signal
+                && let Some(m) = c.meters.get_mut(&stream)
+            {
+                // The requester's demand: passed on as its side drains.
+                m.ask(n);
+                self.top_up(slot, stream);
+                return;
+            }
             let targets = up.targets.clone();
             let origin = StreamRef { conn: me, stream };
             for to in targets {
@@ -1216,12 +1560,65 @@ impl Shard {
             return;
         }
         if let Some(origin) = c.downstream.get(&stream).copied() {
+            if let Signal::RequestN(n) = signal
+                && let Some(m) = c.meters.get_mut(&stream)
+            {
+                // A channel's responder asks for the requester's items.
+                m.ask(n);
+                self.top_up(slot, stream);
+                return;
+            }
             self.send(
                 origin.conn.shard,
                 Message::ToRequester { to: origin, signal },
             );
             self.check_downstream(slot, stream);
         }
+    }
+
+    /// Grants the producer of metered stream `stream` on connection `slot`
+    /// what the meter allows now.
+    fn top_up(&mut self, slot: usize, stream: u32) {
+        let limits = self.config.flow;
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        let room = c.flow.room(&limits, c.proto.pending_bytes());
+        let Some(m) = c.meters.get_mut(&stream) else {
+            return;
+        };
+        let grant = m.grant(&limits, room);
+        c.flow.starved |= m.is_starved();
+        let Some(grant) = grant else {
+            return;
+        };
+        c.flow.reserved += grant.reserved;
+        let signal = Signal::RequestN(grant.n);
+        let me = c.id;
+        if let Some(to) = c.upstream.get(&stream).and_then(|u| u.targets.first()) {
+            let to = *to;
+            let origin = StreamRef { conn: me, stream };
+            self.send(to.shard, Message::ToResponder { origin, to, signal });
+        } else if let Some(origin) = c.downstream.get(&stream).copied() {
+            self.send(
+                origin.conn.shard,
+                Message::ToRequester { to: origin, signal },
+            );
+        }
+    }
+
+    /// The transport of connection `slot` took the items of `mark`.
+    fn on_taken(&mut self, slot: usize, mark: Mark) {
+        let Some(m) = self
+            .conns
+            .get_mut(slot)
+            .and_then(|c| c.meters.get_mut(&mark.stream))
+            .filter(|m| m.serial() == mark.serial)
+        else {
+            return;
+        };
+        m.transmitted(mark.items, mark.bytes);
+        self.top_up(slot, mark.stream);
     }
 
     /// Drops a requester stream's entry once its state machine says it ended.
@@ -1231,6 +1628,9 @@ impl Shard {
         };
         if c.proto.is_stream_open(stream) {
             return;
+        }
+        if let Some(m) = c.meters.remove(&stream) {
+            c.flow.reserved -= m.reserved().min(c.flow.reserved);
         }
         if let Some(up) = c.upstream.remove(&stream) {
             for t in up.targets {
@@ -1252,22 +1652,37 @@ impl Shard {
         if c.proto.is_stream_open(stream) {
             return;
         }
+        if let Some(m) = c.meters.remove(&stream) {
+            c.flow.reserved -= m.reserved().min(c.flow.reserved);
+        }
         if let Some(origin) = c.downstream.remove(&stream) {
             c.by_origin.remove(&origin);
         }
     }
 
-    /// Applies a signal to a stream of local connection `slot`, noting who
-    /// fed it if that makes the connection full.
+    /// Applies a signal to a stream of local connection `slot`, coming from
+    /// connection `from`, and meters it where the stream is metered.
+    /// `unrequested`: the signal goes to a responder (a request, its
+    /// fragments, a channel's items), so `from` is paused if the
+    /// connection is full. Towards a requester only the fragments that
+    /// continue an item pause their producer; the rest was asked for.
     fn deliver(
         &mut self,
         slot: usize,
         stream: u32,
         signal: Signal,
-        feeder: Option<Feeder>,
+        from: ConnId,
+        unrequested: bool,
     ) -> bool {
+        let max_pending = self.config.flow.max_pending_bytes;
         let Some(c) = self.conns.get_mut(slot) else {
             return false;
+        };
+        let full = c.proto.pending_bytes() > max_pending;
+        let continues = full && c.proto.is_sending_fragments(stream);
+        let frame = match &signal {
+            Signal::Frame(f) => Some((f.len(), f.next(), f.follows())),
+            _ => None,
         };
         // The signal is taken by value: a frame's buffer moves on to the
         // outgoing queue instead of being shared (a reference count less).
@@ -1285,44 +1700,70 @@ impl Shard {
                 }
             }
         };
-        self.note_feeder(slot, feeder);
+        if ok
+            && let Some((len, next, follows)) = frame
+            && !c.meters.is_empty()
+            && let Some(m) = c.meters.get_mut(&stream)
+        {
+            let arrival = m.arrived(len, next, follows);
+            c.flow.reserved -= arrival.released.min(c.flow.reserved);
+            let (queued, _) = c.proto.transmit_positions();
+            c.flow
+                .backlog
+                .push(queued, stream, m.serial(), arrival.item, len);
+        }
+        if unrequested || continues {
+            self.note_feeder(slot, from);
+        }
         self.wake(slot);
         ok
     }
 
-    /// If connection `slot` is over its limit, stops `feeder` until it drains.
-    fn note_feeder(&mut self, slot: usize, feeder: Option<Feeder>) {
-        let Some(feeder) = feeder else { return };
+    /// If connection `slot` is over `max_pending_bytes`, stops reading
+    /// `feeder` (on whichever shard) until `slot` is down to half.
+    fn note_feeder(&mut self, slot: usize, feeder: ConnId) {
+        let max_pending = self.config.flow.max_pending_bytes;
         let Some(c) = self.conns.get_mut(slot) else {
             return;
         };
-        if c.proto.pending_bytes() <= self.config.max_pending_bytes || c.feeders.contains(&feeder) {
+        if feeder == c.id || c.proto.pending_bytes() <= max_pending || !c.flow.add_feeder(feeder) {
             return;
         }
-        c.feeders.push(feeder);
         self.stats.pauses += 1;
-        match feeder {
-            Feeder::Conn(s) => {
-                if let Some(f) = self.conns.get_mut(s) {
-                    f.paused += 1;
-                }
-            }
-            Feeder::Shard(shard) => {
-                if let Some(p) = self.mesh_paused.get_mut(usize::from(shard)) {
-                    *p += 1;
-                }
+        tracing::debug!(conn = %c.id, %feeder, pending = c.proto.pending_bytes(), "full: its feeder is paused");
+        if feeder.shard == self.id {
+            self.pause(feeder);
+        } else {
+            self.send(feeder.shard, Message::Pause { conn: feeder });
+        }
+    }
+
+    /// Undoes the pauses a connection that drained (or closed) had made.
+    fn release_feeders(&mut self, feeders: Vec<ConnId>) {
+        for f in feeders {
+            if f.shard == self.id {
+                self.resume(f);
+            } else {
+                self.send(f.shard, Message::Resume { conn: f });
             }
         }
     }
 
-    fn feeder_of(&self, from: Option<ShardId>, origin_slot: Option<u32>) -> Option<Feeder> {
-        match from {
-            Some(shard) => Some(Feeder::Shard(shard)),
-            None => origin_slot.map(|s| Feeder::Conn(s as usize)),
+    fn pause(&mut self, id: ConnId) {
+        if let Some(c) = self.conn_mut(id) {
+            c.flow.paused_by += 1;
+            self.sync_reading(id.slot as usize);
         }
     }
 
-    fn on_message(&mut self, from: Option<ShardId>, message: Message) {
+    fn resume(&mut self, id: ConnId) {
+        if let Some(c) = self.conn_mut(id) {
+            c.flow.paused_by = c.flow.paused_by.saturating_sub(1);
+            self.sync_reading(id.slot as usize);
+        }
+    }
+
+    fn on_message(&mut self, message: Message) {
         match message {
             Message::Route(update) => {
                 if !self.routes.apply(&update) {
@@ -1333,13 +1774,12 @@ impl Shard {
                     );
                 }
             }
-            Message::Open { origin, to, frame } => {
-                let feeder = self.feeder_of(
-                    from,
-                    Some(origin.conn.slot).filter(|_| origin.conn.shard == self.id),
-                );
-                self.on_open(origin, to, frame, feeder)
-            }
+            Message::Open {
+                origin,
+                to,
+                frame,
+                credit,
+            } => self.on_open(origin, to, frame, credit),
             Message::ToResponder { origin, to, signal } => {
                 let slot = to.slot as usize;
                 let Some(stream) = self
@@ -1348,11 +1788,7 @@ impl Shard {
                 else {
                     return;
                 };
-                let feeder = self.feeder_of(
-                    from,
-                    Some(origin.conn.slot).filter(|_| origin.conn.shard == self.id),
-                );
-                if !self.deliver(slot, stream, signal, feeder) {
+                if !self.deliver(slot, stream, signal, origin.conn, true) {
                     // The requester sent something the responder's stream cannot take.
                     if let Some(c) = self.conns.get_mut(slot) {
                         let _ = c.proto.send_cancel(stream);
@@ -1381,21 +1817,25 @@ impl Shard {
                     let (service, interaction) = (up.service.clone(), up.interaction);
                     self.count(&service, interaction, Count::Error);
                 }
-                let feeder = self.feeder_of(
-                    from,
-                    Some(responder.slot).filter(|_| responder.shard == self.id),
-                );
-                self.deliver(slot, to.stream, signal, feeder);
+                self.deliver(slot, to.stream, signal, responder, false);
                 self.check_upstream(slot, to.stream);
             }
             Message::Gone { to, code, reason } => self.on_gone(to, code, reason),
+            Message::Pause { conn } => self.pause(conn),
+            Message::Resume { conn } => self.resume(conn),
         }
     }
 
-    fn on_open(&mut self, origin: StreamRef, to: ConnId, frame: FrameView, feeder: Option<Feeder>) {
+    fn on_open(&mut self, origin: StreamRef, to: ConnId, frame: FrameView, credit: Option<u32>) {
         let slot = to.slot as usize;
+        // A channel whose requester goes on sending: its items are metered
+        // here, where they are written to the responder.
+        let channel_items = frame.frame_type() == FrameType::RequestChannel && !frame.complete();
         let result = match self.conn_mut(to) {
-            Some(c) if !c.released => c.proto.forward_request(frame).map_err(|e| e.to_string()),
+            Some(c) if !c.released => c
+                .proto
+                .forward_request_granting(frame, credit)
+                .map_err(|e| e.to_string()),
             _ => Err("the instance's connection has closed".into()),
         };
         match result {
@@ -1405,8 +1845,12 @@ impl Shard {
                 {
                     c.downstream.insert(stream, origin);
                     c.by_origin.insert(origin, stream);
+                    if channel_items {
+                        let serial = c.flow.serial();
+                        c.meters.insert(stream, StreamCredit::new(serial, 0));
+                    }
                 }
-                self.note_feeder(slot, feeder);
+                self.note_feeder(slot, origin.conn);
                 self.wake(slot);
             }
             Err(reason) => {
@@ -1431,6 +1875,9 @@ impl Shard {
         let Some(up) = c.upstream.remove(&to.stream) else {
             return;
         };
+        if let Some(m) = c.meters.remove(&to.stream) {
+            c.flow.reserved -= m.reserved().min(c.flow.reserved);
+        }
         for t in &up.targets {
             if let Some(n) = self.outstanding.get_mut(t) {
                 *n = n.saturating_sub(1);
@@ -1473,6 +1920,7 @@ impl Shard {
                         origin: to,
                         to: target,
                         frame: frame.clone(),
+                        credit: None,
                     },
                 );
                 if let Some(c) = self.conns.get_mut(slot) {
@@ -1517,11 +1965,15 @@ impl Shard {
         let downstream: Vec<(u32, StreamRef)> = c.downstream.drain().collect();
         c.by_origin.clear();
         c.pending.clear();
-        let feeders = std::mem::take(&mut c.feeders);
+        c.meters.clear();
+        c.flow.unrouted = 0;
+        c.flow.reserved = 0;
+        let feeders = std::mem::take(&mut c.flow.feeders);
         let instance = c.instance.clone();
         let name = c.app_name.clone().unwrap_or_else(|| "requester".to_owned());
-        // Whoever paused it keeps a feeder entry; releasing one that is gone is harmless.
-        c.paused = 0;
+        // Whoever paused it keeps a feeder entry; the Resume that comes
+        // later names this connection's generation and finds nothing.
+        c.flow.paused_by = 0;
         for (stream, up) in upstream {
             let origin = StreamRef { conn: me, stream };
             for to in up.targets {
@@ -1552,7 +2004,7 @@ impl Shard {
                 },
             );
         }
-        self.release_feeders(slot, feeders);
+        self.release_feeders(feeders);
         if instance.is_some() {
             self.broadcast(RouteChange::Leave { conn: me });
         }

@@ -73,6 +73,8 @@ struct App {
     /// Requester: what happened on each stream.
     outcomes: HashMap<u32, Outcome>,
     alive: bool,
+    /// Whether the app reads what the broker sends it.
+    reading: bool,
     events: Vec<Event>,
 }
 
@@ -157,6 +159,7 @@ impl Sim {
             serving: HashMap::new(),
             outcomes: HashMap::new(),
             alive: true,
+            reading: true,
             events: Vec::new(),
         });
         self.apps.len() - 1
@@ -179,8 +182,13 @@ impl Sim {
             if !a.alive {
                 continue;
             }
-            options.push((0u8, i));
-            options.push((1u8, i));
+            // The transport does not read a connection the shard holds back.
+            if self.shards[usize::from(a.broker.shard)].may_read(a.broker) {
+                options.push((0u8, i));
+            }
+            if a.reading {
+                options.push((1u8, i));
+            }
         }
         for (i, ((_, _), q)) in self.queues.iter().enumerate() {
             if !q.is_empty() {
@@ -227,6 +235,8 @@ impl Sim {
             return false;
         };
         self.shards[shard].written(broker);
+        // Taking frames may grant credit or release pauses elsewhere.
+        self.collect_outboxes(shard);
         let (_, data) = frame.shared_parts();
         if data.len() >= 1024 {
             self.forwarded.push(range(data));
@@ -899,4 +909,308 @@ fn random_traffic_leaves_nothing_behind() {
         sim.assert_clean();
         sim.now += Duration::from_secs(1);
     }
+}
+
+/// The broker-side bytes waiting for app `i`.
+fn held_for(sim: &Sim, i: usize) -> usize {
+    let id = sim.apps[i].broker;
+    sim.shards[usize::from(id.shard)].pending_bytes(id)
+}
+
+/// A requester asks for 2^31-1 items and stops reading. Its stream is held
+/// to the stream buffer (the responder is granted credit only as the
+/// requester's side drains), the responder is never paused, and its other
+/// stream, to a requester that reads, runs to the end. Once the slow
+/// requester reads, every item arrives, in order.
+fn slow_consumer(same_shard: bool) {
+    const ITEMS: u32 = 3000;
+    const SIZE: usize = 1024;
+    let mut sim = Sim::new(2, 21, Policies::default());
+    let responder = sim.connect(1, "r", &["bulk"], 0);
+    sim.apps[responder].items = ITEMS;
+    sim.apps[responder].item_size = SIZE;
+    let slow = sim.connect(if same_shard { 1 } else { 0 }, "", &[], 0);
+    let fast = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    let unbounded = RequestKind::Stream {
+        initial_n: i32::MAX as u32,
+    };
+    sim.apps[slow].reading = false;
+    let s = sim.request(slow, unbounded, &["bulk"], "");
+    let f = sim.request(fast, unbounded, &["bulk"], "");
+    sim.run(1_000_000);
+    let limits = rsbroker_core::FlowLimits::default();
+    assert_eq!(sim.apps[fast].outcomes[&f].items.len(), ITEMS as usize);
+    assert_eq!(sim.apps[fast].outcomes[&f].done, Some(Ok(())));
+    let held = held_for(&sim, slow);
+    assert!(
+        held > 0 && held <= limits.stream_buffer + SIZE + 64,
+        "the broker holds {held} bytes for a requester that does not read"
+    );
+    let producer = sim.apps[responder].broker;
+    assert!(sim.shards[1].may_read(producer), "the producer is read");
+    assert!(
+        sim.shards.iter().all(|s| s.stats().pauses == 0),
+        "credit, not pauses, held the stream back"
+    );
+    let got = sim.apps[slow].outcomes[&s].items.len();
+    assert!(
+        got < ITEMS as usize,
+        "{got} items arrived at a reader that stopped"
+    );
+    sim.apps[slow].reading = true;
+    sim.run(1_000_000);
+    let o = &sim.apps[slow].outcomes[&s];
+    assert_eq!(o.done, Some(Ok(())));
+    assert_eq!(o.items.len(), ITEMS as usize);
+    for (n, item) in o.items.iter().enumerate() {
+        assert!(
+            item.len() == SIZE && item.iter().all(|&b| b == n as u8),
+            "item {n}"
+        );
+    }
+    sim.assert_clean();
+}
+
+#[test]
+fn a_slow_consumer_on_another_shard_holds_back_only_its_own_stream() {
+    slow_consumer(false);
+}
+
+#[test]
+fn a_slow_consumer_on_the_producers_shard_holds_back_only_its_own_stream() {
+    slow_consumer(true);
+}
+
+/// The responder never sees more credit than the requester gave: with a
+/// window of 7 asked in pieces, the sum of REQUEST_N it receives is 7 + 5.
+#[test]
+fn the_responder_is_never_granted_more_than_the_requester_asked() {
+    let mut sim = Sim::new(2, 22, Policies::default());
+    let responder = sim.connect(1, "r", &["svc"], 0);
+    sim.apps[responder].items = 100;
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    let id = sim.request(
+        requester,
+        RequestKind::Stream { initial_n: 7 },
+        &["svc"],
+        "",
+    );
+    sim.run(100_000);
+    assert_eq!(sim.apps[requester].outcomes[&id].items.len(), 7);
+    sim.apps[requester].conn.send_request_n(id, 5).unwrap();
+    sim.run(100_000);
+    assert_eq!(sim.apps[requester].outcomes[&id].items.len(), 12);
+    let serving: Vec<u32> = sim.apps[responder].serving.values().copied().collect();
+    assert_eq!(serving, [12], "the responder sent exactly 12 items");
+}
+
+/// A requester that floods fire-and-forget at a responder that does not
+/// read is paused (it is on the other shard: a message names it), while a
+/// requester on its shard goes on; the flooder is read again once the
+/// responder drains.
+#[test]
+fn a_fire_and_forget_flood_pauses_only_the_flooder() {
+    let mut sim = Sim::new(2, 23, Policies::default());
+    let sink = sim.connect(1, "sink", &["sink"], 0);
+    sim.connect(1, "echo", &["echo"], 0);
+    let flooder = sim.connect(0, "", &[], 0);
+    let other = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    sim.apps[sink].reading = false;
+    let big = "x".repeat(64 << 10);
+    for _ in 0..100 {
+        sim.request(flooder, RequestKind::FireAndForget, &["sink"], &big);
+        sim.run(1_000_000);
+    }
+    let flood_conn = sim.apps[flooder].broker;
+    assert!(!sim.shards[0].may_read(flood_conn), "the flooder is paused");
+    assert!(sim.shards[1].stats().pauses >= 1);
+    let held = held_for(&sim, sink);
+    let limits = rsbroker_core::FlowLimits::default();
+    assert!(
+        held <= limits.max_pending_bytes + (1 << 20),
+        "{held} bytes held for the sink"
+    );
+    // Everyone else is untouched.
+    assert!(sim.shards[0].may_read(sim.apps[other].broker));
+    let id = sim.request(other, RequestKind::RequestResponse, &["echo"], "hi");
+    sim.run(1_000_000);
+    assert_eq!(
+        sim.apps[other].outcomes[&id].items,
+        [Bytes::from_static(b"echo:hi")]
+    );
+    sim.apps[sink].reading = true;
+    sim.run(1_000_000);
+    assert!(
+        sim.shards[0].may_read(flood_conn),
+        "read again once the sink drained"
+    );
+    assert!(sim.apps[sink].fnf > 0);
+}
+
+/// A pause and its resume name the connection with its generation: a
+/// resume for a connection that closed does not unpause the new
+/// connection in its slot.
+#[test]
+fn a_stale_resume_does_not_unpause_the_next_connection_in_the_slot() {
+    let now = Instant::now();
+    let mut shard = Shard::new(ShardConfig::new(1, 2), now);
+    let old = shard.open(now);
+    shard.handle_messages(now, 0, [Message::Pause { conn: old }]);
+    assert!(!shard.may_read(old));
+    shard.close(now, old, "gone");
+    let new = shard.open(now);
+    assert_eq!(new.slot, old.slot, "the slot is reused");
+    assert_ne!(new, old);
+    assert!(shard.may_read(new));
+    shard.handle_messages(now, 0, [Message::Pause { conn: new }]);
+    shard.handle_messages(now, 0, [Message::Resume { conn: old }]);
+    assert!(
+        !shard.may_read(new),
+        "the old connection's resume is not the new one's"
+    );
+    shard.handle_messages(now, 0, [Message::Resume { conn: new }]);
+    assert!(shard.may_read(new));
+}
+
+/// A request with F set whose routing metadata never completes, followed
+/// by empty fragments: each held fragment counts its overhead, so the
+/// request is refused with REJECTED once it holds max_unrouted_bytes, and
+/// nothing stays held.
+#[test]
+fn empty_fragments_before_a_route_are_counted_and_refused() {
+    use rsocket_proto::frame::{Frame, Payload, RequestResponse};
+    let mut sim = Sim::new(2, 24, Policies::default());
+    sim.connect(1, "r", &["svc"], 0);
+    let attacker = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    let conn = sim.apps[attacker].broker;
+    // A composite metadata entry header promising more than it carries.
+    let first = Frame::from(RequestResponse {
+        stream_id: 1,
+        follows: true,
+        metadata: Some(Bytes::from_static(&[0xFE, 0, 0, 200, 1])),
+        data: Bytes::new(),
+    });
+    let now = sim.now;
+    sim.shards[0].handle_frame(now, conn, first.to_bytes());
+    let empty = Frame::from(Payload {
+        stream_id: 1,
+        follows: true,
+        complete: false,
+        next: false,
+        metadata: Some(Bytes::new()),
+        data: Bytes::new(),
+    })
+    .to_bytes();
+    let limits = rsbroker_core::FlowLimits::default();
+    let fits = limits.max_unrouted_bytes / (empty.len() + 128);
+    for _ in 0..fits - 2 {
+        sim.shards[0].handle_frame(now, conn, empty.clone());
+    }
+    assert_eq!(
+        sim.shards[0].stream_maps(conn),
+        Some((0, 0, 1)),
+        "still gathering"
+    );
+    assert!(sim.shards[0].held_bytes() >= (fits - 2) * 128);
+    for _ in 0..4 {
+        sim.shards[0].handle_frame(now, conn, empty.clone());
+    }
+    assert_eq!(sim.shards[0].stream_maps(conn), Some((0, 0, 0)), "refused");
+    let mut refused = None;
+    while let Some(f) = sim.shards[0].poll_transmit(conn) {
+        let f = rsocket_proto::FrameView::parse(f.to_bytes()).unwrap();
+        if f.frame_type() == rsocket_proto::FrameType::Error {
+            refused = f.error_code();
+        }
+    }
+    sim.shards[0].written(conn);
+    assert_eq!(refused, Some(ErrorCode::REJECTED));
+    assert_eq!(sim.shards[0].held_bytes(), 0, "nothing is held for it");
+}
+
+/// Over its memory allowance a shard stops reading the connections that
+/// hold the most (here the one slow consumer), not the others, and reads
+/// them again once it is back under three quarters of it.
+#[test]
+fn over_the_memory_budget_the_largest_holder_is_not_read() {
+    let mut sim = Sim::new(1, 25, Policies::default());
+    let sink = sim.connect(0, "sink", &["sink"], 0);
+    let flooder = sim.connect(0, "", &[], 0);
+    let bystander = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    sim.apps[sink].reading = false;
+    let now = sim.now;
+    sim.shards[0].set_allowance(now, 1 << 20);
+    for _ in 0..20 {
+        sim.request(
+            flooder,
+            RequestKind::FireAndForget,
+            &["sink"],
+            &"y".repeat(100 << 10),
+        );
+        sim.run(1_000_000);
+    }
+    assert!(sim.shards[0].is_over_budget());
+    assert!(
+        !sim.shards[0].may_read(sim.apps[sink].broker),
+        "the largest holder"
+    );
+    assert!(sim.shards[0].may_read(sim.apps[bystander].broker));
+    assert!(sim.shards[0].stats().overload_pauses >= 1);
+    sim.apps[sink].reading = true;
+    sim.run(1_000_000);
+    assert!(!sim.shards[0].is_over_budget());
+    assert!(sim.shards[0].may_read(sim.apps[sink].broker));
+}
+
+/// A consumer that keeps its feeder paused for longer than the
+/// backpressure timeout is closed as a slow consumer, and its feeder is
+/// read again.
+#[test]
+fn a_consumer_that_stays_full_is_closed_and_its_feeder_released() {
+    let mut sim = Sim::new(2, 26, Policies::default());
+    let sink = sim.connect(1, "sink", &["sink"], 0);
+    let flooder = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    sim.apps[sink].reading = false;
+    for _ in 0..100 {
+        sim.request(
+            flooder,
+            RequestKind::FireAndForget,
+            &["sink"],
+            &"z".repeat(64 << 10),
+        );
+        sim.run(1_000_000);
+    }
+    let flood_conn = sim.apps[flooder].broker;
+    let sink_conn = sim.apps[sink].broker;
+    assert!(!sim.shards[0].may_read(flood_conn));
+    let timeout = rsbroker_core::FlowLimits::default().backpressure_timeout;
+    let due = sim.shards[1].poll_timeout().unwrap();
+    assert!(due <= sim.now + timeout);
+    sim.now += timeout;
+    let now = sim.now;
+    sim.shards[1].handle_timeout(now);
+    assert!(
+        sim.shards[1].is_closed(sink_conn),
+        "the slow consumer is closed"
+    );
+    assert_eq!(sim.shards[1].stats().closed_over_limit, 1);
+    let mut last = None;
+    while let Some(f) = sim.shards[1].poll_transmit(sink_conn) {
+        last = Some(f);
+    }
+    let last = rsocket_proto::FrameView::parse(last.unwrap().to_bytes()).unwrap();
+    assert_eq!(last.error_code(), Some(ErrorCode::CONNECTION_ERROR));
+    assert!(String::from_utf8_lossy(last.data_slice()).contains("slow consumer"));
+    sim.collect_outboxes(1);
+    sim.run(1_000_000);
+    assert!(
+        sim.shards[0].may_read(flood_conn),
+        "its feeder is read again"
+    );
 }

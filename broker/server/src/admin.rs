@@ -563,9 +563,37 @@ impl Collector for SnapshotCollector {
         family(
             e,
             "rsbroker_slow_consumer_pauses",
-            "Times a connection over max_pending_bytes paused the connections or shards feeding it.",
+            "Times a connection over max_pending_bytes paused a connection feeding it unasked.",
             Counter,
             per_shard(&|s| s.stats.pauses),
+        )?;
+        family(
+            e,
+            "rsbroker_overload_pauses",
+            "Times a connection was not read because its shard was over its share of max_buffered_bytes and it held the most.",
+            Counter,
+            per_shard(&|s| s.stats.overload_pauses),
+        )?;
+        family(
+            e,
+            "rsbroker_connections_closed_over_limit",
+            "Connections closed for a limit: a slow consumer past backpressure_timeout, max_connection_memory, or the largest holder of a spent max_buffered_bytes.",
+            Counter,
+            per_shard(&|s| s.stats.closed_over_limit),
+        )?;
+        family(
+            e,
+            "rsbroker_buffered_bytes",
+            "Bytes held for connections: unsent frames, fragments waiting for a route, transport buffers beyond their base size.",
+            Gauge,
+            per_shard(&|s| s.held_bytes as u64),
+        )?;
+        family(
+            e,
+            "rsbroker_over_memory_budget",
+            "1 while a shard is over its share of max_buffered_bytes and does not read the connections that hold the most.",
+            Gauge,
+            per_shard(&|s| u64::from(s.over_budget)),
         )?;
         family(
             e,

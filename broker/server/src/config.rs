@@ -18,7 +18,7 @@ use std::time::Duration;
 
 #[cfg(test)]
 use rsbroker_core::ServiceKey;
-use rsbroker_core::{Balancer, Failover, Policies, ServicePolicy};
+use rsbroker_core::{Balancer, Failover, FlowLimits, Policies, ServicePolicy};
 use rsbroker_transports::ListenAddr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use toml::Spanned;
@@ -113,8 +113,9 @@ impl Default for AdminConfig {
 pub struct Limits {
     /// Largest frame accepted, at most 16 MiB - 1 (the 24-bit length).
     pub max_frame_size: Size,
-    /// Largest request whose routing metadata spans fragments and must be
-    /// joined before it can be routed.
+    /// Most bytes a request may hold while its routing metadata spans
+    /// fragments and is joined before it can be routed (each fragment
+    /// counts 128 bytes more than its length).
     pub max_reassembled_size: Size,
     /// Most streams a connection may have open towards the broker; requests
     /// beyond it get ERROR REJECTED.
@@ -122,9 +123,31 @@ pub struct Limits {
     /// Most connections at once, over all shards; more are refused with
     /// ERROR REJECTED_SETUP.
     pub max_connections: usize,
-    /// Unsent bytes for one connection above which the broker stops reading
-    /// from the connections that feed it.
+    /// Unsent bytes for one connection above which the broker grants no
+    /// more credit for it and stops reading the connections that feed it
+    /// unasked (requests, fire-and-forget, one huge item's fragments).
     pub max_pending_bytes: Size,
+    /// Most items in flight on one stream: REQUEST_N credit its producer
+    /// holds plus items waiting for its consumer. The broker passes on the
+    /// consumer's REQUEST_N as the consumer drains.
+    pub stream_window: u32,
+    /// Most bytes of one stream's items in flight (the window shrinks for
+    /// large items); at most half of max_pending_bytes is used.
+    pub stream_buffer: Size,
+    /// Most bytes held for one connection: unsent frames, its requests'
+    /// fragments waiting for a route, its transport's buffers. Past it the
+    /// connection is closed (a fragment that would pass it has its
+    /// request refused instead).
+    pub max_connection_memory: Size,
+    /// Most bytes held for all connections together. At it the broker
+    /// stops reading the connections that hold the most until it is down
+    /// to three quarters.
+    pub max_buffered_bytes: Size,
+    /// How long a connection may stay over max_pending_bytes (a slow
+    /// consumer), or be the largest holder of a spent max_buffered_bytes,
+    /// before it is closed with ERROR CONNECTION_ERROR.
+    #[serde(with = "humantime_serde")]
+    pub backpressure_timeout: Duration,
     /// How long a new connection may take to send SETUP.
     #[serde(with = "humantime_serde")]
     pub setup_timeout: Duration,
@@ -145,9 +168,29 @@ impl Default for Limits {
             max_streams_per_connection: 65_536,
             max_connections: 100_000,
             max_pending_bytes: Size(4 << 20),
+            stream_window: 256,
+            stream_buffer: Size(256 << 10),
+            max_connection_memory: Size(64 << 20),
+            max_buffered_bytes: Size(1 << 30),
+            backpressure_timeout: Duration::from_secs(30),
             setup_timeout: Duration::from_secs(10),
             min_keepalive_lifetime: Duration::from_secs(1),
             max_keepalive_lifetime: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Limits {
+    /// The flow-control settings the shards apply.
+    pub fn flow(&self) -> FlowLimits {
+        FlowLimits {
+            stream_window: self.stream_window,
+            // One stream alone never fills its connection.
+            stream_buffer: self.stream_buffer.0.min(self.max_pending_bytes.0 / 2),
+            max_pending_bytes: self.max_pending_bytes.0,
+            max_connection_memory: self.max_connection_memory.0,
+            max_unrouted_bytes: self.max_reassembled_size.0,
+            backpressure_timeout: self.backpressure_timeout,
         }
     }
 }
@@ -369,6 +412,42 @@ impl BrokerConfig {
                     self.limits.max_pending_bytes
                 ),
             );
+        }
+        let l = &self.limits;
+        if !(1..=rsocket_proto::frame::MAX_REQUEST_N).contains(&l.stream_window) {
+            bad(
+                "limits.stream_window",
+                format!("{} is outside 1 ..= 2147483647", l.stream_window),
+            );
+        }
+        if l.stream_buffer.0 < 1 << 10 {
+            bad(
+                "limits.stream_buffer",
+                format!("{} is below the 1 KiB minimum", l.stream_buffer),
+            );
+        }
+        let needed = l.max_pending_bytes.0.saturating_add(l.max_frame_size.0);
+        if l.max_connection_memory.0 < needed {
+            bad(
+                "limits.max_connection_memory",
+                format!(
+                    "{} is less than limits.max_pending_bytes + limits.max_frame_size ({}): a connection could be closed for one frame",
+                    l.max_connection_memory,
+                    Size(needed)
+                ),
+            );
+        }
+        if l.max_buffered_bytes < l.max_connection_memory {
+            bad(
+                "limits.max_buffered_bytes",
+                format!(
+                    "{} is less than limits.max_connection_memory ({})",
+                    l.max_buffered_bytes, l.max_connection_memory
+                ),
+            );
+        }
+        if l.backpressure_timeout.is_zero() {
+            bad("limits.backpressure_timeout", "must be more than 0".into());
         }
         if self.limits.setup_timeout.is_zero() {
             bad("limits.setup_timeout", "must be more than 0".into());

@@ -36,6 +36,8 @@ pub struct ConnectionSnapshot {
     pub app: Option<(String, String)>,
     /// Bytes the broker holds for it, not yet handed to the transport.
     pub pending_bytes: usize,
+    /// Whether the broker reads it (false while it is held back).
+    pub reading: bool,
 }
 
 /// One app instance in the route table.
@@ -94,6 +96,12 @@ pub struct ShardSnapshot {
     pub queue_depths: Vec<usize>,
     /// The shard has stopped accepting connections and new requests.
     pub draining: bool,
+    /// Bytes held for its connections (what counts against
+    /// `limits.max_buffered_bytes`).
+    pub held_bytes: usize,
+    /// It is over its share of the memory budget, not reading the
+    /// connections that hold the most.
+    pub over_budget: bool,
 }
 
 /// A shard's slot: written by that shard only.
@@ -101,6 +109,9 @@ pub struct ShardSnapshot {
 pub(crate) struct ShardSlot {
     /// Milliseconds since the broker started, at the shard's last timer pass.
     heartbeat_ms: AtomicU64,
+    /// Bytes held for its connections, as it last told the others
+    /// (written when that changes by a step, and every tick).
+    held: AtomicUsize,
     snapshot: Mutex<ShardSnapshot>,
 }
 
@@ -203,6 +214,22 @@ impl Control {
                 ))
             })
             .collect()
+    }
+
+    pub(crate) fn publish_held(&self, shard: ShardId, held: usize) {
+        if let Some(slot) = self.slots.get(usize::from(shard)) {
+            slot.held.store(held, Ordering::Release);
+        }
+    }
+
+    /// Bytes the shards other than `shard` hold.
+    pub(crate) fn held_by_others(&self, shard: ShardId) -> usize {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != usize::from(shard))
+            .map(|(_, s)| s.held.load(Ordering::Acquire))
+            .sum()
     }
 
     pub(crate) fn publish(&self, shard: ShardId, snapshot: ShardSnapshot) {

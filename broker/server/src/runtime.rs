@@ -57,13 +57,17 @@ pub struct Controller {
 
 impl Controller {
     /// Starts draining: listeners close, new requests get ERROR REJECTED,
-    /// in-flight streams have `shutdown.drain_timeout` to finish, then every
-    /// connection is closed with ERROR CONNECTION_CLOSE and the shards end.
+    /// in-flight streams have `shutdown.drain_timeout` to finish; then it
+    /// goes on as [`Controller::stop`] does.
     pub fn drain(&self) {
         self.control.advance(Phase::Draining);
     }
 
-    /// Closes every connection now (ERROR CONNECTION_CLOSE) and ends the shards.
+    /// Closes every connection and ends the shards: the streams still open
+    /// end (ERROR CANCELED), each connection gets ERROR CONNECTION_CLOSE
+    /// and is read for `shutdown.close_timeout` more, so that a request
+    /// already on its way gets ERROR REJECTED (not processed) rather than
+    /// no answer; then it closes.
     pub fn stop(&self) {
         self.control.advance(Phase::Stopping);
     }
@@ -219,8 +223,15 @@ struct ShardRt {
     /// Largest frame accepted on connections opened from now on.
     max_frame_size: Cell<usize>,
     stopping: Cell<bool>,
-    /// A connection stopped reading because a peer's queue was too long.
+    /// Reading is held back on every connection because a peer shard's
+    /// queue is too long (that shard is busy: more messages would only
+    /// pile up).
     read_blocked: Cell<bool>,
+    /// Closed connections still flushing, and when they are closed anyway
+    /// (a peer that does not read would keep them forever).
+    closing: RefCell<Vec<(ConnId, Instant)>>,
+    /// What this shard last told the others it holds.
+    published_held: Cell<usize>,
     io: Cell<IoStats>,
     /// The route table view last published, and the revisions it was built at.
     routes: RefCell<(Vec<u64>, Arc<Vec<InstanceView>>)>,
@@ -236,9 +247,13 @@ const READS_PER_TURN: usize = 4;
 const WRITES_PER_TURN: usize = 4;
 /// The timer loop's longest sleep (heartbeat, snapshot, phase checks).
 const TICK: Duration = Duration::from_millis(100);
+/// Change in what a shard holds at which it tells the others at once
+/// (otherwise every tick).
+const HELD_STEP: usize = 1 << 20;
 
 impl ShardRt {
     fn dispatch(&self) {
+        self.share_budget(false);
         let (wakeups, outboxes) = {
             let mut s = self.shard.borrow_mut();
             let outboxes: Vec<(usize, Vec<Message>)> = (0..self.out.len())
@@ -263,6 +278,12 @@ impl ShardRt {
                 n.notify();
             }
         }
+        if !self.read_blocked.get() && self.mesh_blocked() {
+            self.read_blocked.set(true);
+            self.shard
+                .borrow_mut()
+                .set_reading_blocked(Instant::now(), true);
+        }
     }
 
     /// Whether a peer's queue is so far behind that reading more would only pile up messages.
@@ -272,19 +293,35 @@ impl ShardRt {
             .any(|q| q.borrow().len() > MAX_WAITING_BATCHES)
     }
 
-    /// [`ShardRt::mesh_blocked`], for a reader that will stop: it is woken
-    /// when the queue drains.
-    fn mesh_blocks_reading(&self) -> bool {
-        let blocked = self.mesh_blocked();
-        if blocked {
-            self.read_blocked.set(true);
+    /// Tells the other shards what this one holds once it changed by a
+    /// step (or on every tick), and gives this one what the others leave
+    /// of the broker-wide budget.
+    fn share_budget(&self, tick: bool) {
+        let held = self.shard.borrow().held_bytes();
+        if !tick && held.abs_diff(self.published_held.get()) < HELD_STEP {
+            return;
         }
-        blocked
+        self.published_held.set(held);
+        self.control.publish_held(self.id, held);
+        let budget = self.control.settings().limits.max_buffered_bytes.0;
+        let allowance = budget.saturating_sub(self.control.held_by_others(self.id));
+        self.shard
+            .borrow_mut()
+            .set_allowance(Instant::now(), allowance);
     }
 
-    fn wake_all(&self) {
-        for w in self.wakers.borrow().values() {
-            w.wake_by_ref();
+    /// Wakes the closed connections whose last frames have waited too
+    /// long for their peer to read them, so that they close.
+    fn wake_unflushed(&self, now: Instant) {
+        let closing = self.closing.borrow();
+        if closing.iter().all(|(_, at)| *at > now) {
+            return;
+        }
+        let wakers = self.wakers.borrow();
+        for (id, _) in closing.iter().filter(|(_, at)| *at <= now) {
+            if let Some(w) = wakers.get(id) {
+                w.wake_by_ref();
+            }
         }
     }
 
@@ -306,6 +343,7 @@ impl ShardRt {
                     .connection_app(id)
                     .map(|(name, uuid)| (name, uuid.to_string())),
                 pending_bytes: shard.pending_bytes(id),
+                reading: shard.may_read(id),
             })
             .collect();
         // The route table view is rebuilt only when the table changed.
@@ -348,6 +386,8 @@ impl ShardRt {
             open_streams: shard.open_streams(),
             queue_depths: self.out.iter().map(|q| q.borrow().len()).collect(),
             draining: self.stopping.get(),
+            held_bytes: shard.held_bytes(),
+            over_budget: shard.is_over_budget(),
         }
     }
 
@@ -370,8 +410,7 @@ fn shard_config(id: ShardId, shards: u16, config: &BrokerConfig) -> ShardConfig 
         config.limits.max_keepalive_lifetime,
     );
     c.policies = config.policies();
-    c.max_pending_bytes = config.limits.max_pending_bytes.0;
-    c.max_route_metadata = config.limits.max_reassembled_size.0;
+    c.flow = config.limits.flow();
     c
 }
 
@@ -549,6 +588,8 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         max_frame_size: Cell::new(settings.limits.max_frame_size.0),
         stopping: Cell::new(false),
         read_blocked: Cell::new(false),
+        closing: RefCell::new(Vec::new()),
+        published_held: Cell::new(0),
         io: Cell::new(IoStats::default()),
         routes: RefCell::new((Vec::new(), Arc::new(Vec::new()))),
     });
@@ -592,8 +633,11 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         }
         if now.duration_since(last_snapshot) >= TICK {
             last_snapshot = now;
+            rt.share_budget(true);
+            rt.dispatch();
             control.publish(id, rt.snapshot());
         }
+        rt.wake_unflushed(now);
         match control.phase() {
             Phase::Running => {}
             Phase::Draining => {
@@ -633,17 +677,25 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         glommio::timer::sleep(next.max(Duration::from_millis(1))).await;
     }
 
-    // Stop: no new connections, close the open ones, wait for them to go.
+    // Stop: no new connections; every connection gets ERROR[CONNECTION_CLOSE]
+    // and is read for close_timeout more, answering late requests with
+    // REJECTED, then closes; wait for them to go.
     drop(accepts);
     rt.stopping.set(true);
+    let linger = control.settings().shutdown.close_timeout;
     rt.shard
         .borrow_mut()
-        .close_all("the broker is shutting down");
+        .shut_down(Instant::now(), "the broker is shutting down", linger);
     rt.dispatch();
-    let deadline = Instant::now() + control.settings().shutdown.close_timeout;
+    // Time for the last frames to be written after the linger.
+    let deadline = Instant::now() + linger + Duration::from_secs(1);
     while rt.shard.borrow().connections().next().is_some() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
+        let now = Instant::now();
         control.beat(id);
+        rt.shard.borrow_mut().handle_timeout(now);
+        rt.dispatch();
+        rt.wake_unflushed(now);
     }
     control.publish(id, rt.snapshot());
     senders.close();
@@ -712,7 +764,10 @@ async fn send_to_peer(rt: Rc<ShardRt>, senders: Rc<Senders<Vec<Message>>>, peer:
         }
         if rt.read_blocked.get() && !rt.mesh_blocked() {
             rt.read_blocked.set(false);
-            rt.wake_all();
+            rt.shard
+                .borrow_mut()
+                .set_reading_blocked(Instant::now(), false);
+            rt.dispatch();
         }
     }
 }
@@ -720,10 +775,9 @@ async fn send_to_peer(rt: Rc<ShardRt>, senders: Rc<Senders<Vec<Message>>>, peer:
 async fn receive_from_peer(rt: Rc<ShardRt>, receivers: Rc<Receivers<Vec<Message>>>, peer: usize) {
     let from = peer as ShardId;
     loop {
-        // While a local connection this peer feeds is full, leave its messages queued.
-        while !rt.shard.borrow().may_receive_from(from) {
-            glommio::timer::sleep(Duration::from_millis(1)).await;
-        }
+        // Messages are always taken: a full connection holds back the
+        // connections that feed it (a message to their shard), never the
+        // queue that carries everyone's traffic.
         match receivers.recv_from(peer).await {
             Ok(Some(batch)) => {
                 rt.shard
@@ -741,6 +795,9 @@ async fn receive_from_peer(rt: Rc<ShardRt>, receivers: Rc<Receivers<Vec<Message>
 async fn drive(rt: Rc<ShardRt>, mut io: TcpFrames, id: ConnId) {
     let mut frames: Vec<Bytes> = Vec::with_capacity(64);
     let mut failed = false;
+    // Once the shard has closed the connection: when to stop waiting for
+    // the last frames to be written.
+    let mut flush_deadline: Option<Instant> = None;
     poll_fn(|cx| {
         {
             let mut wakers = rt.wakers.borrow_mut();
@@ -754,11 +811,7 @@ async fn drive(rt: Rc<ShardRt>, mut io: TcpFrames, id: ConnId) {
         }
         // Read.
         let mut reads = 0;
-        while !failed
-            && rt.shard.borrow().may_read(id)
-            && !rt.mesh_blocks_reading()
-            && !rt.shard.borrow().is_closed(id)
-        {
+        while !failed && rt.shard.borrow().may_read(id) && !rt.shard.borrow().is_closed(id) {
             if reads == READS_PER_TURN {
                 cx.waker().wake_by_ref();
                 break;
@@ -831,18 +884,32 @@ async fn drive(rt: Rc<ShardRt>, mut io: TcpFrames, id: ConnId) {
                 }
             }
         }
-        rt.shard.borrow_mut().written(id);
+        {
+            let mut shard = rt.shard.borrow_mut();
+            shard.written(id);
+            shard.set_transport_bytes(id, io.buffered_bytes());
+        }
         rt.dispatch();
-        // Close once the shard is done with the connection and everything is written.
-        let done = {
+        // Close once the shard is done with the connection and everything is
+        // written, or once the peer has had close_timeout to take it.
+        let (closed, unsent) = {
             let shard = rt.shard.borrow();
-            (shard.is_closed(id) || failed)
-                && shard.pending_bytes(id) == 0
-                && io.queued_bytes() == 0
+            (
+                shard.is_closed(id) || failed,
+                shard.pending_bytes(id) + io.queued_bytes(),
+            )
         };
-        if done {
-            let _ = io.poll_close(cx);
-            return finish(&rt, id, "closed by the broker");
+        if closed {
+            let now = Instant::now();
+            let deadline = *flush_deadline.get_or_insert_with(|| {
+                let at = now + rt.control.settings().shutdown.close_timeout;
+                rt.closing.borrow_mut().push((id, at));
+                at
+            });
+            if unsent == 0 || now >= deadline {
+                let _ = io.poll_close(cx);
+                return finish(&rt, id, "closed by the broker");
+            }
         }
         Poll::Pending
     })
@@ -851,6 +918,7 @@ async fn drive(rt: Rc<ShardRt>, mut io: TcpFrames, id: ConnId) {
 
 fn finish(rt: &ShardRt, id: ConnId, reason: &str) -> Poll<()> {
     rt.control.connections.fetch_sub(1, Ordering::AcqRel);
+    rt.closing.borrow_mut().retain(|(c, _)| *c != id);
     rt.wakers.borrow_mut().remove(&id);
     rt.peers.borrow_mut().remove(&id);
     rt.shard.borrow_mut().close(Instant::now(), id, reason);

@@ -493,6 +493,14 @@ impl Connection {
         self.streams.contains_key(&stream_id)
     }
 
+    /// Whether this side is part way through sending a fragmented message
+    /// on `stream_id` (the next PAYLOAD it sends there continues it).
+    pub fn is_sending_fragments(&self, stream_id: u32) -> bool {
+        self.streams
+            .get(&stream_id)
+            .is_some_and(|s| s.outbound_partial.is_some())
+    }
+
     /// State of one stream.
     pub fn stream_info(&self, stream_id: u32) -> Option<StreamInfo> {
         self.streams.get(&stream_id).map(StreamInfo::from)
@@ -1466,6 +1474,13 @@ impl Connection {
 
     /// Sends ERROR on stream 0 with `code` and closes at once.
     pub fn close(&mut self, code: ErrorCode, message: impl Into<String>) {
+        self.fail(code, message.into());
+    }
+
+    /// [`Connection::close`] for a peer that does not read: every frame
+    /// not yet written is dropped first, so the ERROR is all that waits.
+    pub fn abort(&mut self, code: ErrorCode, message: impl Into<String>) {
+        self.clear_out();
         self.fail(code, message.into());
     }
 

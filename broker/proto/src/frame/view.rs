@@ -265,6 +265,15 @@ impl FrameView {
         self.buf.get(HEADER_LEN..end).unwrap_or_default()
     }
 
+    /// A copy of the frame in a buffer of its own: to hold a frame for long
+    /// without keeping the whole receive buffer it was cut from alive.
+    pub fn detached(&self) -> Self {
+        Self {
+            buf: Bytes::copy_from_slice(&self.buf),
+            ..self.clone()
+        }
+    }
+
     /// The whole frame.
     #[inline]
     pub fn as_bytes(&self) -> &Bytes {

@@ -1,0 +1,645 @@
+//! Flow control: how one slow, silent or hostile peer is kept from holding
+//! up anyone else, and the broker's memory within what the config allows.
+//! The pieces here are state with no I/O; [`crate::shard`] drives them.
+//!
+//! # Per-stream credit
+//!
+//! The broker is the requester towards every responder (and, on a channel,
+//! the responder towards the requester), so the REQUEST_N it grants the
+//! producer of a stream's items is its own to decide. A [`StreamCredit`]
+//! sits on the shard of the connection the items are written to (the
+//! consumer's) and grants the producer no more than that side can absorb:
+//! items in flight (credit the producer holds, plus items queued for the
+//! consumer) stay within `stream_window` items and `stream_buffer` bytes,
+//! and within what is left of the consumer connection's
+//! `max_pending_bytes`. Credit is topped up as the consumer's connection
+//! takes the items ([`Backlog`] says when), and never more is granted in
+//! total than the consumer asked for.
+//!
+//! Why this keeps RSocket's semantics: REQUEST_N is demand (Reactive
+//! Streams' `request(n)`), not a promise to send. A responder may send up
+//! to n items, any fewer, at any pace; the broker, as the responder's
+//! subscriber, may request in whatever pieces it likes. The consumer still
+//! gets every item, in order, never more than it asked for, and cancel,
+//! complete and error pass through unchanged. What the producer sees is
+//! its demand arriving in pieces as the consumer drains, as Reactor's
+//! `limitRate` does inside one process. So a consumer that asked for
+//! 2^31-1 and stopped reading slows exactly its own stream: the producer's
+//! connection goes on carrying its other streams.
+//!
+//! # Pauses, the fallback
+//!
+//! Traffic no credit governs (requests and fire-and-forget towards a
+//! responder, the fragments of one huge item) can still fill a connection.
+//! Past `max_pending_bytes` unsent, the broker stops reading the connection
+//! that fed it ([`ConnFlow::feeders`]), wherever it lives: a message to its
+//! shard names it with its generation, so a stale one never reaches a new
+//! connection in the same slot. It is read again once the full connection
+//! is down to half. Only those connections stop; never a shard, never the
+//! mesh between shards. Time not reading a peer is not that peer's silence
+//! (`Connection::set_reading`). A connection that stays over its limit for
+//! `backpressure_timeout` is closed as a slow consumer, so it cannot keep
+//! others paused.
+//!
+//! # Memory
+//!
+//! What the broker holds for a connection ([`ConnFlow::held`]): its unsent
+//! frames, the fragments of its requests that wait for their route (each
+//! counted with [`FRAGMENT_OVERHEAD`], so empty fragments are not free),
+//! and its transport's buffers beyond their base size. Past
+//! `max_connection_memory` the connection is closed (a fragment that would
+//! pass it has its request refused instead). For the whole broker,
+//! `max_buffered_bytes`: each shard may use what the others leave
+//! ([`Budget`]); over it, the shard stops reading the connections that hold
+//! the most until it is down to three quarters, and if it stays over for
+//! `backpressure_timeout` it closes the largest holder.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use rsocket_proto::frame::MAX_REQUEST_N;
+
+use crate::ids::ConnId;
+
+/// Bytes a held fragment counts for beyond its length: the bookkeeping it
+/// costs (its view, its place in a list, its own allocation).
+pub const FRAGMENT_OVERHEAD: usize = 128;
+
+/// The flow-control settings of a shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowLimits {
+    /// Most items in flight on one stream: credit its producer holds plus
+    /// items queued for its consumer.
+    pub stream_window: u32,
+    /// Most bytes of one stream's items in flight (the window shrinks to
+    /// fit items of the size seen so far).
+    pub stream_buffer: usize,
+    /// Unsent bytes for one connection above which no more credit is
+    /// granted for it and the connections feeding it are paused.
+    pub max_pending_bytes: usize,
+    /// Most bytes held for one connection, of every kind.
+    pub max_connection_memory: usize,
+    /// Most bytes one request's fragments may hold while its route is
+    /// still to come.
+    pub max_unrouted_bytes: usize,
+    /// How long a connection may stay over `max_pending_bytes`, or over a
+    /// spent memory budget as its largest holder, before it is closed.
+    pub backpressure_timeout: Duration,
+}
+
+impl Default for FlowLimits {
+    fn default() -> Self {
+        Self {
+            stream_window: 256,
+            stream_buffer: 256 << 10,
+            max_pending_bytes: 4 << 20,
+            max_connection_memory: 64 << 20,
+            max_unrouted_bytes: 64 << 10,
+            backpressure_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl FlowLimits {
+    /// Items granted to a producer before the size of its items is known:
+    /// enough for small items to flow at once, few enough that large
+    /// ones do not overshoot the stream's buffer by much.
+    const FIRST_GRANT: u32 = 16;
+
+    /// The item size assumed until one has been seen.
+    fn assumed_item_size(&self) -> usize {
+        (self.stream_buffer / Self::FIRST_GRANT as usize).max(1)
+    }
+}
+
+// ------------------------------------------------------------ stream credit
+
+/// Credit metering for one direction of one forwarded stream, kept beside
+/// the consumer's connection (see the module docs).
+#[derive(Debug)]
+pub struct StreamCredit {
+    /// Tells this stream's marks in a [`Backlog`] from those of an earlier
+    /// stream with the same id.
+    serial: u32,
+    /// Credit the consumer granted that has not been passed on (2^31-1:
+    /// unbounded, never decremented).
+    wanted: u32,
+    /// Credit passed on to the producer and not yet used.
+    outstanding: u32,
+    /// Items that arrived here and wait in the consumer's queue.
+    queued_items: u32,
+    queued_bytes: usize,
+    /// Bytes of the consumer's budget set aside for the outstanding credit.
+    reserved: usize,
+    /// The size of the last items (0 until one arrived).
+    item_size: usize,
+    /// A fragmented message is arriving, `item_bytes` of it so far; it is
+    /// an item (its first frame had N).
+    in_message: bool,
+    message_is_item: bool,
+    item_bytes: usize,
+    /// Waiting for room in the consumer connection to grant more.
+    starved: bool,
+}
+
+/// What an arriving frame did to a [`StreamCredit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arrival {
+    /// Bytes of the consumer's budget no longer set aside (the credit it used).
+    pub released: usize,
+    /// The frame starts an item (it used one credit).
+    pub item: bool,
+}
+
+/// Credit to pass on to a stream's producer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// REQUEST_N to send.
+    pub n: u32,
+    /// Bytes of the consumer connection's budget this set aside.
+    pub reserved: usize,
+}
+
+impl StreamCredit {
+    /// A stream whose consumer has asked for `asked` items so far.
+    pub fn new(serial: u32, asked: u32) -> Self {
+        Self {
+            serial,
+            wanted: asked.min(MAX_REQUEST_N),
+            outstanding: 0,
+            queued_items: 0,
+            queued_bytes: 0,
+            reserved: 0,
+            item_size: 0,
+            in_message: false,
+            message_is_item: false,
+            item_bytes: 0,
+            starved: false,
+        }
+    }
+
+    /// This stream's serial (see [`Backlog::push`]).
+    pub fn serial(&self) -> u32 {
+        self.serial
+    }
+
+    /// Bytes of the consumer's budget set aside for credit not yet used.
+    pub fn reserved(&self) -> usize {
+        self.reserved
+    }
+
+    /// Whether the last grant waited for room in the consumer connection.
+    pub fn is_starved(&self) -> bool {
+        self.starved
+    }
+
+    /// Items in flight: credit the producer holds plus items queued here.
+    pub fn in_flight(&self) -> u32 {
+        self.outstanding.saturating_add(self.queued_items)
+    }
+
+    /// Bytes of this stream's items queued for the consumer.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// The consumer asked for `n` more.
+    pub fn ask(&mut self, n: u32) {
+        if self.wanted != MAX_REQUEST_N {
+            self.wanted = self.wanted.saturating_add(n).min(MAX_REQUEST_N);
+        }
+    }
+
+    fn size(&self, limits: &FlowLimits) -> usize {
+        if self.item_size == 0 {
+            limits.assumed_item_size()
+        } else {
+            self.item_size
+        }
+    }
+
+    /// The first credit, carried by the request itself: at least 1 (a
+    /// REQUEST_STREAM or REQUEST_CHANNEL must grant some), at most what
+    /// the consumer asked, [`FlowLimits::FIRST_GRANT`] and the room left.
+    pub fn first_grant(&mut self, limits: &FlowLimits, room: usize) -> Grant {
+        let size = limits.assumed_item_size();
+        let n = self
+            .wanted
+            .min(FlowLimits::FIRST_GRANT)
+            .min(limits.stream_window)
+            .min(u32::try_from(room / size).unwrap_or(u32::MAX))
+            .max(1);
+        self.take(n, size)
+    }
+
+    /// More credit for the producer, if the consumer wants it and its side
+    /// has room: `room` is what is left of the consumer connection's
+    /// `max_pending_bytes`. Small top-ups wait until a quarter of the
+    /// window is free, so a fast stream costs one REQUEST_N per batch of
+    /// items rather than one per item.
+    pub fn grant(&mut self, limits: &FlowLimits, room: usize) -> Option<Grant> {
+        self.starved = false;
+        if self.wanted == 0 || self.queued_bytes >= limits.stream_buffer {
+            return None;
+        }
+        let size = self.size(limits);
+        let window = limits
+            .stream_window
+            .min(u32::try_from(limits.stream_buffer / size).unwrap_or(u32::MAX))
+            .max(1);
+        let in_flight = self.in_flight();
+        let free = window.saturating_sub(in_flight).min(self.wanted);
+        if free == 0 {
+            return None;
+        }
+        let fits = u32::try_from(room / size).unwrap_or(u32::MAX);
+        let n = free.min(fits);
+        let batch = (window / 4).max(1);
+        if n < batch && in_flight > 0 && n < self.wanted {
+            self.starved = fits < free;
+            return None;
+        }
+        if n == 0 {
+            self.starved = true;
+            return None;
+        }
+        Some(self.take(n, size))
+    }
+
+    fn take(&mut self, n: u32, size: usize) -> Grant {
+        self.outstanding = self.outstanding.saturating_add(n);
+        if self.wanted != MAX_REQUEST_N {
+            self.wanted -= n.min(self.wanted);
+        }
+        let reserved = (n as usize).saturating_mul(size);
+        self.reserved += reserved;
+        Grant { n, reserved }
+    }
+
+    /// A frame of this stream (`len` bytes) arrived for the consumer:
+    /// `next` and `follows` are its flags.
+    pub fn arrived(&mut self, len: usize, next: bool, follows: bool) -> Arrival {
+        self.queued_bytes += len;
+        let mut released = 0;
+        let starts_item = !self.in_message && next;
+        if !self.in_message {
+            self.item_bytes = 0;
+            self.message_is_item = next;
+            if next {
+                // An item: it uses one credit, and what was set aside for it.
+                released = match self.outstanding {
+                    0 => 0,
+                    n => self.reserved / n as usize,
+                };
+                self.reserved -= released;
+                self.outstanding = self.outstanding.saturating_sub(1);
+                self.queued_items = self.queued_items.saturating_add(1);
+            }
+        }
+        self.item_bytes += len;
+        self.in_message = follows;
+        if !follows && self.message_is_item {
+            self.item_size = self.item_bytes.max(1);
+        }
+        Arrival {
+            released,
+            item: starts_item,
+        }
+    }
+
+    /// The consumer's transport took `items` items (`bytes` bytes) of this
+    /// stream.
+    pub fn transmitted(&mut self, items: u32, bytes: usize) {
+        self.queued_items = self.queued_items.saturating_sub(items);
+        self.queued_bytes = self.queued_bytes.saturating_sub(bytes);
+    }
+}
+
+// ------------------------------------------------------------------ backlog
+
+/// Where the items of metered streams sit in a connection's outgoing
+/// queue, in order, so that their credit is topped up when the transport
+/// takes them. Consecutive items of one stream share a mark.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    marks: VecDeque<Mark>,
+}
+
+/// Items of one stream that end at byte position `end` of a connection's
+/// outgoing queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark {
+    /// Position just after the last of these items.
+    pub end: u64,
+    /// The stream.
+    pub stream: u32,
+    /// Its [`StreamCredit::serial`].
+    pub serial: u32,
+    /// Items in the mark (the fragments of one item count once).
+    pub items: u32,
+    /// Their bytes.
+    pub bytes: usize,
+}
+
+impl Backlog {
+    /// A frame of a metered stream was queued, ending at `end`.
+    pub fn push(&mut self, end: u64, stream: u32, serial: u32, item: bool, bytes: usize) {
+        let items = u32::from(item);
+        if let Some(last) = self.marks.back_mut()
+            && last.stream == stream
+            && last.serial == serial
+        {
+            last.end = end;
+            last.items += items;
+            last.bytes += bytes;
+            return;
+        }
+        self.marks.push_back(Mark {
+            end,
+            stream,
+            serial,
+            items,
+            bytes,
+        });
+    }
+
+    /// The next mark the transport has taken completely, now that `sent`
+    /// bytes of the queue are gone.
+    pub fn pop_sent(&mut self, sent: u64) -> Option<Mark> {
+        if self.marks.front()?.end <= sent {
+            self.marks.pop_front()
+        } else {
+            None
+        }
+    }
+
+    /// Whether no item waits.
+    pub fn is_empty(&self) -> bool {
+        self.marks.is_empty()
+    }
+}
+
+// --------------------------------------------------- per connection, pauses
+
+/// The flow-control state of one connection.
+#[derive(Debug, Default)]
+pub struct ConnFlow {
+    /// How many full connections have this one paused.
+    pub paused_by: u32,
+    /// Connections this one paused because it is full.
+    pub feeders: Vec<ConnId>,
+    /// Since when it has been over `max_pending_bytes`.
+    pub over_since: Option<Instant>,
+    /// Not read because the shard is over its memory budget and this
+    /// connection is among the largest holders.
+    pub budget_paused: bool,
+    /// Bytes set aside for credit granted on its behalf and not yet used.
+    pub reserved: usize,
+    /// Bytes of its requests' fragments waiting for their route.
+    pub unrouted: usize,
+    /// Bytes its transport holds beyond its base buffers.
+    pub transport: usize,
+    /// What the shard's total counts for it (see [`Budget::account`]).
+    pub accounted: usize,
+    /// Items of its metered streams waiting in its queue.
+    pub backlog: Backlog,
+    /// Serial for the next [`StreamCredit`] on it.
+    pub next_serial: u32,
+    /// Some stream waits for room in this connection to be granted credit.
+    pub starved: bool,
+}
+
+impl ConnFlow {
+    /// Bytes held for the connection, with `pending` unsent.
+    pub fn held(&self, pending: usize) -> usize {
+        pending + self.unrouted + self.transport
+    }
+
+    /// What is left of `max_pending_bytes` for credit, with `pending` unsent.
+    pub fn room(&self, limits: &FlowLimits, pending: usize) -> usize {
+        limits
+            .max_pending_bytes
+            .saturating_sub(pending.saturating_add(self.reserved))
+    }
+
+    /// A serial for a new metered stream.
+    pub fn serial(&mut self) -> u32 {
+        self.next_serial = self.next_serial.wrapping_add(1);
+        self.next_serial
+    }
+
+    /// Records `feeder` as paused by this connection; false if it already was.
+    pub fn add_feeder(&mut self, feeder: ConnId) -> bool {
+        if self.feeders.contains(&feeder) {
+            return false;
+        }
+        self.feeders.push(feeder);
+        true
+    }
+}
+
+// ------------------------------------------------------------------- budget
+
+/// A shard's share of the broker-wide memory budget and what it holds.
+#[derive(Debug)]
+pub struct Budget {
+    /// Bytes this shard may hold: the budget minus what the other shards
+    /// hold (set by the runtime).
+    pub allowance: usize,
+    /// Bytes its connections hold (the sum of their `held`).
+    pub held: usize,
+    /// Since when it has been over its allowance.
+    pub over_since: Option<Instant>,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            allowance: usize::MAX,
+            held: 0,
+            over_since: None,
+        }
+    }
+}
+
+impl Budget {
+    /// Brings the total up to date with a connection now holding `held`.
+    pub fn account(&mut self, conn: &mut ConnFlow, held: usize) {
+        self.held = self.held.saturating_sub(conn.accounted) + held;
+        conn.accounted = held;
+    }
+
+    /// Whether the shard holds more than its allowance.
+    pub fn is_over(&self) -> bool {
+        self.held > self.allowance
+    }
+
+    /// Whether it is back down to three quarters of its allowance, where
+    /// paused connections may be read again.
+    pub fn has_recovered(&self) -> bool {
+        self.held <= self.allowance / 4 * 3
+    }
+
+    /// Which of `holders` (connection, bytes held) to stop reading: the
+    /// largest first, until they hold what must be shed to get back to
+    /// three quarters of the allowance.
+    pub fn to_pause(&self, mut holders: Vec<(usize, usize)>) -> Vec<usize> {
+        holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.1));
+        let target = self.allowance / 4 * 3;
+        let mut shed = self.held.saturating_sub(target);
+        let mut out = Vec::new();
+        for (slot, held) in holders {
+            if shed == 0 || held == 0 {
+                break;
+            }
+            out.push(slot);
+            shed = shed.saturating_sub(held);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> FlowLimits {
+        FlowLimits {
+            stream_window: 64,
+            stream_buffer: 64 << 10,
+            max_pending_bytes: 1 << 20,
+            ..FlowLimits::default()
+        }
+    }
+
+    /// Drives a stream whose consumer never reads: credit stops once the
+    /// window is full, and what arrived stays within the stream buffer.
+    #[test]
+    fn a_consumer_that_never_reads_stops_its_credit_at_the_window() {
+        let l = limits();
+        let mut c = StreamCredit::new(1, MAX_REQUEST_N);
+        let mut granted = c.first_grant(&l, 1 << 20).n;
+        assert_eq!(granted, FlowLimits::FIRST_GRANT);
+        let mut arrived = 0u32;
+        loop {
+            while arrived < granted {
+                c.arrived(1024, true, false);
+                arrived += 1;
+            }
+            match c.grant(&l, 1 << 20) {
+                Some(g) => granted += g.n,
+                None => break,
+            }
+        }
+        assert_eq!(granted, 64, "the window, in 1 KiB items");
+        assert!(c.queued_bytes() <= l.stream_buffer);
+        // It drains: credit comes back in batches of a quarter window.
+        c.transmitted(10, 10 << 10);
+        assert_eq!(c.grant(&l, 1 << 20), None, "10 free: less than a batch");
+        c.transmitted(6, 6 << 10);
+        assert_eq!(c.grant(&l, 1 << 20).map(|g| g.n), Some(16));
+    }
+
+    #[test]
+    fn large_items_shrink_the_window_to_the_stream_buffer() {
+        let l = limits();
+        let mut c = StreamCredit::new(1, MAX_REQUEST_N);
+        let first = c.first_grant(&l, 1 << 20);
+        assert_eq!(first.n, 16, "64 KiB / 16: 4 KiB assumed per item");
+        // The items are 16 KiB: four fit the 64 KiB buffer.
+        for _ in 0..16 {
+            c.arrived(16 << 10, true, false);
+        }
+        assert_eq!(c.grant(&l, 1 << 20), None, "over the buffer already");
+        c.transmitted(16, 256 << 10);
+        assert_eq!(c.grant(&l, 1 << 20).map(|g| g.n), Some(4));
+    }
+
+    #[test]
+    fn never_more_than_asked_and_unbounded_stays_unbounded() {
+        let l = limits();
+        let mut c = StreamCredit::new(1, 5);
+        assert_eq!(c.first_grant(&l, 1 << 20).n, 5);
+        assert_eq!(c.grant(&l, 1 << 20), None, "all 5 passed on");
+        c.ask(3);
+        assert_eq!(c.grant(&l, 1 << 20).map(|g| g.n), Some(3));
+        let mut u = StreamCredit::new(2, MAX_REQUEST_N);
+        u.first_grant(&l, 1 << 20);
+        for _ in 0..16 {
+            u.arrived(10, true, false);
+        }
+        u.transmitted(16, 160);
+        assert!(u.grant(&l, 1 << 20).is_some());
+        u.ask(7);
+        assert_eq!(u.wanted, MAX_REQUEST_N);
+    }
+
+    #[test]
+    fn a_full_consumer_connection_starves_the_stream_until_it_has_room() {
+        let l = limits();
+        let mut c = StreamCredit::new(1, MAX_REQUEST_N);
+        // No room at all: the request still grants one item.
+        assert_eq!(c.first_grant(&l, 0).n, 1);
+        c.arrived(100, true, false);
+        c.transmitted(1, 100);
+        assert_eq!(c.grant(&l, 0), None);
+        assert!(c.is_starved());
+        assert!(c.grant(&l, 1 << 20).is_some());
+        assert!(!c.is_starved());
+    }
+
+    #[test]
+    fn fragments_of_one_item_use_one_credit_and_release_its_reservation() {
+        let l = limits();
+        let mut c = StreamCredit::new(1, 2);
+        let g = c.first_grant(&l, 1 << 20);
+        assert_eq!((g.n, c.reserved()), (2, g.reserved));
+        let first = c.arrived(100, true, true);
+        assert_eq!(first.released, g.reserved / 2);
+        assert!(first.item);
+        assert_eq!(c.arrived(100, false, true).released, 0);
+        assert!(!c.arrived(100, true, false).item, "a continuation");
+        assert_eq!(c.in_flight(), 2, "one credit left, one item queued");
+        let second = c.arrived(50, true, false);
+        assert_eq!(second.released, g.reserved - g.reserved / 2);
+        assert_eq!(c.reserved(), 0);
+        assert_eq!(c.queued_bytes(), 350);
+    }
+
+    #[test]
+    fn backlog_marks_merge_per_stream_and_come_out_when_sent() {
+        let mut b = Backlog::default();
+        b.push(100, 1, 1, true, 100);
+        b.push(150, 1, 1, true, 50);
+        b.push(170, 3, 2, true, 20);
+        b.push(200, 1, 1, false, 30);
+        assert_eq!(b.pop_sent(149), None);
+        assert_eq!(
+            b.pop_sent(150),
+            Some(Mark {
+                end: 150,
+                stream: 1,
+                serial: 1,
+                items: 2,
+                bytes: 150
+            })
+        );
+        assert_eq!(b.pop_sent(1000).map(|m| m.stream), Some(3));
+        assert_eq!(b.pop_sent(1000).map(|m| (m.items, m.bytes)), Some((0, 30)));
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn the_budget_pauses_the_largest_holders_first() {
+        let budget = Budget {
+            allowance: 1000,
+            held: 1400,
+            over_since: None,
+        };
+        // Down to 750 means shedding 650: the 500 and the 300.
+        let paused = budget.to_pause(vec![(1, 100), (2, 500), (3, 300), (4, 0), (5, 200)]);
+        assert_eq!(paused, [2, 3]);
+        assert!(budget.is_over());
+        assert!(!budget.has_recovered());
+    }
+}
