@@ -491,6 +491,11 @@ pub fn start(config: BrokerConfig) -> io::Result<BrokerHandle> {
             Err(_) => return Err(fail(&control, io::Error::other("a shard did not start"))),
         }
     }
+    // Checked again now that every shard listens: another broker that
+    // started at the same moment would have passed the first check too.
+    if let Some(e) = resolved.iter().find_map(|a| held_elsewhere(a).err()) {
+        return Err(fail(&control, io::Error::new(io::ErrorKind::AddrInUse, e)));
+    }
     let admin = if config.admin.enabled {
         Some(
             AdminServer::start(config.admin.listen, control.clone())
@@ -517,10 +522,27 @@ fn executor_error(shard: usize, cpu: usize, e: &str) -> io::Error {
     ))
 }
 
-fn bind(listen: &[ListenAddr]) -> Result<(Vec<TcpListener>, Vec<ListenAddr>), String> {
+/// Why `addr` cannot be ours: another process listens there. Our shards
+/// share each address (SO_REUSEPORT), which would let a second broker
+/// share it too, splitting apps between two route tables.
+fn held_elsewhere(addr: &ListenAddr) -> Result<(), String> {
+    let ListenAddr::Tcp(a) = addr;
+    match rsbroker_transports::tcp::other_listeners(*a).first() {
+        None => Ok(()),
+        Some(holder) => Err(format!(
+            "cannot listen on {addr}: {holder} already listens there; a second broker on the \
+             same address would take part of its connections with a route table of its own"
+        )),
+    }
+}
+
+fn bind(listen: &[ListenAddr], first: bool) -> Result<(Vec<TcpListener>, Vec<ListenAddr>), String> {
     let mut listeners = Vec::new();
     let mut addrs = Vec::new();
     for addr in listen {
+        if first {
+            held_elsewhere(addr)?;
+        }
         match addr {
             ListenAddr::Tcp(a) => {
                 let l = rsbroker_transports::tcp::bind(*a)
@@ -554,7 +576,7 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         control,
         ready,
     } = ctx;
-    let (listeners, addrs) = match bind(&listen) {
+    let (listeners, addrs) = match bind(&listen, id == 0) {
         Ok(bound) => bound,
         Err(e) => {
             let _ = ready.send(Err(e.clone()));
