@@ -104,7 +104,7 @@ impl FlowLimits {
     /// Items granted to a producer before the size of its items is known:
     /// enough for small items to flow at once, few enough that large
     /// ones do not overshoot the stream's buffer by much.
-    const FIRST_GRANT: u32 = 16;
+    const FIRST_GRANT: u32 = 8;
 
     /// The item size assumed until one has been seen.
     fn assumed_item_size(&self) -> usize {
@@ -438,6 +438,73 @@ impl ConnFlow {
     }
 }
 
+// ------------------------------------------------------- between shards
+
+/// Frame bytes this shard sent to each other shard that the other has not
+/// yet handled, and the connections here paused for it.
+///
+/// A pause takes effect one pass after the connection that asked for it
+/// filled up, and until then a fast producer goes on being read; when the
+/// producer is on another shard, what it sent meanwhile is in the queue
+/// between the shards. Counting those bytes bounds it: a connection whose
+/// frames go to a shard that has more than `max_pending_bytes` of this
+/// shard's frames still to handle is not read until that shard has
+/// handled half of them. The other connections, and the other shards,
+/// are not held back.
+#[derive(Debug)]
+pub struct MeshFlow {
+    in_flight: Vec<usize>,
+    paused: Vec<Vec<ConnId>>,
+}
+
+impl MeshFlow {
+    /// For `shards` shards.
+    pub fn new(shards: u16) -> Self {
+        Self {
+            in_flight: vec![0; usize::from(shards)],
+            paused: (0..shards).map(|_| Vec::new()).collect(),
+        }
+    }
+
+    /// `bytes` of frames read from `from` went to `shard`. Returns whether
+    /// `from` is to be paused now.
+    pub fn sent(&mut self, shard: u16, bytes: usize, from: ConnId, limit: usize) -> bool {
+        let (Some(n), Some(paused)) = (
+            self.in_flight.get_mut(usize::from(shard)),
+            self.paused.get_mut(usize::from(shard)),
+        ) else {
+            return false;
+        };
+        *n += bytes;
+        if *n <= limit || paused.contains(&from) {
+            return false;
+        }
+        paused.push(from);
+        true
+    }
+
+    /// `shard` handled `bytes` of them. Returns the connections to read
+    /// again, once it is down to half the limit.
+    pub fn acked(&mut self, shard: u16, bytes: usize, limit: usize) -> Vec<ConnId> {
+        let (Some(n), Some(paused)) = (
+            self.in_flight.get_mut(usize::from(shard)),
+            self.paused.get_mut(usize::from(shard)),
+        ) else {
+            return Vec::new();
+        };
+        *n = n.saturating_sub(bytes);
+        if *n > limit / 2 {
+            return Vec::new();
+        }
+        std::mem::take(paused)
+    }
+
+    /// Bytes not yet handled by the other shards, in all.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.iter().sum()
+    }
+}
+
 // ------------------------------------------------------------------- budget
 
 /// A shard's share of the broker-wide memory budget and what it holds.
@@ -520,6 +587,7 @@ mod tests {
         let mut c = StreamCredit::new(1, MAX_REQUEST_N);
         let mut granted = c.first_grant(&l, 1 << 20).n;
         assert_eq!(granted, FlowLimits::FIRST_GRANT);
+        assert_eq!(granted, 8);
         let mut arrived = 0u32;
         loop {
             while arrived < granted {
@@ -545,13 +613,13 @@ mod tests {
         let l = limits();
         let mut c = StreamCredit::new(1, MAX_REQUEST_N);
         let first = c.first_grant(&l, 1 << 20);
-        assert_eq!(first.n, 16, "64 KiB / 16: 4 KiB assumed per item");
+        assert_eq!(first.n, 8, "64 KiB / 8: 8 KiB assumed per item");
         // The items are 16 KiB: four fit the 64 KiB buffer.
-        for _ in 0..16 {
+        for _ in 0..8 {
             c.arrived(16 << 10, true, false);
         }
         assert_eq!(c.grant(&l, 1 << 20), None, "over the buffer already");
-        c.transmitted(16, 256 << 10);
+        c.transmitted(8, 128 << 10);
         assert_eq!(c.grant(&l, 1 << 20).map(|g| g.n), Some(4));
     }
 
@@ -565,10 +633,10 @@ mod tests {
         assert_eq!(c.grant(&l, 1 << 20).map(|g| g.n), Some(3));
         let mut u = StreamCredit::new(2, MAX_REQUEST_N);
         u.first_grant(&l, 1 << 20);
-        for _ in 0..16 {
+        for _ in 0..8 {
             u.arrived(10, true, false);
         }
-        u.transmitted(16, 160);
+        u.transmitted(8, 80);
         assert!(u.grant(&l, 1 << 20).is_some());
         u.ask(7);
         assert_eq!(u.wanted, MAX_REQUEST_N);
@@ -627,6 +695,24 @@ mod tests {
         assert_eq!(b.pop_sent(1000).map(|m| m.stream), Some(3));
         assert_eq!(b.pop_sent(1000).map(|m| (m.items, m.bytes)), Some((0, 30)));
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn a_queue_between_shards_past_its_limit_pauses_its_feeders_until_half() {
+        let id = |slot| ConnId {
+            shard: 0,
+            slot,
+            generation: 1,
+        };
+        let mut m = MeshFlow::new(2);
+        assert!(!m.sent(1, 600, id(1), 1000));
+        assert!(m.sent(1, 600, id(2), 1000), "over the limit: paused");
+        assert!(!m.sent(1, 600, id(2), 1000), "paused once");
+        assert!(m.sent(1, 10, id(1), 1000));
+        assert_eq!(m.acked(1, 1000, 1000), [], "810 left: more than half");
+        assert_eq!(m.acked(1, 400, 1000), [id(2), id(1)]);
+        assert_eq!(m.in_flight(), 410);
+        assert!(!m.sent(0, 10, id(1), 1000) || m.in_flight() > 0);
     }
 
     #[test]

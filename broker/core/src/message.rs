@@ -82,4 +82,30 @@ pub enum Message {
         /// The connection.
         conn: ConnId,
     },
+    /// Shard `from` has handled `bytes` of frames this shard sent it
+    /// (see [`crate::flow::MeshFlow`]).
+    Acked {
+        /// The shard that handled them.
+        from: u16,
+        /// Their bytes, as [`Message::frame_bytes`] counts them.
+        bytes: usize,
+    },
+}
+
+impl Message {
+    /// The bytes of the frame this message carries (0 for none).
+    pub fn frame_bytes(&self) -> usize {
+        match self {
+            Self::Open { frame, .. } => frame.len(),
+            Self::ToResponder {
+                signal: Signal::Frame(f),
+                ..
+            }
+            | Self::ToRequester {
+                signal: Signal::Frame(f),
+                ..
+            } => f.len(),
+            _ => 0,
+        }
+    }
 }

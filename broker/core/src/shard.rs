@@ -25,7 +25,7 @@ use slab::Slab;
 
 use crate::app::{AppEvent, parse_app_event, parse_setup};
 use crate::balance::{BalancerState, Candidate, Failover, Policies, Rng};
-use crate::flow::{Budget, ConnFlow, FRAGMENT_OVERHEAD, FlowLimits, Mark, StreamCredit};
+use crate::flow::{Budget, ConnFlow, FRAGMENT_OVERHEAD, FlowLimits, Mark, MeshFlow, StreamCredit};
 use crate::ids::{ConnId, ShardId, StreamRef};
 use crate::message::{Message, Signal};
 use crate::routes::{RouteChange, RouteTable, RouteUpdate};
@@ -81,6 +81,9 @@ pub struct ShardStats {
     pub frames_in: u64,
     /// Times a connection was paused because a connection it feeds was full.
     pub pauses: u64,
+    /// Times a connection was paused because the shard its frames go to
+    /// had too many of this shard's frames still to handle.
+    pub mesh_pauses: u64,
     /// Times a connection was not read because the shard was over its
     /// memory budget and it held the most.
     pub overload_pauses: u64,
@@ -221,6 +224,8 @@ pub struct Shard {
     /// The runtime stopped reading every connection (its queues to other
     /// shards are too long).
     reading_blocked: bool,
+    /// Frames in flight to each other shard.
+    mesh: MeshFlow,
     /// The broker-wide memory budget as this shard sees it.
     budget: Budget,
     /// Connections paused for the budget, to read again once it recovers.
@@ -249,6 +254,7 @@ impl Shard {
             outbox: (0..shards).map(|_| Vec::new()).collect(),
             wakeups: Vec::new(),
             reading_blocked: false,
+            mesh: MeshFlow::new(shards),
             budget: Budget::default(),
             budget_paused: Vec::new(),
             overfull: Vec::new(),
@@ -796,14 +802,28 @@ impl Shard {
     pub fn handle_messages(
         &mut self,
         now: Instant,
-        _from: ShardId,
+        from: ShardId,
         messages: impl IntoIterator<Item = Message>,
     ) {
         self.now = now;
+        let mut handled = 0;
         for m in messages {
+            handled += m.frame_bytes();
             self.on_message(m);
         }
+        if handled > 0 && from != self.id {
+            let ack = Message::Acked {
+                from: self.id,
+                bytes: handled,
+            };
+            self.send(from, ack);
+        }
         self.finish_pass();
+    }
+
+    /// Frame bytes sent to other shards and not yet handled there.
+    pub fn mesh_in_flight(&self) -> usize {
+        self.mesh.in_flight()
     }
 
     /// Open connections on this shard.
@@ -893,6 +913,19 @@ impl Shard {
             self.local.push_back(message);
         } else if let Some(out) = self.outbox.get_mut(usize::from(to)) {
             out.push(message);
+        }
+    }
+
+    /// [`Shard::send`] for a message with a frame read from connection
+    /// `from`: when it goes to another shard that has too many of this
+    /// shard's frames still to handle, `from` is not read until it has.
+    fn send_frame(&mut self, from: ConnId, to: ShardId, message: Message) {
+        let bytes = message.frame_bytes();
+        self.send(to, message);
+        let limit = self.config.flow.max_pending_bytes;
+        if to != self.id && bytes > 0 && self.mesh.sent(to, bytes, from, limit) {
+            self.stats.mesh_pauses += 1;
+            self.pause(from);
         }
     }
 
@@ -1372,24 +1405,20 @@ impl Shard {
             let Some(frame) = frame else {
                 break;
             };
-            self.send(
-                to.shard,
-                Message::Open {
+            let open = Message::Open {
+                origin,
+                to: *to,
+                frame,
+                credit,
+            };
+            self.send_frame(requester, to.shard, open);
+            for f in &frames {
+                let fragment = Message::ToResponder {
                     origin,
                     to: *to,
-                    frame,
-                    credit,
-                },
-            );
-            for f in &frames {
-                self.send(
-                    to.shard,
-                    Message::ToResponder {
-                        origin,
-                        to: *to,
-                        signal: Signal::Frame(f.clone()),
-                    },
-                );
+                    signal: Signal::Frame(f.clone()),
+                };
+                self.send_frame(requester, to.shard, fragment);
             }
             if !ended {
                 *self.outstanding.entry(*to).or_default() += 1;
@@ -1547,14 +1576,12 @@ impl Shard {
             let targets = up.targets.clone();
             let origin = StreamRef { conn: me, stream };
             for to in targets {
-                self.send(
-                    to.shard,
-                    Message::ToResponder {
-                        origin,
-                        to,
-                        signal: signal.clone(),
-                    },
-                );
+                let message = Message::ToResponder {
+                    origin,
+                    to,
+                    signal: signal.clone(),
+                };
+                self.send_frame(me, to.shard, message);
             }
             self.check_upstream(slot, stream);
             return;
@@ -1568,10 +1595,8 @@ impl Shard {
                 self.top_up(slot, stream);
                 return;
             }
-            self.send(
-                origin.conn.shard,
-                Message::ToRequester { to: origin, signal },
-            );
+            let message = Message::ToRequester { to: origin, signal };
+            self.send_frame(me, origin.conn.shard, message);
             self.check_downstream(slot, stream);
         }
     }
@@ -1823,6 +1848,12 @@ impl Shard {
             Message::Gone { to, code, reason } => self.on_gone(to, code, reason),
             Message::Pause { conn } => self.pause(conn),
             Message::Resume { conn } => self.resume(conn),
+            Message::Acked { from, bytes } => {
+                let limit = self.config.flow.max_pending_bytes;
+                for conn in self.mesh.acked(from, bytes, limit) {
+                    self.resume(conn);
+                }
+            }
         }
     }
 
@@ -1914,15 +1945,13 @@ impl Shard {
                 let mut tried = up.tried;
                 tried.push(instance);
                 *self.outstanding.entry(target).or_default() += 1;
-                self.send(
-                    target.shard,
-                    Message::Open {
-                        origin: to,
-                        to: target,
-                        frame: frame.clone(),
-                        credit: None,
-                    },
-                );
+                let open = Message::Open {
+                    origin: to,
+                    to: target,
+                    frame: frame.clone(),
+                    credit: None,
+                };
+                self.send_frame(requester, target.shard, open);
                 if let Some(c) = self.conns.get_mut(slot) {
                     c.upstream.insert(
                         to.stream,
