@@ -482,6 +482,12 @@ impl Client {
         self.inner.closed.borrow().is_some()
     }
 
+    /// Why the connection closed (the error code and message of the ERROR
+    /// that ended it), once it has.
+    pub fn close_reason(&self) -> Option<String> {
+        self.inner.closed.borrow().clone()
+    }
+
     /// Streams this client has open.
     pub fn open_streams(&self) -> usize {
         self.inner.conn.borrow().stream_count()
@@ -623,7 +629,11 @@ impl Inner {
                 wake(&mut self.push_waker.borrow_mut());
             }
             Event::Closed(e) => {
-                *self.closed.borrow_mut() = Some(format!("{}: {}", e.code, e.message));
+                // The first reason is the real one; the driver's own
+                // closing event after it must not overwrite it.
+                self.closed
+                    .borrow_mut()
+                    .get_or_insert_with(|| format!("{}: {}", e.code, e.message));
                 let mut slots = self.slots.borrow_mut();
                 for slot in slots.values_mut() {
                     if !slot.finished {

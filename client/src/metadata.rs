@@ -25,10 +25,9 @@ pub fn route(tags: &[&str]) -> Bytes {
     Bytes::from(md)
 }
 
-pub(crate) fn setup(
-    app: Option<&AppConfig>,
-    services: &[(String, String, String)],
-) -> Option<Bytes> {
+/// SETUP metadata registering `app` and the `(group, service, version)`
+/// it publishes; `None` for a plain requester.
+pub fn setup(app: Option<&AppConfig>, services: &[(String, String, String)]) -> Option<Bytes> {
     let app = app?;
     let mut md = Vec::new();
     let app_json = serde_json::json!({

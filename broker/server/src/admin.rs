@@ -1,5 +1,6 @@
 //! The admin HTTP server: `/metrics` (Prometheus), `/healthz`, `/readyz`,
-//! `/api/apps`, `/api/services`, `/api/overview`, and a status page at `/`.
+//! `/api/apps`, `/api/services`, `/api/connections`, `/api/overview`, and a
+//! status page at `/`.
 //!
 //! It runs on a thread of its own with a current-thread tokio runtime, so a
 //! slow scrape never stalls a shard. It reads only what the shards publish
@@ -104,6 +105,7 @@ fn router(control: Arc<Control>) -> Router {
         .route("/readyz", get(readyz))
         .route("/api/apps", get(apps))
         .route("/api/services", get(services))
+        .route("/api/connections", get(connections))
         .route("/api/overview", get(overview))
         .route("/api/config", get(config))
         .with_state(control)
@@ -171,6 +173,19 @@ struct InstanceJson {
     power_rating: u32,
     connections: usize,
     services: Vec<String>,
+}
+
+/// One connection, for `/api/connections`: where it is, whose it is, what
+/// the broker holds for it and whether it is read.
+#[derive(Debug, Serialize)]
+struct ConnectionView {
+    shard: u16,
+    id: String,
+    peer: Option<String>,
+    app: Option<String>,
+    instance: Option<String>,
+    pending_bytes: usize,
+    reading: bool,
 }
 
 /// A service, its instances and its counters, for `/api/services`.
@@ -310,6 +325,25 @@ fn overview_of(control: &Control, snaps: &[ShardSnapshot]) -> Overview {
 
 async fn apps(State(control): State<Arc<Control>>) -> Json<Vec<AppView>> {
     Json(app_views(&control.snapshots()))
+}
+
+async fn connections(State(control): State<Arc<Control>>) -> Json<Vec<ConnectionView>> {
+    let views = control
+        .snapshots()
+        .iter()
+        .flat_map(|s| {
+            s.connections.iter().map(|c| ConnectionView {
+                shard: s.shard,
+                id: c.id.to_string(),
+                peer: c.peer.map(|p| p.to_string()),
+                app: c.app.as_ref().map(|(name, _)| name.clone()),
+                instance: c.app.as_ref().map(|(_, uuid)| uuid.clone()),
+                pending_bytes: c.pending_bytes,
+                reading: c.reading,
+            })
+        })
+        .collect();
+    Json(views)
 }
 
 async fn services(State(control): State<Arc<Control>>) -> Json<Vec<ServiceView>> {
@@ -566,6 +600,13 @@ impl Collector for SnapshotCollector {
             "Times a connection over max_pending_bytes paused a connection feeding it unasked.",
             Counter,
             per_shard(&|s| s.stats.pauses),
+        )?;
+        family(
+            e,
+            "rsbroker_mesh_pauses",
+            "Times a connection was not read because the shard its frames go to had more than max_pending_bytes of them still to handle.",
+            Counter,
+            per_shard(&|s| s.stats.mesh_pauses),
         )?;
         family(
             e,

@@ -456,6 +456,13 @@ impl BrokerProcess {
         );
     }
 
+    /// Takes every line logged so far into `seen`, without waiting.
+    pub fn collect_lines(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+    }
+
     /// Sends a signal (`HUP`, `TERM`, ...).
     pub fn signal(&self, name: &str) {
         let status = std::process::Command::new("kill")
