@@ -90,7 +90,7 @@ pub struct FlowLimits {
 impl Default for FlowLimits {
     fn default() -> Self {
         Self {
-            stream_window: 256,
+            stream_window: 4096,
             stream_buffer: 256 << 10,
             max_pending_bytes: 4 << 20,
             max_connection_memory: 64 << 20,
@@ -133,6 +133,8 @@ pub struct StreamCredit {
     reserved: usize,
     /// The size of the last items (0 until one arrived).
     item_size: usize,
+    /// The window for items of that size (0 until one arrived).
+    window: u32,
     /// A fragmented message is arriving, `item_bytes` of it so far; it is
     /// an item (its first frame had N).
     in_message: bool,
@@ -171,6 +173,7 @@ impl StreamCredit {
             queued_bytes: 0,
             reserved: 0,
             item_size: 0,
+            window: 0,
             in_message: false,
             message_is_item: false,
             item_bytes: 0,
@@ -218,6 +221,14 @@ impl StreamCredit {
         }
     }
 
+    /// Items in flight allowed for items of `size` bytes.
+    fn window_for(limits: &FlowLimits, size: usize) -> u32 {
+        limits
+            .stream_window
+            .min(u32::try_from(limits.stream_buffer / size.max(1)).unwrap_or(u32::MAX))
+            .max(1)
+    }
+
     /// The first credit, carried by the request itself: at least 1 (a
     /// REQUEST_STREAM or REQUEST_CHANNEL must grant some), at most what
     /// the consumer asked, [`FlowLimits::FIRST_GRANT`] and the room left.
@@ -243,20 +254,27 @@ impl StreamCredit {
             return None;
         }
         let size = self.size(limits);
-        let window = limits
-            .stream_window
-            .min(u32::try_from(limits.stream_buffer / size).unwrap_or(u32::MAX))
-            .max(1);
+        if self.window == 0 && self.item_size != 0 {
+            self.window = Self::window_for(limits, size);
+        }
+        let window = match self.window {
+            0 => Self::window_for(limits, size),
+            w => w,
+        };
         let in_flight = self.in_flight();
         let free = window.saturating_sub(in_flight).min(self.wanted);
         if free == 0 {
             return None;
         }
+        let batch = (window / 4).max(1);
+        if free < batch && in_flight > 0 && free < self.wanted {
+            // Not a batch's worth yet (most items end here).
+            return None;
+        }
         let fits = u32::try_from(room / size).unwrap_or(u32::MAX);
         let n = free.min(fits);
-        let batch = (window / 4).max(1);
         if n < batch && in_flight > 0 && n < self.wanted {
-            self.starved = fits < free;
+            self.starved = true;
             return None;
         }
         if n == 0 {
@@ -298,8 +316,9 @@ impl StreamCredit {
         }
         self.item_bytes += len;
         self.in_message = follows;
-        if !follows && self.message_is_item {
+        if !follows && self.message_is_item && self.item_bytes.max(1) != self.item_size {
             self.item_size = self.item_bytes.max(1);
+            self.window = 0;
         }
         Arrival {
             released,

@@ -341,14 +341,22 @@ impl Shard {
     /// Connection `slot` has something new to do (frames to write, reading
     /// allowed again, closed): its transport is woken, and what it holds is
     /// counted again.
+    #[inline]
     fn wake(&mut self, slot: usize) {
-        self.account(slot);
-        if let Some(c) = self.conns.get_mut(slot)
-            && !c.woken
-        {
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if !c.woken {
             c.woken = true;
             self.wakeups.push(c.id);
         }
+        Self::count_held(
+            c,
+            &self.config.flow,
+            &mut self.budget,
+            self.now,
+            &mut self.overfull,
+        );
     }
 
     /// Counts what connection `slot` holds now in the shard's total, and
@@ -357,24 +365,54 @@ impl Shard {
         let Some(c) = self.conns.get_mut(slot) else {
             return;
         };
-        let limits = &self.config.flow;
+        Self::count_held(
+            c,
+            &self.config.flow,
+            &mut self.budget,
+            self.now,
+            &mut self.overfull,
+        );
+    }
+
+    #[inline]
+    fn count_held(
+        c: &mut Conn,
+        limits: &FlowLimits,
+        budget: &mut Budget,
+        now: Instant,
+        overfull: &mut Vec<ConnId>,
+    ) {
         let pending = c.proto.pending_bytes();
         let held = c.flow.held(pending);
-        self.budget.account(&mut c.flow, held);
+        if held == c.flow.accounted {
+            // Nothing changed since it was last counted (the common case:
+            // nothing held before, nothing held now).
+            return;
+        }
+        budget.account(&mut c.flow, held);
         if pending > limits.max_pending_bytes {
-            c.flow.over_since.get_or_insert(self.now);
+            c.flow.over_since.get_or_insert(now);
         } else {
             c.flow.over_since = None;
         }
         if held > limits.max_connection_memory && !c.proto.is_closed() {
-            self.overfull.push(c.id);
+            overfull.push(c.id);
         }
     }
 
     /// Ends a pass: messages to this shard are handled, connections over
     /// their memory cap are closed, and the memory budget is checked.
+    #[inline]
     fn finish_pass(&mut self) {
         self.run_local();
+        if !self.overfull.is_empty() || self.budget.is_over() || self.budget.over_since.is_some() {
+            self.enforce_memory_limits();
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn enforce_memory_limits(&mut self) {
         for id in std::mem::take(&mut self.overfull) {
             let Some(c) = self.conn(id) else { continue };
             let held = c.flow.held(c.proto.pending_bytes());
@@ -520,22 +558,31 @@ impl Shard {
     }
 
     /// The next frame to write on `id`.
+    #[inline]
     pub fn poll_transmit(&mut self, id: ConnId) -> Option<OutFrame> {
         let c = self.conn_mut(id)?;
         let frame = c.proto.poll_transmit()?;
         if !c.flow.backlog.is_empty() {
-            // Items of metered streams the transport has now taken: their
-            // streams may be granted more.
-            let (_, sent) = c.proto.transmit_positions();
-            let mut taken: SmallVec<[Mark; 2]> = SmallVec::new();
-            while let Some(mark) = c.flow.backlog.pop_sent(sent) {
-                taken.push(mark);
-            }
-            for mark in taken {
-                self.on_taken(id.slot as usize, mark);
-            }
+            self.taken(id.slot as usize);
         }
         Some(frame)
+    }
+
+    /// Items of metered streams the transport of `slot` has taken: their
+    /// streams may be granted more.
+    #[inline(never)]
+    fn taken(&mut self, slot: usize) {
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        let (_, sent) = c.proto.transmit_positions();
+        while let Some(mark) = self
+            .conns
+            .get_mut(slot)
+            .and_then(|c| c.flow.backlog.pop_sent(sent))
+        {
+            self.on_taken(slot, mark);
+        }
     }
 
     /// Bytes waiting to be written on `id`.
@@ -747,16 +794,35 @@ impl Shard {
     /// The transport wrote some of `id`'s frames: once below half the limit,
     /// the connections it stopped may go on, and its starved streams may
     /// be granted credit.
+    #[inline]
     pub fn written(&mut self, id: ConnId) {
         let slot = id.slot as usize;
-        let limits = self.config.flow;
+        let half = self.config.flow.max_pending_bytes / 2;
         let Some(c) = self.conn_mut(id) else { return };
         let pending = c.proto.pending_bytes();
-        if !c.flow.feeders.is_empty() && pending <= limits.max_pending_bytes / 2 {
+        let release = !c.flow.feeders.is_empty() && pending <= half;
+        if release || c.flow.starved {
+            self.drained(slot, release, pending);
+        }
+        self.account(slot);
+        self.finish_pass();
+    }
+
+    /// Connection `slot` drained (to `pending` bytes): the pauses it made
+    /// end (`release`), and its streams waiting for room get credit.
+    #[inline(never)]
+    fn drained(&mut self, slot: usize, release: bool, pending: usize) {
+        let limits = self.config.flow;
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if release {
             let feeders = std::mem::take(&mut c.flow.feeders);
             self.release_feeders(feeders);
         }
-        let Some(c) = self.conn_mut(id) else { return };
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
         if c.flow.starved && c.flow.room(&limits, pending) > 0 {
             c.flow.starved = false;
             let starved: SmallVec<[u32; 4]> = c
@@ -769,8 +835,6 @@ impl Shard {
                 self.top_up(slot, stream);
             }
         }
-        self.account(slot);
-        self.finish_pass();
     }
 
     /// Connections with something new to do (frames to write, reading
@@ -919,11 +983,15 @@ impl Shard {
     /// [`Shard::send`] for a message with a frame read from connection
     /// `from`: when it goes to another shard that has too many of this
     /// shard's frames still to handle, `from` is not read until it has.
+    #[inline]
     fn send_frame(&mut self, from: ConnId, to: ShardId, message: Message) {
+        if to == self.id {
+            return self.local.push_back(message);
+        }
         let bytes = message.frame_bytes();
         self.send(to, message);
         let limit = self.config.flow.max_pending_bytes;
-        if to != self.id && bytes > 0 && self.mesh.sent(to, bytes, from, limit) {
+        if bytes > 0 && self.mesh.sent(to, bytes, from, limit) {
             self.stats.mesh_pauses += 1;
             self.pause(from);
         }
@@ -1614,7 +1682,14 @@ impl Shard {
         };
         let grant = m.grant(&limits, room);
         c.flow.starved |= m.is_starved();
-        let Some(grant) = grant else {
+        if let Some(grant) = grant {
+            self.send_credit(slot, stream, grant);
+        }
+    }
+
+    /// Passes `grant` on to the producer of stream `stream` of connection `slot`.
+    fn send_credit(&mut self, slot: usize, stream: u32, grant: crate::flow::Grant) {
+        let Some(c) = self.conns.get_mut(slot) else {
             return;
         };
         c.flow.reserved += grant.reserved;
@@ -1634,16 +1709,24 @@ impl Shard {
 
     /// The transport of connection `slot` took the items of `mark`.
     fn on_taken(&mut self, slot: usize, mark: Mark) {
-        let Some(m) = self
-            .conns
-            .get_mut(slot)
-            .and_then(|c| c.meters.get_mut(&mark.stream))
+        let limits = &self.config.flow;
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        let room = c.flow.room(limits, c.proto.pending_bytes());
+        let Some(m) = c
+            .meters
+            .get_mut(&mark.stream)
             .filter(|m| m.serial() == mark.serial)
         else {
             return;
         };
         m.transmitted(mark.items, mark.bytes);
-        self.top_up(slot, mark.stream);
+        let grant = m.grant(limits, room);
+        c.flow.starved |= m.is_starved();
+        if let Some(grant) = grant {
+            self.send_credit(slot, mark.stream, grant);
+        }
     }
 
     /// Drops a requester stream's entry once its state machine says it ended.
@@ -1737,7 +1820,7 @@ impl Shard {
                 .backlog
                 .push(queued, stream, m.serial(), arrival.item, len);
         }
-        if unrequested || continues {
+        if (unrequested || continues) && c.proto.pending_bytes() > max_pending {
             self.note_feeder(slot, from);
         }
         self.wake(slot);
@@ -1881,7 +1964,13 @@ impl Shard {
                         c.meters.insert(stream, StreamCredit::new(serial, 0));
                     }
                 }
-                self.note_feeder(slot, origin.conn);
+                if self
+                    .conns
+                    .get(slot)
+                    .is_some_and(|c| c.proto.pending_bytes() > self.config.flow.max_pending_bytes)
+                {
+                    self.note_feeder(slot, origin.conn);
+                }
                 self.wake(slot);
             }
             Err(reason) => {
