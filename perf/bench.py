@@ -13,9 +13,12 @@ does not depend on how fast loadgen is) and the CPU time every other thread
 on the machine took during the round (what took the CPUs from the run).
 
 usage: perf/bench.py [--rounds N] [--duration S] [--warmup S] [--smoke]
-                     [--out DIR] [scenario ...]
+                     [--baseline BIN] [--systems A,B] [--out DIR] [scenario ...]
 
-  --smoke   every scenario once, for one second: checks that it all runs.
+  --smoke     every scenario once, for one second: checks that it all runs.
+  --baseline  another rsbroker binary, run as system "rsbroker-base" in
+              rounds alternating with this build's (before/after a change).
+  --systems   only these systems (e.g. rsbroker,rsbroker-base).
 Scenarios: see SCENARIOS below; none named means all.
 Results: DIR/<scenario>.json (every round, the medians, the commands),
 DIR/summary.json, DIR/summary.md, DIR/*.hgrm; perf/plot.py draws the PNGs.
@@ -124,6 +127,13 @@ SCENARIOS = {
         systems=["rsbroker", "direct"],
         ops="items",
     ),
+    "rr-stalled-consumer": dict(
+        what="rr-max's request-response traffic, with (rsbroker-stalled) and without a consumer "
+             "that asked the same responder for 2^31-1 items and stopped reading",
+        requester=["--interaction", "rr", "--connections", "4", "--max", "--concurrency", "32"],
+        responder=["--items", "2000000000"],
+        systems=["rsbroker", "rsbroker-stalled"],
+    ),
     "stream-64k": dict(
         what="request-stream 64 KiB items, 4 connections, REQUEST_N 2^31-1",
         requester=["--interaction", "stream", "--connections", "4", "--max", "--concurrency", "1",
@@ -176,11 +186,39 @@ def pinned(cpu, args, env=None):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+BASELINE = None
+
+# A consumer that asks for 2^31-1 items of route "echo" and never reads:
+# it sends SETUP, then a REQUEST_STREAM every 100 ms for 3 s (those sent
+# before the responder registers are refused), then holds its socket.
+STALL = r'''
+import socket, struct, sys, time
+def frame(stream, ftype, flags, body):
+    f = struct.pack(">IH", stream, (ftype << 10) | flags) + body
+    return struct.pack(">I", len(f))[1:] + f
+mime = b"message/x.rsocket.composite-metadata.v0"
+data = b"application/octet-stream"
+setup = frame(0, 1, 0, struct.pack(">HHII", 1, 0, 60000, 600000)
+              + bytes([len(mime)]) + mime + bytes([len(data)]) + data)
+route = bytes([4]) + b"echo"
+md = bytes([0x80 | 0x7E]) + struct.pack(">I", len(route))[1:] + route
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.sendall(setup)
+for i in range(30):
+    body = struct.pack(">I", 2**31 - 1) + struct.pack(">I", len(md))[1:] + md
+    s.sendall(frame(2 * i + 1, 6, 0x100, body))
+    time.sleep(0.1)
+time.sleep(3600)
+'''
+
+
 def start_system(system, tmp):
     """Starts the system under test; returns (process, pid, target args for loadgen)."""
     port = free_port()
-    if system == "rsbroker":
-        cmd = [os.path.join(BIN, "rsbroker"), "--listen", "tcp://127.0.0.1:%d" % port,
+    if system.startswith("rsbroker"):
+        binary = BASELINE if "-base" in system else os.path.join(BIN, "rsbroker")
+        cmd = [binary, "--listen", "tcp://127.0.0.1:%d" % port,
                "--shards", "1", "--no-admin", "--log", "warn"]
         if os.environ.get("RSBROKER_SPIN"):
             # To compare spin settings; the default config is what users get.
@@ -208,6 +246,10 @@ def run_once(name, sc, system, args, rate, tmp):
         return run_pingpong(args, tmp)
     sut, sut_pid, target = start_system(system, tmp)
     responder = None
+    stall = None
+    if system.endswith("-stalled"):
+        port = target[1].rsplit(":", 1)[1]
+        stall = subprocess.Popen(["taskset", "-c", LOAD_CPU, sys.executable, "-c", STALL, port])
     try:
         extra = list(sc.get("responder", []))
         if system == "nats":
@@ -284,6 +326,7 @@ def run_once(name, sc, system, args, rate, tmp):
             hgrm=hgrm,
         )
     finally:
+        stop(stall, signal.SIGKILL)
         stop(responder)
         stop(sut)
 
@@ -365,7 +408,12 @@ def main():
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "perf", "results"))
+    ap.add_argument("--baseline")
+    ap.add_argument("--systems")
     args = ap.parse_args()
+    global BASELINE
+    BASELINE = args.baseline and os.path.abspath(args.baseline)
+    only = args.systems.split(",") if args.systems else None
     # rsbroker and loadgen keep transparent huge pages off their heaps even
     # where the host's setting is "always" (see systemd/rsbroker.service).
     os.environ.setdefault("MIMALLOC_ALLOW_THP", "0")
@@ -398,8 +446,15 @@ def main():
         for name in names:
             sc = SCENARIOS[name]
             entry = dict(what=sc["what"], systems={})
+            systems = list(sc["systems"])
+            if BASELINE:
+                for s in [s for s in systems if s.startswith("rsbroker")]:
+                    base = s.replace("rsbroker", "rsbroker-base", 1)
+                    systems.insert(systems.index(s) + 1, base)
+            if only:
+                systems = [s for s in systems if s in only]
             rates = {}
-            for system in sc["systems"]:
+            for system in systems:
                 rates[system] = None
                 if sc.get("rate_of"):
                     base, frac = sc["rate_of"]
@@ -407,15 +462,15 @@ def main():
             # Rounds alternate between the systems (A B C A B C ...): this
             # VM's speed drifts by several percent over minutes, and a ratio
             # between systems measured minutes apart would carry that drift.
-            all_rounds = {system: [] for system in sc["systems"]}
+            all_rounds = {system: [] for system in systems}
             for i in range(args.rounds):
-                for system in sc["systems"]:
+                for system in systems:
                     before = other_threads_cpu()
                     r = run_once(name, sc, system, args, rates[system], tmp)
                     r["others_cpu_ms"], r["others_top"] = interference(before, other_threads_cpu())
                     all_rounds[system].append(r)
                     print("%-18s %-12s round %d: %s" % (name, system, i + 1, brief(r)), flush=True)
-            for system in sc["systems"]:
+            for system in systems:
                 rate, rounds = rates[system], all_rounds[system]
                 # Closed loops: the median by throughput. Open loops send at
                 # the same rate every round, so the median is by p99 latency

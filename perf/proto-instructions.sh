@@ -12,7 +12,7 @@ count() { # path iterations -> total instructions
         awk '/Collected :/ {print $4}'
 }
 printf '%-22s %s\n' path instructions/iteration
-for path in view decode_and_route route_key receive_and_forward; do
+for path in view decode_and_route route_key receive_and_forward shard_rr shard_stream_item shard_stream_16; do
     # Two runs cancel out start-up and set-up costs.
     a=$(count "$path" "$n")
     b=$(count "$path" $((2 * n)))

@@ -3,18 +3,24 @@
 //! wall-clock time on a shared VM is not.
 //!
 //! `hotpath <path> <iterations>`; paths: `view`, `decode_and_route`,
-//! `route_key`, `receive_and_forward`.
+//! `route_key`, `receive_and_forward`, and through a whole shard (its
+//! routing, stream maps and flow control): `shard_rr` (a request-response
+//! from a requester connection to a responder connection and back) and
+//! `shard_stream_item` (one item of a stream with 2^31-1 credit, read and
+//! written one at a time) and `shard_stream_16` (16 such items read, then
+//! written, as one pass of the runtime takes them).
 
 use std::hint::black_box;
 use std::time::Instant;
 
 use bytes::Bytes;
 use rsbroker_benches::{payload_frame, request_response_64};
+use rsbroker_core::{ConnId, Shard, ShardConfig};
 use rsocket_proto::conn::{Config, Connection, Event, RequestKind, SetupPayload};
 use rsocket_proto::frame::{
     Frame, FrameView, MAX_REQUEST_N, RequestChannel, RequestN, Setup, VERSION,
 };
-use rsocket_proto::metadata::{RequestMetadata, Route};
+use rsocket_proto::metadata::{MimeType, RequestMetadata, Route, WellKnownMime, put_entry};
 
 fn forwarding_pair() -> (Connection, Connection, u32) {
     let now = Instant::now();
@@ -66,6 +72,56 @@ fn forwarding_pair() -> (Connection, Connection, u32) {
     (inbound, outbound, id)
 }
 
+/// A shard with a responder of `com.example.Echo` and a requester, both set up.
+fn shard_pair() -> (Shard, ConnId, ConnId) {
+    let now = Instant::now();
+    let mut shard = Shard::new(ShardConfig::new(0, 1), now);
+    let setup = |metadata: Option<Bytes>| {
+        Frame::from(Setup {
+            version: VERSION,
+            keepalive_interval: 60_000,
+            max_lifetime: 600_000,
+            resume_token: None,
+            lease: false,
+            metadata_mime: Bytes::from_static(b"message/x.rsocket.composite-metadata.v0"),
+            data_mime: Bytes::new(),
+            metadata,
+            data: Bytes::new(),
+        })
+        .to_bytes()
+    };
+    let mut app = Vec::new();
+    put_entry(
+        &mut app,
+        MimeType::WellKnown(WellKnownMime::APPLICATION),
+        br#"{"name":"echo","uuid":"echo-1","ip":"127.0.0.1"}"#,
+    )
+    .expect("entry");
+    put_entry(
+        &mut app,
+        MimeType::WellKnown(WellKnownMime::SERVICE_REGISTRY),
+        br#"{"published":[{"group":"","service":"com.example.Echo","version":""}]}"#,
+    )
+    .expect("entry");
+    let responder = shard.open(now);
+    shard.handle_frame(now, responder, setup(Some(Bytes::from(app))));
+    let requester = shard.open(now);
+    shard.handle_frame(now, requester, setup(None));
+    for c in [responder, requester] {
+        while shard.poll_transmit(c).is_some() {}
+        shard.written(c);
+    }
+    shard.take_wakeups();
+    (shard, responder, requester)
+}
+
+/// `frame` with its stream id replaced.
+fn on_stream(frame: &Bytes, stream_id: u32) -> Bytes {
+    let mut b = bytes::BytesMut::from(&frame[..]);
+    b[..4].copy_from_slice(&stream_id.to_be_bytes());
+    b.freeze()
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let path = args.next().unwrap_or_else(|| "decode_and_route".into());
@@ -75,6 +131,37 @@ fn main() {
     let key = b"group!com.example.Echo.hello:1.0.0";
     let (mut inbound, mut outbound, out_id) = forwarding_pair();
     let now = Instant::now();
+    let (mut shard, responder, requester) = shard_pair();
+    let answer = payload_frame(64);
+    let complete_answer = {
+        let mut b = bytes::BytesMut::from(&answer[..]);
+        b[5] |= 0x40; // C
+        b.freeze()
+    };
+    let mut stream_id = 1u32;
+    let mut item_stream = 0u32;
+    if path.starts_with("shard_stream") {
+        let request = rsocket_proto::frame::RequestStream {
+            stream_id: 1,
+            follows: false,
+            initial_n: MAX_REQUEST_N,
+            metadata: Some(rsbroker_benches::composite("com.example.Echo.items", None)),
+            data: Bytes::new(),
+        };
+        shard.handle_frame(now, requester, Frame::from(request).to_bytes());
+        let f = shard.poll_transmit(responder).expect("the request");
+        item_stream = u32::from_be_bytes(f.head()[..4].try_into().expect("4 bytes"));
+        shard.written(responder);
+        // The first items, one at a time, so that the broker has passed on
+        // a full window of credit (a responder sends only what it is granted).
+        for _ in 0..8 {
+            shard.handle_frame(now, responder, on_stream(&answer, item_stream));
+            while shard.poll_transmit(requester).is_some() {}
+            shard.written(requester);
+        }
+        while shard.poll_transmit(responder).is_some() {}
+        shard.written(responder);
+    }
     let mut acc = 0usize;
     for _ in 0..n {
         acc += match path.as_str() {
@@ -93,6 +180,47 @@ fn main() {
                 };
                 outbound.forward(out_id, &frame).expect("forward");
                 outbound.poll_transmit().map_or(0, |f| f.len())
+            }
+            "shard_rr" => {
+                stream_id = if stream_id > 1 << 30 {
+                    1
+                } else {
+                    stream_id + 2
+                };
+                shard.handle_frame(now, requester, on_stream(&rr, stream_id));
+                let Some(f) = shard.poll_transmit(responder) else {
+                    let e = shard.poll_transmit(requester).map(|f| f.to_bytes());
+                    panic!("no request at the responder; the requester got {e:?}")
+                };
+                let id = u32::from_be_bytes(f.head()[..4].try_into().expect("4 bytes"));
+                shard.written(responder);
+                shard.handle_frame(now, responder, on_stream(&complete_answer, id));
+                let out = shard.poll_transmit(requester).map_or(0, |f| f.len());
+                shard.written(requester);
+                shard.take_wakeups().len() + out
+            }
+            "shard_stream_16" => {
+                for _ in 0..16 {
+                    shard.handle_frame(now, responder, on_stream(&answer, item_stream));
+                }
+                let mut out = 0;
+                while let Some(f) = shard.poll_transmit(requester) {
+                    out += f.len();
+                }
+                assert_eq!(out, 16 * 64, "every item went through");
+                shard.written(requester);
+                while shard.poll_transmit(responder).is_some() {}
+                shard.written(responder);
+                shard.take_wakeups().len() + out
+            }
+            "shard_stream_item" => {
+                shard.handle_frame(now, responder, on_stream(&answer, item_stream));
+                let out = shard.poll_transmit(requester).map_or(0, |f| f.len());
+                shard.written(requester);
+                // Credit the broker passes on, now and then.
+                while shard.poll_transmit(responder).is_some() {}
+                shard.written(responder);
+                shard.take_wakeups().len() + out
             }
             other => panic!("unknown path {other}"),
         };
