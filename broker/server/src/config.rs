@@ -168,7 +168,7 @@ impl Default for Limits {
             max_streams_per_connection: 65_536,
             max_connections: 100_000,
             max_pending_bytes: Size(4 << 20),
-            stream_window: 256,
+            stream_window: 4096,
             stream_buffer: Size(256 << 10),
             max_connection_memory: Size(64 << 20),
             max_buffered_bytes: Size(1 << 30),
