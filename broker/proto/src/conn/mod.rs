@@ -657,36 +657,36 @@ impl Connection {
                     );
                     return;
                 }
-                if self.state == State::Established
-                    && let Some(due) = self.next_liveness
-                    && now >= due
-                {
-                    // Not an answer to anything: a KEEPALIVE without R, so
-                    // the peer needs to send nothing back.
-                    let position = self.resume.as_ref().map_or(0, |r| r.received_position);
-                    let frame = Keepalive {
-                        respond: false,
-                        last_received_position: position,
-                        data: Bytes::new(),
-                    };
-                    self.push_control(OutFrame::from_owned(frame));
-                    self.next_liveness = Some(now + self.keepalive_interval);
-                }
-                if self.state == State::Established
-                    && let Some(due) = self.next_keepalive
-                    && now >= due
-                {
-                    let position = self.resume.as_ref().map_or(0, |r| r.received_position);
-                    let frame = Keepalive {
-                        respond: true,
-                        last_received_position: position,
-                        data: Bytes::new(),
-                    };
-                    self.push_control(OutFrame::from_owned(frame));
-                    self.next_keepalive = Some(now + self.keepalive_interval);
-                }
+                // Telling a peer that is not read that this side is alive
+                // asks for nothing back (no R); the client's own asks for
+                // an echo.
+                self.next_liveness = self.keepalive_if_due(self.next_liveness, now, false);
+                self.next_keepalive = self.keepalive_if_due(self.next_keepalive, now, true);
             }
             State::Disconnected | State::Closed => {}
+        }
+    }
+
+    /// Sends a KEEPALIVE (with R if `respond`) once `due` has come, on an
+    /// established connection; returns when the next one is due.
+    fn keepalive_if_due(
+        &mut self,
+        due: Option<Instant>,
+        now: Instant,
+        respond: bool,
+    ) -> Option<Instant> {
+        match due {
+            Some(t) if now >= t && self.state == State::Established => {
+                let position = self.resume.as_ref().map_or(0, |r| r.received_position);
+                let frame = Keepalive {
+                    respond,
+                    last_received_position: position,
+                    data: Bytes::new(),
+                };
+                self.push_control(OutFrame::from_owned(frame));
+                Some(now + self.keepalive_interval)
+            }
+            other => other,
         }
     }
 
