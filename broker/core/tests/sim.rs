@@ -1273,3 +1273,47 @@ fn a_shard_that_is_behind_pauses_only_the_connections_feeding_it() {
     assert_eq!(sim.apps[sink].fnf, 80);
     sim.assert_clean();
 }
+
+/// Answers pile up for a requester that sends requests and never reads
+/// (answers were asked for: nobody is paused for them). Past
+/// max_connection_memory the broker closes it with CONNECTION_ERROR,
+/// dropping what it held; the responder goes on.
+#[test]
+fn a_connection_over_its_memory_cap_is_closed() {
+    let mut sim = Sim::new(1, 28, Policies::default());
+    let mut config = sim.shards[0].config().clone();
+    config.flow.max_connection_memory = 1 << 20;
+    sim.shards[0].set_config(config);
+    let echo = sim.connect(0, "echo", &["echo"], 0);
+    let greedy = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    sim.apps[greedy].reading = false;
+    let conn = sim.apps[greedy].broker;
+    for _ in 0..40 {
+        sim.request(
+            greedy,
+            RequestKind::RequestResponse,
+            &["echo"],
+            &"g".repeat(64 << 10),
+        );
+        sim.run(1_000_000);
+        if sim.shards[0].is_closed(conn) {
+            break;
+        }
+    }
+    assert!(sim.shards[0].is_closed(conn), "closed past its cap");
+    assert_eq!(sim.shards[0].stats().closed_over_limit, 1);
+    let mut frames = Vec::new();
+    while let Some(f) = sim.shards[0].poll_transmit(conn) {
+        frames.push(rsocket_proto::FrameView::parse(f.to_bytes()).unwrap());
+    }
+    assert_eq!(
+        frames.len(),
+        1,
+        "what it held was dropped: only the ERROR is left"
+    );
+    assert_eq!(frames[0].error_code(), Some(ErrorCode::CONNECTION_ERROR));
+    assert!(String::from_utf8_lossy(frames[0].data_slice()).contains("max_connection_memory"));
+    assert!(sim.apps[echo].alive);
+    assert!(sim.shards[0].held_bytes() < 64 << 10);
+}
