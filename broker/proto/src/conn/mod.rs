@@ -1492,16 +1492,21 @@ impl Connection {
         if self.state != State::Established || self.close_when_idle {
             return;
         }
+        self.announce_close(message.into());
+        self.close_when_idle = true;
+        self.close_if_idle(Initiator::Local);
+    }
+
+    /// Sends ERROR[CONNECTION_CLOSE]; no new streams from the peer from now on.
+    fn announce_close(&mut self, message: String) {
         let error = ErrorFrame {
             stream_id: 0,
             code: ErrorCode::CONNECTION_CLOSE,
-            data: Bytes::from(message.into()),
+            data: Bytes::from(message),
         };
         self.push_control(OutFrame::from_owned(error));
         self.draining = true;
-        self.close_when_idle = true;
         self.close_initiator = Initiator::Local;
-        self.close_if_idle(Initiator::Local);
     }
 
     /// Sends ERROR[CONNECTION_CLOSE] and closes after `linger`, whatever
@@ -1517,16 +1522,13 @@ impl Connection {
         if self.linger_until.is_some() {
             return;
         }
-        if !self.close_when_idle {
-            let error = ErrorFrame {
-                stream_id: 0,
-                code: ErrorCode::CONNECTION_CLOSE,
-                data: Bytes::from(message.into()),
-            };
-            self.push_control(OutFrame::from_owned(error));
+        if self.close_when_idle {
+            // ERROR[CONNECTION_CLOSE] went one way or the other already.
+            self.draining = true;
+            self.close_initiator = Initiator::Local;
+        } else {
+            self.announce_close(message.into());
         }
-        self.draining = true;
-        self.close_initiator = Initiator::Local;
         self.linger_until = Some(now + linger);
     }
 
