@@ -1165,7 +1165,7 @@ impl Shard {
             }
             c.upstream.remove(&stream);
             if let Some(p) = c.pending.remove(&stream) {
-                c.flow.unrouted -= p.held;
+                c.flow.unrouted = c.flow.unrouted.saturating_sub(p.held);
             }
         }
         self.wake(slot);
@@ -1264,7 +1264,7 @@ impl Shard {
         let Some(p) = c.pending.remove(&stream) else {
             return;
         };
-        c.flow.unrouted -= p.held;
+        c.flow.unrouted = c.flow.unrouted.saturating_sub(p.held);
         let interaction = match p.frames.first().map(FrameView::frame_type) {
             Some(FrameType::RequestResponse) => Interaction::RequestResponse,
             Some(FrameType::RequestFnf) => Interaction::FireAndForget,
@@ -1626,7 +1626,7 @@ impl Shard {
                 _ => {
                     // Cancelled (or errored) before it could be routed.
                     if let Some(p) = c.pending.remove(&stream) {
-                        c.flow.unrouted -= p.held;
+                        c.flow.unrouted = c.flow.unrouted.saturating_sub(p.held);
                     }
                     return self.wake(slot);
                 }
