@@ -255,6 +255,15 @@ impl Fault {
         self.assert_alive();
     }
 
+    /// Waits until an app named `name` is connected.
+    pub fn wait_for_app(&self, name: &str) {
+        self.eventually(&format!("{name} registered"), Duration::from_secs(5), |f| {
+            f.connections()
+                .iter()
+                .any(|c| c.app.as_deref() == Some(name))
+        });
+    }
+
     /// Waits until `f` holds, polling.
     pub fn eventually(&self, what: &str, within: Duration, mut f: impl FnMut(&Self) -> bool) {
         let deadline = Instant::now() + within;

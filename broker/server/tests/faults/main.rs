@@ -457,11 +457,7 @@ fn fragment_bombs() {
     // A responder that registers and never reads.
     let mut sink = Raw::connect(f.broker.addr);
     sink.setup_app("sink", "sink", 60_000, 120_000);
-    f.eventually("the sink registered", 5 * SECOND, |f| {
-        f.connections()
-            .iter()
-            .any(|c| c.app.as_deref() == Some("sink"))
-    });
+    f.wait_for_app("sink");
     let mut a = Raw::connect(f.broker.addr);
     a.s.set_write_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -648,11 +644,7 @@ fn responder_killed_and_frozen_mid_stream() {
     killed.setup_app("killed", "killed", 60_000, 120_000);
     let mut a = Raw::connect(f.broker.addr);
     a.setup(60_000, 120_000);
-    f.eventually("the responder registered", 5 * SECOND, |f| {
-        f.connections()
-            .iter()
-            .any(|c| c.app.as_deref() == Some("killed"))
-    });
+    f.wait_for_app("killed");
     a.send(stream(1, "killed", 10)).unwrap();
     killed.until(5 * SECOND, "the request", |fr| {
         fr.frame_type() == FrameType::RequestStream
@@ -663,11 +655,7 @@ fn responder_killed_and_frozen_mid_stream() {
     // lifetime (1 s) runs out.
     let mut frozen = Raw::connect(f.broker.addr);
     frozen.setup_app("frozen", "frozen", 500, 1000);
-    f.eventually("the responder registered", 5 * SECOND, |f| {
-        f.connections()
-            .iter()
-            .any(|c| c.app.as_deref() == Some("frozen"))
-    });
+    f.wait_for_app("frozen");
     a.send(stream(3, "frozen", 10)).unwrap();
     a.expect_error(5 * SECOND, 3, ErrorCode::CANCELED);
     f.assert_traffic_unharmed("responders gone mid-stream");
