@@ -11,6 +11,11 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
+use std::time::Instant;
+
+use super::{Connection, Event, Role, State};
+use crate::error::{ConnectionError, ErrorCode, SendError};
+use crate::frame::{FrameType, FrameView, Resume, ResumeOk, VERSION};
 use crate::out::OutFrame;
 
 /// Sent frames kept for retransmission, and both implied positions.
@@ -90,5 +95,159 @@ impl ResumeState {
     pub(crate) fn frames_from(&mut self, position: u64) -> Vec<OutFrame> {
         self.acknowledge(position);
         self.frames.iter().map(|(_, f)| f.clone()).collect()
+    }
+}
+
+// The session on a connection.
+impl Connection {
+    pub(super) fn on_resume_offer(&mut self, view: FrameView) {
+        // "MUST send an ERROR[REJECTED_RESUME] frame if the server does not support resuming operation."
+        if self.config.resume_buffer == 0 {
+            return self.fail(
+                ErrorCode::REJECTED_RESUME,
+                "resume is not supported by this server",
+            );
+        }
+        match Resume::from_view(&view) {
+            Ok(resume) => {
+                self.state = State::ResumeOffered;
+                self.events
+                    .push_back(Event::ResumeRequested(Box::new(resume)));
+            }
+            Err(e) => self.fail(ErrorCode::INVALID_SETUP, format!("malformed RESUME: {e}")),
+        }
+    }
+
+    pub(super) fn on_resume_reply(&mut self, view: FrameView) {
+        match view.frame_type() {
+            FrameType::ResumeOk => {
+                let Ok(ok) = ResumeOk::from_view(&view) else {
+                    return self.fail(ErrorCode::CONNECTION_ERROR, "malformed RESUME_OK");
+                };
+                let position = ok.last_received_client_position;
+                let Some(r) = self.resume.as_mut() else {
+                    return self.ignore();
+                };
+                if !r.can_resume_from(position) {
+                    return self.fail(
+                        ErrorCode::CONNECTION_ERROR,
+                        format!(
+                            "cannot resume: frames from position {position} are no longer buffered"
+                        ),
+                    );
+                }
+                let frames = r.frames_from(position);
+                self.state = State::Established;
+                self.next_keepalive = Some(self.now + self.keepalive_interval);
+                for f in frames {
+                    self.transmit(f);
+                }
+                self.events.push_back(Event::Resumed);
+            }
+            FrameType::Error if view.stream_id() == 0 => {
+                let error = self.remote_error(&view);
+                self.close_remote(error);
+            }
+            _ => self.ignore(),
+        }
+    }
+
+    /// Server: refuses a RESUME (after [`Event::ResumeRequested`]) with REJECTED_RESUME, and closes.
+    pub fn reject_resume(&mut self, message: impl Into<String>) {
+        self.refuse_establishment(ErrorCode::REJECTED_RESUME, message.into());
+    }
+
+    /// Server: continues this (disconnected) session on the transport that
+    /// offered `resume`. On success RESUME_OK and the frames the client
+    /// missed are queued; on failure nothing changes and the error says why
+    /// (refuse the offer with [`Connection::reject_resume`]).
+    pub fn resume_session(&mut self, resume: &Resume, now: Instant) -> Result<(), ConnectionError> {
+        let refuse = |m: String| Err(ConnectionError::local(ErrorCode::REJECTED_RESUME, m));
+        if resume.version != VERSION {
+            return refuse(format!(
+                "protocol version {}.{} is not supported",
+                resume.version.major, resume.version.minor
+            ));
+        }
+        if !matches!(self.state, State::Disconnected | State::Established) {
+            return refuse("the session is not resumable".into());
+        }
+        let Some(r) = self.resume.as_mut() else {
+            return refuse("the session was not set up for resumption".into());
+        };
+        if r.token != resume.token {
+            return refuse("unknown resume token".into());
+        }
+        if resume.first_available_client_position > r.received_position {
+            return refuse(format!(
+                "the client no longer has frames from position {} on",
+                r.received_position
+            ));
+        }
+        if !r.can_resume_from(resume.last_received_server_position) {
+            return refuse(format!(
+                "frames from position {} are no longer buffered",
+                resume.last_received_server_position
+            ));
+        }
+        let ok = ResumeOk {
+            last_received_client_position: r.received_position,
+        };
+        let frames = r.frames_from(resume.last_received_server_position);
+        self.clear_out();
+        self.state = State::Established;
+        self.now = now;
+        self.last_received = now;
+        self.push_control(OutFrame::from_owned(ok));
+        for f in frames {
+            self.transmit(f);
+        }
+        Ok(())
+    }
+
+    /// The transport is gone. With resume enabled the session is kept
+    /// (returns true) until [`Connection::resume`] (client) or
+    /// [`Connection::resume_session`] (server); otherwise the connection closes.
+    pub fn transport_lost(&mut self) -> bool {
+        if self.state == State::Closed {
+            return false;
+        }
+        self.clear_out();
+        if self.resume.is_some()
+            && matches!(self.state, State::Established | State::AwaitingResumeOk)
+        {
+            self.state = State::Disconnected;
+            return true;
+        }
+        self.state = State::Closed;
+        self.events.push_back(Event::Closed(ConnectionError::local(
+            ErrorCode::CONNECTION_ERROR,
+            "the transport closed",
+        )));
+        false
+    }
+
+    /// Client: starts resuming a disconnected session on a new transport by
+    /// queueing RESUME.
+    pub fn resume(&mut self, now: Instant) -> Result<(), SendError> {
+        if self.role != Role::Client || self.state != State::Disconnected {
+            return Err(SendError::InvalidArgument(
+                "only a disconnected client session can resume",
+            ));
+        }
+        let Some(r) = self.resume.as_ref() else {
+            return Err(SendError::InvalidArgument("resume is not enabled"));
+        };
+        let frame = Resume {
+            version: VERSION,
+            token: r.token.clone(),
+            last_received_server_position: r.received_position,
+            first_available_client_position: r.first_available(),
+        };
+        self.now = now;
+        self.last_received = now;
+        self.state = State::AwaitingResumeOk;
+        self.push_control(OutFrame::from_owned(frame));
+        Ok(())
     }
 }

@@ -3,7 +3,7 @@
 //! credit each way, and fragmented messages in progress.
 
 use crate::fragment::Reassembly;
-use crate::frame::MAX_REQUEST_N;
+use crate::frame::{FrameType, MAX_REQUEST_N};
 
 /// The interaction model of a stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -16,6 +16,20 @@ pub enum Interaction {
     Stream,
     /// REQUEST_CHANNEL
     Channel,
+}
+
+impl Interaction {
+    /// The interaction a request frame of type `t` opens; `None` for frames
+    /// that are not requests.
+    pub fn of_request(t: FrameType) -> Option<Self> {
+        Some(match t {
+            FrameType::RequestResponse => Self::RequestResponse,
+            FrameType::RequestFnf => Self::FireAndForget,
+            FrameType::RequestStream => Self::Stream,
+            FrameType::RequestChannel => Self::Channel,
+            _ => return None,
+        })
+    }
 }
 
 /// REQUEST_N credit. Credits add up and saturate at 2^31-1, which then
