@@ -50,7 +50,7 @@ use rustc_hash::FxHashMap;
 
 use self::lease::LeaseWindow;
 use self::resume::ResumeState;
-use self::stream::{InboundPartial, Stream};
+use self::stream::{ReassemblyLimits, Stream};
 use crate::error::Initiator;
 use crate::frame::MAX_STREAM_ID;
 use crate::out::OutFrame;
@@ -234,14 +234,37 @@ impl Connection {
 
     pub(super) fn remove_stream(&mut self, id: u32) -> Option<Stream> {
         let stream = self.streams.remove(&id)?;
-        self.reassembly_bytes -= stream
-            .inbound_partial
-            .as_ref()
-            .map_or(0, InboundPartial::buffered);
+        self.reassembly_bytes = self.reassembly_bytes.saturating_sub(stream.buffered());
         if !stream.local_requester {
             self.inbound_streams -= 1;
         }
         Some(stream)
+    }
+
+    /// Applies `f` to stream `id` (`None` if it is not open), keeping the
+    /// connection's reassembly total in step with what the stream holds.
+    pub(super) fn with_stream<R>(
+        &mut self,
+        id: u32,
+        f: impl FnOnce(&mut Stream) -> R,
+    ) -> Option<R> {
+        let stream = self.streams.get_mut(&id)?;
+        let before = stream.buffered();
+        let r = f(stream);
+        let after = stream.buffered();
+        self.reassembly_bytes = self.reassembly_bytes.saturating_sub(before) + after;
+        Some(r)
+    }
+
+    /// What one more fragment may hold, when this side reassembles.
+    pub(super) fn reassembly_limits(&self) -> Option<ReassemblyLimits> {
+        self.config.reassemble.then(|| ReassemblyLimits {
+            max_message: self.config.max_reassembled_size,
+            room: self
+                .config
+                .max_reassembly_memory
+                .saturating_sub(self.reassembly_bytes),
+        })
     }
 
     pub(super) fn end_stream(&mut self, id: u32) {

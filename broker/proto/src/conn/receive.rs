@@ -6,10 +6,9 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::lease::LeaseWindow;
-use super::stream::{InboundPartial, MessageRole, Stream};
+use super::stream::{Continued, InboundPartial, MessageRole, Stream};
 use super::{Connection, Event, Interaction, Role, State};
 use crate::error::{DecodeError, ErrorCode, Initiator, StreamError};
-use crate::fragment::Reassembly;
 use crate::frame::{Cancel, ErrorFrame, Flags, FrameType, FrameView, Header};
 use crate::out::OutFrame;
 
@@ -269,13 +268,15 @@ impl Connection {
         if matches!(interaction, Interaction::Stream | Interaction::Channel) && initial_n == 0 {
             return self.refuse(id, ErrorCode::INVALID, "initial request n must be > 0");
         }
-        if self.config.reassemble
-            && view.follows()
-            && self.reassembly_bytes + view.payload_len() > self.config.max_reassembly_memory
-        {
-            let msg = "too many fragmented messages in progress on this connection";
-            return self.refuse(id, ErrorCode::REJECTED, msg);
-        }
+        let partial = if view.follows() {
+            let limits = self.reassembly_limits();
+            match InboundPartial::start(MessageRole::Request, &view, view.complete(), limits) {
+                Ok(p) => Some(p),
+                Err((code, msg)) => return self.refuse(id, code, msg),
+            }
+        } else {
+            None
+        };
         // "A Responder that receives a REQUEST that it can not honor due to LEASE restrictions
         // MUST respond with an ERROR[REJECTED]."
         if self.lease_enabled && !LeaseWindow::take(&mut self.granted_lease, self.now) {
@@ -286,24 +287,9 @@ impl Connection {
             );
         }
         let mut stream = Stream::accepted(interaction, initial_n);
-        if view.follows() {
-            let reassembly = if self.config.reassemble {
-                match Reassembly::start(&view, self.config.max_reassembled_size) {
-                    Ok(r) => Some(r),
-                    Err(e) => return self.refuse(id, ErrorCode::REJECTED, e.to_string()),
-                }
-            } else {
-                None
-            };
-            let partial = InboundPartial {
-                role: MessageRole::Request,
-                complete: view.complete(),
-                len: view.payload_len(),
-                data_started: !view.data_slice().is_empty(),
-                reassembly,
-            };
+        if let Some(partial) = partial {
             self.reassembly_bytes += partial.buffered();
-            stream.inbound_partial = Some(partial);
+            stream.begin_inbound(partial);
             self.streams.insert(id, stream);
             self.inbound_streams += 1;
             if !self.config.reassemble {
@@ -332,117 +318,27 @@ impl Connection {
 
     pub(super) fn on_payload(&mut self, view: FrameView) {
         let id = view.stream_id();
-        let max = self.config.max_reassembled_size;
+        let limits = self.reassembly_limits();
         // "Receiving a PAYLOAD on an unknown Stream ID (including 0) MUST be ignored."
         let Some(stream) = self.streams.get_mut(&id) else {
             return self.ignore();
         };
-        if let Some(partial) = stream.inbound_partial.as_mut() {
-            // A follow-up fragment of a message in progress.
-            let added = view.payload_len();
-            let reassembling = partial.reassembly.is_some();
-            if reassembling {
-                if partial.len + added > max {
-                    let msg =
-                        format!("fragmented message exceeds the reassembly limit of {max} bytes");
-                    return self.stream_error(id, ErrorCode::REJECTED, msg);
-                }
-                if self.reassembly_bytes + added > self.config.max_reassembly_memory {
-                    let msg = "too many fragmented messages in progress on this connection";
-                    return self.stream_error(id, ErrorCode::REJECTED, msg);
-                }
-            } else if partial.data_started && view.metadata_slice().is_some_and(|m| !m.is_empty()) {
-                // "When fragmented, the Metadata MUST be transmitted completely before the Data."
-                let msg = "fragment carries metadata after data";
-                return self.stream_error(id, ErrorCode::INVALID, msg);
-            }
-            partial.len += added;
-            partial.data_started |= !view.data_slice().is_empty();
-            partial.complete |= view.complete();
-            if reassembling {
-                self.reassembly_bytes += added;
-            }
-            let whole = match partial.reassembly.as_mut().map(|r| r.push(&view)) {
-                Some(Err(e)) => return self.stream_error(id, ErrorCode::INVALID, e.to_string()),
-                Some(Ok(whole)) => whole,
-                None => None,
-            };
-            let mut role = None;
-            if !view.follows()
-                && let Some(p) = stream.inbound_partial.take()
-            {
-                self.reassembly_bytes -= p.buffered();
-                match p.role {
-                    MessageRole::Request => stream.request_done(p.complete),
-                    MessageRole::Item => stream.item_received(p.complete),
-                }
-                role = Some(p.role);
-            }
-            let ended = stream.is_done();
-            let interaction = stream.interaction;
-            let event = match (whole, role) {
-                (Some(frame), Some(MessageRole::Request)) => Some(Event::Request {
-                    stream_id: id,
-                    interaction,
-                    frame,
-                    ended,
-                }),
-                (Some(frame), _) => Some(Event::Payload {
-                    stream_id: id,
-                    frame,
-                    ended,
-                }),
-                (None, _) if reassembling => None,
-                (None, _) => Some(Event::Fragment {
-                    stream_id: id,
-                    frame: view,
-                    ended,
-                }),
-            };
-            self.events.extend(event);
-            if ended {
-                self.end_stream(id);
-            }
-            return;
+        if stream.is_receiving_fragments() {
+            return self.on_fragment(id, view);
         }
-        if !stream.inbound_open {
-            return self.ignore();
-        }
-        let next = view.next();
         let complete = view.complete();
-        if !next && !complete && stream.interaction != Interaction::RequestResponse {
-            // "A PAYLOAD MUST NOT have both (C)omplete and (N)ext empty (false)."
-            return self.ignore();
-        }
-        if next && !stream.recv_credit.take() {
-            return self.stream_error(
-                id,
-                ErrorCode::INVALID,
-                "PAYLOAD sent without REQUEST_N credit",
-            );
+        match stream.peer_item(view.next(), complete) {
+            Ok(true) => {}
+            Ok(false) => return self.ignore(),
+            Err((code, msg)) => return self.stream_error(id, code, msg),
         }
         if view.follows() {
-            let reassembly = if self.config.reassemble {
-                if self.reassembly_bytes + view.payload_len() > self.config.max_reassembly_memory {
-                    let msg = "too many fragmented messages in progress on this connection";
-                    return self.stream_error(id, ErrorCode::REJECTED, msg);
-                }
-                match Reassembly::start(&view, max) {
-                    Ok(r) => Some(r),
-                    Err(e) => return self.stream_error(id, ErrorCode::REJECTED, e.to_string()),
-                }
-            } else {
-                None
-            };
-            let partial = InboundPartial {
-                role: MessageRole::Item,
-                complete,
-                len: view.payload_len(),
-                data_started: !view.data_slice().is_empty(),
-                reassembly,
+            let partial = match InboundPartial::start(MessageRole::Item, &view, complete, limits) {
+                Ok(p) => p,
+                Err((code, msg)) => return self.stream_error(id, code, msg),
             };
             self.reassembly_bytes += partial.buffered();
-            stream.inbound_partial = Some(partial);
+            stream.begin_inbound(partial);
             if !self.config.reassemble {
                 self.events.push_back(Event::Payload {
                     stream_id: id,
@@ -464,43 +360,62 @@ impl Connection {
         }
     }
 
+    /// A follow-up fragment of a message in progress on stream `id`.
+    fn on_fragment(&mut self, id: u32, view: FrameView) {
+        let limits = self.reassembly_limits();
+        let taken = self.with_stream(id, |s| {
+            let continued = s.continue_inbound(&view, limits);
+            (continued, s.is_done(), s.interaction)
+        });
+        let Some((continued, ended, interaction)) = taken else {
+            return self.ignore();
+        };
+        let Continued { whole, finished } = match continued {
+            Ok(c) => c,
+            Err((code, msg)) => return self.stream_error(id, code, msg),
+        };
+        let event = match (whole, finished) {
+            (Some(frame), Some(MessageRole::Request)) => Some(Event::Request {
+                stream_id: id,
+                interaction,
+                frame,
+                ended,
+            }),
+            (Some(frame), _) => Some(Event::Payload {
+                stream_id: id,
+                frame,
+                ended,
+            }),
+            (None, _) if limits.is_some() => None,
+            (None, _) => Some(Event::Fragment {
+                stream_id: id,
+                frame: view,
+                ended,
+            }),
+        };
+        self.events.extend(event);
+        if ended {
+            self.end_stream(id);
+        }
+    }
+
     pub(super) fn on_request_n(&mut self, view: FrameView) {
         let id = view.stream_id();
+        let n = view.request_n();
         let Some(stream) = self.streams.get_mut(&id) else {
             return self.ignore();
         };
-        if !stream.sends_items() || !stream.outbound_open {
-            return self.ignore();
+        match stream.peer_request_n(n) {
+            Ok(true) => self.events.push_back(Event::RequestN { stream_id: id, n }),
+            Ok(false) => self.ignore(),
+            Err((code, msg)) => self.stream_error(id, code, msg),
         }
-        let n = view.request_n();
-        // "Request N: ... Value MUST be > 0."
-        if n == 0 {
-            return self.stream_error(id, ErrorCode::INVALID, "REQUEST_N with n = 0");
-        }
-        stream.send_credit.add(n);
-        self.events.push_back(Event::RequestN { stream_id: id, n });
     }
 
     pub(super) fn on_cancel(&mut self, view: FrameView) {
         let id = view.stream_id();
         // "Receiving a CANCEL on an unknown Stream ID (including 0) MUST be ignored."
-        let Some(stream) = self.streams.get_mut(&id) else {
-            return self.ignore();
-        };
-        // "If the sender wants to cancel sending a fragmented sequence, it MAY send a CANCEL frame
-        // without finishing delivery of the fragments."
-        let aborted = stream.inbound_partial.take();
-        let aborted_partial = aborted.is_some();
-        self.reassembly_bytes -= aborted.map_or(0, |p| p.buffered());
-        let ended = if !stream.local_requester || aborted_partial {
-            // "Upon receiving a CANCEL, the stream is terminated on the Responder."
-            true
-        } else if stream.interaction == Interaction::Channel {
-            // The channel's responder no longer wants the requester's items.
-            stream.outbound_open = false;
-            stream.outbound_partial = None;
-            stream.is_done()
-        } else {
+        let Some(Some(ended)) = self.with_stream(id, Stream::peer_cancel) else {
             return self.ignore();
         };
         self.events.push_back(Event::Cancel {

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 
 use super::lease::LeaseWindow;
-use super::stream::{MessageRole, OutboundPartial, Stream};
+use super::stream::Stream;
 use super::{Connection, Interaction, Role, State};
 use crate::error::{ErrorCode, SendError};
 use crate::fragment::{Fragmenter, MIN_FRAGMENT_SIZE, MessageKind};
@@ -198,8 +198,7 @@ impl Connection {
         if self.lease_enabled {
             LeaseWindow::take(&mut self.peer_lease, self.now);
         }
-        let mut stream = Stream::requested(interaction, initial_n);
-        stream.request_done(complete);
+        let stream = Stream::sent_request(interaction, initial_n, complete, false);
         if !stream.is_done() {
             self.streams.insert(id, stream);
         }
@@ -350,15 +349,8 @@ impl Connection {
         if self.lease_enabled {
             LeaseWindow::take(&mut self.peer_lease, self.now);
         }
-        let mut stream = Stream::requested(interaction, initial_n);
-        if frame.follows() {
-            stream.outbound_partial = Some(OutboundPartial {
-                role: MessageRole::Request,
-                complete: frame.complete(),
-            });
-        } else {
-            stream.request_done(frame.complete());
-        }
+        let stream =
+            Stream::sent_request(interaction, initial_n, frame.complete(), frame.follows());
         if !stream.is_done() {
             self.streams.insert(id, stream);
         }
@@ -420,43 +412,7 @@ impl Connection {
             .streams
             .get_mut(&id)
             .ok_or(SendError::UnknownStream(id))?;
-        if let Some(partial) = stream.outbound_partial.as_mut() {
-            partial.complete |= complete;
-            if !follows {
-                let p = *partial;
-                stream.outbound_partial = None;
-                match p.role {
-                    MessageRole::Request => stream.request_done(p.complete),
-                    MessageRole::Item => stream.item_sent(p.complete),
-                }
-            }
-            return Ok(stream.is_done());
-        }
-        if !stream.outbound_open {
-            return Err(SendError::InvalidState {
-                stream_id: id,
-                reason: "the stream is complete for sending",
-            });
-        }
-        // A forwarded response to REQUEST_RESPONSE without C completes it,
-        // as it does where it was received.
-        if !next && !complete && stream.interaction != Interaction::RequestResponse {
-            return Err(SendError::InvalidArgument(
-                "a PAYLOAD needs next or complete",
-            ));
-        }
-        if next && !stream.send_credit.take() {
-            return Err(SendError::NoCredit(id));
-        }
-        if follows {
-            stream.outbound_partial = Some(OutboundPartial {
-                role: MessageRole::Item,
-                complete,
-            });
-        } else {
-            stream.item_sent(complete);
-        }
-        Ok(stream.is_done())
+        stream.send_payload(id, next, complete, follows)
     }
 
     pub(super) fn on_send_request_n(&mut self, id: u32, n: u32) -> Result<(), SendError> {
@@ -467,49 +423,19 @@ impl Connection {
             .streams
             .get_mut(&id)
             .ok_or(SendError::UnknownStream(id))?;
-        if !stream.receives_items() || !stream.inbound_open {
-            return Err(SendError::InvalidState {
-                stream_id: id,
-                reason: "no items are expected on this stream",
-            });
-        }
-        stream.recv_credit.add(n);
-        Ok(())
+        stream.send_request_n(id, n)
     }
 
     /// Applies a CANCEL this side sends; returns whether the stream is now over.
     pub(super) fn on_send_cancel(&mut self, id: u32) -> Result<bool, SendError> {
-        let stream = self
-            .streams
-            .get_mut(&id)
-            .ok_or(SendError::UnknownStream(id))?;
-        if stream.local_requester || stream.outbound_partial.is_some() {
-            stream.inbound_open = false;
-            stream.outbound_open = false;
-            self.reassembly_bytes -= stream.inbound_partial.take().map_or(0, |p| p.buffered());
-            stream.outbound_partial = None;
-        } else if stream.interaction == Interaction::Channel {
-            stream.inbound_open = false;
-            self.reassembly_bytes -= stream.inbound_partial.take().map_or(0, |p| p.buffered());
-        } else {
-            return Err(SendError::InvalidState {
-                stream_id: id,
-                reason: "only the requester cancels this stream",
-            });
-        }
-        Ok(stream.is_done())
+        self.with_stream(id, |s| s.send_cancel(id))
+            .ok_or(SendError::UnknownStream(id))?
     }
 
     /// Applies an ERROR this side sends; the stream is over.
     pub(super) fn on_send_error(&mut self, id: u32) -> Result<bool, SendError> {
-        let stream = self
-            .streams
-            .get_mut(&id)
+        self.with_stream(id, Stream::send_error)
             .ok_or(SendError::UnknownStream(id))?;
-        stream.inbound_open = false;
-        stream.outbound_open = false;
-        self.reassembly_bytes -= stream.inbound_partial.take().map_or(0, |p| p.buffered());
-        stream.outbound_partial = None;
         Ok(true)
     }
 

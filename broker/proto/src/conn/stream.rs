@@ -2,8 +2,42 @@
 //! the connection: which directions may still carry items, the REQUEST_N
 //! credit each way, and fragmented messages in progress.
 
+use crate::error::{ErrorCode, SendError};
 use crate::fragment::Reassembly;
-use crate::frame::{FrameType, MAX_REQUEST_N};
+use crate::frame::{FrameType, FrameView, MAX_REQUEST_N};
+
+/// A rule the peer broke on a stream: the code and message its ERROR (or
+/// the refusal of its request) carries.
+pub(crate) type Violation = (ErrorCode, String);
+
+/// What a connection that reassembles allows one more fragment to hold:
+/// the cap on one message, and the room left under the cap on all of them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReassemblyLimits {
+    pub(crate) max_message: usize,
+    pub(crate) room: usize,
+}
+
+impl ReassemblyLimits {
+    /// The one check of the connection's reassembly memory: `added` more
+    /// bytes must fit the room left.
+    fn check_room(self, added: usize) -> Result<(), Violation> {
+        if added > self.room {
+            let msg = "too many fragmented messages in progress on this connection";
+            return Err((ErrorCode::REJECTED, msg.into()));
+        }
+        Ok(())
+    }
+}
+
+/// A follow-up fragment as its stream took it.
+#[derive(Debug)]
+pub(crate) struct Continued {
+    /// The whole message, when reassembling and this fragment ended it.
+    pub(crate) whole: Option<FrameView>,
+    /// This fragment ended the message, which was the request or an item.
+    pub(crate) finished: Option<MessageRole>,
+}
 
 /// The interaction model of a stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,6 +127,32 @@ pub(crate) struct InboundPartial {
 }
 
 impl InboundPartial {
+    /// The message whose first fragment is `view` (`complete`: its C flag),
+    /// reassembled within `limits` when the connection reassembles.
+    pub(crate) fn start(
+        role: MessageRole,
+        view: &FrameView,
+        complete: bool,
+        limits: Option<ReassemblyLimits>,
+    ) -> Result<Self, Violation> {
+        let reassembly = match limits {
+            Some(limits) => {
+                limits.check_room(view.payload_len())?;
+                let r = Reassembly::start(view, limits.max_message)
+                    .map_err(|e| (ErrorCode::REJECTED, e.to_string()))?;
+                Some(r)
+            }
+            None => None,
+        };
+        Ok(Self {
+            role,
+            complete,
+            len: view.payload_len(),
+            data_started: !view.data_slice().is_empty(),
+            reassembly,
+        })
+    }
+
     /// Bytes this message holds in memory (none when passing fragments through).
     pub(crate) fn buffered(&self) -> usize {
         if self.reassembly.is_some() {
@@ -164,6 +224,230 @@ impl Stream {
             inbound_partial: None,
             outbound_partial: None,
         }
+    }
+
+    /// A stream this side opens with a request (`follows`: the first
+    /// fragment of it; `complete`: its C flag).
+    pub(crate) fn sent_request(
+        interaction: Interaction,
+        initial_n: u32,
+        complete: bool,
+        follows: bool,
+    ) -> Self {
+        let mut stream = Self::requested(interaction, initial_n);
+        if follows {
+            stream.outbound_partial = Some(OutboundPartial {
+                role: MessageRole::Request,
+                complete,
+            });
+        } else {
+            stream.request_done(complete);
+        }
+        stream
+    }
+
+    /// Bytes the stream's inbound message holds for reassembly.
+    pub(crate) fn buffered(&self) -> usize {
+        self.inbound_partial
+            .as_ref()
+            .map_or(0, InboundPartial::buffered)
+    }
+
+    /// Whether a fragmented message from the peer is in progress.
+    pub(crate) fn is_receiving_fragments(&self) -> bool {
+        self.inbound_partial.is_some()
+    }
+
+    /// The peer's request (or item) is fragmented; `partial` is its start.
+    pub(crate) fn begin_inbound(&mut self, partial: InboundPartial) {
+        self.inbound_partial = Some(partial);
+    }
+
+    /// A follow-up fragment of the inbound message in progress.
+    pub(crate) fn continue_inbound(
+        &mut self,
+        view: &FrameView,
+        limits: Option<ReassemblyLimits>,
+    ) -> Result<Continued, Violation> {
+        let Some(partial) = self.inbound_partial.as_mut() else {
+            let msg = "no fragmented message is in progress";
+            return Err((ErrorCode::INVALID, msg.into()));
+        };
+        let added = view.payload_len();
+        match limits {
+            Some(limits) if partial.reassembly.is_some() => {
+                let max = limits.max_message;
+                if partial.len + added > max {
+                    let msg =
+                        format!("fragmented message exceeds the reassembly limit of {max} bytes");
+                    return Err((ErrorCode::REJECTED, msg));
+                }
+                limits.check_room(added)?;
+            }
+            _ => {
+                // "When fragmented, the Metadata MUST be transmitted completely before the Data."
+                if partial.data_started && view.metadata_slice().is_some_and(|m| !m.is_empty()) {
+                    let msg = "fragment carries metadata after data";
+                    return Err((ErrorCode::INVALID, msg.into()));
+                }
+            }
+        }
+        partial.len += added;
+        partial.data_started |= !view.data_slice().is_empty();
+        partial.complete |= view.complete();
+        let whole = match partial.reassembly.as_mut().map(|r| r.push(view)) {
+            Some(Err(e)) => return Err((ErrorCode::INVALID, e.to_string())),
+            Some(Ok(whole)) => whole,
+            None => None,
+        };
+        let mut finished = None;
+        if !view.follows()
+            && let Some(p) = self.inbound_partial.take()
+        {
+            match p.role {
+                MessageRole::Request => self.request_done(p.complete),
+                MessageRole::Item => self.item_received(p.complete),
+            }
+            finished = Some(p.role);
+        }
+        Ok(Continued { whole, finished })
+    }
+
+    /// The peer sent CANCEL: whether the stream is over now, or `None`
+    /// when the CANCEL means nothing here (ignored).
+    pub(crate) fn peer_cancel(&mut self) -> Option<bool> {
+        // "If the sender wants to cancel sending a fragmented sequence, it MAY send a CANCEL frame
+        // without finishing delivery of the fragments."
+        let aborted_partial = self.inbound_partial.take().is_some();
+        if !self.local_requester || aborted_partial {
+            // "Upon receiving a CANCEL, the stream is terminated on the Responder."
+            return Some(true);
+        }
+        if self.interaction == Interaction::Channel {
+            // The channel's responder no longer wants the requester's items.
+            self.outbound_open = false;
+            self.outbound_partial = None;
+            return Some(self.is_done());
+        }
+        None
+    }
+
+    /// The peer granted `n` items: whether the grant counts (`false`: the
+    /// stream sends it no items, ignored).
+    pub(crate) fn peer_request_n(&mut self, n: u32) -> Result<bool, Violation> {
+        if !self.sends_items() || !self.outbound_open {
+            return Ok(false);
+        }
+        // "Request N: ... Value MUST be > 0."
+        if n == 0 {
+            return Err((ErrorCode::INVALID, "REQUEST_N with n = 0".into()));
+        }
+        self.send_credit.add(n);
+        Ok(true)
+    }
+
+    /// The peer sent a PAYLOAD that starts an item (not a follow-up
+    /// fragment): `Ok(false)` when it is to be ignored.
+    pub(crate) fn peer_item(&mut self, next: bool, complete: bool) -> Result<bool, Violation> {
+        if !self.inbound_open {
+            return Ok(false);
+        }
+        if !next && !complete && self.interaction != Interaction::RequestResponse {
+            // "A PAYLOAD MUST NOT have both (C)omplete and (N)ext empty (false)."
+            return Ok(false);
+        }
+        if next && !self.recv_credit.take() {
+            let msg = "PAYLOAD sent without REQUEST_N credit";
+            return Err((ErrorCode::INVALID, msg.into()));
+        }
+        Ok(true)
+    }
+
+    /// This side sends a PAYLOAD (`follows`: a fragment with more to
+    /// come): whether the stream is over now.
+    pub(crate) fn send_payload(
+        &mut self,
+        id: u32,
+        next: bool,
+        complete: bool,
+        follows: bool,
+    ) -> Result<bool, SendError> {
+        if let Some(partial) = self.outbound_partial.as_mut() {
+            partial.complete |= complete;
+            if !follows {
+                let p = *partial;
+                self.outbound_partial = None;
+                match p.role {
+                    MessageRole::Request => self.request_done(p.complete),
+                    MessageRole::Item => self.item_sent(p.complete),
+                }
+            }
+            return Ok(self.is_done());
+        }
+        if !self.outbound_open {
+            return Err(SendError::InvalidState {
+                stream_id: id,
+                reason: "the stream is complete for sending",
+            });
+        }
+        // A forwarded response to REQUEST_RESPONSE without C completes it,
+        // as it does where it was received.
+        if !next && !complete && self.interaction != Interaction::RequestResponse {
+            return Err(SendError::InvalidArgument(
+                "a PAYLOAD needs next or complete",
+            ));
+        }
+        if next && !self.send_credit.take() {
+            return Err(SendError::NoCredit(id));
+        }
+        if follows {
+            self.outbound_partial = Some(OutboundPartial {
+                role: MessageRole::Item,
+                complete,
+            });
+        } else {
+            self.item_sent(complete);
+        }
+        Ok(self.is_done())
+    }
+
+    /// This side grants the peer `n` (> 0) items.
+    pub(crate) fn send_request_n(&mut self, id: u32, n: u32) -> Result<(), SendError> {
+        if !self.receives_items() || !self.inbound_open {
+            return Err(SendError::InvalidState {
+                stream_id: id,
+                reason: "no items are expected on this stream",
+            });
+        }
+        self.recv_credit.add(n);
+        Ok(())
+    }
+
+    /// This side sends CANCEL: whether the stream is over now.
+    pub(crate) fn send_cancel(&mut self, id: u32) -> Result<bool, SendError> {
+        if self.local_requester || self.outbound_partial.is_some() {
+            self.inbound_open = false;
+            self.outbound_open = false;
+            self.inbound_partial = None;
+            self.outbound_partial = None;
+        } else if self.interaction == Interaction::Channel {
+            self.inbound_open = false;
+            self.inbound_partial = None;
+        } else {
+            return Err(SendError::InvalidState {
+                stream_id: id,
+                reason: "only the requester cancels this stream",
+            });
+        }
+        Ok(self.is_done())
+    }
+
+    /// This side sends ERROR: the stream is over.
+    pub(crate) fn send_error(&mut self) {
+        self.inbound_open = false;
+        self.outbound_open = false;
+        self.inbound_partial = None;
+        self.outbound_partial = None;
     }
 
     /// Whether the stream has ended on this side.
