@@ -10,6 +10,23 @@ use crate::error::{ConnectionError, ErrorCode, Initiator};
 use crate::frame::{ErrorFrame, FrameView};
 use crate::out::OutFrame;
 
+/// How far an established connection is with closing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Closing {
+    /// New streams are welcome both ways.
+    Open,
+    /// No new streams from the peer ([`Connection::drain`]); the
+    /// application closes when it is done.
+    Draining,
+    /// ERROR[CONNECTION_CLOSE] went one way or the other (sent by the
+    /// initiator): no new streams, and the connection closes when the last
+    /// open stream ends.
+    WhenIdle(Initiator),
+    /// After [`Connection::shut_down`]: ERROR[CONNECTION_CLOSE] went, and
+    /// the connection closes at this instant whatever is open then.
+    Lingering(Instant),
+}
+
 impl Connection {
     pub(super) fn remote_error(&self, view: &FrameView) -> ConnectionError {
         ConnectionError {
@@ -24,7 +41,9 @@ impl Connection {
     /// Stops new streams from the peer (they get ERROR[REJECTED]); open
     /// streams go on. Close with [`Connection::close`] once they are done.
     pub fn drain(&mut self) {
-        self.draining = true;
+        if self.closing == Closing::Open {
+            self.closing = Closing::Draining;
+        }
     }
 
     /// Sends ERROR on stream 0 with `code` and closes at once.
@@ -44,24 +63,24 @@ impl Connection {
     /// Receiver of this frame MUST wait for outstanding streams to terminate
     /// before closing the connection").
     pub fn close_gracefully(&mut self, message: impl Into<String>) {
-        if self.state != State::Established || self.close_when_idle {
+        if !self.is_established()
+            || matches!(self.closing, Closing::WhenIdle(_) | Closing::Lingering(_))
+        {
             return;
         }
         self.announce_close(message.into());
-        self.close_when_idle = true;
-        self.close_if_idle(Initiator::Local);
+        self.closing = Closing::WhenIdle(Initiator::Local);
+        self.close_if_idle();
     }
 
-    /// Sends ERROR[CONNECTION_CLOSE]; no new streams from the peer from now on.
-    pub(super) fn announce_close(&mut self, message: String) {
+    /// Sends ERROR[CONNECTION_CLOSE].
+    fn announce_close(&mut self, message: String) {
         let error = ErrorFrame {
             stream_id: 0,
             code: ErrorCode::CONNECTION_CLOSE,
             data: Bytes::from(message),
         };
         self.push_control(OutFrame::from_owned(error));
-        self.draining = true;
-        self.close_initiator = Initiator::Local;
     }
 
     /// Sends ERROR[CONNECTION_CLOSE] and closes after `linger`, whatever
@@ -71,20 +90,16 @@ impl Connection {
     /// usual. Before establishment it closes at once.
     pub fn shut_down(&mut self, now: Instant, message: impl Into<String>, linger: Duration) {
         self.now = now;
-        if self.state != State::Established {
+        if !self.is_established() {
             return self.fail(ErrorCode::CONNECTION_CLOSE, message.into());
         }
-        if self.linger_until.is_some() {
-            return;
-        }
-        if self.close_when_idle {
+        match self.closing {
+            Closing::Lingering(_) => return,
             // ERROR[CONNECTION_CLOSE] went one way or the other already.
-            self.draining = true;
-            self.close_initiator = Initiator::Local;
-        } else {
-            self.announce_close(message.into());
+            Closing::WhenIdle(_) => {}
+            Closing::Open | Closing::Draining => self.announce_close(message.into()),
         }
-        self.linger_until = Some(now + linger);
+        self.closing = Closing::Lingering(now + linger);
     }
 
     pub(super) fn fail(
@@ -117,16 +132,41 @@ impl Connection {
         self.events.push_back(Event::Closed(error));
     }
 
-    pub(super) fn after_stream_end(&mut self) {
-        let initiator = self.close_initiator;
-        self.close_if_idle(initiator);
+    /// The peer sent ERROR[CONNECTION_CLOSE] (`error`): no new streams, and
+    /// the connection closes when the open ones have ended.
+    pub(super) fn on_close_requested(&mut self, error: ConnectionError) {
+        // "Sender or Receiver of this frame MUST wait for outstanding streams to terminate
+        // before closing the connection."
+        if !matches!(self.closing, Closing::Lingering(_)) {
+            self.closing = Closing::WhenIdle(Initiator::Remote);
+        }
+        self.events.push_back(Event::Closing(error.clone()));
+        if self.streams.is_empty() {
+            self.close_remote(error);
+        }
     }
 
-    pub(super) fn close_if_idle(&mut self, initiator: Initiator) {
-        if self.close_when_idle
-            && self.linger_until.is_none()
+    /// Whether new streams from the peer are refused because a close has begun.
+    pub(super) fn refuses_new_streams(&self) -> bool {
+        self.closing != Closing::Open
+    }
+
+    /// When a shut-down closes the connection, if one is under way.
+    pub(super) fn linger_deadline(&self) -> Option<Instant> {
+        match self.closing {
+            Closing::Lingering(until) => Some(until),
+            _ => None,
+        }
+    }
+
+    pub(super) fn after_stream_end(&mut self) {
+        self.close_if_idle();
+    }
+
+    fn close_if_idle(&mut self) {
+        if let Closing::WhenIdle(initiator) = self.closing
             && self.streams.is_empty()
-            && self.state == State::Established
+            && self.is_established()
         {
             self.state = State::Closed;
             self.events.push_back(Event::Closed(ConnectionError {

@@ -43,7 +43,7 @@ impl Connection {
             )));
             return conn;
         }
-        conn.state = State::Established;
+        conn.state = State::SetupSent;
         conn.next_keepalive = Some(now + conn.keepalive_interval);
         conn.push_control(OutFrame::from_owned(frame));
         conn

@@ -83,7 +83,7 @@ impl Connection {
         number_of_requests: u32,
         metadata: Option<Bytes>,
     ) -> Result<(), SendError> {
-        if self.state != State::Established {
+        if !self.is_established() {
             return Err(if self.state == State::Closed {
                 SendError::Closed
             } else {

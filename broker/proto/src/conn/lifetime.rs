@@ -47,10 +47,10 @@ impl Connection {
         let peer_lifetime = Some(lifetime).filter(|_| self.reading_paused_since.is_none());
         match self.state {
             State::AwaitingSetup | State::ResumeOffered | State::AwaitingResumeOk => Some(lifetime),
-            State::Established => [
+            State::Established | State::SetupSent => [
                 peer_lifetime,
                 self.next_liveness,
-                self.linger_until,
+                self.linger_deadline(),
                 self.next_keepalive,
                 self.next_lease_expiry(),
             ]
@@ -77,9 +77,9 @@ impl Connection {
                     );
                 }
             }
-            State::Established | State::AwaitingResumeOk => {
+            State::Established | State::SetupSent | State::AwaitingResumeOk => {
                 self.expire_leases(now);
-                if self.linger_until.is_some_and(|t| now >= t) {
+                if self.linger_deadline().is_some_and(|t| now >= t) {
                     self.state = State::Closed;
                     self.events.push_back(Event::Closed(ConnectionError::local(
                         ErrorCode::CONNECTION_CLOSE,
@@ -118,7 +118,7 @@ impl Connection {
         respond: bool,
     ) -> Option<Instant> {
         match due {
-            Some(t) if now >= t && self.state == State::Established => {
+            Some(t) if now >= t && self.is_established() => {
                 let position = self.resume.as_ref().map_or(0, |r| r.received_position);
                 let frame = Keepalive {
                     respond,

@@ -48,10 +48,10 @@ use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
+use self::close::Closing;
 use self::lease::LeaseWindow;
 use self::resume::ResumeState;
 use self::stream::{ReassemblyLimits, Stream};
-use crate::error::Initiator;
 use crate::frame::MAX_STREAM_ID;
 use crate::out::OutFrame;
 
@@ -61,6 +61,12 @@ enum State {
     AwaitingSetup,
     /// Server: RESUME received, waiting for the application's decision.
     ResumeOffered,
+    /// Client: SETUP sent; requests may flow, and the server may still
+    /// refuse the SETUP ("A client assumes a SETUP is accepted if it
+    /// receives a response to a request, a LEASE frame, or if it sees a
+    /// REQUEST type").
+    SetupSent,
+    /// SETUP accepted (or a session resumed): streams flow.
     Established,
     /// Client: RESUME sent, waiting for RESUME_OK.
     AwaitingResumeOk,
@@ -86,17 +92,13 @@ pub struct Connection {
     keepalive_interval: Duration,
     last_received: Instant,
     next_keepalive: Option<Instant>,
-    setup_confirmed: bool,
     lease_enabled: bool,
     peer_lease: Option<LeaseWindow>,
     granted_lease: Option<LeaseWindow>,
     resume: Option<ResumeState>,
-    draining: bool,
+    closing: Closing,
     /// Requests from the peer refused by this state machine (limits, draining, ...).
     requests_refused: u64,
-    close_when_idle: bool,
-    /// Who asked for the close that waits for streams to end.
-    close_initiator: Initiator,
     /// Bytes held by incoming messages being reassembled.
     reassembly_bytes: usize,
     /// Bytes ever queued for transmission, and ever taken by
@@ -110,8 +112,6 @@ pub struct Connection {
     /// Server: when to tell a peer that is not being read that this side
     /// is alive (it cannot see that peer's KEEPALIVEs to answer them).
     next_liveness: Option<Instant>,
-    /// After [`Connection::shut_down`]: when the connection closes.
-    linger_until: Option<Instant>,
     stats: Stats,
 }
 
@@ -142,21 +142,17 @@ impl Connection {
             keepalive_interval: config.keepalive_interval,
             last_received: now,
             next_keepalive: None,
-            setup_confirmed: false,
             lease_enabled: false,
             peer_lease: None,
             granted_lease: None,
             resume: None,
-            draining: false,
+            closing: Closing::Open,
             requests_refused: 0,
-            close_when_idle: false,
-            close_initiator: Initiator::Remote,
             reassembly_bytes: 0,
             queued_total: 0,
             sent_total: 0,
             reading_paused_since: None,
             next_liveness: None,
-            linger_until: None,
             stats: Stats::default(),
             config,
         }
@@ -179,7 +175,7 @@ impl Connection {
 
     /// Whether SETUP (or a resume) has completed and streams can flow.
     pub fn is_established(&self) -> bool {
-        self.state == State::Established
+        matches!(self.state, State::Established | State::SetupSent)
     }
 
     /// Counters.

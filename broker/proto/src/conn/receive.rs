@@ -8,7 +8,7 @@ use bytes::Bytes;
 use super::lease::LeaseWindow;
 use super::stream::{Continued, InboundPartial, MessageRole, Stream};
 use super::{Connection, Event, Interaction, Role, State};
-use crate::error::{DecodeError, ErrorCode, Initiator, StreamError};
+use crate::error::{DecodeError, ErrorCode, StreamError};
 use crate::frame::{Cancel, ErrorFrame, Flags, FrameType, FrameView, Header};
 use crate::out::OutFrame;
 
@@ -41,7 +41,7 @@ impl Connection {
         match self.state {
             State::AwaitingSetup => self.on_first_frame(view),
             State::AwaitingResumeOk => self.on_resume_reply(view),
-            State::Established => self.on_frame(view),
+            State::Established | State::SetupSent => self.on_frame(view),
             State::ResumeOffered => self.ignore(),
             State::Disconnected | State::Closed => {}
         }
@@ -144,15 +144,14 @@ impl Connection {
     }
 
     pub(super) fn on_frame(&mut self, view: FrameView) {
-        if self.role == Role::Client
-            && !self.setup_confirmed
+        if self.state == State::SetupSent
             && (view.frame_type() == FrameType::Lease
                 || view.frame_type().is_request()
                 || (view.stream_id() != 0 && self.streams.contains_key(&view.stream_id())))
         {
             // "A client assumes a SETUP is accepted if it receives a response to a request, a LEASE
             // frame, or if it sees a REQUEST type."
-            self.setup_confirmed = true;
+            self.state = State::Established;
         }
         match view.frame_type() {
             // "A server MUST ignore a SETUP frame after it has accepted a previous SETUP."
@@ -207,22 +206,13 @@ impl Connection {
             if code.is_setup_rejection() {
                 // "A server MUST ignore an ERROR[INVALID_SETUP|UNSUPPORTED_SETUP|REJECTED_SETUP|REJECTED_RESUME] frame."
                 // "A client MUST ignore an ERROR[...] frame after it has completed connection establishment."
-                if self.role == Role::Server || self.setup_confirmed {
+                if self.state != State::SetupSent {
                     return self.ignore();
                 }
             }
             let error = self.remote_error(&view);
             if code == ErrorCode::CONNECTION_CLOSE {
-                // "Sender or Receiver of this frame MUST wait for outstanding streams to terminate
-                // before closing the connection."
-                self.draining = true;
-                self.close_when_idle = true;
-                self.close_initiator = Initiator::Remote;
-                self.events.push_back(Event::Closing(error.clone()));
-                if self.streams.is_empty() {
-                    self.close_remote(error);
-                }
-                return;
+                return self.on_close_requested(error);
             }
             return self.close_remote(error);
         }
@@ -254,7 +244,7 @@ impl Connection {
         if self.streams.contains_key(&id) {
             return self.ignore();
         }
-        if self.draining {
+        if self.refuses_new_streams() {
             return self.refuse(id, ErrorCode::REJECTED, "the connection is closing");
         }
         if self.inbound_streams >= self.config.max_inbound_streams {

@@ -214,7 +214,10 @@ impl Connection {
         }
         self.clear_out();
         if self.resume.is_some()
-            && matches!(self.state, State::Established | State::AwaitingResumeOk)
+            && matches!(
+                self.state,
+                State::Established | State::SetupSent | State::AwaitingResumeOk
+            )
         {
             self.state = State::Disconnected;
             return true;

@@ -102,12 +102,12 @@ impl Connection {
 
     pub(super) fn check_can_request(&self) -> Result<(), SendError> {
         match self.state {
-            State::Established => {}
+            State::Established | State::SetupSent => {}
             State::Disconnected | State::AwaitingResumeOk if self.resume.is_some() => {}
             State::Closed => return Err(SendError::Closed),
             _ => return Err(SendError::NotEstablished),
         }
-        if self.draining {
+        if self.refuses_new_streams() {
             return Err(SendError::Closed);
         }
         if self.lease_enabled && !LeaseWindow::available(&self.peer_lease, self.now) {
@@ -118,7 +118,7 @@ impl Connection {
 
     pub(super) fn check_open(&self) -> Result<(), SendError> {
         match self.state {
-            State::Established => Ok(()),
+            State::Established | State::SetupSent => Ok(()),
             State::Disconnected | State::AwaitingResumeOk if self.resume.is_some() => Ok(()),
             State::Closed => Err(SendError::Closed),
             _ => Err(SendError::NotEstablished),
@@ -295,7 +295,7 @@ impl Connection {
 
     /// Sends METADATA_PUSH.
     pub fn send_metadata_push(&mut self, metadata: Bytes) -> Result<(), SendError> {
-        if self.state != State::Established {
+        if !self.is_established() {
             return Err(if self.state == State::Closed {
                 SendError::Closed
             } else {
