@@ -1,0 +1,95 @@
+//! Counters: per shard, and per service by interaction model.
+
+use rsocket_proto::conn::Interaction;
+
+use super::Shard;
+use crate::service::ServiceKey;
+
+/// Counters of one shard, summed over shards for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    /// Connections accepted.
+    pub connections_opened: u64,
+    /// Connections closed.
+    pub connections_closed: u64,
+    /// Requests routed to an instance.
+    pub requests_routed: u64,
+    /// Requests refused (no route, no live instance, stream limit, draining, ...).
+    pub requests_rejected: u64,
+    /// Requests retried on another instance.
+    pub requests_retried: u64,
+    /// Frames received.
+    pub frames_in: u64,
+    /// Times a connection was paused because a connection it feeds was full.
+    pub pauses: u64,
+    /// Times a connection was paused because the shard its frames go to
+    /// had too many of this shard's frames still to handle.
+    pub mesh_pauses: u64,
+    /// Times a connection was not read because the shard was over its
+    /// memory budget and it held the most.
+    pub overload_pauses: u64,
+    /// Connections closed for a limit: a slow consumer past
+    /// `backpressure_timeout`, `max_connection_memory`, or the largest
+    /// holder of a spent memory budget.
+    pub closed_over_limit: u64,
+}
+
+/// Requests and errors of one service on one shard, by interaction model
+/// (indexed as [`interaction_index`] says).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
+    /// Requests routed to an instance.
+    pub requests: [u64; 4],
+    /// Requests that ended with an ERROR from the instance, or because the
+    /// instance went away.
+    pub errors: [u64; 4],
+}
+
+/// Names of the interaction models, in [`interaction_index`] order.
+pub const INTERACTIONS: [&str; 4] = [
+    "request_response",
+    "fire_and_forget",
+    "request_stream",
+    "request_channel",
+];
+
+/// The index of an interaction model in [`ServiceCounters`] and [`INTERACTIONS`].
+pub fn interaction_index(interaction: Interaction) -> usize {
+    match interaction {
+        Interaction::RequestResponse => 0,
+        Interaction::FireAndForget => 1,
+        Interaction::Stream => 2,
+        Interaction::Channel => 3,
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(super) enum Count {
+    Request,
+    Error,
+}
+
+impl Shard {
+    /// Counters.
+    pub fn stats(&self) -> ShardStats {
+        self.stats
+    }
+
+    /// Requests and errors per service, counted on this shard (the
+    /// requester's) since it started.
+    pub fn service_counters(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceCounters)> {
+        self.service_stats.iter()
+    }
+
+    pub(super) fn count(&mut self, service: &ServiceKey, interaction: Interaction, what: Count) {
+        let i = interaction_index(interaction);
+        let counters = match self.service_stats.get_mut(service) {
+            Some(c) => c,
+            None => self.service_stats.entry(service.clone()).or_default(),
+        };
+        match what {
+            Count::Request => counters.requests[i] += 1,
+            Count::Error => counters.errors[i] += 1,
+        }
+    }
+}
