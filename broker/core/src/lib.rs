@@ -5,7 +5,7 @@
 //! # Layout
 //!
 //! - [`shard`]: one shard: connections, stream maps, routing, balancing,
-//!   failover, backpressure bookkeeping.
+//!   failover, backpressure bookkeeping; a module each (see its `# Layout`).
 //! - [`routes`]: the route table every shard holds a copy of, and the
 //!   revisioned updates that keep the copies equal.
 //! - [`flow`]: per-stream credit, pauses and memory limits: how one slow

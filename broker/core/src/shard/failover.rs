@@ -5,6 +5,7 @@ use bytes::Bytes;
 use rsocket_proto::ErrorCode;
 
 use super::Shard;
+use super::routing::PickRequest;
 use super::stats::Count;
 use super::streams::Upstream;
 use crate::ids::StreamRef;
@@ -13,20 +14,12 @@ use crate::message::Message;
 impl Shard {
     pub(super) fn on_gone(&mut self, to: StreamRef, code: ErrorCode, reason: String) {
         let slot = to.conn.slot as usize;
-        let Some(c) = self.conn_mut(to.conn) else {
+        let Some(c) = self.conns.get_mut(slot).filter(|c| c.id == to.conn) else {
             return;
         };
-        let Some(up) = c.upstream.remove(&to.stream) else {
+        let Some(up) = c.end_upstream(to.stream, &mut self.outstanding) else {
             return;
         };
-        if let Some(m) = c.meters.remove(&to.stream) {
-            c.flow.reserved -= m.reserved().min(c.flow.reserved);
-        }
-        for t in &up.targets {
-            if let Some(n) = self.outstanding.get_mut(t) {
-                *n = n.saturating_sub(1);
-            }
-        }
         let requester = to.conn;
         // Failover: send the request to another instance.
         if let Some((frame, attempts)) = up.retry.clone()
@@ -41,23 +34,23 @@ impl Shard {
                 .routes
                 .service(up.service.as_str().as_bytes())
                 .and_then(|(_, uuids)| {
-                    self.pick(
-                        &up.service,
+                    self.pick(PickRequest {
+                        service: &up.service,
                         uuids,
-                        &policy.balancer,
+                        balancer: &policy.balancer,
                         requester,
-                        None,
-                        false,
-                        None,
-                        &up.tried,
-                    )
+                        endpoint: None,
+                        sticky: false,
+                        hash_key: None,
+                        exclude: &up.tried,
+                    })
                 });
             if let Some((instance, target)) = picked {
                 self.stats.requests_retried += 1;
                 tracing::debug!(conn = %requester, stream = to.stream, %instance, "request retried on another instance");
                 let mut tried = up.tried;
                 tried.push(instance);
-                *self.outstanding.entry(target).or_default() += 1;
+                self.outstanding.started(target);
                 let open = Message::Open {
                     origin: to,
                     to: target,

@@ -9,6 +9,23 @@
 //! it serves; frames then flow both ways as `ToResponder` / `ToRequester`,
 //! each passed on with only its stream id replaced. A stream's entries are
 //! dropped when the connection's state machine says the stream has ended.
+//!
+//! # Layout
+//!
+//! - `mod.rs` (here): the [`Shard`], its connections, and the transport's
+//!   side of it: open, frames in, timeouts, frames out, close.
+//! - `events`: what a connection's state machine reports, from SETUP and
+//!   METADATA_PUSH to requests and stream frames.
+//! - `routing`: a request's route, the service lookup, the balancer's input
+//!   ([`Shard::destination`]), and the `Open` sent to the instance.
+//! - `streams`: the upstream and downstream stream maps, frames between
+//!   them, and the cleanup when a connection goes.
+//! - `failover`: retrying a request whose instance went away.
+//! - `backpressure`: what each connection holds, credit top-ups, pausing
+//!   the readers that feed a full connection, the memory budget and the
+//!   limits that close a connection (the rules are in [`crate::flow`]).
+//! - `mesh`: messages to and from the other shards.
+//! - `stats`: counters per shard and per service.
 
 mod backpressure;
 mod events;
@@ -21,7 +38,7 @@ mod streams;
 pub use routing::{Destination, Targets};
 pub use stats::{INTERACTIONS, ServiceCounters, ShardStats, interaction_index};
 
-use self::routing::PendingRoute;
+use self::routing::{Outstanding, PendingRoute};
 use self::streams::Upstream;
 
 use std::cell::RefCell;
@@ -115,8 +132,7 @@ pub struct Shard {
     /// Balancer state and randomness, in a cell so that a pick can read
     /// the route table while it moves them.
     picker: RefCell<(BalancerState, Rng)>,
-    /// Requests this shard has outstanding per responder connection.
-    outstanding: FxHashMap<ConnId, u32>,
+    outstanding: Outstanding,
     revision: u64,
     local: VecDeque<Message>,
     outbox: Vec<Vec<Message>>,
@@ -148,7 +164,7 @@ impl Shard {
             next_generation: 1,
             routes: RouteTable::new(shards),
             picker: RefCell::new((BalancerState::default(), Rng::new(config.seed))),
-            outstanding: FxHashMap::default(),
+            outstanding: Outstanding::default(),
             revision: 0,
             local: VecDeque::new(),
             outbox: (0..shards).map(|_| Vec::new()).collect(),

@@ -5,19 +5,95 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use rsocket_proto::conn::Interaction;
-use rsocket_proto::frame::FrameType;
 use rsocket_proto::metadata::{BinaryRouting, RequestMetadata, Route};
 use rsocket_proto::{ErrorCode, FrameView};
+use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 
 use super::Shard;
 use super::stats::Count;
 use super::streams::Upstream;
-use crate::balance::{Candidate, Failover};
+use crate::balance::{Balancer, Candidate, Failover};
 use crate::flow::{FRAGMENT_OVERHEAD, StreamCredit};
 use crate::ids::{ConnId, StreamRef};
 use crate::message::{Message, Signal};
 use crate::service::{HEALTH_SERVICE, ServiceKey, with_key};
+
+/// Requests this shard has outstanding per responder connection: the
+/// least-outstanding balancer's input. A request counts from its `Open`
+/// until its requester stream ends, fails over or its requester goes.
+#[derive(Debug, Default)]
+pub(super) struct Outstanding(FxHashMap<ConnId, u32>);
+
+impl Outstanding {
+    /// A request went to `to`.
+    pub(super) fn started(&mut self, to: ConnId) {
+        *self.0.entry(to).or_default() += 1;
+    }
+
+    /// A request that went to `to` is over.
+    pub(super) fn ended(&mut self, to: ConnId) {
+        if let Some(n) = self.0.get_mut(&to) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.0.remove(&to);
+            }
+        }
+    }
+
+    /// Requests outstanding on `to`.
+    fn on(&self, to: &ConnId) -> u32 {
+        self.0.get(to).copied().unwrap_or(0)
+    }
+
+    /// Forgets every request (the shard is shutting down).
+    pub(super) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// One pick of an instance, as [`Shard::pick`] takes it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PickRequest<'a> {
+    /// The service and its instances.
+    pub(super) service: &'a ServiceKey,
+    pub(super) uuids: &'a [Arc<str>],
+    pub(super) balancer: &'a Balancer,
+    /// Whose request it is (for its sticky choice).
+    pub(super) requester: ConnId,
+    /// `e=<instance>`: only this instance may take it.
+    pub(super) endpoint: Option<&'a [u8]>,
+    /// Keep the requester on the instance it had for this service.
+    pub(super) sticky: bool,
+    /// The consistent-hash balancer's key.
+    pub(super) hash_key: Option<&'a [u8]>,
+    /// Instances already tried (failover).
+    pub(super) exclude: &'a [Arc<str>],
+}
+
+/// A routed request on its way to its targets, as [`Shard::open_at`] takes it.
+struct Opening<'a> {
+    origin: StreamRef,
+    /// The request's first frame.
+    first: FrameView,
+    /// The fragments after it that have arrived.
+    fragments: &'a [FrameView],
+    /// The credit the responder is granted, for a metered stream.
+    credit: Option<u32>,
+    /// A retry may need the first frame again.
+    keep: bool,
+    /// The requester's stream is over already (fire-and-forget).
+    ended: bool,
+}
+
+/// The service a request names, found in the route table.
+struct Found<'a, 'm> {
+    service: &'a ServiceKey,
+    /// Its instances.
+    uuids: &'a [Arc<str>],
+    /// The parsed route (none for binary routing).
+    route: Option<Route<'m>>,
+}
 
 /// Where a request goes, as [`Shard::destination`] decides.
 #[derive(Debug)]
@@ -162,12 +238,11 @@ impl Shard {
             return;
         };
         c.flow.unrouted = c.flow.unrouted.saturating_sub(p.held);
-        let interaction = match p.frames.first().map(FrameView::frame_type) {
-            Some(FrameType::RequestResponse) => Interaction::RequestResponse,
-            Some(FrameType::RequestFnf) => Interaction::FireAndForget,
-            Some(FrameType::RequestStream) => Interaction::Stream,
-            _ => Interaction::Channel,
-        };
+        let interaction = p
+            .frames
+            .first()
+            .and_then(|f| Interaction::of_request(f.frame_type()))
+            .unwrap_or(Interaction::Channel);
         let ended = !c.proto.is_stream_open(stream);
         self.route(
             slot,
@@ -189,46 +264,14 @@ impl Shard {
         interaction: Interaction,
         metadata: &[u8],
     ) -> Result<Destination, String> {
-        let found = RequestMetadata::scan(metadata)
-            .map_err(|e| format!("request metadata is malformed: {e}"))?;
-        let (service, uuids, route) = if let Some(tags) = found.routing {
-            let route = Route::from_tags(tags)
-                .map_err(|e| format!("routing metadata is malformed: {e}"))?;
-            if route.service == HEALTH_SERVICE.as_bytes() {
-                return Ok(Destination::Broker);
-            }
-            let group = route.group.unwrap_or_default();
-            let version = route.version.unwrap_or_default();
-            // The whole key first (a service named with dots and no method),
-            // then the key without its method.
-            let found = [route.key, route.service]
-                .into_iter()
-                .find_map(|name| with_key(group, name, version, |k| self.routes.service(k)));
-            match found {
-                Some((key, uuids)) => (key, uuids, Some(route)),
-                None => return Err(format!("no live instance of service {route}")),
-            }
-        } else if let Some(bin) = found.binary_routing {
-            let bin = BinaryRouting::parse(bin)
-                .map_err(|e| format!("binary routing metadata is malformed: {e}"))?;
-            match self
-                .routes
-                .service_by_binary_id(bin.service_id)
-                .and_then(|key| self.routes.service(key.as_str().as_bytes()))
-            {
-                Some((key, uuids)) => (key, uuids, None),
-                None => {
-                    return Err(format!(
-                        "no live instance of service {} (binary id {:#010x})",
-                        String::from_utf8_lossy(bin.routing_text),
-                        bin.service_id
-                    ));
-                }
-            }
-        } else {
-            return Err("the request has no routing metadata".into());
+        let Some(Found {
+            service,
+            uuids,
+            route,
+        }) = self.lookup(metadata)?
+        else {
+            return Ok(Destination::Broker);
         };
-
         let policy = self
             .config
             .policies
@@ -238,22 +281,22 @@ impl Shard {
         let broadcast =
             route.is_some_and(|r| r.broadcast) && interaction == Interaction::FireAndForget;
         let hash_key = match &policy.balancer {
-            crate::balance::Balancer::ConsistentHash { tag } => route.and_then(|r| r.tag(tag)),
+            Balancer::ConsistentHash { tag } => route.and_then(|r| r.tag(tag)),
             _ => None,
         };
         let mut targets = Targets::new();
         if broadcast {
             targets = self.all_targets(uuids);
-        } else if let Some(t) = self.pick(
+        } else if let Some(t) = self.pick(PickRequest {
             service,
             uuids,
-            &policy.balancer,
+            balancer: &policy.balancer,
             requester,
             endpoint,
             sticky,
             hash_key,
-            &[],
-        ) {
+            exclude: &[],
+        }) {
             targets.push(t);
         }
         if targets.is_empty() {
@@ -271,6 +314,57 @@ impl Shard {
             sticky,
             failover: policy.failover,
         })
+    }
+
+    /// The service a request's metadata names, its instances and the
+    /// parsed route (none for binary routing); `None` for the broker's own
+    /// health check.
+    fn lookup<'m>(&self, metadata: &'m [u8]) -> Result<Option<Found<'_, 'm>>, String> {
+        let found = RequestMetadata::scan(metadata)
+            .map_err(|e| format!("request metadata is malformed: {e}"))?;
+        if let Some(tags) = found.routing {
+            let route = Route::from_tags(tags)
+                .map_err(|e| format!("routing metadata is malformed: {e}"))?;
+            if route.service == HEALTH_SERVICE.as_bytes() {
+                return Ok(None);
+            }
+            let group = route.group.unwrap_or_default();
+            let version = route.version.unwrap_or_default();
+            // The whole key first (a service named with dots and no method),
+            // then the key without its method.
+            let found = [route.key, route.service]
+                .into_iter()
+                .find_map(|name| with_key(group, name, version, |k| self.routes.service(k)));
+            return match found {
+                Some((service, uuids)) => Ok(Some(Found {
+                    service,
+                    uuids,
+                    route: Some(route),
+                })),
+                None => Err(format!("no live instance of service {route}")),
+            };
+        }
+        let Some(bin) = found.binary_routing else {
+            return Err("the request has no routing metadata".into());
+        };
+        let bin = BinaryRouting::parse(bin)
+            .map_err(|e| format!("binary routing metadata is malformed: {e}"))?;
+        match self
+            .routes
+            .service_by_binary_id(bin.service_id)
+            .and_then(|key| self.routes.service(key.as_str().as_bytes()))
+        {
+            Some((service, uuids)) => Ok(Some(Found {
+                service,
+                uuids,
+                route: None,
+            })),
+            None => Err(format!(
+                "no live instance of service {} (binary id {:#010x})",
+                String::from_utf8_lossy(bin.routing_text),
+                bin.service_id
+            )),
+        }
     }
 
     /// The route's service name alone, for the health check and policies.
@@ -310,19 +404,7 @@ impl Shard {
                     failover,
                 }) => (service, targets, sticky, failover),
                 Ok(Destination::Broker) => {
-                    // The health check: the broker is up, so it answers "1".
-                    if let Some(c) = self.conns.get_mut(slot)
-                        && interaction == Interaction::RequestResponse
-                    {
-                        let _ = c.proto.send_payload(
-                            stream,
-                            None,
-                            Bytes::from_static(b"1"),
-                            true,
-                            true,
-                        );
-                    }
-                    return;
+                    return self.answer_health_check(slot, stream, interaction);
                 }
                 Err(message) => {
                     tracing::debug!(conn = %requester, stream, %message, "request refused");
@@ -345,55 +427,24 @@ impl Shard {
         // requester: the responder is granted what this side can absorb.
         let credit = if !ended && matches!(interaction, Interaction::Stream | Interaction::Channel)
         {
-            let limits = self.config.flow;
-            self.conns.get_mut(slot).map(|c| {
-                let room = c.flow.room(&limits, c.proto.pending_bytes());
-                let mut meter = StreamCredit::new(c.flow.serial(), first.request_n());
-                let grant = meter.first_grant(&limits, room);
-                c.flow.reserved += grant.reserved;
-                c.meters.insert(stream, meter);
-                grant.n
-            })
+            self.meter(slot, stream, first.request_n())
         } else {
             None
         };
-        // The last target takes the request itself, unless a retry keeps it:
-        // its buffer moves on instead of being shared once more.
-        let mut first = Some(first);
-        let last = targets.len().saturating_sub(1);
-        for (i, (_, to)) in targets.iter().enumerate() {
-            let frame = if i == last && !keep {
-                first.take()
-            } else {
-                first.clone()
-            };
-            let Some(frame) = frame else {
-                break;
-            };
-            let open = Message::Open {
-                origin,
-                to: *to,
-                frame,
-                credit,
-            };
-            self.send_frame(requester, to.shard, open);
-            for f in &frames {
-                let fragment = Message::ToResponder {
-                    origin,
-                    to: *to,
-                    signal: Signal::Frame(f.clone()),
-                };
-                self.send_frame(requester, to.shard, fragment);
-            }
-            if !ended {
-                *self.outstanding.entry(*to).or_default() += 1;
-            }
-        }
+        let open = Opening {
+            origin,
+            first,
+            fragments: &frames,
+            credit,
+            keep,
+            ended,
+        };
+        let kept = self.open_at(&targets, open);
         if ended {
             return;
         }
         let retry = match failover {
-            Failover::Retry { attempts } if keep => first.map(|f| (f, attempts)),
+            Failover::Retry { attempts } if keep => kept.map(|f| (f, attempts)),
             _ => None,
         };
         if let Some(c) = self.conns.get_mut(slot) {
@@ -417,6 +468,76 @@ impl Shard {
                 },
             );
         }
+    }
+
+    /// The health check: the broker is up, so it answers "1".
+    fn answer_health_check(&mut self, slot: usize, stream: u32, interaction: Interaction) {
+        if let Some(c) = self.conns.get_mut(slot)
+            && interaction == Interaction::RequestResponse
+        {
+            let _ = c
+                .proto
+                .send_payload(stream, None, Bytes::from_static(b"1"), true, true);
+        }
+    }
+
+    /// Starts metering requester stream `stream` of connection `slot`,
+    /// which asked for `requested` items: the credit to grant its responder.
+    fn meter(&mut self, slot: usize, stream: u32, requested: u32) -> Option<u32> {
+        let limits = self.config.flow;
+        let c = self.conns.get_mut(slot)?;
+        let room = c.flow.room(&limits, c.proto.pending_bytes());
+        let mut meter = StreamCredit::new(c.flow.serial(), requested);
+        let grant = meter.first_grant(&limits, room);
+        c.flow.reserved += grant.reserved;
+        c.meters.insert(stream, meter);
+        Some(grant.n)
+    }
+
+    /// Sends the request to every target: an `Open`, then its fragments.
+    /// Returns the first frame when a retry keeps it.
+    fn open_at(&mut self, targets: &Targets, open: Opening<'_>) -> Option<FrameView> {
+        let Opening {
+            origin,
+            first,
+            fragments,
+            credit,
+            keep,
+            ended,
+        } = open;
+        // The last target takes the request itself, unless a retry keeps it:
+        // its buffer moves on instead of being shared once more.
+        let mut first = Some(first);
+        let last = targets.len().saturating_sub(1);
+        for (i, (_, to)) in targets.iter().enumerate() {
+            let frame = if i == last && !keep {
+                first.take()
+            } else {
+                first.clone()
+            };
+            let Some(frame) = frame else {
+                break;
+            };
+            let open = Message::Open {
+                origin,
+                to: *to,
+                frame,
+                credit,
+            };
+            self.send_frame(origin.conn, to.shard, open);
+            for f in fragments {
+                let fragment = Message::ToResponder {
+                    origin,
+                    to: *to,
+                    signal: Signal::Frame(f.clone()),
+                };
+                self.send_frame(origin.conn, to.shard, fragment);
+            }
+            if !ended {
+                self.outstanding.started(*to);
+            }
+        }
+        first
     }
 
     /// One connection of every routable instance in `uuids` (for broadcast).
@@ -443,20 +564,19 @@ impl Shard {
             .copied()
     }
 
-    /// The instance of `service` (among `uuids`, its instances) the
-    /// balancer picks for `requester`, with the connection to use.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn pick(
-        &self,
-        service: &ServiceKey,
-        uuids: &[Arc<str>],
-        balancer: &crate::balance::Balancer,
-        requester: ConnId,
-        endpoint: Option<&[u8]>,
-        sticky: bool,
-        hash_key: Option<&[u8]>,
-        exclude: &[Arc<str>],
-    ) -> Option<(Arc<str>, ConnId)> {
+    /// The instance of the service (among its instances) the balancer
+    /// picks for the requester, with the connection to use.
+    pub(super) fn pick(&self, request: PickRequest<'_>) -> Option<(Arc<str>, ConnId)> {
+        let PickRequest {
+            service,
+            uuids,
+            balancer,
+            requester,
+            endpoint,
+            sticky,
+            hash_key,
+            exclude,
+        } = request;
         // Candidates borrow from the route table and live on the stack: no
         // allocation or reference count per request for up to 8 instances.
         let mut candidates: SmallVec<[Candidate<'_>; 8]> = SmallVec::new();
@@ -477,11 +597,7 @@ impl Shard {
             let Some(conn) = self.connection_of(inst) else {
                 continue;
             };
-            let outstanding = inst
-                .conns
-                .iter()
-                .map(|c| self.outstanding.get(c).copied().unwrap_or(0))
-                .sum();
+            let outstanding = inst.conns.iter().map(|c| self.outstanding.on(c)).sum();
             candidates.push(Candidate {
                 uuid,
                 weight: inst.app.power_rating.max(1),

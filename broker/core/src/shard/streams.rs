@@ -9,7 +9,8 @@ use rsocket_proto::frame::FrameType;
 use rsocket_proto::{ErrorCode, FrameView};
 use smallvec::SmallVec;
 
-use super::Shard;
+use super::routing::Outstanding;
+use super::{Conn, Shard};
 use crate::flow::StreamCredit;
 use crate::ids::{ConnId, StreamRef};
 use crate::message::{Message, Signal};
@@ -27,6 +28,25 @@ pub(super) struct Upstream {
     pub(super) tried: SmallVec<[Arc<str>; 1]>,
     /// The request, kept while a retry may still need it.
     pub(super) retry: Option<(FrameView, u32)>,
+}
+
+impl Conn {
+    /// Ends the bookkeeping of requester stream `stream`: its credit meter
+    /// and its upstream entry, whose requests stop counting as outstanding.
+    pub(super) fn end_upstream(
+        &mut self,
+        stream: u32,
+        outstanding: &mut Outstanding,
+    ) -> Option<Upstream> {
+        if let Some(m) = self.meters.remove(&stream) {
+            self.flow.reserved -= m.reserved().min(self.flow.reserved);
+        }
+        let up = self.upstream.remove(&stream)?;
+        for &t in &up.targets {
+            outstanding.ended(t);
+        }
+        Some(up)
+    }
 }
 
 impl Shard {
@@ -93,19 +113,7 @@ impl Shard {
         if c.proto.is_stream_open(stream) {
             return;
         }
-        if let Some(m) = c.meters.remove(&stream) {
-            c.flow.reserved -= m.reserved().min(c.flow.reserved);
-        }
-        if let Some(up) = c.upstream.remove(&stream) {
-            for t in up.targets {
-                if let Some(n) = self.outstanding.get_mut(&t) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        self.outstanding.remove(&t);
-                    }
-                }
-            }
-        }
+        c.end_upstream(stream, &mut self.outstanding);
     }
 
     /// Drops a responder stream's entries once its state machine says it ended.
@@ -264,9 +272,7 @@ impl Shard {
         for (stream, up) in upstream {
             let origin = StreamRef { conn: me, stream };
             for to in up.targets {
-                if let Some(n) = self.outstanding.get_mut(&to) {
-                    *n = n.saturating_sub(1);
-                }
+                self.outstanding.ended(to);
                 self.send(
                     to.shard,
                     Message::ToResponder {
