@@ -11,12 +11,17 @@
 //!
 //! - [`schedule`]: due times and waiting for them.
 //! - [`stats`]: per-thread recorders, percentiles, the `.hgrm` format.
+//! - `runner`: one pinned thread per CPU and the merge of what the threads
+//!   counted, for either protocol.
+//! - `event_loop`: the two event loops the runner starts (glommio, tokio).
 //! - [`rsocket`]: the RSocket requester and responder on glommio.
 //! - [`nats`]: the same over NATS, on tokio.
 //! - this file: what a run asks for and what its summary says.
 
+mod event_loop;
 pub mod nats;
 pub mod rsocket;
+mod runner;
 pub mod schedule;
 pub mod stats;
 

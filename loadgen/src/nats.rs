@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_lite::StreamExt;
 
+use crate::event_loop::Tokio;
+use crate::runner::{self, Counts, Part, ResponderSide, Share};
 use crate::schedule::{Schedule, latency, wait_until_tokio};
 use crate::stats::Recorder;
 use crate::{Interaction, Mode, RequesterSpec, ResponderCounts, ResponderSpec, Run};
@@ -35,6 +37,21 @@ async fn connect(url: &str) -> Result<async_nats::Client, String> {
         .connect(url)
         .await
         .map_err(|e| format!("cannot connect to {url}: {e}"))
+}
+
+/// Serves requests over NATS until `stop` is set.
+pub fn run_responder(
+    spec: &ResponderSpec,
+    url: &str,
+    stop: Arc<AtomicBool>,
+) -> Result<ResponderCounts, String> {
+    runner::run_responder(&Nats { url: url.into() }, spec, stop)
+}
+
+/// One nats-server.
+#[derive(Clone)]
+struct Nats {
+    url: String,
 }
 
 /// Runs the requester side against nats-server at `url`.
@@ -75,13 +92,12 @@ pub fn run_requester(spec: &RequesterSpec, url: &str) -> Result<Run, String> {
                 };
                 let local = tokio::task::LocalSet::new();
                 local.block_on(&rt, async move {
-                    let served_since = Instant::now();
-                    let served = Rc::new(Cell::new(0u64));
+                    let counts = Rc::new(Counts::new());
                     let mut error = None;
                     let mut serving = Vec::new();
                     if let Some(serve) = &spec.serve {
-                        match subscribe(serve, &url, t, threads).await {
-                            Ok(subs) => serving = serve_all(subs, serve.work, &served),
+                        match subscribe(serve, &url, Share { index: t, threads }).await {
+                            Ok(subs) => serving = serve_all(subs, serve, &counts),
                             Err(e) => {
                                 error = Some(e);
                                 failed.store(true, Ordering::Release);
@@ -125,8 +141,7 @@ pub fn run_requester(spec: &RequesterSpec, url: &str) -> Result<Run, String> {
                     };
                     spinning.set(false);
                     stop_serving(serving).await;
-                    let counts = served_counts(spec.serve.as_ref(), served.get(), served_since);
-                    record.map(|r| (r, counts))
+                    record.map(|r| (r, counts.totals()))
                 })
             },
         ));
@@ -292,19 +307,45 @@ async fn thread_main(
     r
 }
 
-/// Thread `t`'s share (of `threads`) of the responder connections `spec`
-/// asks for, each subscribed to the service's subject (in a queue group,
-/// or each on its own with `fanout`); the subscriptions have reached the
-/// server when this returns.
+impl ResponderSide for Nats {
+    type Loop = Tokio;
+    type Serving = Vec<tokio::task::JoinHandle<()>>;
+
+    async fn serve(&self, part: Part<'_, ResponderSpec>) -> Result<Self::Serving, String> {
+        let subs = subscribe(part.spec, &self.url, part.share).await?;
+        Ok(serve_all(subs, part.spec, part.counts))
+    }
+
+    async fn stop(&self, serving: Self::Serving) {
+        stop_serving(serving).await;
+    }
+
+    fn ready_line(&self, spec: &ResponderSpec) -> String {
+        format!(
+            "loadgen responder: serving subject {} on {} with {} connection(s){}",
+            spec.service,
+            self.url,
+            spec.instances * spec.connections,
+            if spec.fanout {
+                ", each receiving every message"
+            } else {
+                " in a queue group"
+            }
+        )
+    }
+}
+
+/// This thread's `share` of the responder connections `spec` asks for,
+/// each subscribed to the service's subject (in a queue group, or each on
+/// its own with `fanout`); the subscriptions have reached the server when
+/// this returns.
 async fn subscribe(
     spec: &ResponderSpec,
     url: &str,
-    t: usize,
-    threads: usize,
+    share: Share,
 ) -> Result<Vec<(async_nats::Client, async_nats::Subscriber)>, String> {
-    let total = spec.instances * spec.connections;
     let mut subs = Vec::new();
-    for _ in (t..total).step_by(threads.max(1)) {
+    for _ in share.of(spec.instances * spec.connections) {
         let client = connect(url).await?;
         let sub = if spec.fanout {
             client.subscribe(spec.service.clone()).await
@@ -326,24 +367,26 @@ async fn subscribe(
 }
 
 /// Answers (or just counts) every message of `subs`, each on a task of the
-/// current `LocalSet`, spending `work` of CPU on each.
+/// current `LocalSet`, spending `spec.work` of CPU on each.
 fn serve_all(
     subs: Vec<(async_nats::Client, async_nats::Subscriber)>,
-    work: Duration,
-    served: &Rc<Cell<u64>>,
+    spec: &ResponderSpec,
+    counts: &Rc<Counts>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
+    let (work, fanout) = (spec.work, spec.fanout);
     subs.into_iter()
         .map(|(client, mut sub)| {
-            let served = served.clone();
+            let counts = counts.clone();
             tokio::task::spawn_local(async move {
                 while let Some(msg) = sub.next().await {
-                    served.set(served.get() + 1);
-                    if !work.is_zero() {
-                        let until = Instant::now() + work;
-                        while Instant::now() < until {
-                            std::hint::spin_loop();
-                        }
+                    // Requests carry a reply subject, published messages do
+                    // not; one count serves both, named by the mode.
+                    if fanout {
+                        counts.fire_and_forget();
+                    } else {
+                        counts.request_response();
                     }
+                    runner::work(work);
                     if let Some(reply) = msg.reply {
                         let _ = client.publish(reply, msg.payload).await;
                     }
@@ -362,94 +405,4 @@ async fn stop_serving(tasks: Vec<tokio::task::JoinHandle<()>>) {
     for t in tasks {
         let _ = t.await;
     }
-}
-
-/// What `served` messages mean: requests carry a reply subject, published
-/// messages do not; one counter serves both, named by the mode.
-fn served_counts(spec: Option<&ResponderSpec>, served: u64, since: Instant) -> ResponderCounts {
-    let mut counts = ResponderCounts {
-        seconds: since.elapsed().as_secs_f64(),
-        ..ResponderCounts::default()
-    };
-    if spec.is_some_and(|s| s.fanout) {
-        counts.fire_and_forget = served;
-    } else {
-        counts.request_response = served;
-    }
-    counts
-}
-
-/// Serves requests over NATS until `stop` is set.
-pub fn run_responder(
-    spec: &ResponderSpec,
-    url: &str,
-    stop: Arc<AtomicBool>,
-) -> Result<ResponderCounts, String> {
-    let threads = spec.cpus.len().max(1);
-    let total = spec.instances * spec.connections;
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-    let mut handles = Vec::new();
-    for t in 0..threads {
-        let (spec, url, stop, ready) =
-            (spec.clone(), url.to_owned(), stop.clone(), ready_tx.clone());
-        let cpu = spec.cpus.get(t).copied();
-        handles.push(std::thread::spawn(move || -> ResponderCounts {
-            let since = Instant::now();
-            let rt = match runtime(cpu) {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready.send(Err(e.to_string()));
-                    return ResponderCounts::default();
-                }
-            };
-            let served = Rc::new(Cell::new(0u64));
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, async {
-                let subs = match subscribe(&spec, &url, t, threads).await {
-                    Ok(subs) => subs,
-                    Err(e) => {
-                        let _ = ready.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = ready.send(Ok(()));
-                let tasks = serve_all(subs, spec.work, &served);
-                while !stop.load(Ordering::Acquire) {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                stop_serving(tasks).await;
-            });
-            served_counts(Some(&spec), served.get(), since)
-        }));
-    }
-    drop(ready_tx);
-    for _ in 0..threads {
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                stop.store(true, Ordering::Release);
-                return Err(e);
-            }
-            Err(_) => return Err("a responder thread ended early".into()),
-        }
-    }
-    eprintln!(
-        "loadgen responder: serving subject {} on {url} with {total} connection(s){}",
-        spec.service,
-        if spec.fanout {
-            ", each receiving every message"
-        } else {
-            " in a queue group"
-        }
-    );
-    let started = Instant::now();
-    let mut total_counts = ResponderCounts::default();
-    for h in handles {
-        let c = h
-            .join()
-            .map_err(|_| "a responder thread panicked".to_owned())?;
-        total_counts.add(&c);
-    }
-    total_counts.seconds = started.elapsed().as_secs_f64();
-    Ok(total_counts)
 }

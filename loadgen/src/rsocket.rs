@@ -12,6 +12,7 @@ use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use glommio::Task;
 use glommio::{LocalExecutorBuilder, Placement};
 use rsbroker_client::metadata::route;
 use rsbroker_client::{
@@ -20,6 +21,8 @@ use rsbroker_client::{
 };
 use rsbroker_transports::TcpFrames;
 
+use crate::event_loop::Glommio;
+use crate::runner::{self, Counts, Part, ResponderSide, Share};
 use crate::schedule::{SPIN, Schedule, latency, wait_until};
 use crate::stats::Recorder;
 use crate::{Interaction, Mode, RequesterSpec, ResponderCounts, ResponderSpec, Run};
@@ -72,13 +75,13 @@ pub fn run_requester(spec: &RequesterSpec, addr: SocketAddr) -> Result<Run, Stri
         let cpu = spec.cpus.get(t).copied();
         let h = executor(cpu, format!("loadgen-{t}"), spec.spin)
             .spawn(move || async move {
-                let counts = Rc::new(Counts::default());
-                let served_since = Instant::now();
+                let counts = Rc::new(Counts::new());
                 let setup = async {
                     let responders = match &spec.serve {
                         Some(serve) => {
                             let echo = Echo::new(serve, counts.clone());
-                            connect_responders(serve, addr, t, threads, &echo).await?
+                            connect_responders(serve, addr, Share { index: t, threads }, &echo)
+                                .await?
                         }
                         None => Vec::new(),
                     };
@@ -105,9 +108,7 @@ pub fn run_requester(spec: &RequesterSpec, addr: SocketAddr) -> Result<Run, Stri
                 for c in &responders {
                     c.close();
                 }
-                let mut served = counts.totals();
-                served.seconds = served_since.elapsed().as_secs_f64();
-                Ok((record, served))
+                Ok((record, counts.totals()))
             })
             .map_err(|e| format!("cannot start a thread on CPU {cpu:?}: {e}"))?;
         handles.push(h);
@@ -467,29 +468,7 @@ async fn consume(
 
 // ---------------------------------------------------------------- responder
 
-/// What a responder thread counted.
-#[derive(Debug, Default)]
-struct Counts {
-    rr: Cell<u64>,
-    fnf: Cell<u64>,
-    streams: Cell<u64>,
-    channels: Cell<u64>,
-    items: Cell<u64>,
-}
-
-impl Counts {
-    fn totals(&self) -> ResponderCounts {
-        ResponderCounts {
-            request_response: self.rr.get(),
-            fire_and_forget: self.fnf.get(),
-            streams: self.streams.get(),
-            channels: self.channels.get(),
-            items: self.items.get(),
-            seconds: 0.0,
-        }
-    }
-}
-
+/// Answers every model: echoes requests, streams `items` copies.
 #[derive(Clone)]
 struct Echo {
     counts: Rc<Counts>,
@@ -505,33 +484,23 @@ impl Echo {
             items: spec.items,
         }
     }
-
-    /// Simulated work: the CPU is busy for `work`.
-    fn work(&self) {
-        if !self.work.is_zero() {
-            let until = Instant::now() + self.work;
-            while Instant::now() < until {
-                std::hint::spin_loop();
-            }
-        }
-    }
 }
 
 impl Responder for Echo {
     fn request_response(&self, request: Payload) -> LocalBoxFuture<Result<Payload, ClientError>> {
-        self.counts.rr.set(self.counts.rr.get() + 1);
-        self.work();
+        self.counts.request_response();
+        runner::work(self.work);
         Box::pin(std::future::ready(Ok(Payload::data(request.data))))
     }
 
     fn fire_and_forget(&self, _request: Payload) {
-        self.counts.fnf.set(self.counts.fnf.get() + 1);
-        self.work();
+        self.counts.fire_and_forget();
+        runner::work(self.work);
     }
 
     fn request_stream(&self, request: Payload, sink: Sink) {
-        self.counts.streams.set(self.counts.streams.get() + 1);
-        self.work();
+        self.counts.stream();
+        runner::work(self.work);
         let (items, counts) = (self.items, self.counts.clone());
         glommio::spawn_local(async move {
             let item = Payload::data(request.data);
@@ -539,7 +508,7 @@ impl Responder for Echo {
                 if sink.send(item.clone()).await.is_err() {
                     return;
                 }
-                counts.items.set(counts.items.get() + 1);
+                counts.item();
             }
             let _ = sink.complete();
         })
@@ -547,15 +516,15 @@ impl Responder for Echo {
     }
 
     fn request_channel(&self, request: Payload, mut inbound: Subscription, sink: Sink) {
-        self.counts.channels.set(self.counts.channels.get() + 1);
-        self.work();
+        self.counts.channel();
+        runner::work(self.work);
         let counts = self.counts.clone();
         glommio::spawn_local(async move {
             let _ = inbound.request(64);
             if sink.send(Payload::data(request.data)).await.is_err() {
                 return;
             }
-            counts.items.set(counts.items.get() + 1);
+            counts.item();
             let mut since = 0;
             while let Some(Ok(item)) = inbound.next().await {
                 since += 1;
@@ -566,7 +535,7 @@ impl Responder for Echo {
                 if sink.send(Payload::data(item.data)).await.is_err() {
                     return;
                 }
-                counts.items.set(counts.items.get() + 1);
+                counts.item();
             }
             let _ = sink.complete();
         })
@@ -579,111 +548,92 @@ pub fn run_responder(
     spec: &ResponderSpec,
     stop: Arc<AtomicBool>,
 ) -> Result<ResponderCounts, String> {
-    let threads = spec.cpus.len().max(1);
-    let mut handles = Vec::new();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-    for t in 0..threads {
-        let spec = spec.clone();
-        let stop = stop.clone();
-        let ready = ready_tx.clone();
-        let cpu = spec.cpus.get(t).copied();
-        let h = executor(cpu, format!("loadgen-responder-{t}"), false)
-            .spawn(move || async move {
-                let counts = Rc::new(Counts::default());
-                let echo = Echo::new(&spec, counts.clone());
-                let mut clients = Vec::new();
-                let mut server = None;
-                match (spec.broker, spec.listen) {
-                    (Some(addr), _) => {
-                        match connect_responders(&spec, addr, t, threads, &echo).await {
-                            Ok(c) => clients = c,
-                            Err(e) => {
-                                let _ = ready.send(Err(e));
-                                return counts.totals();
-                            }
-                        }
-                    }
-                    (None, Some(addr)) => match rsbroker_transports::tcp::bind(addr) {
-                        Ok(listener) => {
-                            let echo = echo.clone();
-                            server = Some(glommio::spawn_local(async move {
-                                let mut served = Vec::new();
-                                while let Ok(stream) = listener.accept().await {
-                                    let io = TcpFrames::new(stream, rsocket_proto::frame::MAX_U24);
-                                    served.push(
-                                        Client::builder(ClientConfig::default())
-                                            .default_responder(echo.clone())
-                                            .serve(io),
-                                    );
-                                    served.retain(|c| !c.is_closed());
-                                }
-                            }));
-                        }
-                        Err(e) => {
-                            let _ = ready.send(Err(format!("cannot listen on {addr}: {e}")));
-                            return counts.totals();
-                        }
-                    },
-                    (None, None) => {
-                        let _ = ready.send(Err("responder: give --broker or --listen".into()));
-                        return counts.totals();
-                    }
-                }
-                let _ = ready.send(Ok(()));
-                while !stop.load(Ordering::Acquire) && !clients.iter().any(Client::is_closed) {
-                    glommio::timer::sleep(Duration::from_millis(20)).await;
-                }
-                if clients.iter().any(Client::is_closed) {
-                    eprintln!("loadgen responder: the broker closed a connection; stopping");
-                }
-                drop(server);
-                for c in &clients {
-                    c.close();
-                }
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-                counts.totals()
-            })
-            .map_err(|e| format!("cannot start a thread on CPU {cpu:?}: {e}"))?;
-        handles.push(h);
-    }
-    drop(ready_tx);
-    for _ in 0..threads {
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                stop.store(true, Ordering::Release);
-                return Err(e);
-            }
-            Err(_) => return Err("a responder thread ended early".into()),
-        }
-    }
-    eprintln!("{}", spec.ready_line());
-    let started = Instant::now();
-    let mut total = ResponderCounts::default();
-    for h in handles {
-        let c = h
-            .join()
-            .map_err(|e| format!("a responder thread failed: {e}"))?;
-        total.add(&c);
-    }
-    total.seconds = started.elapsed().as_secs_f64();
-    Ok(total)
+    runner::run_responder(&EchoServer, spec, stop)
 }
 
-/// Connects thread `t`'s share (of `threads`) of the responder
-/// connections `spec` asks for: every instance's connections, registered
-/// with the broker at `addr` and answered by `echo`.
+/// Serves [`Echo`] through a broker (`spec.broker`) or as a plain RSocket
+/// server (`spec.listen`).
+#[derive(Clone)]
+struct EchoServer;
+
+/// What one responder thread serves with.
+struct Serving {
+    /// Registered with the broker.
+    clients: Vec<Client>,
+    /// Accepting connections (`--listen`).
+    server: Option<Task<()>>,
+}
+
+impl ResponderSide for EchoServer {
+    type Loop = Glommio;
+    type Serving = Serving;
+
+    async fn serve(&self, part: Part<'_, ResponderSpec>) -> Result<Serving, String> {
+        let spec = part.spec;
+        let echo = Echo::new(spec, part.counts.clone());
+        let (clients, server) = match (spec.broker, spec.listen) {
+            (Some(addr), _) => (
+                connect_responders(spec, addr, part.share, &echo).await?,
+                None,
+            ),
+            (None, Some(addr)) => (Vec::new(), Some(listen(addr, echo)?)),
+            (None, None) => return Err("responder: give --broker or --listen".into()),
+        };
+        Ok(Serving { clients, server })
+    }
+
+    fn ended(serving: &Serving) -> bool {
+        serving.clients.iter().any(Client::is_closed)
+    }
+
+    async fn stop(&self, serving: Serving) {
+        if Self::ended(&serving) {
+            eprintln!("loadgen responder: the broker closed a connection; stopping");
+        }
+        drop(serving.server);
+        for c in &serving.clients {
+            c.close();
+        }
+        // The closes go out before the executor ends.
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+
+    fn ready_line(&self, spec: &ResponderSpec) -> String {
+        spec.ready_line()
+    }
+}
+
+/// Serves every connection to `addr` with `echo`, on a task of the
+/// current executor (dropping the task stops it).
+fn listen(addr: SocketAddr, echo: Echo) -> Result<Task<()>, String> {
+    let listener = rsbroker_transports::tcp::bind(addr)
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    Ok(glommio::spawn_local(async move {
+        let mut served = Vec::new();
+        while let Ok(stream) = listener.accept().await {
+            let io = TcpFrames::new(stream, rsocket_proto::frame::MAX_U24);
+            served.push(
+                Client::builder(ClientConfig::default())
+                    .default_responder(echo.clone())
+                    .serve(io),
+            );
+            served.retain(|c| !c.is_closed());
+        }
+    }))
+}
+
+/// Connects this thread's `share` of the responder connections `spec`
+/// asks for: every instance's connections, registered with the broker at
+/// `addr` and answered by `echo`.
 async fn connect_responders(
     spec: &ResponderSpec,
     addr: SocketAddr,
-    t: usize,
-    threads: usize,
+    share: Share,
     echo: &Echo,
 ) -> Result<Vec<Client>, String> {
     let (group, service, version) = split_service(&spec.service);
-    let total = spec.instances * spec.connections;
     let mut clients = Vec::new();
-    for k in (t..total).step_by(threads.max(1)) {
+    for k in share.of(spec.instances * spec.connections) {
         let instance = k / spec.connections.max(1);
         let config = ClientConfig {
             app: Some(AppConfig {
