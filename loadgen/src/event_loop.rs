@@ -1,13 +1,15 @@
 //! The two event loops loadgen runs on, behind one trait: glommio (what
 //! rsbroker-client is built on) and a current-thread tokio runtime (what
-//! async-nats needs). The runner starts one per thread, pinned.
+//! async-nats needs). The runner starts one per thread, pinned, and asks
+//! it for the few things a request loop needs: tasks, sleeps and waiting
+//! for a due time.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorBuilder, Placement};
 
-use crate::schedule::SPIN;
+use crate::schedule::{SPIN, TokioTimer, wait_until, wait_until_tokio};
 
 /// Where and how a thread's event loop runs.
 pub(crate) struct Place {
@@ -43,6 +45,9 @@ fn cannot_start(cpu: Option<usize>, e: impl std::fmt::Display) -> String {
 
 /// One event loop per thread, as a protocol side needs it.
 pub(crate) trait EventLoop {
+    /// What waiting for a due time needs on this loop.
+    type Timer;
+
     /// Starts a thread at `place` that runs the future `body` makes there.
     /// `body` is dropped unrun when the thread cannot start.
     fn start<F: Body>(
@@ -50,8 +55,21 @@ pub(crate) trait EventLoop {
         body: impl FnOnce() -> F + Send + 'static,
     ) -> Result<Thread<F::Output>, String>;
 
+    /// Runs `task` on the current loop without waiting for it.
+    fn detach(task: impl Future<Output = ()> + 'static);
+
+    /// Runs every task on the current loop at once; returns when all ended.
+    async fn join_all<F: Future<Output = ()> + 'static>(tasks: Vec<F>);
+
     /// Sleeps on the current loop.
     async fn sleep(d: Duration);
+
+    /// A timer for [`Self::wait_until`], made on the current loop.
+    fn timer() -> Result<Self::Timer, String>;
+
+    /// Waits until `due` (see [`crate::schedule::wait_until`]); returns when
+    /// it woke.
+    async fn wait_until(timer: &Self::Timer, due: Instant, spin: bool) -> Instant;
 }
 
 /// glommio executors, for the RSocket side.
@@ -62,6 +80,8 @@ pub(crate) struct Glommio;
 const SPIN_BEFORE_PARK: Duration = SPIN.saturating_add(Duration::from_micros(50));
 
 impl EventLoop for Glommio {
+    type Timer = ();
+
     fn start<F: Body>(
         place: Place,
         body: impl FnOnce() -> F + Send + 'static,
@@ -81,8 +101,27 @@ impl EventLoop for Glommio {
         })
     }
 
+    fn detach(task: impl Future<Output = ()> + 'static) {
+        glommio::spawn_local(task).detach();
+    }
+
+    async fn join_all<F: Future<Output = ()> + 'static>(tasks: Vec<F>) {
+        let tasks: Vec<_> = tasks.into_iter().map(glommio::spawn_local).collect();
+        for t in tasks {
+            t.await;
+        }
+    }
+
     async fn sleep(d: Duration) {
         glommio::timer::sleep(d).await;
+    }
+
+    fn timer() -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn wait_until(_: &(), due: Instant, spin: bool) -> Instant {
+        wait_until(due, spin).await
     }
 }
 
@@ -90,6 +129,8 @@ impl EventLoop for Glommio {
 pub(crate) struct Tokio;
 
 impl EventLoop for Tokio {
+    type Timer = TokioTimer;
+
     fn start<F: Body>(
         place: Place,
         body: impl FnOnce() -> F + Send + 'static,
@@ -121,8 +162,27 @@ impl EventLoop for Tokio {
         })
     }
 
+    fn detach(task: impl Future<Output = ()> + 'static) {
+        tokio::task::spawn_local(task);
+    }
+
+    async fn join_all<F: Future<Output = ()> + 'static>(tasks: Vec<F>) {
+        let tasks: Vec<_> = tasks.into_iter().map(tokio::task::spawn_local).collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
     async fn sleep(d: Duration) {
         tokio::time::sleep(d).await;
+    }
+
+    fn timer() -> Result<TokioTimer, String> {
+        TokioTimer::new().map_err(|e| format!("cannot create a timerfd: {e}"))
+    }
+
+    async fn wait_until(timer: &TokioTimer, due: Instant, spin: bool) -> Instant {
+        wait_until_tokio(due, spin, timer).await
     }
 }
 

@@ -11,11 +11,11 @@
 //!
 //! - [`schedule`]: due times and waiting for them.
 //! - [`stats`]: per-thread recorders, percentiles, the `.hgrm` format.
-//! - `runner`: one pinned thread per CPU and the merge of what the threads
-//!   counted, for either protocol.
+//! - `runner`: one pinned thread per CPU, the open and closed loops, and
+//!   the merge of the threads' records, for either protocol.
 //! - `event_loop`: the two event loops the runner starts (glommio, tokio).
-//! - [`rsocket`]: the RSocket requester and responder on glommio.
-//! - [`nats`]: the same over NATS, on tokio.
+//! - [`rsocket`]: the RSocket side: connect, send one request, answer one.
+//! - [`nats`]: the same over NATS.
 //! - this file: what a run asks for and what its summary says.
 
 mod event_loop;

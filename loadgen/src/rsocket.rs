@@ -1,19 +1,18 @@
-//! Load over RSocket with rsbroker-client: the requester (open or closed
-//! loop, all four interaction models) and the responder (registered with a
-//! broker, or a plain RSocket server with `--listen`). One glommio executor
-//! per CPU, pinned; each keeps its own [`Recorder`].
+//! Load over RSocket with rsbroker-client, on glommio: the requester (all
+//! four interaction models) and the responder (registered with a broker,
+//! or a plain RSocket server with `--listen`). The runner
+//! ([`crate::runner`]) owns the threads and the request loops; this file
+//! says how to connect, send one request and answer one.
 
-use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, OnceLock};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use glommio::Task;
-use glommio::{LocalExecutorBuilder, Placement};
 use rsbroker_client::metadata::route;
 use rsbroker_client::{
     AppConfig, Client, ClientConfig, ClientError, LocalBoxFuture, Payload, Responder, Sink,
@@ -22,147 +21,78 @@ use rsbroker_client::{
 use rsbroker_transports::TcpFrames;
 
 use crate::event_loop::Glommio;
-use crate::runner::{self, Counts, Part, ResponderSide, Share};
-use crate::schedule::{SPIN, Schedule, latency, wait_until};
+use crate::runner::{self, Counts, Load, Part, RequesterSide, ResponderSide, Share, Tally};
 use crate::stats::Recorder;
-use crate::{Interaction, Mode, RequesterSpec, ResponderCounts, ResponderSpec, Run};
+use crate::{Interaction, RequesterSpec, ResponderCounts, ResponderSpec, Run};
 
 /// A stream window this large is unbounded (2^31-1 saturates RSocket credit).
 pub const UNBOUNDED: u32 = i32::MAX as u32;
-
-/// How long a finished run waits for answers still in flight.
-const DRAIN: Duration = Duration::from_secs(5);
-
-/// How long a spinning executor polls for work before it parks: longer
-/// than the open loop's final wait before a due time, so that wait is spun.
-const SPIN_BEFORE_PARK: Duration = SPIN.saturating_add(Duration::from_micros(50));
 
 /// How long the requester waits for an in-process responder to be
 /// reachable through the broker before the run starts.
 const SERVE_READY: Duration = Duration::from_secs(5);
 
-fn executor(cpu: Option<usize>, name: String, spin: bool) -> LocalExecutorBuilder {
-    let placement = match cpu {
-        Some(c) => Placement::Fixed(c),
-        None => Placement::Unbound,
-    };
-    let b = LocalExecutorBuilder::new(placement)
-        .name(&name)
-        .io_memory(256 << 10);
-    if spin {
-        b.spin_before_park(SPIN_BEFORE_PARK)
-    } else {
-        b
-    }
-}
-
 /// Runs the requester side against `addr`; returns the merged record and
 /// when the measurement window started.
 pub fn run_requester(spec: &RequesterSpec, addr: SocketAddr) -> Result<Run, String> {
-    let threads = spec.cpus.len().clamp(1, spec.connections.max(1));
-    let barrier = Arc::new(Barrier::new(threads + 1));
-    let start: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
-    let progress: Vec<Arc<AtomicU64>> = (0..threads).map(|_| Arc::new(AtomicU64::new(0))).collect();
-    let failed_setup = Arc::new(AtomicBool::new(false));
-    let mut handles = Vec::new();
-    for t in 0..threads {
-        let conns = (t..spec.connections).step_by(threads).count();
-        let spec = spec.clone();
-        let barrier = barrier.clone();
-        let start = start.clone();
-        let progress = progress[t].clone();
-        let failed_setup = failed_setup.clone();
-        let cpu = spec.cpus.get(t).copied();
-        let h = executor(cpu, format!("loadgen-{t}"), spec.spin)
-            .spawn(move || async move {
-                let counts = Rc::new(Counts::new());
-                let setup = async {
-                    let responders = match &spec.serve {
-                        Some(serve) => {
-                            let echo = Echo::new(serve, counts.clone());
-                            connect_responders(serve, addr, Share { index: t, threads }, &echo)
-                                .await?
-                        }
-                        None => Vec::new(),
-                    };
-                    let clients = connect_all(addr, conns).await?;
-                    if spec.serve.is_some()
-                        && let Some(first) = clients.first()
-                    {
-                        served_ready(first, &spec.route).await?;
-                    }
-                    Ok::<_, String>((responders, clients))
-                }
-                .await;
-                if setup.is_err() {
-                    failed_setup.store(true, Ordering::Release);
-                }
-                barrier.wait();
-                let (responders, clients) = setup?;
-                let record = if failed_setup.load(Ordering::Acquire) {
-                    Recorder::default()
-                } else {
-                    let start = *start.get_or_init(|| Instant::now() + Duration::from_millis(20));
-                    thread_main(&spec, clients, start, progress).await
-                };
-                for c in &responders {
-                    c.close();
-                }
-                Ok((record, counts.totals()))
-            })
-            .map_err(|e| format!("cannot start a thread on CPU {cpu:?}: {e}"))?;
-        handles.push(h);
-    }
-    barrier.wait();
-    let started = Instant::now();
-    let report_progress = spec.live;
-    let measure_start_guess = started + Duration::from_millis(20) + spec.warmup;
-    let end_guess = measure_start_guess + spec.duration;
-    let live = std::thread::spawn({
-        let progress = progress.clone();
-        move || {
-            if !report_progress {
-                return;
+    runner::run_requester(&Requester { addr }, spec)
+}
+
+/// Requests to one broker or RSocket server.
+#[derive(Clone)]
+struct Requester {
+    addr: SocketAddr,
+}
+
+/// What one requester thread opened.
+struct Connections {
+    /// Requests go out on these.
+    clients: Vec<Client>,
+    /// The in-process responder's, registered with the broker.
+    responders: Vec<Client>,
+    request: Rc<Request>,
+}
+
+impl RequesterSide for Requester {
+    type Loop = Glommio;
+    type Thread = Connections;
+
+    async fn connect(&self, part: Part<'_, RequesterSpec>) -> Result<Connections, String> {
+        let spec = part.spec;
+        let responders = match &spec.serve {
+            Some(serve) => {
+                let echo = Echo::new(serve, part.counts.clone());
+                connect_responders(serve, self.addr, part.share, &echo).await?
             }
-            let mut last = 0u64;
-            let mut t = 0;
-            while Instant::now() < end_guess {
-                std::thread::sleep(Duration::from_secs(1));
-                t += 1;
-                let now: u64 = progress.iter().map(|p| p.load(Ordering::Relaxed)).sum();
-                eprintln!("  {t:>4} s  {:>10} completed/s", now - last);
-                last = now;
-            }
+            None => Vec::new(),
+        };
+        let clients = connect_all(self.addr, part.connections()).await?;
+        if spec.serve.is_some()
+            && let Some(first) = clients.first()
+        {
+            served_ready(first, &spec.route).await?;
         }
-    });
-    let mut total = Recorder::default();
-    let mut served = ResponderCounts::default();
-    let mut first_error = None;
-    for h in handles {
-        match h.join() {
-            Ok(Ok((r, s))) => {
-                total.merge(&r);
-                served.add(&s);
-            }
-            Ok(Err(e)) => {
-                first_error.get_or_insert(e);
-            }
-            Err(e) => {
-                first_error.get_or_insert(format!("a thread failed: {e}"));
-            }
+        Ok(Connections {
+            clients,
+            responders,
+            request: Rc::new(Request::new(spec)),
+        })
+    }
+
+    async fn send(&self, c: &Connections, load: Load<'_, Glommio>) -> Recorder {
+        let request = c.request.clone();
+        load.drive(&c.clients, move |client: Client, tally: Tally| {
+            let request = request.clone();
+            async move { request.run(&client, &tally).await }
+        })
+        .await
+    }
+
+    async fn close(&self, c: Connections) {
+        for client in c.clients.iter().chain(&c.responders) {
+            client.close();
         }
     }
-    let _ = live.join();
-    if let Some(e) = first_error {
-        return Err(e);
-    }
-    let measure_start = start.get().copied().unwrap_or(started) + spec.warmup;
-    Ok(Run {
-        record: total,
-        measured: spec.duration,
-        started: measure_start,
-        served: spec.serve.is_some().then_some(served),
-    })
 }
 
 /// Waits until a request on `route` is answered: the in-process
@@ -197,150 +127,6 @@ async fn connect_all(addr: SocketAddr, n: usize) -> Result<Vec<Client>, String> 
     Ok(clients)
 }
 
-/// The window a request counts in.
-#[derive(Clone, Copy)]
-struct Window {
-    start: Instant,
-    end: Instant,
-}
-
-impl Window {
-    fn contains(&self, t: Instant) -> bool {
-        t >= self.start && t < self.end
-    }
-}
-
-async fn thread_main(
-    spec: &RequesterSpec,
-    clients: Vec<Client>,
-    start: Instant,
-    progress: Arc<AtomicU64>,
-) -> Recorder {
-    let rec = Rc::new(RefCell::new(Recorder::default()));
-    let window = Window {
-        start: start + spec.warmup,
-        end: start + spec.warmup + spec.duration,
-    };
-    let request = Rc::new(Request {
-        interaction: spec.interaction,
-        metadata: route(
-            &std::iter::once(spec.route.as_str())
-                .chain(spec.tags.iter().map(String::as_str))
-                .collect::<Vec<_>>(),
-        ),
-        data: Bytes::from(vec![b'x'; spec.payload_size]),
-        request_n: spec.request_n.max(1),
-        items: spec.items.max(1),
-    });
-    let outstanding = Rc::new(Cell::new(0usize));
-    match spec.mode {
-        Mode::Open { rps } => {
-            let share = clients.len() as f64 / spec.connections.max(1) as f64;
-            let mut schedule = Schedule::ramped(start, rps * share, spec.warmup / 2, window.end);
-            let mut i = 0usize;
-            while let Some((_, due)) = schedule.next_due() {
-                // Requests found due at one wake-up go out on one connection,
-                // so they leave in one write; the next wake-up takes the next
-                // connection.
-                if Instant::now() < due {
-                    i += 1;
-                }
-                let sent = wait_until(due, spec.spin).await;
-                let measured = window.contains(due);
-                rec.borrow_mut().record_send(due, sent, measured);
-                let client = clients[i % clients.len()].clone();
-                outstanding.set(outstanding.get() + 1);
-                let (rec, request, outstanding, progress) = (
-                    rec.clone(),
-                    request.clone(),
-                    outstanding.clone(),
-                    progress.clone(),
-                );
-                glommio::spawn_local(async move {
-                    let result = request.run(&client, &rec, window).await;
-                    finish(&rec, &progress, window, due, measured, result);
-                    outstanding.set(outstanding.get() - 1);
-                })
-                .detach();
-            }
-        }
-        Mode::Closed { concurrency } => {
-            let mut workers = Vec::new();
-            for client in &clients {
-                for _ in 0..concurrency.max(1) {
-                    let (client, rec, request, progress) = (
-                        client.clone(),
-                        rec.clone(),
-                        request.clone(),
-                        progress.clone(),
-                    );
-                    workers.push(glommio::spawn_local(async move {
-                        // The next request goes out as soon as one is
-                        // recorded, so the time it was recorded is the next
-                        // one's send time (one clock read per request).
-                        let mut t0 = Instant::now();
-                        while t0 < window.end {
-                            rec.borrow_mut().sent += 1;
-                            let result = request.run(&client, &rec, window).await;
-                            t0 = finish(&rec, &progress, window, t0, window.contains(t0), result);
-                        }
-                    }));
-                }
-            }
-            for w in workers {
-                w.await;
-            }
-        }
-    }
-    // Answers still in flight get a little time; what does not come is counted.
-    let deadline = Instant::now() + DRAIN;
-    while outstanding.get() > 0 && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(1)).await;
-    }
-    let mut r = rec.borrow().clone();
-    r.unanswered += outstanding.get() as u64;
-    if outstanding.get() > 0 {
-        r.errors += outstanding.get() as u64;
-        if r.first_error.is_none() {
-            r.first_error = Some(format!(
-                "{} requests were not answered within {DRAIN:?} after the run",
-                outstanding.get()
-            ));
-        }
-    }
-    for c in &clients {
-        c.close();
-    }
-    r
-}
-
-/// Records the outcome of one request that was due (or sent) at `due`;
-/// returns the time it was recorded.
-fn finish(
-    rec: &RefCell<Recorder>,
-    progress: &AtomicU64,
-    window: Window,
-    due: Instant,
-    measured: bool,
-    result: Result<(), String>,
-) -> Instant {
-    let done = Instant::now();
-    let mut r = rec.borrow_mut();
-    match result {
-        Ok(()) => {
-            if measured {
-                r.record_latency(latency(due, done));
-            }
-            if window.contains(done) {
-                r.ok += 1;
-                progress.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        Err(e) => r.error(|| e),
-    }
-    done
-}
-
 /// One request of the run's interaction model.
 struct Request {
     interaction: Interaction,
@@ -351,6 +137,20 @@ struct Request {
 }
 
 impl Request {
+    fn new(spec: &RequesterSpec) -> Self {
+        Self {
+            interaction: spec.interaction,
+            metadata: route(
+                &std::iter::once(spec.route.as_str())
+                    .chain(spec.tags.iter().map(String::as_str))
+                    .collect::<Vec<_>>(),
+            ),
+            data: Bytes::from(vec![b'x'; spec.payload_size]),
+            request_n: spec.request_n.max(1),
+            items: spec.items.max(1),
+        }
+    }
+
     fn payload(&self) -> Payload {
         Payload {
             metadata: Some(self.metadata.clone()),
@@ -358,12 +158,9 @@ impl Request {
         }
     }
 
-    async fn run(
-        &self,
-        client: &Client,
-        rec: &RefCell<Recorder>,
-        window: Window,
-    ) -> Result<(), String> {
+    /// Sends it on `client` and waits for the answer (a stream's or
+    /// channel's items are counted in `tally` as they come).
+    async fn run(&self, client: &Client, tally: &Tally) -> Result<(), String> {
         match self.interaction {
             Interaction::Rr => client
                 .request_response(self.payload())
@@ -380,7 +177,7 @@ impl Request {
                 let sub = client
                     .request_stream(self.payload(), self.request_n)
                     .map_err(|e| e.to_string())?;
-                consume(sub, self.request_n, rec, window).await
+                consume(sub, self.request_n, tally).await
             }
             Interaction::Channel => {
                 let (sink, sub) = client
@@ -396,7 +193,7 @@ impl Request {
                     }
                     let _ = sink.complete();
                 });
-                let received = consume(sub, self.request_n, rec, window).await;
+                let received = consume(sub, self.request_n, tally).await;
                 sending.await;
                 received
             }
@@ -407,12 +204,8 @@ impl Request {
 /// Reads a stream to its end under a window of `n` items, asking for more
 /// as it consumes; per-item latency is counted from the credit that allowed
 /// the item (not for unbounded windows).
-async fn consume(
-    mut sub: Subscription,
-    n: u32,
-    rec: &RefCell<Recorder>,
-    window: Window,
-) -> Result<(), String> {
+async fn consume(mut sub: Subscription, n: u32, tally: &Tally) -> Result<(), String> {
+    let window = tally.window;
     let bounded = n < UNBOUNDED;
     let mut credits: VecDeque<(Instant, u32)> = VecDeque::new();
     if bounded {
@@ -438,7 +231,7 @@ async fn consume(
         item.map_err(|e| e.to_string())?;
         let now = Instant::now();
         {
-            let mut r = rec.borrow_mut();
+            let mut r = tally.rec.borrow_mut();
             r.items_total += 1;
             if window.contains(now) {
                 r.items += 1;

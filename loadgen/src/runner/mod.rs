@@ -1,17 +1,22 @@
 //! One runner for both protocols. It starts a pinned thread per CPU on the
 //! protocol's event loop, gives each thread its share of the connections,
 //! runs the protocol side's code there, joins the threads and merges what
-//! they counted. The protocol files ([`crate::rsocket`], [`crate::nats`])
-//! say only how to connect and serve.
+//! they recorded. The protocol files ([`crate::rsocket`], [`crate::nats`])
+//! say only how to connect, send one request and serve one.
 //!
+//! - [`requester`]: a requester run: every thread connects, then all start
+//!   at once; the open and closed loops; the live line.
 //! - [`responder`]: a responder run, and the counts a serving thread keeps.
 
+mod requester;
 mod responder;
 
+pub(crate) use requester::{Load, RequesterSide, Tally, run_requester};
 pub(crate) use responder::{Counts, ResponderSide, run_responder, work};
 
 use std::rc::Rc;
 
+use crate::RequesterSpec;
 use crate::event_loop::Thread;
 
 /// What one thread is to do: its share of `spec`, counting what it serves
@@ -33,6 +38,13 @@ impl<'a, S> Part<'a, S> {
             share,
             counts,
         }
+    }
+}
+
+impl Part<'_, RequesterSpec> {
+    /// How many connections this thread sends on.
+    pub(crate) fn connections(&self) -> usize {
+        self.share.of(self.spec.connections).count()
     }
 }
 
