@@ -6,10 +6,11 @@ use std::hint::black_box;
 
 use bytes::BytesMut;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use rsbroker_benches::{composite, payload_frame, request_response_64};
+use rsbroker_benches::{payload_frame, request_response_64};
 use rsocket_proto::OutFrame;
 use rsocket_proto::codec::{LengthPrefixed, put_prefixed};
 use rsocket_proto::frame::{Frame, FrameView};
+use rsocket_proto::metadata::build::CompositeBuilder;
 use rsocket_proto::metadata::{RequestMetadata, Route};
 
 fn decode(c: &mut Criterion) {
@@ -127,10 +128,11 @@ fn encode(c: &mut Criterion) {
 
 fn metadata(c: &mut Criterion) {
     let mut g = c.benchmark_group("metadata");
-    let md = composite(
-        "group!com.example.Echo.hello:1.0.0",
-        Some("eyJhbGciOiJIUzI1NiJ9.e30.sig"),
-    );
+    let md = CompositeBuilder::new()
+        .routing(&["group!com.example.Echo.hello:1.0.0"])
+        .bearer("eyJhbGciOiJIUzI1NiJ9.e30.sig")
+        .build()
+        .expect("metadata fits");
     g.bench_function("composite_routing_auth/scan_and_route", |b| {
         b.iter(|| {
             let found = RequestMetadata::scan(black_box(&md)).unwrap();

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use rsbroker_benches::composite;
 use rsbroker_core::app::AppInfo;
 use rsbroker_core::message::Message;
 use rsbroker_core::routes::{RouteChange, RouteUpdate};
@@ -16,6 +15,7 @@ use rsbroker_core::{
     Balancer, ConnId, Destination, Policies, ServiceKey, ServicePolicy, Shard, ShardConfig,
 };
 use rsocket_proto::conn::Interaction;
+use rsocket_proto::metadata::build::route;
 
 // The broker's allocator, so that allocation costs are the broker's.
 #[global_allocator]
@@ -68,23 +68,9 @@ fn shard(instances: u32, balancer: Balancer) -> (Shard, ConnId) {
 
 fn destination(c: &mut Criterion) {
     let mut g = c.benchmark_group("destination");
-    let plain = composite("com.example.Echo.hello", None);
-    let hashed = {
-        // The hash tag rides as a second routing tag.
-        let mut routing = Vec::new();
-        rsocket_proto::metadata::put_tag(&mut routing, "com.example.Echo.hello").unwrap();
-        rsocket_proto::metadata::put_tag(&mut routing, "user=alice").unwrap();
-        let mut md = Vec::new();
-        rsocket_proto::metadata::put_entry(
-            &mut md,
-            rsocket_proto::metadata::MimeType::WellKnown(
-                rsocket_proto::metadata::WellKnownMime::ROUTING,
-            ),
-            &routing,
-        )
-        .unwrap();
-        bytes::Bytes::from(md)
-    };
+    let plain = route(&["com.example.Echo.hello"]).expect("the route fits");
+    // The hash tag rides as a second routing tag.
+    let hashed = route(&["com.example.Echo.hello", "user=alice"]).expect("the tags fit");
     let balancers = [
         ("round-robin", Balancer::RoundRobin),
         ("random", Balancer::Random),

@@ -20,7 +20,8 @@ use rsocket_proto::conn::{Config, Connection, Event, RequestKind, SetupPayload};
 use rsocket_proto::frame::{
     Frame, FrameView, MAX_REQUEST_N, RequestChannel, RequestN, Setup, VERSION,
 };
-use rsocket_proto::metadata::{MimeType, RequestMetadata, Route, WellKnownMime, put_entry};
+use rsocket_proto::metadata::build::{CompositeBuilder, route};
+use rsocket_proto::metadata::{MimeType, RequestMetadata, Route, WellKnownMime};
 
 fn forwarding_pair() -> (Connection, Connection, u32) {
     let now = Instant::now();
@@ -90,21 +91,19 @@ fn shard_pair() -> (Shard, ConnId, ConnId) {
         })
         .to_bytes()
     };
-    let mut app = Vec::new();
-    put_entry(
-        &mut app,
-        MimeType::WellKnown(WellKnownMime::APPLICATION),
-        br#"{"name":"echo","uuid":"echo-1","ip":"127.0.0.1"}"#,
-    )
-    .expect("entry");
-    put_entry(
-        &mut app,
-        MimeType::WellKnown(WellKnownMime::SERVICE_REGISTRY),
-        br#"{"published":[{"group":"","service":"com.example.Echo","version":""}]}"#,
-    )
-    .expect("entry");
+    let app = CompositeBuilder::new()
+        .entry(
+            MimeType::WellKnown(WellKnownMime::APPLICATION),
+            br#"{"name":"echo","uuid":"echo-1","ip":"127.0.0.1"}"#,
+        )
+        .entry(
+            MimeType::WellKnown(WellKnownMime::SERVICE_REGISTRY),
+            br#"{"published":[{"group":"","service":"com.example.Echo","version":""}]}"#,
+        )
+        .build()
+        .expect("the entries fit");
     let responder = shard.open(now);
-    shard.handle_frame(now, responder, setup(Some(Bytes::from(app))));
+    shard.handle_frame(now, responder, setup(Some(app)));
     let requester = shard.open(now);
     shard.handle_frame(now, requester, setup(None));
     for c in [responder, requester] {
@@ -145,7 +144,7 @@ fn main() {
             stream_id: 1,
             follows: false,
             initial_n: MAX_REQUEST_N,
-            metadata: Some(rsbroker_benches::composite("com.example.Echo.items", None)),
+            metadata: Some(route(&["com.example.Echo.items"]).expect("the route fits")),
             data: Bytes::new(),
         };
         shard.handle_frame(now, requester, Frame::from(request).to_bytes());

@@ -1,33 +1,10 @@
 //! Fixtures shared by the benchmarks: frames of the sizes the benches and
-//! perf/RESULTS.md talk about.
+//! perf/RESULTS.md talk about. Metadata comes from
+//! `rsocket_proto::metadata::build`, as clients write it.
 
 use bytes::Bytes;
 use rsocket_proto::frame::{Frame, Payload, RequestResponse};
-use rsocket_proto::metadata::{MimeType, WellKnownMime, put_bearer, put_entry, put_tag};
-
-/// Composite metadata with a routing entry (`route`) and, optionally, a bearer token.
-pub fn composite(route: &str, token: Option<&str>) -> Bytes {
-    let mut routing = Vec::new();
-    put_tag(&mut routing, route).expect("route fits a tag");
-    let mut md = Vec::new();
-    put_entry(
-        &mut md,
-        MimeType::WellKnown(WellKnownMime::ROUTING),
-        &routing,
-    )
-    .expect("entry");
-    if let Some(token) = token {
-        let mut auth = Vec::new();
-        put_bearer(&mut auth, token);
-        put_entry(
-            &mut md,
-            MimeType::WellKnown(WellKnownMime::AUTHENTICATION),
-            &auth,
-        )
-        .expect("entry");
-    }
-    Bytes::from(md)
-}
+use rsocket_proto::metadata::build::route;
 
 /// A PAYLOAD frame of exactly `len` bytes (at least the 6-byte header).
 pub fn payload_frame(len: usize) -> Bytes {
@@ -46,7 +23,7 @@ pub fn payload_frame(len: usize) -> Bytes {
 /// A REQUEST_RESPONSE frame of exactly 64 bytes whose metadata is composite
 /// routing (`svc.method`) metadata.
 pub fn request_response_64() -> Bytes {
-    let metadata = composite("com.example.Echo.hello", None);
+    let metadata = route(&["com.example.Echo.hello"]).expect("the route fits a tag");
     let overhead = 6 + 3 + metadata.len();
     let data = Bytes::from(vec![b'd'; 64 - overhead]);
     let frame = Frame::from(RequestResponse {

@@ -3,26 +3,22 @@
 //! alibaba-rsocket-broker clients use).
 
 use bytes::Bytes;
-use rsocket_proto::metadata::{MimeType, WellKnownMime, put_entry, put_tag};
+use rsocket_proto::metadata::build;
+use rsocket_proto::metadata::{MimeType, WellKnownMime, put_entry};
 
 use crate::AppConfig;
 
 /// Composite metadata with one routing entry: `tags[0]` is the route
 /// (`[group!]service[.method][:version]`), further tags refine it
 /// (`e=<instance>`, `sticky=1`, `broadcast=1`, ...). Tags over 255 bytes are
-/// left out.
+/// left out; tags that add up to more than an entry holds (16 MiB) give
+/// empty metadata.
 pub fn route(tags: &[&str]) -> Bytes {
-    let mut routing = Vec::new();
-    for t in tags {
-        let _ = put_tag(&mut routing, t);
+    if let Ok(md) = build::route(tags) {
+        return md;
     }
-    let mut md = Vec::with_capacity(routing.len() + 4);
-    let _ = put_entry(
-        &mut md,
-        MimeType::WellKnown(WellKnownMime::ROUTING),
-        &routing,
-    );
-    Bytes::from(md)
+    let fits: Vec<&str> = tags.iter().copied().filter(|t| t.len() <= 255).collect();
+    build::route(&fits).unwrap_or_default()
 }
 
 /// SETUP metadata registering `app` and the `(group, service, version)`
@@ -87,4 +83,19 @@ pub fn services_event(services: &[&str], hidden: bool) -> Bytes {
         "data": { "services": list },
     });
     Bytes::from(event.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_leaves_out_tags_over_255_bytes() {
+        let long = "x".repeat(256);
+        assert_eq!(route(&["svc", &long, "e=1"]), route(&["svc", "e=1"]));
+        assert_eq!(
+            route(&["svc", "e=1"]),
+            &[0xFE, 0, 0, 8, 3, b's', b'v', b'c', 3, b'e', b'=', b'1'][..]
+        );
+    }
 }

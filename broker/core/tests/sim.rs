@@ -17,44 +17,29 @@ use rsbroker_core::{
 };
 use rsocket_proto::ErrorCode;
 use rsocket_proto::conn::{Config, Connection, Event, Interaction, RequestKind, SetupPayload};
-use rsocket_proto::metadata::{MimeType, WellKnownMime, put_entry, put_tag};
+use rsocket_proto::metadata::build::{CompositeBuilder, route};
+use rsocket_proto::metadata::{MimeType, WellKnownMime};
 
-fn route(tags: &[&str]) -> Bytes {
-    let mut routing = Vec::new();
-    for t in tags {
-        put_tag(&mut routing, t).unwrap();
-    }
-    let mut md = Vec::new();
-    put_entry(
-        &mut md,
-        MimeType::WellKnown(WellKnownMime::ROUTING),
-        &routing,
-    )
-    .unwrap();
-    Bytes::from(md)
-}
-
+/// SETUP metadata of app `uuid` publishing `services`, in the JSON
+/// alibaba-rsocket-broker clients send (with the `ip` the parser reads).
 fn setup_metadata(uuid: &str, services: &[&str]) -> Bytes {
-    let mut md = Vec::new();
     let app = format!(r#"{{"name":"app-{uuid}","uuid":"{uuid}","ip":"127.0.0.1"}}"#);
-    put_entry(
-        &mut md,
-        MimeType::WellKnown(WellKnownMime::APPLICATION),
-        app.as_bytes(),
-    )
-    .unwrap();
     let published: Vec<String> = services
         .iter()
         .map(|s| format!(r#"{{"group":"","service":"{s}","version":""}}"#))
         .collect();
     let registry = format!(r#"{{"published":[{}]}}"#, published.join(","));
-    put_entry(
-        &mut md,
-        MimeType::WellKnown(WellKnownMime::SERVICE_REGISTRY),
-        registry.as_bytes(),
-    )
-    .unwrap();
-    Bytes::from(md)
+    CompositeBuilder::new()
+        .entry(
+            MimeType::WellKnown(WellKnownMime::APPLICATION),
+            app.as_bytes(),
+        )
+        .entry(
+            MimeType::WellKnown(WellKnownMime::SERVICE_REGISTRY),
+            registry.as_bytes(),
+        )
+        .build()
+        .unwrap()
 }
 
 /// A fake app: one client connection to a shard.
@@ -392,7 +377,11 @@ impl Sim {
         let a = &mut self.apps[app];
         let id = a
             .conn
-            .send_request(kind, Some(route(tags)), Bytes::from(data.to_owned()))
+            .send_request(
+                kind,
+                Some(route(tags).unwrap()),
+                Bytes::from(data.to_owned()),
+            )
             .unwrap();
         let requested = match kind {
             RequestKind::Stream { initial_n } | RequestKind::Channel { initial_n, .. } => initial_n,

@@ -13,14 +13,13 @@ use std::cell::Cell;
 use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use common::{bytes, route_metadata};
+use common::bytes;
 use rsocket_proto::OutFrame;
 use rsocket_proto::codec::{LengthPrefixed, put_prefix};
 use rsocket_proto::conn::{Config, Connection, Event, RequestKind, SetupPayload};
 use rsocket_proto::frame::*;
-use rsocket_proto::metadata::{
-    MimeType, RequestMetadata, WellKnownMime, put_entry, put_simple, put_tag,
-};
+use rsocket_proto::metadata::RequestMetadata;
+use rsocket_proto::metadata::build::{CompositeBuilder, route};
 
 struct Counting;
 
@@ -58,31 +57,13 @@ fn allocations<T>(f: impl FnOnce() -> T) -> (usize, T) {
     (COUNT.with(Cell::get), out)
 }
 
-fn composite_with_route_and_auth() -> Bytes {
-    let mut routing = Vec::new();
-    put_tag(&mut routing, "grp!com.example.Echo.hello:1.0").unwrap();
-    put_tag(&mut routing, "e=instance-7").unwrap();
-    let mut auth = Vec::new();
-    put_simple(&mut auth, "user", "pw").unwrap();
-    let mut md = Vec::new();
-    put_entry(
-        &mut md,
-        MimeType::WellKnown(WellKnownMime::ROUTING),
-        &routing,
-    )
-    .unwrap();
-    put_entry(
-        &mut md,
-        MimeType::WellKnown(WellKnownMime::AUTHENTICATION),
-        &auth,
-    )
-    .unwrap();
-    Bytes::from(md)
-}
-
 #[test]
 fn decoding_requests_and_reading_routes_allocates_nothing() {
-    let metadata = composite_with_route_and_auth();
+    let metadata = CompositeBuilder::new()
+        .routing(&["grp!com.example.Echo.hello:1.0", "e=instance-7"])
+        .simple_auth("user", "pw")
+        .build()
+        .unwrap();
     let frames = [
         bytes(RequestResponse {
             stream_id: 1,
@@ -182,7 +163,7 @@ fn receiving_and_forwarding_a_payload_allocates_nothing_in_steady_state() {
             follows: false,
             complete: false,
             initial_n: 1,
-            metadata: Some(route_metadata(&["svc"])),
+            metadata: Some(route(&["svc"]).unwrap()),
             data: Bytes::new(),
         }),
     );

@@ -7,9 +7,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Pair, bytes, drain_events, drain_frames, route_metadata};
+use common::{Pair, bytes, drain_events, drain_frames};
 use rsocket_proto::conn::{Config, Connection, Event, Interaction, RequestKind, SetupPayload};
 use rsocket_proto::frame::*;
+use rsocket_proto::metadata::build::route;
 use rsocket_proto::{ErrorCode, Initiator, SendError};
 
 fn setup_frame() -> Setup {
@@ -43,7 +44,7 @@ fn rr(stream_id: u32) -> Bytes {
     bytes(RequestResponse {
         stream_id,
         follows: false,
-        metadata: Some(route_metadata(&["svc"])),
+        metadata: Some(route(&["svc"]).unwrap()),
         data: Bytes::from_static(b"x"),
     })
 }
@@ -790,7 +791,7 @@ fn pass_through_delivers_fragments_and_reassembly_delivers_messages() {
             .client
             .send_request(
                 RequestKind::RequestResponse,
-                Some(route_metadata(&["svc"])),
+                Some(route(&["svc"]).unwrap()),
                 data.clone(),
             )
             .unwrap();

@@ -1,6 +1,7 @@
 //! Metadata extensions: composite metadata, well-known MIME types, routing
 //! tags, authentication, per-stream data MIME types, the broker's route
-//! syntax and the alibaba binary routing entry.
+//! syntax and the alibaba binary routing entry; [`build`] writes a
+//! request's composite metadata.
 //!
 //! Parsers borrow from the frame's bytes and allocate nothing; turn a
 //! borrowed slice back into a shared `Bytes` with `Bytes::slice_ref` when it
@@ -8,6 +9,7 @@
 
 mod auth;
 mod binary_routing;
+pub mod build;
 mod composite;
 mod data_mime;
 mod mime;

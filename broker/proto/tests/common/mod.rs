@@ -6,24 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rsocket_proto::conn::{Config, Connection, Event, SetupPayload};
-use rsocket_proto::metadata::{MimeType, WellKnownMime, put_entry, put_tag};
 use rsocket_proto::{Frame, FrameView};
-
-/// Composite metadata with one routing entry holding `tags`.
-pub fn route_metadata(tags: &[&str]) -> Bytes {
-    let mut routing = Vec::new();
-    for t in tags {
-        put_tag(&mut routing, t).unwrap();
-    }
-    let mut composite = Vec::new();
-    put_entry(
-        &mut composite,
-        MimeType::WellKnown(WellKnownMime::ROUTING),
-        &routing,
-    )
-    .unwrap();
-    Bytes::from(composite)
-}
 
 /// Encodes a typed frame.
 pub fn bytes(frame: impl Into<Frame>) -> Bytes {
