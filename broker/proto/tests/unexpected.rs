@@ -49,6 +49,16 @@ fn rr(stream_id: u32) -> Bytes {
     })
 }
 
+/// The first fragment of a REQUEST_RESPONSE (F set, no metadata).
+fn rr_first_fragment(stream_id: u32, data: Bytes) -> Bytes {
+    bytes(RequestResponse {
+        stream_id,
+        follows: true,
+        metadata: None,
+        data,
+    })
+}
+
 fn stream_req(stream_id: u32, initial_n: u32) -> Bytes {
     bytes(RequestStream {
         stream_id,
@@ -91,6 +101,15 @@ fn assert_failed(conn: &mut Connection, code: ErrorCode) {
     );
 }
 
+/// Asserts a new server refuses `first` (the first frame it reads) with
+/// ERROR[`code`] on stream 0 and closes.
+fn assert_first_frame_refused(first: Bytes, code: ErrorCode) {
+    let now = Instant::now();
+    let mut s = Connection::server(Config::default(), now);
+    s.handle_frame(now, first);
+    assert_failed(&mut s, code);
+}
+
 /// Asserts nothing was sent, no event raised, and the frame counted as ignored.
 fn assert_ignored(conn: &mut Connection, ignored_before: u64) {
     assert!(drain_frames(conn).is_empty());
@@ -99,85 +118,126 @@ fn assert_ignored(conn: &mut Connection, ignored_before: u64) {
     assert!(!conn.is_closed());
 }
 
+/// Hands `conn` each frame in turn and asserts it ignored every one (see
+/// [`assert_ignored`]).
+fn assert_frames_ignored(
+    conn: &mut Connection,
+    now: Instant,
+    frames: impl IntoIterator<Item = Bytes>,
+) {
+    for frame in frames {
+        let before = conn.stats().frames_ignored;
+        conn.handle_frame(now, frame);
+        assert_ignored(conn, before);
+    }
+}
+
+/// Asserts the connection sent exactly one frame, an ERROR on `stream_id`
+/// with `code`; returns it.
+fn assert_stream_error(conn: &mut Connection, stream_id: u32, code: ErrorCode) -> ErrorFrame {
+    let frames = drain_frames(conn);
+    match &frames[..] {
+        [Frame::Error(e)] if e.stream_id == stream_id && e.code == code => e.clone(),
+        _ => panic!("expected ERROR[{code}] on stream {stream_id}, got {frames:?}"),
+    }
+}
+
+/// An ERROR frame.
+fn error_frame(stream_id: u32, code: ErrorCode, data: &'static [u8]) -> Bytes {
+    bytes(ErrorFrame {
+        stream_id,
+        code,
+        data: Bytes::from_static(data),
+    })
+}
+
+/// `frame` with `bits` set in its flags (the byte after the frame type).
+fn with_flag_bits(frame: Bytes, bits: u8) -> Bytes {
+    let mut wire = frame.to_vec();
+    wire[5] |= bits;
+    Bytes::from(wire)
+}
+
+/// `frame` moved to stream `stream_id` (its first four bytes), whether or
+/// not its type may be sent there.
+fn on_stream(frame: Bytes, stream_id: u32) -> Bytes {
+    let mut wire = frame.to_vec();
+    wire[..4].copy_from_slice(&stream_id.to_be_bytes());
+    Bytes::from(wire)
+}
+
+/// A server whose peer has opened stream 1 with a REQUEST_STREAM (n = 1),
+/// its events taken.
+fn server_with_stream() -> (Connection, Instant) {
+    let (mut s, now) = server();
+    s.handle_frame(now, stream_req(1, 1));
+    drain_events(&mut s);
+    (s, now)
+}
+
+/// A pair whose client has sent a request of `kind` (no metadata, no data)
+/// and the server has received it; with the request's stream id.
+fn requested(kind: RequestKind) -> (Pair, u32) {
+    let mut pair = Pair::new(Config::default(), Config::default());
+    let id = pair.client.send_request(kind, None, Bytes::new()).unwrap();
+    pair.drive();
+    (pair, id)
+}
+
 // ------------------------------------------------------- establishment
 
 #[test]
 fn first_frame_must_be_setup_or_resume() {
-    let now = Instant::now();
-    let mut s = Connection::server(Config::default(), now);
-    s.handle_frame(now, rr(1));
-    assert_failed(&mut s, ErrorCode::INVALID_SETUP);
+    assert_first_frame_refused(rr(1), ErrorCode::INVALID_SETUP);
 }
 
 #[test]
 fn setup_on_nonzero_stream_is_invalid() {
-    let now = Instant::now();
-    let mut s = Connection::server(Config::default(), now);
-    let mut wire = bytes(setup_frame()).to_vec();
-    wire[3] = 1;
-    s.handle_frame(now, Bytes::from(wire));
-    assert_failed(&mut s, ErrorCode::INVALID_SETUP);
+    assert_first_frame_refused(on_stream(bytes(setup_frame()), 1), ErrorCode::INVALID_SETUP);
 }
 
 #[test]
 fn malformed_setup_is_invalid() {
-    let now = Instant::now();
-    let mut s = Connection::server(Config::default(), now);
-    let wire = bytes(setup_frame());
-    s.handle_frame(now, wire.slice(..20));
-    assert_failed(&mut s, ErrorCode::INVALID_SETUP);
+    let cut_short = bytes(setup_frame()).slice(..20);
+    assert_first_frame_refused(cut_short, ErrorCode::INVALID_SETUP);
 }
 
 #[test]
 fn unsupported_version_is_refused() {
-    let (mut s, _) = server_with(
-        Config::default(),
-        Setup {
-            version: Version { major: 2, minor: 0 },
-            ..setup_frame()
-        },
-    );
-    assert_failed(&mut s, ErrorCode::UNSUPPORTED_SETUP);
+    let setup = Setup {
+        version: Version { major: 2, minor: 0 },
+        ..setup_frame()
+    };
+    assert_first_frame_refused(bytes(setup), ErrorCode::UNSUPPORTED_SETUP);
 }
 
 #[test]
 fn zero_keepalive_is_invalid() {
-    let (mut s, _) = server_with(
-        Config::default(),
-        Setup {
-            keepalive_interval: 0,
-            ..setup_frame()
-        },
-    );
-    assert_failed(&mut s, ErrorCode::INVALID_SETUP);
+    let setup = Setup {
+        keepalive_interval: 0,
+        ..setup_frame()
+    };
+    assert_first_frame_refused(bytes(setup), ErrorCode::INVALID_SETUP);
 }
 
 #[test]
 fn resume_flag_without_resume_support_is_rejected() {
-    let (mut s, _) = server_with(
-        Config::default(),
-        Setup {
-            resume_token: Some(Bytes::from_static(b"t")),
-            ..setup_frame()
-        },
-    );
-    assert_failed(&mut s, ErrorCode::REJECTED_SETUP);
+    let setup = Setup {
+        resume_token: Some(Bytes::from_static(b"t")),
+        ..setup_frame()
+    };
+    assert_first_frame_refused(bytes(setup), ErrorCode::REJECTED_SETUP);
 }
 
 #[test]
 fn resume_without_resume_support_is_rejected() {
-    let now = Instant::now();
-    let mut s = Connection::server(Config::default(), now);
-    s.handle_frame(
-        now,
-        bytes(Resume {
-            version: VERSION,
-            token: Bytes::from_static(b"t"),
-            last_received_server_position: 0,
-            first_available_client_position: 0,
-        }),
-    );
-    assert_failed(&mut s, ErrorCode::REJECTED_RESUME);
+    let resume = Resume {
+        version: VERSION,
+        token: Bytes::from_static(b"t"),
+        last_received_server_position: 0,
+        first_available_client_position: 0,
+    };
+    assert_first_frame_refused(bytes(resume), ErrorCode::REJECTED_RESUME);
 }
 
 #[test]
@@ -319,18 +379,10 @@ fn a_peer_that_is_not_read_hears_a_keepalive_every_interval() {
 fn shut_down_sends_connection_close_answers_late_requests_then_closes() {
     let (mut s, now) = server();
     s.shut_down(now, "the broker is shutting down", Duration::from_secs(2));
-    let frames = drain_frames(&mut s);
-    assert!(
-        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 0 && e.code == ErrorCode::CONNECTION_CLOSE),
-        "{frames:?}"
-    );
+    assert_stream_error(&mut s, 0, ErrorCode::CONNECTION_CLOSE);
     assert!(!s.is_closed());
     s.handle_frame(now + Duration::from_secs(1), rr(1));
-    let frames = drain_frames(&mut s);
-    assert!(
-        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 1 && e.code == ErrorCode::REJECTED),
-        "{frames:?}"
-    );
+    assert_stream_error(&mut s, 1, ErrorCode::REJECTED);
     assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(2)));
     s.handle_timeout(now + Duration::from_millis(1_999));
     assert!(!s.is_closed());
@@ -429,11 +481,7 @@ fn responder_rejects_requests_beyond_its_lease() {
     );
     drain_events(&mut s);
     s.handle_frame(now, rr(1));
-    let frames = drain_frames(&mut s);
-    assert!(
-        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 1 && e.code == ErrorCode::REJECTED),
-        "{frames:?}"
-    );
+    assert_stream_error(&mut s, 1, ErrorCode::REJECTED);
     s.send_lease(now, Duration::from_secs(5), 1, None).unwrap();
     drain_frames(&mut s);
     s.handle_frame(now, rr(3));
@@ -442,10 +490,7 @@ fn responder_rejects_requests_beyond_its_lease() {
         [Event::Request { stream_id: 3, .. }]
     ));
     s.handle_frame(now, rr(5));
-    let frames = drain_frames(&mut s);
-    assert!(
-        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 5 && e.code == ErrorCode::REJECTED)
-    );
+    assert_stream_error(&mut s, 5, ErrorCode::REJECTED);
 }
 
 // ----------------------------------------------------------- stream ids
@@ -512,10 +557,7 @@ fn too_many_streams_are_rejected() {
     drain_events(&mut s);
     s.handle_frame(now, rr(1));
     s.handle_frame(now, rr(3));
-    let frames = drain_frames(&mut s);
-    assert!(
-        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 3 && e.code == ErrorCode::REJECTED)
-    );
+    assert_stream_error(&mut s, 3, ErrorCode::REJECTED);
     s.send_payload(1, None, Bytes::new(), true, true).unwrap();
     s.handle_frame(now, rr(5));
     assert!(
@@ -575,14 +617,9 @@ fn credit_saturates_at_max_and_is_then_unbounded() {
 
 #[test]
 fn request_n_of_zero_is_invalid() {
-    let (mut s, now) = server();
-    s.handle_frame(now, stream_req(1, 1));
-    drain_events(&mut s);
+    let (mut s, now) = server_with_stream();
     s.handle_frame(now, bytes(RequestN { stream_id: 1, n: 0 }));
-    let frames = drain_frames(&mut s);
-    assert!(
-        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 1 && e.code == ErrorCode::INVALID)
-    );
+    assert_stream_error(&mut s, 1, ErrorCode::INVALID);
     assert!(matches!(
         drain_events(&mut s)[..],
         [Event::StreamError { stream_id: 1, .. }]
@@ -603,21 +640,13 @@ fn request_n_of_zero_is_invalid() {
 fn initial_request_n_of_zero_is_invalid() {
     let (mut s, now) = server();
     s.handle_frame(now, stream_req(1, 0));
-    let frames = drain_frames(&mut s);
-    assert!(
-        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 1 && e.code == ErrorCode::INVALID)
-    );
+    assert_stream_error(&mut s, 1, ErrorCode::INVALID);
     assert!(drain_events(&mut s).is_empty());
 }
 
 #[test]
 fn payload_beyond_granted_credit_ends_the_stream() {
-    let mut pair = Pair::new(Config::default(), Config::default());
-    let id = pair
-        .client
-        .send_request(RequestKind::Stream { initial_n: 1 }, None, Bytes::new())
-        .unwrap();
-    pair.drive();
+    let (mut pair, id) = requested(RequestKind::Stream { initial_n: 1 });
     // A misbehaving responder: two items against one credit.
     pair.client
         .handle_frame(pair.now, payload(id, true, false, false, b"1"));
@@ -689,12 +718,7 @@ fn channel_requester_waits_for_request_n() {
 
 #[test]
 fn cancel_ends_the_stream_at_the_responder() {
-    let mut pair = Pair::new(Config::default(), Config::default());
-    let id = pair
-        .client
-        .send_request(RequestKind::Stream { initial_n: 10 }, None, Bytes::new())
-        .unwrap();
-    pair.drive();
+    let (mut pair, id) = requested(RequestKind::Stream { initial_n: 10 });
     pair.client.send_cancel(id).unwrap();
     pair.drive();
     assert!(
@@ -758,21 +782,9 @@ fn fragmented_message_over_the_cap_ends_the_stream() {
         setup_frame(),
     );
     drain_events(&mut s);
-    s.handle_frame(
-        now,
-        bytes(RequestResponse {
-            stream_id: 1,
-            follows: true,
-            metadata: None,
-            data: Bytes::from_static(b"123456"),
-        }),
-    );
+    s.handle_frame(now, rr_first_fragment(1, Bytes::from_static(b"123456")));
     s.handle_frame(now, payload(1, true, false, true, b"789012"));
-    let frames = drain_frames(&mut s);
-    assert!(
-        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 1 && e.code == ErrorCode::REJECTED),
-        "{frames:?}"
-    );
+    assert_stream_error(&mut s, 1, ErrorCode::REJECTED);
     assert!(!s.is_stream_open(1));
 }
 
@@ -827,12 +839,7 @@ fn pass_through_delivers_fragments_and_reassembly_delivers_messages() {
 /// COMPLETE flag set, the implementation MUST assume it is set and act accordingly."
 #[test]
 fn rule_response_without_complete_is_complete() {
-    let mut pair = Pair::new(Config::default(), Config::default());
-    let id = pair
-        .client
-        .send_request(RequestKind::RequestResponse, None, Bytes::new())
-        .unwrap();
-    pair.drive();
+    let (mut pair, id) = requested(RequestKind::RequestResponse);
     pair.client
         .handle_frame(pair.now, payload(id, true, false, false, b"r"));
     assert!(matches!(
@@ -887,12 +894,7 @@ fn rule_reassembly_assumes_an_infinite_stream() {
 /// "A PAYLOAD with both F and C flags set, implicitly ignores the F flag."
 #[test]
 fn rule_follows_with_complete_ignores_follows() {
-    let mut pair = Pair::new(Config::default(), Config::default());
-    let id = pair
-        .client
-        .send_request(RequestKind::Stream { initial_n: 5 }, None, Bytes::new())
-        .unwrap();
-    pair.drive();
+    let (mut pair, id) = requested(RequestKind::Stream { initial_n: 5 });
     pair.client
         .handle_frame(pair.now, payload(id, true, true, true, b"last"));
     let events = drain_events(&mut pair.client);
@@ -905,19 +907,15 @@ fn rule_follows_with_complete_ignores_follows() {
 /// "Flag bits not specified for a particular frame MUST be ignored."
 #[test]
 fn rule_unspecified_flag_bits_are_ignored() {
-    let (mut s, now) = server();
-    s.handle_frame(now, stream_req(1, 1));
-    drain_events(&mut s);
-    let mut request_n = bytes(RequestN { stream_id: 1, n: 4 }).to_vec();
-    request_n[5] |= 0xE0; // F, C, N on a REQUEST_N
-    s.handle_frame(now, Bytes::from(request_n));
+    let (mut s, now) = server_with_stream();
+    // F, C, N on a REQUEST_N.
+    let request_n = bytes(RequestN { stream_id: 1, n: 4 });
+    s.handle_frame(now, with_flag_bits(request_n, 0xE0));
     assert!(matches!(
         drain_events(&mut s)[..],
         [Event::RequestN { stream_id: 1, n: 4 }]
     ));
-    let mut cancel = bytes(Cancel { stream_id: 1 }).to_vec();
-    cancel[5] |= 0xFF;
-    s.handle_frame(now, Bytes::from(cancel));
+    s.handle_frame(now, with_flag_bits(bytes(Cancel { stream_id: 1 }), 0xFF));
     assert!(matches!(
         drain_events(&mut s)[..],
         [Event::Cancel {
@@ -930,12 +928,8 @@ fn rule_unspecified_flag_bits_are_ignored() {
 /// "Receiving a Request frame on a Stream ID that is already in use MUST be ignored."
 #[test]
 fn rule_request_on_stream_in_use_is_ignored() {
-    let (mut s, now) = server();
-    s.handle_frame(now, stream_req(1, 1));
-    drain_events(&mut s);
-    let before = s.stats().frames_ignored;
-    s.handle_frame(now, rr(1));
-    assert_ignored(&mut s, before);
+    let (mut s, now) = server_with_stream();
+    assert_frames_ignored(&mut s, now, [rr(1)]);
     assert_eq!(s.stream_info(1).unwrap().interaction, Interaction::Stream);
 }
 
@@ -943,58 +937,35 @@ fn rule_request_on_stream_in_use_is_ignored() {
 #[test]
 fn rule_cancel_on_unknown_stream_is_ignored() {
     let (mut s, now) = server();
-    for id in [0, 7] {
-        let before = s.stats().frames_ignored;
-        s.handle_frame(now, bytes(Cancel { stream_id: id }));
-        assert_ignored(&mut s, before);
-    }
+    let cancels = [0, 7].map(|stream_id| bytes(Cancel { stream_id }));
+    assert_frames_ignored(&mut s, now, cancels);
 }
 
 /// "Receiving an ERROR on an unknown Stream ID MUST be ignored."
 #[test]
 fn rule_error_on_unknown_stream_is_ignored() {
     let (mut s, now) = server();
-    let before = s.stats().frames_ignored;
-    s.handle_frame(
-        now,
-        bytes(ErrorFrame {
-            stream_id: 9,
-            code: ErrorCode::APPLICATION_ERROR,
-            data: Bytes::new(),
-        }),
-    );
-    assert_ignored(&mut s, before);
+    let error = error_frame(9, ErrorCode::APPLICATION_ERROR, b"");
+    assert_frames_ignored(&mut s, now, [error]);
 }
 
 /// "Receiving a PAYLOAD on an unknown Stream ID (including 0) MUST be ignored."
 #[test]
 fn rule_payload_on_unknown_stream_is_ignored() {
     let (mut s, now) = server();
-    for id in [0, 11] {
-        let before = s.stats().frames_ignored;
-        s.handle_frame(now, payload(id, true, true, false, b"x"));
-        assert_ignored(&mut s, before);
-    }
+    let payloads = [0, 11].map(|id| payload(id, true, true, false, b"x"));
+    assert_frames_ignored(&mut s, now, payloads);
 }
 
 /// "Receiving a METADATA_PUSH with a non-0 Stream ID MUST be ignored."
 #[test]
 fn rule_metadata_push_on_nonzero_stream_is_ignored() {
     let (mut s, now) = server();
-    let mut push = bytes(MetadataPush {
+    let push = bytes(MetadataPush {
         metadata: Bytes::from_static(b"m"),
-    })
-    .to_vec();
-    push[3] = 1;
-    let before = s.stats().frames_ignored;
-    s.handle_frame(now, Bytes::from(push));
-    assert_ignored(&mut s, before);
-    s.handle_frame(
-        now,
-        bytes(MetadataPush {
-            metadata: Bytes::from_static(b"m"),
-        }),
-    );
+    });
+    assert_frames_ignored(&mut s, now, [on_stream(push.clone(), 1)]);
+    s.handle_frame(now, push);
     assert!(matches!(&drain_events(&mut s)[..], [Event::MetadataPush(m)] if m == "m"));
 }
 
@@ -1002,38 +973,24 @@ fn rule_metadata_push_on_nonzero_stream_is_ignored() {
 #[test]
 fn rule_server_ignores_second_setup() {
     let (mut s, now) = server();
-    let before = s.stats().frames_ignored;
-    s.handle_frame(
-        now,
-        bytes(Setup {
-            version: Version { major: 9, minor: 9 },
-            ..setup_frame()
-        }),
-    );
-    assert_ignored(&mut s, before);
+    let second = bytes(Setup {
+        version: Version { major: 9, minor: 9 },
+        ..setup_frame()
+    });
+    assert_frames_ignored(&mut s, now, [second]);
 }
 
 /// "A server MUST ignore an ERROR[INVALID_SETUP|UNSUPPORTED_SETUP|REJECTED_SETUP|REJECTED_RESUME] frame."
 #[test]
 fn rule_server_ignores_setup_errors() {
     let (mut s, now) = server();
-    for code in [
+    let codes = [
         ErrorCode::INVALID_SETUP,
         ErrorCode::UNSUPPORTED_SETUP,
         ErrorCode::REJECTED_SETUP,
         ErrorCode::REJECTED_RESUME,
-    ] {
-        let before = s.stats().frames_ignored;
-        s.handle_frame(
-            now,
-            bytes(ErrorFrame {
-                stream_id: 0,
-                code,
-                data: Bytes::new(),
-            }),
-        );
-        assert_ignored(&mut s, before);
-    }
+    ];
+    assert_frames_ignored(&mut s, now, codes.map(|code| error_frame(0, code, b"")));
 }
 
 /// "A client MUST ignore an ERROR[INVALID_SETUP|UNSUPPORTED_SETUP|REJECTED_SETUP|REJECTED_RESUME]
@@ -1041,48 +998,28 @@ fn rule_server_ignores_setup_errors() {
 #[test]
 fn rule_client_ignores_setup_errors_after_establishment() {
     let mut pair = Pair::new(Config::default(), Config::default());
-    pair.client.handle_frame(
-        pair.now,
-        bytes(ErrorFrame {
-            stream_id: 0,
-            code: ErrorCode::REJECTED_SETUP,
-            data: Bytes::from_static(b"no"),
-        }),
-    );
+    pair.client
+        .handle_frame(pair.now, error_frame(0, ErrorCode::REJECTED_SETUP, b"no"));
     assert!(
         pair.client.is_closed(),
         "no sign of acceptance yet: the setup was rejected"
     );
 
-    let mut pair = Pair::new(Config::default(), Config::default());
-    let id = pair
-        .client
-        .send_request(RequestKind::RequestResponse, None, Bytes::new())
-        .unwrap();
-    pair.drive();
+    // A response is the sign of acceptance.
+    let (mut pair, id) = requested(RequestKind::RequestResponse);
     pair.server
         .send_payload(id, None, Bytes::new(), true, true)
         .unwrap();
     pair.drive();
-    let before = pair.client.stats().frames_ignored;
-    pair.client.handle_frame(
-        pair.now,
-        bytes(ErrorFrame {
-            stream_id: 0,
-            code: ErrorCode::INVALID_SETUP,
-            data: Bytes::new(),
-        }),
-    );
-    assert_ignored(&mut pair.client, before);
+    let invalid_setup = error_frame(0, ErrorCode::INVALID_SETUP, b"");
+    assert_frames_ignored(&mut pair.client, pair.now, [invalid_setup]);
 }
 
 /// "A client MUST ignore a SETUP frame."
 #[test]
 fn rule_client_ignores_setup() {
     let mut pair = Pair::new(Config::default(), Config::default());
-    let before = pair.client.stats().frames_ignored;
-    pair.client.handle_frame(pair.now, bytes(setup_frame()));
-    assert_ignored(&mut pair.client, before);
+    assert_frames_ignored(&mut pair.client, pair.now, [bytes(setup_frame())]);
 }
 
 // ---------------------------------------------------------- ignore flag
@@ -1099,9 +1036,7 @@ fn ext_with_ignore_is_ignored_and_without_is_a_connection_error() {
             data: Bytes::new(),
         })
     };
-    let before = s.stats().frames_ignored;
-    s.handle_frame(now, ext(true));
-    assert_ignored(&mut s, before);
+    assert_frames_ignored(&mut s, now, [ext(true)]);
     s.handle_frame(now, ext(false));
     assert_failed(&mut s, ErrorCode::CONNECTION_ERROR);
 }
@@ -1109,9 +1044,8 @@ fn ext_with_ignore_is_ignored_and_without_is_a_connection_error() {
 #[test]
 fn unknown_frame_type_honours_the_ignore_flag() {
     let (mut s, now) = server();
-    let before = s.stats().frames_ignored;
-    s.handle_frame(now, Bytes::from_static(&[0, 0, 0, 1, 0x42, 0x00])); // type 0x10, I set
-    assert_ignored(&mut s, before);
+    // Type 0x10, I set.
+    assert_frames_ignored(&mut s, now, [Bytes::from_static(&[0, 0, 0, 1, 0x42, 0x00])]);
     s.handle_frame(now, Bytes::from_static(&[0, 0, 0, 1, 0x40, 0x00])); // type 0x10, I clear
     assert_failed(&mut s, ErrorCode::CONNECTION_ERROR);
 }
@@ -1125,11 +1059,8 @@ fn malformed_request_gets_an_error_on_its_stream() {
         now,
         Bytes::from_static(&[0, 0, 0, 1, 0x11, 0x00, 0, 0, 9, 1]),
     ); // metadata length 9, 1 byte left
-    let frames = drain_frames(&mut s);
-    assert!(
-        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 1 && e.code == ErrorCode::INVALID && e.message().contains("metadata length")),
-        "{frames:?}"
-    );
+    let e = assert_stream_error(&mut s, 1, ErrorCode::INVALID);
+    assert!(e.message().contains("metadata length"), "{e:?}");
     assert!(!s.is_closed());
 }
 
@@ -1144,11 +1075,7 @@ fn malformed_frames_end_only_their_stream() {
         now,
         Bytes::from_static(&[0, 0, 0, 3, 0x29, 0x00, 0xFF, 0xFF, 0xFF]),
     );
-    let frames = drain_frames(&mut s);
-    assert!(
-        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 3 && e.code == ErrorCode::INVALID),
-        "{frames:?}"
-    );
+    assert_stream_error(&mut s, 3, ErrorCode::INVALID);
     assert!(matches!(
         drain_events(&mut s)[..],
         [Event::StreamError { stream_id: 3, .. }]
@@ -1157,11 +1084,7 @@ fn malformed_frames_end_only_their_stream() {
     assert!(s.is_stream_open(1), "other streams are untouched");
     // A REQUEST_N too short for its n.
     s.handle_frame(now, Bytes::from_static(&[0, 0, 0, 1, 0x20, 0x00, 0, 0]));
-    let frames = drain_frames(&mut s);
-    assert!(
-        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 1 && e.code == ErrorCode::INVALID),
-        "{frames:?}"
-    );
+    assert_stream_error(&mut s, 1, ErrorCode::INVALID);
     assert!(!s.is_closed());
 }
 
@@ -1184,24 +1107,12 @@ fn resume_after_setup_is_a_connection_error() {
 
 #[test]
 fn connection_close_waits_for_streams_then_closes() {
-    let (mut s, now) = server();
-    s.handle_frame(now, stream_req(1, 1));
-    drain_events(&mut s);
-    s.handle_frame(
-        now,
-        bytes(ErrorFrame {
-            stream_id: 0,
-            code: ErrorCode::CONNECTION_CLOSE,
-            data: Bytes::from_static(b"bye"),
-        }),
-    );
+    let (mut s, now) = server_with_stream();
+    s.handle_frame(now, error_frame(0, ErrorCode::CONNECTION_CLOSE, b"bye"));
     assert!(matches!(drain_events(&mut s)[..], [Event::Closing(_)]));
     assert!(!s.is_closed());
     s.handle_frame(now, stream_req(3, 1));
-    let frames = drain_frames(&mut s);
-    assert!(
-        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 3 && e.code == ErrorCode::REJECTED)
-    );
+    assert_stream_error(&mut s, 3, ErrorCode::REJECTED);
     s.send_payload(1, None, Bytes::new(), true, true).unwrap();
     assert!(s.is_closed());
     assert!(
@@ -1212,14 +1123,7 @@ fn connection_close_waits_for_streams_then_closes() {
 #[test]
 fn connection_error_from_peer_closes() {
     let (mut s, now) = server();
-    s.handle_frame(
-        now,
-        bytes(ErrorFrame {
-            stream_id: 0,
-            code: ErrorCode::CONNECTION_ERROR,
-            data: Bytes::from_static(b"boom"),
-        }),
-    );
+    s.handle_frame(now, error_frame(0, ErrorCode::CONNECTION_ERROR, b"boom"));
     assert!(s.is_closed());
     assert!(drain_frames(&mut s).is_empty(), "no ERROR answers an ERROR");
     assert!(matches!(&drain_events(&mut s)[..], [Event::Closed(e)] if e.message == "boom"));
@@ -1227,15 +1131,10 @@ fn connection_error_from_peer_closes() {
 
 #[test]
 fn drain_rejects_new_streams_only() {
-    let (mut s, now) = server();
-    s.handle_frame(now, stream_req(1, 1));
-    drain_events(&mut s);
+    let (mut s, now) = server_with_stream();
     s.drain();
     s.handle_frame(now, rr(3));
-    let frames = drain_frames(&mut s);
-    assert!(
-        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 3 && e.code == ErrorCode::REJECTED)
-    );
+    assert_stream_error(&mut s, 3, ErrorCode::REJECTED);
     s.send_payload(1, None, Bytes::new(), true, true).unwrap();
     assert!(!s.is_closed());
 }
@@ -1263,15 +1162,7 @@ fn pass_through_neither_caps_nor_buffers_large_messages() {
         setup_frame(),
     );
     drain_events(&mut s);
-    s.handle_frame(
-        now,
-        bytes(RequestResponse {
-            stream_id: 1,
-            follows: true,
-            metadata: None,
-            data: Bytes::from(vec![1; 100]),
-        }),
-    );
+    s.handle_frame(now, rr_first_fragment(1, Bytes::from(vec![1; 100])));
     for _ in 0..10 {
         s.handle_frame(now, payload(1, true, false, true, &[2; 100]));
     }
@@ -1288,15 +1179,7 @@ fn pass_through_neither_caps_nor_buffers_large_messages() {
 #[test]
 fn pass_through_refuses_metadata_after_data() {
     let (mut s, now) = server();
-    s.handle_frame(
-        now,
-        bytes(RequestResponse {
-            stream_id: 1,
-            follows: true,
-            metadata: None,
-            data: Bytes::from_static(b"d"),
-        }),
-    );
+    s.handle_frame(now, rr_first_fragment(1, Bytes::from_static(b"d")));
     s.handle_frame(
         now,
         bytes(Payload {
@@ -1327,42 +1210,14 @@ fn reassembly_memory_is_bounded_across_streams() {
     drain_events(&mut s);
     // Requests that never finish: each holds 400 bytes.
     for id in [1, 3] {
-        s.handle_frame(
-            now,
-            bytes(RequestResponse {
-                stream_id: id,
-                follows: true,
-                metadata: None,
-                data: Bytes::from(vec![0; 400]),
-            }),
-        );
+        s.handle_frame(now, rr_first_fragment(id, Bytes::from(vec![0; 400])));
     }
     assert!(drain_frames(&mut s).is_empty());
-    s.handle_frame(
-        now,
-        bytes(RequestResponse {
-            stream_id: 5,
-            follows: true,
-            metadata: None,
-            data: Bytes::from(vec![0; 400]),
-        }),
-    );
-    let frames = drain_frames(&mut s);
-    assert!(
-        matches!(&frames[..], [Frame::Error(e)] if e.stream_id == 5 && e.code == ErrorCode::REJECTED),
-        "{frames:?}"
-    );
+    s.handle_frame(now, rr_first_fragment(5, Bytes::from(vec![0; 400])));
+    assert_stream_error(&mut s, 5, ErrorCode::REJECTED);
     // Cancelling one frees its share.
     s.handle_frame(now, bytes(Cancel { stream_id: 1 }));
-    s.handle_frame(
-        now,
-        bytes(RequestResponse {
-            stream_id: 7,
-            follows: true,
-            metadata: None,
-            data: Bytes::from(vec![0; 400]),
-        }),
-    );
+    s.handle_frame(now, rr_first_fragment(7, Bytes::from(vec![0; 400])));
     assert!(drain_frames(&mut s).is_empty());
     assert!(s.is_stream_open(7));
 }
@@ -1395,12 +1250,7 @@ fn payload_without_next_carries_no_data() {
 
 #[test]
 fn graceful_close_waits_for_open_streams() {
-    let mut pair = Pair::new(Config::default(), Config::default());
-    let id = pair
-        .client
-        .send_request(RequestKind::Stream { initial_n: 1 }, None, Bytes::new())
-        .unwrap();
-    pair.drive();
+    let (mut pair, id) = requested(RequestKind::Stream { initial_n: 1 });
     pair.server.close_gracefully("draining");
     pair.drive();
     assert!(!pair.server.is_closed() && !pair.client.is_closed());
@@ -1487,12 +1337,9 @@ fn lease_expiry_is_a_timeout() {
 #[test]
 fn malformed_stream_frames_on_stream_zero_are_ignored() {
     let (mut s, now) = server();
-    for frame in [
+    let frames = [
         &[0, 0, 0, 0, 0x29, 0x00, 0xFF, 0xFF, 0xFF][..],
         &[0, 0, 0, 0, 0x20, 0x00, 0, 0],
-    ] {
-        let before = s.stats().frames_ignored;
-        s.handle_frame(now, Bytes::copy_from_slice(frame));
-        assert_ignored(&mut s, before);
-    }
+    ];
+    assert_frames_ignored(&mut s, now, frames.map(Bytes::copy_from_slice));
 }
