@@ -20,9 +20,8 @@ use common::*;
 
 #[test]
 fn all_four_models_across_shards() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = broker(&[]);
-    let addr = broker.tcp_addr().unwrap();
+    let broker = TestBroker::start(&[]);
+    let addr = broker.addr();
     let app = App::start(addr, "echo-1", "com.example.Echo", 1, Duration::ZERO);
     wait_for_instances(&broker, 1);
     let responder_shard = shard_of(&broker, app.local);
@@ -65,15 +64,12 @@ fn all_four_models_across_shards() {
     );
     assert_eq!(results.3, 0, "no stream left open at the requester");
     assert!(app.logs().contains(&"fnf echo-1 note".to_owned()));
-    broker.stop();
-    broker.join().unwrap();
 }
 
 #[test]
 fn request_n_is_honoured_end_to_end() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = broker(&[]);
-    let app = App::start(broker.tcp_addr().unwrap(), "s-1", "svc", 1, Duration::ZERO);
+    let broker = TestBroker::start(&[]);
+    let app = App::start(broker.addr(), "s-1", "svc", 1, Duration::ZERO);
     wait_for_instances(&broker, 1);
     let shard = shard_of(&broker, app.local);
     let windows = on_other_shard(&broker, shard, |client| async move {
@@ -101,21 +97,12 @@ fn request_n_is_honoured_end_to_end() {
             .iter()
             .any(|l| l.starts_with("stream cancelled after"))
     );
-    broker.stop();
-    broker.join().unwrap();
 }
 
 #[test]
 fn responder_killed_mid_stream_ends_the_stream_with_an_error() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = broker(&[]);
-    let mut app = App::start(
-        broker.tcp_addr().unwrap(),
-        "doomed",
-        "svc",
-        1,
-        Duration::ZERO,
-    );
+    let broker = TestBroker::start(&[]);
+    let mut app = App::start(broker.addr(), "doomed", "svc", 1, Duration::ZERO);
     wait_for_instances(&broker, 1);
     let shard = shard_of(&broker, app.local);
     let (started_tx, started_rx) = mpsc::channel::<()>();
@@ -148,15 +135,12 @@ fn responder_killed_mid_stream_ends_the_stream_with_an_error() {
     );
     // The route is gone on every shard.
     wait_for_instances(&broker, 0);
-    broker.stop();
-    broker.join().unwrap();
 }
 
 #[test]
 fn no_instance_is_rejected_with_the_service_named() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = broker(&[]);
-    let addr = broker.tcp_addr().unwrap();
+    let broker = TestBroker::start(&[]);
+    let addr = broker.addr();
     let err = run(move || async move {
         let client = Client::connect(addr).await.unwrap();
         client
@@ -169,15 +153,12 @@ fn no_instance_is_rejected_with_the_service_named() {
     };
     assert_eq!(code, ErrorCode::REJECTED);
     assert!(message.contains("com.example.Missing"), "{message}");
-    broker.stop();
-    broker.join().unwrap();
 }
 
 #[test]
 fn broadcast_reaches_every_instance() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = broker(&[]);
-    let addr = broker.tcp_addr().unwrap();
+    let broker = TestBroker::start(&[]);
+    let addr = broker.addr();
     let apps: Vec<App> = (0..3)
         .map(|i| App::start(addr, &format!("b{i}"), "news", 1, Duration::ZERO))
         .collect();
@@ -192,8 +173,6 @@ fn broadcast_reaches_every_instance() {
     for (i, app) in apps.iter().enumerate() {
         assert_eq!(app.logs(), [format!("fnf b{i} extra")], "instance b{i}");
     }
-    broker.stop();
-    broker.join().unwrap();
 }
 
 /// Sends `n` request-responses to `svc` (with extra tags) and counts answers per instance.
@@ -229,8 +208,7 @@ fn policy(balancer: Balancer) -> ServicePolicy {
 
 #[test]
 fn balancers() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = broker(&[
+    let broker = TestBroker::start(&[
         ("rr", policy(Balancer::RoundRobin)),
         ("rand", policy(Balancer::Random)),
         ("weighted", policy(Balancer::Weighted)),
@@ -240,7 +218,7 @@ fn balancers() {
             policy(Balancer::ConsistentHash { tag: "user".into() }),
         ),
     ]);
-    let addr = broker.tcp_addr().unwrap();
+    let addr = broker.addr();
     let mut apps = Vec::new();
     for svc in ["rr", "rand", "hash"] {
         apps.push(App::start(
@@ -342,21 +320,18 @@ fn balancers() {
     let sticky = spread(&broker, 10, vec!["rr".into(), "sticky=1".into()]);
     assert_eq!(sticky.len(), 1, "sticky: {sticky:?}");
     drop(apps);
-    broker.stop();
-    broker.join().unwrap();
 }
 
 #[test]
 fn failover_retries_a_request_whose_instance_disconnects() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = broker(&[(
+    let broker = TestBroker::start(&[(
         "svc",
         ServicePolicy {
             balancer: Balancer::RoundRobin,
             failover: Failover::Retry { attempts: 2 },
         },
     )]);
-    let addr = broker.tcp_addr().unwrap();
+    let addr = broker.addr();
     let mut slow = App::start(addr, "slow", "svc", 1, Duration::from_secs(30));
     let _fast = App::start(addr, "fast", "svc", 1, Duration::ZERO);
     wait_for_instances(&broker, 2);
@@ -388,15 +363,12 @@ fn failover_retries_a_request_whose_instance_disconnects() {
         let data = a.as_ref().expect("every request is answered").data.clone();
         assert!(data.starts_with(b"fast:"), "{data:?}");
     }
-    broker.stop();
-    broker.join().unwrap();
 }
 
 #[test]
 fn health_check_is_answered_by_the_broker() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = broker(&[]);
-    let addr = broker.tcp_addr().unwrap();
+    let broker = TestBroker::start(&[]);
+    let addr = broker.addr();
     let answer = run(move || async move {
         let client = Client::connect(addr).await.unwrap();
         client
@@ -408,15 +380,12 @@ fn health_check_is_answered_by_the_broker() {
             .unwrap()
     });
     assert_eq!(answer.data, "1");
-    broker.stop();
-    broker.join().unwrap();
 }
 
 #[test]
 fn metadata_push_changes_routing_on_every_shard() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = broker(&[]);
-    let addr = broker.tcp_addr().unwrap();
+    let broker = TestBroker::start(&[]);
+    let addr = broker.addr();
     let (cmd_tx, cmd_rx) = mpsc::channel::<Bytes>();
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
     let app = std::thread::spawn(move || {
@@ -494,15 +463,12 @@ fn metadata_push_changes_routing_on_every_shard() {
     );
     drop(cmd_tx);
     app.join().unwrap();
-    broker.stop();
-    broker.join().unwrap();
 }
 
 #[test]
 fn a_second_connection_of_an_instance_joins_it() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = broker(&[]);
-    let addr = broker.tcp_addr().unwrap();
+    let broker = TestBroker::start(&[]);
+    let addr = broker.addr();
     let first = App::start(addr, "same", "svc", 1, Duration::ZERO);
     let second = App::start(addr, "same", "svc", 1, Duration::ZERO);
     wait_for_instances(&broker, 1);
@@ -524,15 +490,12 @@ fn a_second_connection_of_an_instance_joins_it() {
     let answer = spread(&broker, 3, vec!["svc".into()]);
     assert_eq!(answer.get("same"), Some(&3));
     drop(second);
-    broker.stop();
-    broker.join().unwrap();
 }
 
 #[test]
 fn stop_closes_connections_and_exits() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = broker(&[]);
-    let addr = broker.tcp_addr().unwrap();
+    let broker = TestBroker::start(&[]);
+    let addr = broker.addr();
     let closed = Arc::new(Mutex::new(None));
     let seen = closed.clone();
     let waiter = std::thread::spawn(move || {
@@ -544,8 +507,7 @@ fn stop_closes_connections_and_exits() {
         })
     });
     std::thread::sleep(Duration::from_millis(300));
-    broker.stop();
-    broker.join().unwrap();
+    broker.shut_down();
     waiter.join().unwrap();
     assert!(
         closed.lock().unwrap().is_some(),
@@ -603,12 +565,11 @@ fn slow_consumer(same_shard: bool) {
     const ITEMS: u32 = 4000;
     const SIZE: usize = 16 << 10;
 
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut config = test_config();
     config.limits.max_pending_bytes = rsbroker::config::Size(LIMIT);
     config.limits.stream_buffer = rsbroker::config::Size(BUFFER);
-    let broker = rsbroker::start(config).expect("broker starts");
-    let addr = broker.tcp_addr().unwrap();
+    let broker = TestBroker::with_config(config);
+    let addr = broker.addr();
     let (stop_app, stop_rx) = mpsc::channel::<()>();
     let app = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .io_memory(64 << 10)
@@ -744,6 +705,4 @@ fn slow_consumer(same_shard: bool) {
     drop(conn);
     let _ = stop_app.send(());
     app.join().unwrap();
-    broker.stop();
-    broker.join().unwrap();
 }

@@ -168,11 +168,12 @@ impl Drop for Script {
 
 #[test]
 fn rsocket_py_responder_and_requester_all_models() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    // Build the venv before starting anything that has timeouts.
+    // Build the venv before starting anything that has timeouts, in this
+    // test's turn (the broker below takes it again).
+    let _serial = serial();
     let _ = python();
-    let broker = broker(&[]);
-    let addr = broker.tcp_addr().unwrap();
+    let broker = TestBroker::start(&[]);
+    let addr = broker.addr();
     let (host, port) = (addr.ip().to_string(), addr.port().to_string());
 
     let mut responder = Script::start("responder.py", &[&host, &port, "py-echo-1"]);
@@ -222,9 +223,8 @@ fn rsocket_rust_requester_request_response() {
     use rsocket_rust::utils::Writeable;
     use rsocket_rust_transport_tcp::TcpClientTransport;
 
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = broker(&[]);
-    let addr = broker.tcp_addr().unwrap();
+    let broker = TestBroker::start(&[]);
+    let addr = broker.addr();
     let app = App::start(addr, "rs-echo-1", "com.example.Echo", 1, Duration::ZERO);
     wait_for_instances(&broker, 1);
     let responder_shard = shard_of(&broker, app.local);

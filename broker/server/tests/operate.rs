@@ -270,9 +270,8 @@ fn a_memlock_limit_too_low_for_io_uring_is_explained() {
 
 #[test]
 fn metrics_count_what_was_sent() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = broker(&[]);
-    let addr = broker.tcp_addr().unwrap();
+    let broker = TestBroker::start(&[]);
+    let addr = broker.addr();
     let admin = broker.admin_addr().expect("admin server");
     let app = App::start(addr, "metrics-1", "com.example.Echo", 3, Duration::ZERO);
     wait_for_instances(&broker, 1);
@@ -388,19 +387,16 @@ fn metrics_count_what_was_sent() {
     let (status, text) = http_get(admin, "/readyz");
     assert_eq!((status, text.trim()), (200, "ready"));
     drop(app);
-    broker.stop();
-    broker.join().unwrap();
 }
 
 // -------------------------------------------------------------- draining
 
 #[test]
 fn drain_lets_in_flight_streams_finish_and_refuses_new_requests() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut config = test_config();
     config.shutdown.drain_timeout = Duration::from_secs(20);
-    let broker = rsbroker::start(config).unwrap();
-    let addr = broker.tcp_addr().unwrap();
+    let broker = TestBroker::with_config(config);
+    let addr = broker.addr();
     let admin = broker.admin_addr().unwrap();
     // A slow instance: request-response answers after 1.5 s.
     let slow = App::start(addr, "slow-1", "slow", 1, Duration::from_millis(1500));
@@ -484,14 +480,13 @@ fn drain_lets_in_flight_streams_finish_and_refuses_new_requests() {
         },
     );
     let started = Instant::now();
-    broker.join().unwrap();
+    broker.join();
     assert!(started.elapsed() < Duration::from_secs(5));
     drop((slow, fast));
 }
 
 #[test]
 fn sigterm_drains_then_exits_zero() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut broker = BrokerProcess::start(&["--drain-timeout", "20s"], &[]);
     let addr = broker.addr;
     let admin = broker.admin.expect("admin address logged");
@@ -539,7 +534,6 @@ fn sigterm_drains_then_exits_zero() {
 
 #[test]
 fn sighup_applies_a_good_config_and_keeps_the_old_one_when_bad() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let file = write_temp(
         "reload.toml",
         "[limits]\nmax_streams_per_connection = 100\n",
@@ -627,7 +621,6 @@ fn sighup_applies_a_good_config_and_keeps_the_old_one_when_bad() {
 
 #[test]
 fn sd_notify_ready_watchdog_reloading_stopping_in_order() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("notify");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("notify-{}.sock", std::process::id()));
@@ -698,8 +691,7 @@ fn sd_notify_ready_watchdog_reloading_stopping_in_order() {
 
 #[test]
 fn watchdog_pings_stop_while_a_shard_is_stuck() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = broker(&[]);
+    let broker = TestBroker::start(&[]);
     let admin = broker.admin_addr().unwrap();
     let controller = broker.controller();
     let (tx, pings) = mpsc::channel::<Instant>();
@@ -734,8 +726,7 @@ fn watchdog_pings_stop_while_a_shard_is_stuck() {
         pings.try_iter().count() > 0
     });
     assert_eq!(http_get(admin, "/healthz").0, 200);
-    broker.stop();
-    broker.join().unwrap();
+    broker.shut_down();
     watchdog.join().unwrap();
 }
 
@@ -743,7 +734,6 @@ fn watchdog_pings_stop_while_a_shard_is_stuck() {
 
 #[test]
 fn json_logs_name_each_connection_once_at_setup_and_close() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut broker = BrokerProcess::start(&["--log-format", "json"], &[]);
     let addr = broker.addr;
     let app = App::start(addr, "json-1", "svc", 1, Duration::ZERO);
@@ -840,9 +830,8 @@ fn status_page_in_headless_chromium_shows_the_registered_app() {
         );
         return;
     };
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = broker(&[]);
-    let addr = broker.tcp_addr().unwrap();
+    let broker = TestBroker::start(&[]);
+    let addr = broker.addr();
     let admin = broker.admin_addr().unwrap();
     let app = App::start(addr, "orders-7", "com.shop.Orders", 1, Duration::ZERO);
     wait_for_instances(&broker, 1);
@@ -901,6 +890,4 @@ fn status_page_in_headless_chromium_shows_the_registered_app() {
         "the screenshot does not show the app; OCR read:\n{text}"
     );
     drop(app);
-    broker.stop();
-    broker.join().unwrap();
 }

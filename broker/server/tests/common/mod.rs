@@ -2,9 +2,10 @@
 //! and apps built on rsbroker-client, each on its own glommio executor.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorBuilder, Placement};
@@ -17,8 +18,40 @@ use rsbroker_core::ServicePolicy;
 use rsbroker_transports::ListenAddr;
 
 /// Tests start brokers and executors; running them one at a time keeps
-/// locked memory and the two cores from being oversubscribed.
-pub static SERIAL: Mutex<()> = Mutex::new(());
+/// locked memory and the two cores from being oversubscribed. Take it
+/// with [`serial`]; the broker fixtures take it themselves.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    /// Whether this thread holds [`SERIAL`] already (a fixture inside
+    /// another, or a test that holds it before its broker starts).
+    static HOLDS_SERIAL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// This test's turn: no other test of the binary runs a broker until it
+/// is dropped. Taken again on a thread that has it, it is a no-op, so
+/// fixtures can nest (the fault suite's `Fault` holds a [`BrokerProcess`]).
+pub struct Serial {
+    guard: Option<MutexGuard<'static, ()>>,
+}
+
+pub fn serial() -> Serial {
+    if HOLDS_SERIAL.get() {
+        return Serial { guard: None };
+    }
+    // A test that failed while holding it poisoned it; the next one runs anyway.
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    HOLDS_SERIAL.set(true);
+    Serial { guard: Some(guard) }
+}
+
+impl Drop for Serial {
+    fn drop(&mut self) {
+        if self.guard.take().is_some() {
+            HOLDS_SERIAL.set(false);
+        }
+    }
+}
 
 /// The tests' broker settings: two shards on a loopback port chosen by the
 /// system, small io_memory.
@@ -32,12 +65,73 @@ pub fn test_config() -> BrokerConfig {
     c
 }
 
-pub fn broker(policies: &[(&str, ServicePolicy)]) -> BrokerHandle {
-    let mut config = test_config();
-    for (svc, p) in policies {
-        config.set_policy(svc, p);
+/// A broker running in this process for one test: it holds the test's
+/// [`serial`] turn, derefs to its [`BrokerHandle`], and on drop stops the
+/// broker, joins its shards and asserts they ended without an error
+/// (unless the test is failing already).
+pub struct TestBroker {
+    handle: Option<BrokerHandle>,
+    // Dropped after the broker has stopped.
+    _serial: Serial,
+}
+
+impl TestBroker {
+    /// [`test_config`] with `policies`.
+    pub fn start(policies: &[(&str, ServicePolicy)]) -> Self {
+        let mut config = test_config();
+        for (svc, p) in policies {
+            config.set_policy(svc, p);
+        }
+        Self::with_config(config)
     }
-    rsbroker::start(config).expect("broker starts")
+
+    pub fn with_config(config: BrokerConfig) -> Self {
+        let serial = serial();
+        Self {
+            handle: Some(rsbroker::start(config).expect("broker starts")),
+            _serial: serial,
+        }
+    }
+
+    /// The broker's TCP address.
+    pub fn addr(&self) -> SocketAddr {
+        self.tcp_addr().expect("the broker listens on TCP")
+    }
+
+    /// Stops the broker now and waits for it (what drop does, at a point
+    /// the test chooses).
+    pub fn shut_down(self) {
+        self.stop();
+        self.join();
+    }
+
+    /// Waits for the broker to end by itself (after a drain), asserting
+    /// its shards ended without an error.
+    pub fn join(mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.join().expect("the broker's shards ended cleanly");
+        }
+    }
+}
+
+impl std::ops::Deref for TestBroker {
+    type Target = BrokerHandle;
+
+    fn deref(&self) -> &BrokerHandle {
+        self.handle.as_ref().expect("the broker runs until dropped")
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.stop();
+            let ended = handle.join();
+            if !std::thread::panicking() {
+                ended.expect("the broker's shards ended cleanly");
+            }
+        }
+    }
 }
 
 /// Runs `f` on a fresh glommio executor and returns its result.
@@ -345,7 +439,7 @@ fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
 }
 
 /// The `rsbroker` binary running as a child process, its stderr collected
-/// line by line. Killed on drop.
+/// line by line. It holds the test's [`serial`] turn; killed on drop.
 pub struct BrokerProcess {
     pub child: std::process::Child,
     lines: mpsc::Receiver<String>,
@@ -354,6 +448,8 @@ pub struct BrokerProcess {
     pub admin: Option<SocketAddr>,
     /// The broker's pid (not the wrapper's, when there is one).
     pub pid: u32,
+    // Dropped after the process has been killed.
+    _serial: Serial,
 }
 
 impl BrokerProcess {
@@ -367,6 +463,7 @@ impl BrokerProcess {
     /// [`BrokerProcess::start`] under a wrapper command (`strace ...`).
     pub fn start_wrapped(wrapper: &[&str], args: &[&str], envs: &[(&str, &str)]) -> Self {
         use std::io::BufRead;
+        let serial = serial();
         let mut cmd = match wrapper.split_first() {
             Some((program, rest)) => {
                 let mut c = std::process::Command::new(program);
@@ -411,6 +508,7 @@ impl BrokerProcess {
             addr: ([0, 0, 0, 0], 0).into(),
             admin: None,
             pid,
+            _serial: serial,
         };
         let line = p.wait_for("rsbroker listening on tcp://", Duration::from_secs(30));
         p.addr = address_after(&line, "tcp://").unwrap_or_else(|| panic!("no address in {line:?}"));

@@ -14,7 +14,7 @@ use rsbroker_client::{
     AppConfig, Client, ClientConfig, ClientError, LocalBoxFuture, Payload, Responder, Sink,
 };
 
-use crate::common::{BrokerProcess, http_get};
+use crate::common::{BrokerProcess, Serial, http_get, serial};
 
 /// The latency the well-behaved traffic must stay under while a case
 /// attacks the broker (a debug build on a noisy 2-core VM; a stall of the
@@ -67,12 +67,15 @@ pub struct Conn {
     pub reading: bool,
 }
 
-/// A running broker with traffic beside it.
+/// A running broker with traffic beside it. It holds the test's turn
+/// until the broker is killed and the traffic has stopped.
 pub struct Fault {
     pub broker: BrokerProcess,
     pub traffic: Traffic,
     pub baseline: Resources,
     pub config: std::path::PathBuf,
+    // Dropped last.
+    _serial: Serial,
 }
 
 impl Fault {
@@ -80,6 +83,7 @@ impl Fault {
     /// (`("limits", "key", "value")`, values in TOML), and the
     /// well-behaved traffic; waits until the traffic runs on both shards.
     pub fn start(name: &str, overrides: &[(&str, &str, &str)]) -> Self {
+        let serial = serial();
         let config = write_config(name, overrides);
         let broker = BrokerProcess::start(
             &[
@@ -96,6 +100,7 @@ impl Fault {
             traffic,
             baseline: Resources { rss: 0, fds: 0 },
             config,
+            _serial: serial,
         };
         f.wait_for_traffic_on_both_shards();
         // Warm up: buffers, allocator arenas and the connections' first use.

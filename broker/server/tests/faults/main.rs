@@ -7,8 +7,9 @@
 //! back to their baseline, and, where the spec asks for one, the ERROR code
 //! the offender got.
 //!
-//! Cases run one at a time (each starts its own broker); limits are small
-//! (see `harness::LIMITS`) so attacks reach them quickly.
+//! Cases run one at a time (each `Fault` holds the binary's turn while
+//! its broker runs); limits are small (see `harness::LIMITS`) so attacks
+//! reach them quickly.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -25,10 +26,6 @@ use rsocket_proto::frame::{
     Frame, MAX_REQUEST_N, MetadataPush, Payload, RequestN, RequestResponse,
 };
 use rsocket_proto::{ErrorCode, FrameType};
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    common::SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -90,7 +87,6 @@ fn read_items(r: &mut Raw, stream_id: u32, n: u32, size: usize) {
 /// twice the per-connection bound plus a fixed overhead.
 fn slow_consumer(same_shard: bool) {
     const SIZE: usize = 16 << 10;
-    let _g = serial();
     let name = if same_shard {
         "slow-same"
     } else {
@@ -158,7 +154,6 @@ fn a_producer_held_back_is_not_closed_for_silence() {
     // More than the socket buffers between broker and consumer hold, so
     // that the rest of one item waits in the broker.
     const SIZE: usize = 16 << 20;
-    let _g = serial();
     let mut f = Fault::start("held-back", &[]);
     let p = producer(&f, "frag", SIZE, 1024);
     let pshard = f.conn_of(p.local).shard;
@@ -200,7 +195,6 @@ fn a_producer_held_back_is_not_closed_for_silence() {
 /// never holds more than max_connection_memory.
 #[test]
 fn empty_fragments_before_a_route_stay_within_the_limits() {
-    let _g = serial();
     let mut f = Fault::start("empty-fragments", &[]);
     let mut a = Raw::connect(f.broker.addr);
     a.setup(60_000, 120_000);
@@ -263,7 +257,6 @@ fn empty_fragments_before_a_route_stay_within_the_limits() {
 /// the broker exits 0.
 #[test]
 fn the_end_of_a_drain_answers_requests_that_race_it() {
-    let _g = serial();
     let mut f = Fault::start(
         "drain-end",
         &[
@@ -296,7 +289,6 @@ fn the_end_of_a_drain_answers_requests_that_race_it() {
 /// start and names the process that holds it; the first goes on.
 #[test]
 fn a_second_broker_on_the_same_address_refuses_to_start() {
-    let _g = serial();
     let mut f = Fault::start("two-brokers", &[]);
     let listen = format!("tcp://{}", f.broker.addr);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_rsbroker"))
@@ -341,7 +333,6 @@ impl OutputWithTimeout for std::process::Command {
 /// ERROR CONNECTION_ERROR (or INVALID_SETUP before SETUP).
 #[test]
 fn malformed_frames() {
-    let _g = serial();
     let mut f = Fault::start("malformed", &[]);
     // An unknown frame type without the Ignore flag.
     let mut a = Raw::connect(f.broker.addr);
@@ -375,7 +366,6 @@ fn malformed_frames() {
 /// stalling hold what they sent, and give it back when they go.
 #[test]
 fn frame_bomb() {
-    let _g = serial();
     let mut f = Fault::start("frame-bomb", &[]);
     let mut a = Raw::connect(f.broker.addr);
     a.setup(60_000, 120_000);
@@ -410,7 +400,6 @@ fn frame_bomb() {
 /// at a time, are closed at setup_timeout (2 s here) with INVALID_SETUP.
 #[test]
 fn slowloris_and_handshakes_left_open() {
-    let _g = serial();
     let mut f = Fault::start("slowloris", &[]);
     let mut idle: Vec<Raw> = (0..50).map(|_| Raw::connect(f.broker.addr)).collect();
     let mut dribble = Raw::connect(f.broker.addr);
@@ -452,7 +441,6 @@ fn slowloris_and_handshakes_left_open() {
 /// fragments on streams that do not exist (ignored).
 #[test]
 fn fragment_bombs() {
-    let _g = serial();
     let mut f = Fault::start("fragment-bombs", &[]);
     // A responder that registers and never reads.
     let mut sink = Raw::connect(f.broker.addr);
@@ -538,7 +526,6 @@ fn fragment_bombs() {
 /// again saturates instead of overflowing, and the stream goes on.
 #[test]
 fn request_n_zero_and_max_repeated() {
-    let _g = serial();
     let mut f = Fault::start("request-n", &[]);
     let p = producer(&f, "items", 64, 0);
     let mut a = Raw::connect(f.broker.addr);
@@ -572,7 +559,6 @@ fn request_n_zero_and_max_repeated() {
 /// (even) ids ends its connection with CONNECTION_ERROR.
 #[test]
 fn stream_id_reuse() {
-    let _g = serial();
     let mut f = Fault::start("stream-ids", &[]);
     let p = producer(&f, "ids", 16, 0);
     let mut a = Raw::connect(f.broker.addr);
@@ -608,7 +594,6 @@ fn stream_id_reuse() {
 /// apps that register and leave): every descriptor and byte comes back.
 #[test]
 fn connection_churn() {
-    let _g = serial();
     let mut f = Fault::start("churn", &[]);
     for i in 0..300 {
         let mut r = Raw::connect(f.broker.addr);
@@ -637,7 +622,6 @@ fn connection_churn() {
 /// writing) is closed at its max lifetime, with the same result.
 #[test]
 fn responder_killed_and_frozen_mid_stream() {
-    let _g = serial();
     let mut f = Fault::start("responder-gone", &[]);
     // Killed: the process's connection just ends.
     let mut killed = Raw::connect(f.broker.addr);
@@ -667,7 +651,6 @@ fn responder_killed_and_frozen_mid_stream() {
 /// CONNECTION_ERROR.
 #[test]
 fn keepalive_silence() {
-    let _g = serial();
     let mut f = Fault::start("silence", &[]);
     let mut a = Raw::connect(f.broker.addr);
     a.setup(500, 1000);
@@ -685,7 +668,6 @@ fn keepalive_silence() {
 /// the streams within it go on.
 #[test]
 fn too_many_streams() {
-    let _g = serial();
     let mut f = Fault::start("streams", &[("limits", "max_streams_per_connection", "50")]);
     let p = producer(&f, "many", 16, 0);
     let mut a = Raw::connect(f.broker.addr);
@@ -713,7 +695,6 @@ fn too_many_streams() {
 /// from a requester and from an app, is ignored; both connections go on.
 #[test]
 fn garbage_metadata_push() {
-    let _g = serial();
     let mut f = Fault::start("metadata-push", &[]);
     let mut app = Raw::connect(f.broker.addr);
     app.setup_app("pusher", "pusher", 60_000, 120_000);
@@ -749,7 +730,6 @@ fn garbage_metadata_push() {
 /// INVALID_SETUP.
 #[test]
 fn huge_setup() {
-    let _g = serial();
     let mut f = Fault::start("huge-setup", &[]);
     let mut a = Raw::connect(f.broker.addr);
     let _ = a.send(raw::setup_frame(
@@ -784,7 +764,6 @@ fn huge_setup() {
 /// and says why; nothing else changes.
 #[test]
 fn sighup_with_a_bad_file() {
-    let _g = serial();
     let mut f = Fault::start("sighup", &[]);
     let good = std::fs::read_to_string(&f.config).unwrap();
     std::fs::write(&f.config, "[limits\nmax_frame_size = = 3\n").unwrap();
@@ -800,7 +779,6 @@ fn sighup_with_a_bad_file() {
 /// its timeouts, without a panic.
 #[test]
 fn sigterm_under_load() {
-    let _g = serial();
     let mut f = Fault::start("sigterm", &[("shutdown", "drain_timeout", "\"2s\"")]);
     let p = producer(&f, "load", 1024, 0);
     let mut streams = Vec::new();
