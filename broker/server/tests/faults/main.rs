@@ -29,6 +29,14 @@ use rsocket_proto::{ErrorCode, FrameType};
 
 const SECOND: Duration = Duration::from_secs(1);
 
+/// A raw connection set up as a plain requester (keepalive 60 s, max
+/// lifetime 120 s: the broker never closes it for silence during a case).
+fn requester(f: &Fault) -> Raw {
+    let mut r = Raw::connect(f.broker.addr);
+    r.setup(60_000, 120_000);
+    r
+}
+
 /// A raw connection that the broker put on shard `shard` (`same`) or on
 /// the other one.
 fn raw_on(f: &Fault, shard: u16, same: bool) -> Raw {
@@ -109,8 +117,7 @@ fn slow_consumer(same_shard: bool) {
     assert_eq!(p.closed(), None, "the producer lost its connection");
     f.assert_traffic_unharmed("a consumer that stopped reading");
     // The producer's other streams flow.
-    let mut other = Raw::connect(f.broker.addr);
-    other.setup(60_000, 120_000);
+    let mut other = requester(&f);
     other.send(stream(1, "bulk", 3)).unwrap();
     read_items(&mut other, 1, 3, SIZE);
     let stream_buffer = 64 << 10;
@@ -196,8 +203,7 @@ fn a_producer_held_back_is_not_closed_for_silence() {
 #[test]
 fn empty_fragments_before_a_route_stay_within_the_limits() {
     let mut f = Fault::start("empty-fragments", &[]);
-    let mut a = Raw::connect(f.broker.addr);
-    a.setup(60_000, 120_000);
+    let mut a = requester(&f);
     let streams: Vec<u32> = (0..100).map(|i| 2 * i + 1).collect();
     // A composite metadata entry whose header promises 200 bytes.
     a.send_all(streams.iter().map(|&id| {
@@ -265,8 +271,7 @@ fn the_end_of_a_drain_answers_requests_that_race_it() {
         ],
     );
     let p = producer(&f, "open", 16, 0);
-    let mut c = Raw::connect(f.broker.addr);
-    c.setup(60_000, 120_000);
+    let mut c = requester(&f);
     // One item of a stream that never ends: open at the drain deadline.
     c.send(stream(1, "open", 1)).unwrap();
     c.until(5 * SECOND, "the first item", |fr| fr.stream_id() == 1);
@@ -335,8 +340,7 @@ impl OutputWithTimeout for std::process::Command {
 fn malformed_frames() {
     let mut f = Fault::start("malformed", &[]);
     // An unknown frame type without the Ignore flag.
-    let mut a = Raw::connect(f.broker.addr);
-    a.setup(60_000, 120_000);
+    let mut a = requester(&f);
     // Type 0x20 (none), no flags.
     a.send_bytes(&[0, 0, 6, 0, 0, 0, 1, 0x80, 0]).unwrap();
     a.expect_error(5 * SECOND, 0, ErrorCode::CONNECTION_ERROR);
@@ -348,13 +352,11 @@ fn malformed_frames() {
     b.expect_error(5 * SECOND, 0, ErrorCode::INVALID_SETUP);
     assert!(b.closed_within(5 * SECOND));
     // A length shorter than a frame header.
-    let mut c = Raw::connect(f.broker.addr);
-    c.setup(60_000, 120_000);
+    let mut c = requester(&f);
     c.send_bytes(&[0, 0, 2, 0, 0]).unwrap();
     c.expect_error(5 * SECOND, 0, ErrorCode::CONNECTION_ERROR);
     // A frame cut short, then the peer goes away.
-    let mut d = Raw::connect(f.broker.addr);
-    d.setup(60_000, 120_000);
+    let mut d = requester(&f);
     d.send_bytes(&[0, 1, 0, 0, 0, 0, 1, 0x10, 0, 1, 2]).unwrap();
     drop((a, b, c, d));
     f.assert_traffic_unharmed("malformed frames");
@@ -367,16 +369,14 @@ fn malformed_frames() {
 #[test]
 fn frame_bomb() {
     let mut f = Fault::start("frame-bomb", &[]);
-    let mut a = Raw::connect(f.broker.addr);
-    a.setup(60_000, 120_000);
+    let mut a = requester(&f);
     a.send_bytes(&[0xFF, 0xFF, 0xFF, 0, 0, 0, 1, 0x10, 0])
         .unwrap();
     a.expect_error(5 * SECOND, 0, ErrorCode::CONNECTION_ERROR);
     let half = vec![0u8; 512 << 10];
     let mut stalled = Vec::new();
     for _ in 0..10 {
-        let mut r = Raw::connect(f.broker.addr);
-        r.setup(60_000, 120_000);
+        let mut r = requester(&f);
         // 1 MiB - 1: a PAYLOAD on stream 1 that never completes.
         r.send_bytes(&[0x0F, 0xFF, 0xFF, 0, 0, 0, 1, 0x28, 0])
             .unwrap();
@@ -484,8 +484,7 @@ fn fragment_bombs() {
     );
     f.assert_traffic_unharmed("an endless fragmented request");
     // Metadata after data in a fragmented request: INVALID on its stream.
-    let mut b = Raw::connect(f.broker.addr);
-    b.setup(60_000, 120_000);
+    let mut b = requester(&f);
     b.send(Frame::RequestResponse(RequestResponse {
         stream_id: 1,
         follows: true,
@@ -528,8 +527,7 @@ fn fragment_bombs() {
 fn request_n_zero_and_max_repeated() {
     let mut f = Fault::start("request-n", &[]);
     let p = producer(&f, "items", 64, 0);
-    let mut a = Raw::connect(f.broker.addr);
-    a.setup(60_000, 120_000);
+    let mut a = requester(&f);
     a.send(stream(1, "items", 1)).unwrap();
     read_items(&mut a, 1, 1, 64);
     a.send_all((0..1000).map(|_| {
@@ -561,8 +559,7 @@ fn request_n_zero_and_max_repeated() {
 fn stream_id_reuse() {
     let mut f = Fault::start("stream-ids", &[]);
     let p = producer(&f, "ids", 16, 0);
-    let mut a = Raw::connect(f.broker.addr);
-    a.setup(60_000, 120_000);
+    let mut a = requester(&f);
     for round in 0..3 {
         a.send(rr(1, "ctl.echo", &format!("again {round}")))
             .unwrap();
@@ -626,8 +623,7 @@ fn responder_killed_and_frozen_mid_stream() {
     // Killed: the process's connection just ends.
     let mut killed = Raw::connect(f.broker.addr);
     killed.setup_app("killed", "killed", 60_000, 120_000);
-    let mut a = Raw::connect(f.broker.addr);
-    a.setup(60_000, 120_000);
+    let mut a = requester(&f);
     f.wait_for_app("killed");
     a.send(stream(1, "killed", 10)).unwrap();
     killed.until(5 * SECOND, "the request", |fr| {
@@ -670,8 +666,7 @@ fn keepalive_silence() {
 fn too_many_streams() {
     let mut f = Fault::start("streams", &[("limits", "max_streams_per_connection", "50")]);
     let p = producer(&f, "many", 16, 0);
-    let mut a = Raw::connect(f.broker.addr);
-    a.setup(60_000, 120_000);
+    let mut a = requester(&f);
     a.send_all((0..60).map(|i| stream(2 * i + 1, "many", 1)))
         .unwrap();
     let (mut items, mut refused) = (0, 0);
@@ -698,8 +693,7 @@ fn garbage_metadata_push() {
     let mut f = Fault::start("metadata-push", &[]);
     let mut app = Raw::connect(f.broker.addr);
     app.setup_app("pusher", "pusher", 60_000, 120_000);
-    let mut req = Raw::connect(f.broker.addr);
-    req.setup(60_000, 120_000);
+    let mut req = requester(&f);
     let junk: Vec<Bytes> = vec![
         Bytes::from_static(&[0xFF, 0x00, 0x13, 0x37]),
         Bytes::from_static(b"{\"type\": \"com.alibaba.rsocket.events.AppStatusEvent\", \"data\""),
@@ -783,8 +777,7 @@ fn sigterm_under_load() {
     let p = producer(&f, "load", 1024, 0);
     let mut streams = Vec::new();
     for _ in 0..4 {
-        let mut r = Raw::connect(f.broker.addr);
-        r.setup(60_000, 120_000);
+        let mut r = requester(&f);
         r.send(stream(1, "load", MAX_REQUEST_N)).unwrap();
         streams.push(r);
     }
