@@ -11,6 +11,16 @@
 //!   large bodies written from their own buffers.
 //! - [`ListenAddr`]: `tcp://host:port` and the like.
 
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};

@@ -110,7 +110,8 @@ impl FrameIo for TcpFrames {
             if parts == 0 {
                 return Poll::Ready(Ok(()));
             }
-            match Pin::new(&mut self.stream).poll_write_vectored(cx, &iov[..parts]) {
+            let iov = iov.get(..parts).unwrap_or(&iov);
+            match Pin::new(&mut self.stream).poll_write_vectored(cx, iov) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(TransportError::Io(io::ErrorKind::WriteZero.into())));
                 }

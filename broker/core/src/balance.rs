@@ -162,19 +162,21 @@ impl BalancerState {
                     b += 1;
                 }
                 // A local connection saves a hop across cores: prefer it when loads tie.
-                let load = |c: &Candidate<'_>| u64::from(c.outstanding) * 2 + u64::from(!c.local);
-                if load(&candidates[b]) < load(&candidates[a]) {
-                    b
-                } else {
-                    a
-                }
+                let load = |i: usize| {
+                    candidates.get(i).map_or(u64::MAX, |c| {
+                        u64::from(c.outstanding) * 2 + u64::from(!c.local)
+                    })
+                };
+                if load(b) < load(a) { b } else { a }
             }
             Balancer::ConsistentHash { .. } => match hash_key {
                 Some(key) => {
                     let h = hash64(key, 0);
-                    (0..n)
-                        .max_by_key(|i| hash64(candidates[*i].uuid.as_bytes(), h))
-                        .unwrap_or(0)
+                    candidates
+                        .iter()
+                        .enumerate()
+                        .max_by_key(|(_, c)| hash64(c.uuid.as_bytes(), h))
+                        .map_or(0, |(i, _)| i)
                 }
                 None => self.round_robin(service, n),
             },

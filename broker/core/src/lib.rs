@@ -17,6 +17,16 @@
 //! - [`service`]: service keys (`group!service:version`).
 //! - [`ids`]: connection and stream identifiers.
 
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 pub mod app;
 pub mod balance;
 pub mod flow;

@@ -87,9 +87,12 @@ impl Shard {
             Some(c) => c,
             None => self.service_stats.entry(service.clone()).or_default(),
         };
-        match what {
-            Count::Request => counters.requests[i] += 1,
-            Count::Error => counters.errors[i] += 1,
+        let counts = match what {
+            Count::Request => &mut counters.requests,
+            Count::Error => &mut counters.errors,
+        };
+        if let Some(n) = counts.get_mut(i) {
+            *n += 1;
         }
     }
 }
