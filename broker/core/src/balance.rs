@@ -1,6 +1,9 @@
 //! Choosing an instance for a request: the per-service policy (balancer
 //! and failover) and the balancers themselves.
 
+use std::fmt;
+use std::str::FromStr;
+
 use rustc_hash::FxHashMap;
 
 use crate::service::ServiceKey;
@@ -26,6 +29,44 @@ pub enum Balancer {
     },
 }
 
+impl Balancer {
+    /// The names [`Balancer`]'s `FromStr` takes, for messages.
+    pub const NAMES: &str = "round-robin, random, weighted, least-outstanding, hash:TAG";
+}
+
+/// How a balancer is written in the config and on the command line.
+impl fmt::Display for Balancer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::RoundRobin => f.write_str("round-robin"),
+            Self::Random => f.write_str("random"),
+            Self::Weighted => f.write_str("weighted"),
+            Self::LeastOutstanding => f.write_str("least-outstanding"),
+            Self::ConsistentHash { tag } => write!(f, "hash:{tag}"),
+        }
+    }
+}
+
+impl FromStr for Balancer {
+    type Err = String;
+
+    /// `round-robin`, `random`, `weighted`, `least-outstanding` or `hash:TAG`.
+    fn from_str(name: &str) -> Result<Self, String> {
+        Ok(match name {
+            "round-robin" => Self::RoundRobin,
+            "random" => Self::Random,
+            "weighted" => Self::Weighted,
+            "least-outstanding" => Self::LeastOutstanding,
+            _ => match name.strip_prefix("hash:") {
+                Some(tag) if !tag.is_empty() => Self::ConsistentHash {
+                    tag: tag.to_owned(),
+                },
+                _ => return Err(format!("unknown balancer {name:?} ({})", Self::NAMES)),
+            },
+        })
+    }
+}
+
 /// What happens to a request-response whose instance goes away before it answers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Failover {
@@ -46,6 +87,34 @@ pub struct ServicePolicy {
     pub balancer: Balancer,
     /// What happens when an instance disappears under a request.
     pub failover: Failover,
+}
+
+impl FromStr for ServicePolicy {
+    type Err = String;
+
+    /// `BALANCER[,retry=N]`: a balancer as [`Balancer`] parses it, and
+    /// with `retry=N` (N > 0) a request-response is retried on another
+    /// instance at most N times.
+    fn from_str(spec: &str) -> Result<Self, String> {
+        let mut policy = Self::default();
+        for (i, part) in spec.split(',').enumerate() {
+            if i == 0 {
+                policy.balancer = part.parse()?;
+            } else if let Some(n) = part.strip_prefix("retry=") {
+                let attempts = n
+                    .parse()
+                    .map_err(|_| format!("retry must be a number, got {n:?}"))?;
+                policy.failover = if attempts == 0 {
+                    Failover::FailFast
+                } else {
+                    Failover::Retry { attempts }
+                };
+            } else {
+                return Err(format!("unknown option {part:?} (expected retry=N)"));
+            }
+        }
+        Ok(policy)
+    }
 }
 
 /// Policies per service, with a default.
@@ -212,6 +281,30 @@ mod tests {
                 local: false,
             })
             .collect()
+    }
+
+    #[test]
+    fn balancer_names_parse_back_to_themselves() {
+        for name in ["round-robin", "random", "weighted", "least-outstanding", "hash:user"] {
+            let balancer: Balancer = name.parse().unwrap();
+            assert_eq!(balancer.to_string(), name);
+        }
+        assert_eq!(
+            "hash:user".parse::<Balancer>(),
+            Ok(Balancer::ConsistentHash { tag: "user".into() })
+        );
+        for bad in ["", "hash:", "fastest", "Round-Robin"] {
+            let err = bad.parse::<Balancer>().unwrap_err();
+            assert!(err.contains(Balancer::NAMES), "{err}");
+        }
+        let policy: ServicePolicy = "weighted,retry=2".parse().unwrap();
+        assert_eq!(policy.balancer, Balancer::Weighted);
+        assert_eq!(policy.failover, Failover::Retry { attempts: 2 });
+        assert_eq!(
+            "random,retry=0".parse::<ServicePolicy>().unwrap().failover,
+            Failover::FailFast
+        );
+        assert!("random,sticky".parse::<ServicePolicy>().is_err());
     }
 
     #[test]

@@ -804,26 +804,16 @@ where
 }
 
 fn ser_balancer<S: Serializer>(b: &Balancer, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&balancer_name(b))
+    s.serialize_str(&b.to_string())
 }
 
 fn de_balancer<'de, D: Deserializer<'de>>(d: D) -> Result<Balancer, D::Error> {
-    parse_balancer(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    String::deserialize(d)?
+        .parse::<Balancer>()
+        .map_err(serde::de::Error::custom)
 }
 
-/// How a balancer is written in the config and on the command line.
-pub fn balancer_name(b: &Balancer) -> String {
-    match b {
-        Balancer::RoundRobin => "round-robin".into(),
-        Balancer::Random => "random".into(),
-        Balancer::Weighted => "weighted".into(),
-        Balancer::LeastOutstanding => "least-outstanding".into(),
-        Balancer::ConsistentHash { tag } => format!("hash:{tag}"),
-    }
-}
-
-/// Parses `SERVICE=BALANCER[,retry=N]`, where BALANCER is `round-robin`,
-/// `random`, `weighted`, `least-outstanding` or `hash:TAG`.
+/// Parses `SERVICE=BALANCER[,retry=N]` (see [`ServicePolicy`]'s `FromStr`).
 pub fn parse_policy(text: &str) -> Result<(String, ServicePolicy), String> {
     let (service, spec) = text
         .split_once('=')
@@ -831,46 +821,8 @@ pub fn parse_policy(text: &str) -> Result<(String, ServicePolicy), String> {
     if service.is_empty() {
         return Err(format!("{text:?}: the service name is empty"));
     }
-    let mut policy = ServicePolicy::default();
-    for (i, part) in spec.split(',').enumerate() {
-        if i == 0 {
-            policy.balancer = parse_balancer(part).map_err(|e| format!("{text:?}: {e}"))?;
-        } else if let Some(n) = part.strip_prefix("retry=") {
-            let attempts = n
-                .parse()
-                .map_err(|_| format!("{text:?}: retry must be a number, got {n:?}"))?;
-            policy.failover = if attempts == 0 {
-                Failover::FailFast
-            } else {
-                Failover::Retry { attempts }
-            };
-        } else {
-            return Err(format!(
-                "{text:?}: unknown option {part:?} (expected retry=N)"
-            ));
-        }
-    }
+    let policy = spec.parse().map_err(|e| format!("{text:?}: {e}"))?;
     Ok((service.to_owned(), policy))
-}
-
-/// Parses a balancer name.
-pub fn parse_balancer(name: &str) -> Result<Balancer, String> {
-    Ok(match name {
-        "round-robin" => Balancer::RoundRobin,
-        "random" => Balancer::Random,
-        "weighted" => Balancer::Weighted,
-        "least-outstanding" => Balancer::LeastOutstanding,
-        _ => match name.strip_prefix("hash:") {
-            Some(tag) if !tag.is_empty() => Balancer::ConsistentHash {
-                tag: tag.to_owned(),
-            },
-            _ => {
-                return Err(format!(
-                    "unknown balancer {name:?} (round-robin, random, weighted, least-outstanding, hash:TAG)"
-                ));
-            }
-        },
-    })
 }
 
 #[cfg(test)]
