@@ -285,7 +285,13 @@ mod tests {
 
     #[test]
     fn balancer_names_parse_back_to_themselves() {
-        for name in ["round-robin", "random", "weighted", "least-outstanding", "hash:user"] {
+        for name in [
+            "round-robin",
+            "random",
+            "weighted",
+            "least-outstanding",
+            "hash:user",
+        ] {
             let balancer: Balancer = name.parse().unwrap();
             assert_eq!(balancer.to_string(), name);
         }

@@ -41,6 +41,4 @@ pub use flow::FlowLimits;
 pub use ids::{ConnId, ShardId, StreamRef};
 pub use message::{Message, Signal};
 pub use service::ServiceKey;
-pub use shard::{
-    Destination, INTERACTIONS, ServiceCounters, Shard, ShardConfig, ShardStats, interaction_index,
-};
+pub use shard::{Destination, ServiceCounters, Shard, ShardConfig, ShardStats};

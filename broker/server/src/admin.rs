@@ -26,7 +26,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
-use rsbroker_core::INTERACTIONS;
+use rsbroker_core::ServiceCounters;
+use rsocket_proto::Interaction;
 use serde::Serialize;
 
 use crate::control::{Control, Phase, ShardSnapshot};
@@ -259,9 +260,10 @@ fn service_views(snaps: &[ShardSnapshot]) -> Vec<ServiceView> {
             let v = out
                 .entry(name.clone())
                 .or_insert_with(|| empty_service(name));
-            for (k, interaction) in INTERACTIONS.iter().enumerate() {
-                *v.requests.entry(interaction).or_default() += c.requests[k];
-                *v.errors.entry(interaction).or_default() += c.errors[k];
+            for interaction in ServiceCounters::INTERACTIONS {
+                let label = interaction_label(interaction);
+                *v.requests.entry(label).or_default() += c.requests(interaction);
+                *v.errors.entry(label).or_default() += c.errors(interaction);
             }
         }
     }
@@ -277,9 +279,26 @@ fn empty_service(name: &str) -> ServiceView {
     ServiceView {
         service: name.to_owned(),
         instances: Vec::new(),
-        requests: INTERACTIONS.iter().map(|i| (*i, 0)).collect(),
-        errors: INTERACTIONS.iter().map(|i| (*i, 0)).collect(),
+        requests: interaction_labels().map(|l| (l, 0)).collect(),
+        errors: interaction_labels().map(|l| (l, 0)).collect(),
     }
+}
+
+/// The `interaction` label of the request metrics (and the keys of a
+/// service's counts in `/api/services`).
+fn interaction_label(interaction: Interaction) -> &'static str {
+    match interaction {
+        Interaction::RequestResponse => "request_response",
+        Interaction::FireAndForget => "fire_and_forget",
+        Interaction::Stream => "request_stream",
+        Interaction::Channel => "request_channel",
+    }
+}
+
+fn interaction_labels() -> impl Iterator<Item = &'static str> {
+    ServiceCounters::INTERACTIONS
+        .into_iter()
+        .map(interaction_label)
 }
 
 fn overview_of(control: &Control, snaps: &[ShardSnapshot]) -> Overview {
@@ -303,18 +322,8 @@ fn overview_of(control: &Control, snaps: &[ShardSnapshot]) -> Overview {
         instances: routes.len(),
         services: services.len(),
         open_streams: snaps.iter().map(|s| s.open_streams).sum(),
-        requests: sum(&|s| {
-            s.services
-                .iter()
-                .map(|(_, c)| c.requests.iter().sum::<u64>())
-                .sum()
-        }),
-        request_errors: sum(&|s| {
-            s.services
-                .iter()
-                .map(|(_, c)| c.errors.iter().sum::<u64>())
-                .sum()
-        }),
+        requests: sum(&|s| s.services.iter().map(|(_, c)| c.total_requests()).sum()),
+        request_errors: sum(&|s| s.services.iter().map(|(_, c)| c.total_errors()).sum()),
         rejected: sum(&|s| s.stats.requests_rejected),
         frames_in: sum(&|s| s.stats.frames_in),
         frames_out: sum(&|s| s.io.frames_out),

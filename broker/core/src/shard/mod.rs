@@ -36,7 +36,7 @@ mod stats;
 mod streams;
 
 pub use routing::{Destination, Targets};
-pub use stats::{INTERACTIONS, ServiceCounters, ShardStats, interaction_index};
+pub use stats::{ServiceCounters, ShardStats};
 
 use self::routing::{Outstanding, PendingRoute};
 use self::streams::Upstream;

@@ -34,27 +34,52 @@ pub struct ShardStats {
     pub closed_over_limit: u64,
 }
 
-/// Requests and errors of one service on one shard, by interaction model
-/// (indexed as [`interaction_index`] says).
+/// Requests and errors of one service on one shard, by interaction model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceCounters {
-    /// Requests routed to an instance.
-    pub requests: [u64; 4],
-    /// Requests that ended with an ERROR from the instance, or because the
-    /// instance went away.
-    pub errors: [u64; 4],
+    requests: [u64; 4],
+    errors: [u64; 4],
 }
 
-/// Names of the interaction models, in [`interaction_index`] order.
-pub const INTERACTIONS: [&str; 4] = [
-    "request_response",
-    "fire_and_forget",
-    "request_stream",
-    "request_channel",
-];
+impl ServiceCounters {
+    /// Every interaction model, in a fixed order.
+    pub const INTERACTIONS: [Interaction; 4] = [
+        Interaction::RequestResponse,
+        Interaction::FireAndForget,
+        Interaction::Stream,
+        Interaction::Channel,
+    ];
 
-/// The index of an interaction model in [`ServiceCounters`] and [`INTERACTIONS`].
-pub fn interaction_index(interaction: Interaction) -> usize {
+    /// Requests of `interaction` routed to an instance.
+    pub fn requests(&self, interaction: Interaction) -> u64 {
+        self.requests
+            .get(interaction_index(interaction))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Requests routed, all interaction models together.
+    pub fn total_requests(&self) -> u64 {
+        self.requests.iter().sum()
+    }
+
+    /// Requests that ended with an error, all interaction models together.
+    pub fn total_errors(&self) -> u64 {
+        self.errors.iter().sum()
+    }
+
+    /// Requests of `interaction` that ended with an ERROR from the
+    /// instance, or because the instance went away.
+    pub fn errors(&self, interaction: Interaction) -> u64 {
+        self.errors
+            .get(interaction_index(interaction))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// The index of an interaction model in [`ServiceCounters`]' arrays.
+fn interaction_index(interaction: Interaction) -> usize {
     match interaction {
         Interaction::RequestResponse => 0,
         Interaction::FireAndForget => 1,
