@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rsbroker_transports::{FrameIo, TcpFrames, TransportError};
-use rsocket_proto::conn::{Config, Connection, Event, Interaction, RequestKind, SetupPayload};
+use rsocket_proto::conn::{
+    ClientSettings, Config, Connection, Event, Interaction, RequestKind, SetupPayload,
+};
 use rsocket_proto::metadata::{RequestMetadata, Route};
 use rsocket_proto::{ErrorCode, FrameView, SendError};
 use rustc_hash::FxHashMap;
@@ -318,9 +320,12 @@ impl ClientBuilder {
         Config {
             reassemble: true,
             fragment_size: self.config.fragment_size,
-            keepalive_interval: self.config.keepalive_interval,
-            max_lifetime: self.config.max_lifetime,
-            data_mime: Bytes::from(self.config.data_mime.clone()),
+            client: ClientSettings {
+                keepalive_interval: self.config.keepalive_interval,
+                max_lifetime: self.config.max_lifetime,
+                data_mime: Bytes::from(self.config.data_mime.clone()),
+                ..ClientSettings::default()
+            },
             ..Config::default()
         }
     }

@@ -8,14 +8,17 @@ use std::time::Instant;
 use bytes::Bytes;
 use common::{Pair, drain_events, drain_frames};
 use rsocket_proto::ErrorCode;
-use rsocket_proto::conn::{Config, Connection, Event, RequestKind};
+use rsocket_proto::conn::{ClientSettings, Config, Connection, Event, RequestKind};
 use rsocket_proto::frame::{Frame, FrameType, FrameView};
 
 fn configs(buffer: usize) -> (Config, Config) {
     (
         Config {
-            resume_token: Some(Bytes::from_static(b"session-1")),
             resume_buffer: buffer,
+            client: ClientSettings {
+                resume_token: Some(Bytes::from_static(b"session-1")),
+                ..ClientSettings::default()
+            },
             ..Config::default()
         },
         Config {

@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{Pair, bytes, drain_events, drain_frames};
-use rsocket_proto::conn::{Config, Connection, Event, Interaction, RequestKind, SetupPayload};
+use rsocket_proto::conn::{
+    ClientSettings, Config, Connection, Event, Interaction, RequestKind, ServerSettings,
+    SetupPayload,
+};
 use rsocket_proto::frame::*;
 use rsocket_proto::metadata::build::route;
 use rsocket_proto::{ErrorCode, Initiator, SendError};
@@ -244,7 +247,10 @@ fn resume_without_resume_support_is_rejected() {
 fn no_setup_within_timeout_closes() {
     let now = Instant::now();
     let config = Config {
-        setup_timeout: Duration::from_secs(2),
+        server: ServerSettings {
+            setup_timeout: Duration::from_secs(2),
+            ..ServerSettings::default()
+        },
         ..Config::default()
     };
     let mut s = Connection::server(config, now);
@@ -407,8 +413,11 @@ fn shut_down_before_setup_closes_at_once() {
 #[test]
 fn client_sends_keepalive_every_interval() {
     let config = Config {
-        keepalive_interval: Duration::from_millis(100),
-        max_lifetime: Duration::from_secs(10),
+        client: ClientSettings {
+            keepalive_interval: Duration::from_millis(100),
+            max_lifetime: Duration::from_secs(10),
+            ..ClientSettings::default()
+        },
         ..Config::default()
     };
     let mut pair = Pair::new(config, Config::default());
@@ -429,7 +438,10 @@ fn client_sends_keepalive_every_interval() {
 fn requester_honours_lease() {
     let mut pair = Pair::new(
         Config {
-            lease: true,
+            client: ClientSettings {
+                lease: true,
+                ..ClientSettings::default()
+            },
             ..Config::default()
         },
         Config::default(),
@@ -1315,7 +1327,10 @@ fn client_learns_of_a_rejected_setup_even_after_a_keepalive_echo() {
 fn lease_expiry_is_a_timeout() {
     let mut pair = Pair::new(
         Config {
-            lease: true,
+            client: ClientSettings {
+                lease: true,
+                ..ClientSettings::default()
+            },
             ..Config::default()
         },
         Config::default(),

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::drain_events;
-use rsocket_proto::conn::{Config, Connection, Event, Interaction, RequestKind, SetupPayload};
+use rsocket_proto::conn::{
+    ClientSettings, Config, Connection, Event, Interaction, RequestKind, SetupPayload,
+};
 use rsocket_proto::frame::{Frame, FrameType, FrameView, Version};
 use rsocket_proto::metadata::{
     Auth, CompositeMetadata, MimeType, RequestMetadata, Route, WellKnownMime,
@@ -321,10 +323,13 @@ fn our_client_writes_like_rsocket_py() {
         panic!()
     };
     let config = Config {
-        keepalive_interval: Duration::from_millis(1000),
-        max_lifetime: Duration::from_millis(600_000),
-        metadata_mime: setup.metadata_mime.clone(),
-        data_mime: setup.data_mime.clone(),
+        client: ClientSettings {
+            keepalive_interval: Duration::from_millis(1000),
+            max_lifetime: Duration::from_millis(600_000),
+            metadata_mime: setup.metadata_mime.clone(),
+            data_mime: setup.data_mime.clone(),
+            ..ClientSettings::default()
+        },
         ..Config::default()
     };
     let mut client = Connection::client(

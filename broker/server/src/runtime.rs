@@ -404,8 +404,8 @@ impl ShardRt {
 fn shard_config(id: ShardId, shards: u16, config: &BrokerConfig) -> ShardConfig {
     let mut c = ShardConfig::new(id, shards);
     c.connection.max_inbound_streams = config.limits.max_streams_per_connection;
-    c.connection.setup_timeout = config.limits.setup_timeout;
-    c.connection.peer_lifetime = (
+    c.connection.server.setup_timeout = config.limits.setup_timeout;
+    c.connection.server.peer_lifetime = (
         config.limits.min_keepalive_lifetime,
         config.limits.max_keepalive_lifetime,
     );

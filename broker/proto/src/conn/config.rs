@@ -15,7 +15,8 @@ pub enum Role {
     Server,
 }
 
-/// Settings of one connection.
+/// Settings of one connection: those of both roles here, those of one
+/// role in [`ClientSettings`] and [`ServerSettings`].
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Largest frame this side sends; longer messages are fragmented.
@@ -32,27 +33,13 @@ pub struct Config {
     pub reassemble: bool,
     /// Most streams the peer may have open at once; requests beyond it get ERROR[REJECTED].
     pub max_inbound_streams: usize,
-    /// Client: interval between its KEEPALIVE frames.
-    pub keepalive_interval: Duration,
-    /// Client: how long the server may stay silent before it is considered dead.
-    pub max_lifetime: Duration,
-    /// Server: how long a new connection may take to send SETUP or RESUME.
-    pub setup_timeout: Duration,
-    /// Server: the max lifetime a client asks for in SETUP is clamped to
-    /// `peer_lifetime.0 ..= peer_lifetime.1` (a client asking for hours of
-    /// silence cannot pin a dead connection that long).
-    pub peer_lifetime: (Duration, Duration),
-    /// Client: ask for LEASE semantics (the L flag).
-    pub lease: bool,
-    /// Client: the resume token to offer in SETUP (resume needs `resume_buffer` > 0 too).
-    pub resume_token: Option<Bytes>,
     /// Bytes of sent frames kept for resumption; 0 disables resume (a server
     /// then refuses SETUP with the R flag and every RESUME).
     pub resume_buffer: usize,
-    /// Client: metadata MIME type announced in SETUP.
-    pub metadata_mime: Bytes,
-    /// Client: data MIME type announced in SETUP.
-    pub data_mime: Bytes,
+    /// What a client announces in SETUP, and its keepalive.
+    pub client: ClientSettings,
+    /// What a server accepts from a client.
+    pub server: ServerSettings,
 }
 
 impl Default for Config {
@@ -63,15 +50,60 @@ impl Default for Config {
             max_reassembly_memory: 64 << 20,
             reassemble: false,
             max_inbound_streams: 65_536,
+            resume_buffer: 0,
+            client: ClientSettings::default(),
+            server: ServerSettings::default(),
+        }
+    }
+}
+
+/// Settings of the client role: what its SETUP announces.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    /// Interval between its KEEPALIVE frames.
+    pub keepalive_interval: Duration,
+    /// How long the server may stay silent before it is considered dead.
+    pub max_lifetime: Duration,
+    /// Ask for LEASE semantics (the L flag).
+    pub lease: bool,
+    /// The resume token to offer in SETUP (resume needs
+    /// [`Config::resume_buffer`] > 0 too).
+    pub resume_token: Option<Bytes>,
+    /// Metadata MIME type announced in SETUP.
+    pub metadata_mime: Bytes,
+    /// Data MIME type announced in SETUP.
+    pub data_mime: Bytes,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        Self {
             keepalive_interval: Duration::from_secs(20),
             max_lifetime: Duration::from_secs(90),
-            setup_timeout: Duration::from_secs(30),
-            peer_lifetime: (Duration::ZERO, Duration::MAX),
             lease: false,
             resume_token: None,
-            resume_buffer: 0,
             metadata_mime: Bytes::from_static(b"message/x.rsocket.composite-metadata.v0"),
             data_mime: Bytes::from_static(b"application/octet-stream"),
+        }
+    }
+}
+
+/// Settings of the server role: what it accepts from a client.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// How long a new connection may take to send SETUP or RESUME.
+    pub setup_timeout: Duration,
+    /// The max lifetime a client asks for in SETUP is clamped to
+    /// `peer_lifetime.0 ..= peer_lifetime.1` (a client asking for hours of
+    /// silence cannot pin a dead connection that long).
+    pub peer_lifetime: (Duration, Duration),
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            setup_timeout: Duration::from_secs(30),
+            peer_lifetime: (Duration::ZERO, Duration::MAX),
         }
     }
 }

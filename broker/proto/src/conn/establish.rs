@@ -18,21 +18,22 @@ impl Connection {
         let mut conn = Self::new(Role::Client, config, now);
         let resume_token = conn
             .config
+            .client
             .resume_token
             .clone()
             .filter(|_| conn.config.resume_buffer > 0);
         let frame = Setup {
             version: VERSION,
-            keepalive_interval: ms(conn.config.keepalive_interval),
-            max_lifetime: ms(conn.config.max_lifetime),
+            keepalive_interval: ms(conn.config.client.keepalive_interval),
+            max_lifetime: ms(conn.config.client.max_lifetime),
             resume_token: resume_token.clone(),
-            lease: conn.config.lease,
-            metadata_mime: conn.config.metadata_mime.clone(),
-            data_mime: conn.config.data_mime.clone(),
+            lease: conn.config.client.lease,
+            metadata_mime: conn.config.client.metadata_mime.clone(),
+            data_mime: conn.config.client.data_mime.clone(),
             metadata: setup.metadata,
             data: setup.data,
         };
-        conn.lease_enabled = conn.config.lease;
+        conn.lease_enabled = conn.config.client.lease;
         conn.resume = resume_token.map(|t| ResumeState::new(t, conn.config.resume_buffer));
         let frame = crate::frame::Frame::from(frame);
         if frame.encoded_len() > MAX_U24 {
@@ -103,7 +104,7 @@ impl Connection {
             self.resume = Some(ResumeState::new(token.clone(), self.config.resume_buffer));
         }
         self.lease_enabled = setup.lease;
-        let (min, max) = self.config.peer_lifetime;
+        let (min, max) = self.config.server.peer_lifetime;
         self.max_lifetime = Duration::from_millis(u64::from(setup.max_lifetime))
             .max(min)
             .min(max);

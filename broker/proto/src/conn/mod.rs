@@ -38,7 +38,7 @@ mod resume;
 mod send;
 mod stream;
 
-pub use config::{Config, Role, SetupPayload};
+pub use config::{ClientSettings, Config, Role, ServerSettings, SetupPayload};
 pub use event::{Event, Stats};
 pub use send::{ForwardFrame, RequestKind};
 pub use stream::{Credit, Interaction, StreamInfo};
@@ -122,8 +122,8 @@ fn ms(d: Duration) -> u32 {
 impl Connection {
     pub(super) fn new(role: Role, config: Config, now: Instant) -> Self {
         let max_lifetime = match role {
-            Role::Client => config.max_lifetime,
-            Role::Server => config.setup_timeout,
+            Role::Client => config.client.max_lifetime,
+            Role::Server => config.server.setup_timeout,
         };
         Self {
             role,
@@ -139,7 +139,7 @@ impl Connection {
             out: VecDeque::new(),
             out_bytes: 0,
             max_lifetime,
-            keepalive_interval: config.keepalive_interval,
+            keepalive_interval: config.client.keepalive_interval,
             last_received: now,
             next_keepalive: None,
             lease_enabled: false,
