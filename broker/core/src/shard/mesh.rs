@@ -7,11 +7,17 @@ use rsocket_proto::ErrorCode;
 
 use super::Shard;
 use super::stats::Count;
-use crate::ids::{ConnId, ShardId};
+use crate::ids::{ConnId, ShardId, StreamRef};
 use crate::message::{Message, Signal};
 use crate::routes::{RouteChange, RouteUpdate};
 
 impl Shard {
+    /// Tells the shard of requester stream `to` that its responder side
+    /// is gone (`code`, `reason`): failover or an ERROR there.
+    pub(super) fn send_gone(&mut self, to: StreamRef, code: ErrorCode, reason: String) {
+        self.send(to.conn.shard, Message::Gone { to, code, reason });
+    }
+
     /// Messages for shard `to`, in order.
     pub fn take_outbox(&mut self, to: ShardId) -> Vec<Message> {
         self.outbox
@@ -132,14 +138,7 @@ impl Shard {
                         let _ = c.proto.send_cancel(stream);
                     }
                     let reason = "the request could not be passed on to its responder".to_owned();
-                    self.send(
-                        origin.conn.shard,
-                        Message::Gone {
-                            to: origin,
-                            code: ErrorCode::CANCELED,
-                            reason,
-                        },
-                    );
+                    self.send_gone(origin, ErrorCode::CANCELED, reason);
                 }
                 self.check_downstream(slot, stream);
             }

@@ -232,14 +232,7 @@ impl Shard {
             }
             Err(reason) => {
                 let reason = format!("the request could not reach the instance: {reason}");
-                self.send(
-                    origin.conn.shard,
-                    Message::Gone {
-                        to: origin,
-                        code: ErrorCode::REJECTED,
-                        reason,
-                    },
-                );
+                self.send_gone(origin, ErrorCode::REJECTED, reason);
             }
         }
     }
@@ -288,14 +281,7 @@ impl Shard {
                 Some(i) => format!("instance {i} of {name} disconnected ({why})"),
                 None => format!("the responder disconnected ({why})"),
             };
-            self.send(
-                origin.conn.shard,
-                Message::Gone {
-                    to: origin,
-                    code: ErrorCode::CANCELED,
-                    reason,
-                },
-            );
+            self.send_gone(origin, ErrorCode::CANCELED, reason);
         }
         self.release_feeders(feeders);
         if instance.is_some() {

@@ -229,7 +229,9 @@ impl Connection {
             || self.streams.get(&stream_id).is_some_and(|s| {
                 s.interaction == Interaction::RequestResponse && !s.local_requester
             });
-        let done = self.on_send_payload(stream_id, next, complete, false)?;
+        let done = self
+            .sending_on(stream_id)?
+            .send_payload(stream_id, next, complete, false)?;
         for frame in Fragmenter::new(
             stream_id,
             MessageKind::Payload { next },
@@ -379,7 +381,9 @@ impl Connection {
         }
         let done = match frame.frame_type() {
             FrameType::Payload => {
-                self.on_send_payload(stream_id, frame.next(), frame.complete(), frame.follows())?
+                let (next, complete, follows) = (frame.next(), frame.complete(), frame.follows());
+                self.sending_on(stream_id)?
+                    .send_payload(stream_id, next, complete, follows)?
             }
             FrameType::RequestN => {
                 self.on_send_request_n(stream_id, frame.request_n())?;
@@ -400,30 +404,19 @@ impl Connection {
         Ok(())
     }
 
-    /// Applies a PAYLOAD this side sends; returns whether the stream is now over.
-    pub(super) fn on_send_payload(
-        &mut self,
-        id: u32,
-        next: bool,
-        complete: bool,
-        follows: bool,
-    ) -> Result<bool, SendError> {
-        let stream = self
-            .streams
+    /// Stream `id`, which this side is about to send on.
+    fn sending_on(&mut self, id: u32) -> Result<&mut Stream, SendError> {
+        self.streams
             .get_mut(&id)
-            .ok_or(SendError::UnknownStream(id))?;
-        stream.send_payload(id, next, complete, follows)
+            .ok_or(SendError::UnknownStream(id))
     }
 
-    pub(super) fn on_send_request_n(&mut self, id: u32, n: u32) -> Result<(), SendError> {
+    /// Applies a REQUEST_N this side sends.
+    fn on_send_request_n(&mut self, id: u32, n: u32) -> Result<(), SendError> {
         if n == 0 {
             return Err(SendError::InvalidArgument("request n must be > 0"));
         }
-        let stream = self
-            .streams
-            .get_mut(&id)
-            .ok_or(SendError::UnknownStream(id))?;
-        stream.send_request_n(id, n)
+        self.sending_on(id)?.send_request_n(id, n)
     }
 
     /// Applies a CANCEL this side sends; returns whether the stream is now over.
