@@ -4,7 +4,9 @@
 //!
 //! `hotpath <path> <iterations>`; paths: `view`, `decode_and_route`,
 //! `route_key`, `receive_and_forward`, and through a whole shard (its
-//! routing, stream maps and flow control): `shard_rr` (a request-response
+//! routing, stream maps and flow control): `shard_route` (where a
+//! request-response goes: route lookup and balancer pick, nothing sent),
+//! `shard_rr` (a request-response
 //! from a requester connection to a responder connection and back) and
 //! `shard_stream_item` (one item of a stream with 2^31-1 credit, read and
 //! written one at a time) and `shard_stream_16` (16 such items read, then
@@ -15,8 +17,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use rsbroker_benches::{payload_frame, request_response_64};
-use rsbroker_core::{ConnId, Shard, ShardConfig};
-use rsocket_proto::conn::{Config, Connection, Event, RequestKind, SetupPayload};
+use rsbroker_core::{ConnId, Destination, Shard, ShardConfig};
+use rsocket_proto::conn::{Config, Connection, Event, Interaction, RequestKind, SetupPayload};
 use rsocket_proto::frame::{
     Frame, FrameView, MAX_REQUEST_N, RequestChannel, RequestN, Setup, VERSION,
 };
@@ -161,6 +163,10 @@ fn main() {
         while shard.poll_transmit(responder).is_some() {}
         shard.written(responder);
     }
+    let rr_metadata = FrameView::parse(rr.clone())
+        .ok()
+        .and_then(|v| v.metadata())
+        .unwrap_or_default();
     let mut acc = 0usize;
     for _ in 0..n {
         acc += match path.as_str() {
@@ -179,6 +185,17 @@ fn main() {
                 };
                 outbound.forward(out_id, &frame).expect("forward");
                 outbound.poll_transmit().map_or(0, |f| f.len())
+            }
+            "shard_route" => {
+                let to = shard.destination(
+                    requester,
+                    Interaction::RequestResponse,
+                    black_box(&rr_metadata),
+                );
+                match to {
+                    Ok(Destination::Instances { targets, .. }) => targets.len(),
+                    other => panic!("the request is not routed: {other:?}"),
+                }
             }
             "shard_rr" => {
                 stream_id = if stream_id > 1 << 30 {

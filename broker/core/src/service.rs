@@ -14,17 +14,7 @@ pub struct ServiceKey(Arc<str>);
 impl ServiceKey {
     /// The key of `service` in `group` at `version` (either may be empty).
     pub fn new(group: &str, service: &str, version: &str) -> Self {
-        let mut key = String::with_capacity(group.len() + service.len() + version.len() + 2);
-        if !group.is_empty() {
-            key.push_str(group);
-            key.push('!');
-        }
-        key.push_str(service);
-        if !version.is_empty() {
-            key.push(':');
-            key.push_str(version);
-        }
-        Self(key.into())
+        Self(rsocket_proto::metadata::service_key(group, service, version).into())
     }
 
     /// The key as text.

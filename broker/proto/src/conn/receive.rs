@@ -94,14 +94,8 @@ impl Connection {
         }
         let id = header.stream_id;
         if frame_type.is_request() {
-            if id == 0 || !self.is_peer_stream_id(id) {
-                return self.fail(
-                    ErrorCode::CONNECTION_ERROR,
-                    format!("{frame_type} on invalid stream id {id}"),
-                );
-            }
-            if self.streams.contains_key(&id) {
-                return self.ignore();
+            if !self.admits_request(frame_type, id) {
+                return;
             }
             let error = ErrorFrame {
                 stream_id: id,
@@ -228,21 +222,33 @@ impl Connection {
         self.after_stream_end();
     }
 
+    /// The stream id checks of a request, well-formed or not: a stream the
+    /// peer may not open ends the connection, and one in use means the
+    /// request is ignored. Whether the request is handled further.
+    fn admits_request(&mut self, frame_type: FrameType, id: u32) -> bool {
+        if id == 0 || !self.is_peer_stream_id(id) {
+            self.fail(
+                ErrorCode::CONNECTION_ERROR,
+                format!("{frame_type} on stream {id}, which the peer may not open"),
+            );
+            return false;
+        }
+        // "Receiving a Request frame on a Stream ID that is already in use MUST be ignored."
+        if self.streams.contains_key(&id) {
+            self.ignore();
+            return false;
+        }
+        true
+    }
+
     pub(super) fn on_request(&mut self, view: FrameView) {
         let id = view.stream_id();
         let frame_type = view.frame_type();
         let Some(interaction) = Interaction::of_request(frame_type) else {
             return self.ignore();
         };
-        if id == 0 || !self.is_peer_stream_id(id) {
-            return self.fail(
-                ErrorCode::CONNECTION_ERROR,
-                format!("{frame_type} on stream {id}, which the peer may not open"),
-            );
-        }
-        // "Receiving a Request frame on a Stream ID that is already in use MUST be ignored."
-        if self.streams.contains_key(&id) {
-            return self.ignore();
+        if !self.admits_request(frame_type, id) {
+            return;
         }
         if self.refuses_new_streams() {
             return self.refuse(id, ErrorCode::REJECTED, "the connection is closing");

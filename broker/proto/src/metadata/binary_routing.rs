@@ -8,6 +8,7 @@
 
 use bytes::BufMut;
 
+use super::route::service_key;
 use crate::error::DecodeError;
 
 /// The seed alibaba-rsocket-broker clients hash service and handler ids with.
@@ -119,17 +120,10 @@ pub fn murmur3_32(data: &[u8], seed: u32) -> u32 {
 
 /// The service id of `group!service:version` (empty group and version are left out).
 pub fn service_id(group: &str, service: &str, version: &str) -> u32 {
-    let mut key = String::with_capacity(group.len() + service.len() + version.len() + 2);
-    if !group.is_empty() {
-        key.push_str(group);
-        key.push('!');
-    }
-    key.push_str(service);
-    if !version.is_empty() {
-        key.push(':');
-        key.push_str(version);
-    }
-    murmur3_32(key.as_bytes(), ALIBABA_SEED)
+    murmur3_32(
+        service_key(group, service, version).as_bytes(),
+        ALIBABA_SEED,
+    )
 }
 
 /// The handler id of `service.method`.

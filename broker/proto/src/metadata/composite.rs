@@ -7,7 +7,7 @@
 
 use bytes::BufMut;
 
-use super::{EncodeError, MimeType, WellKnownMime};
+use super::{EncodeError, MimeType, WellKnownMime, put_mime};
 use crate::error::DecodeError;
 use crate::frame::{MAX_U24, get_u24, put_u24};
 
@@ -148,22 +148,7 @@ pub fn put_entry(
             len: content.len(),
         });
     }
-    match mime.well_known() {
-        Some(id) => buf.put_u8(0x80 | id.id()),
-        None => {
-            let MimeType::Custom(name) = mime else {
-                return Err(EncodeError::TypeLength(0));
-            };
-            if name.is_empty() || name.len() > 128 {
-                return Err(EncodeError::TypeLength(name.len()));
-            }
-            if !name.is_ascii() {
-                return Err(EncodeError::NotAscii);
-            }
-            buf.put_u8((name.len() - 1) as u8);
-            buf.put_slice(name.as_bytes());
-        }
-    }
+    put_mime(buf, mime)?;
     put_u24(buf, content.len());
     buf.put_slice(content);
     Ok(())

@@ -21,7 +21,7 @@ pub use binary_routing::{ALIBABA_SEED, BinaryRouting, handler_id, murmur3_32, se
 pub use composite::{CompositeMetadata, Entry, entry_len, put_entry};
 pub use data_mime::{AcceptMimeTypes, parse_mime, put_mime};
 pub use mime::{MimeType, WellKnownMime};
-pub use route::Route;
+pub use route::{Route, service_key};
 pub use routing::{RoutingTags, put_tag};
 
 /// Why metadata could not be written.

@@ -150,6 +150,22 @@ impl<'a> Route<'a> {
     }
 }
 
+/// The service key `[group!]service[:version]` (an empty group or version
+/// is left out): how SETUP registers a service and a route names it.
+pub fn service_key(group: &str, service: &str, version: &str) -> String {
+    let mut key = String::with_capacity(group.len() + service.len() + version.len() + 2);
+    if !group.is_empty() {
+        key.push_str(group);
+        key.push('!');
+    }
+    key.push_str(service);
+    if !version.is_empty() {
+        key.push(':');
+        key.push_str(version);
+    }
+    key
+}
+
 impl fmt::Display for Route<'_> {
     /// `[group!]key[:version]`, with invalid UTF-8 replaced.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
