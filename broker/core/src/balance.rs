@@ -127,11 +127,16 @@ pub struct Policies {
 }
 
 impl Policies {
-    /// The policy for `key`, whose bare service name is `name`.
-    pub fn for_service(&self, key: &ServiceKey, name: &str) -> &ServicePolicy {
+    /// The policy for `key`: the one listed under the whole key, else the
+    /// one under its service name alone, else the default.
+    pub fn for_service(&self, key: &ServiceKey) -> &ServicePolicy {
+        if self.services.is_empty() {
+            // The common case, looked at on every request.
+            return &self.default;
+        }
         self.services
             .get(key.as_str())
-            .or_else(|| self.services.get(name))
+            .or_else(|| self.services.get(key.name()))
             .unwrap_or(&self.default)
     }
 }

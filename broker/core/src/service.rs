@@ -17,6 +17,13 @@ impl ServiceKey {
         Self(rsocket_proto::metadata::service_key(group, service, version).into())
     }
 
+    /// The service name alone, without group and version.
+    pub fn name(&self) -> &str {
+        let s = self.as_str();
+        let s = s.split_once('!').map_or(s, |(_, rest)| rest);
+        s.split_once(':').map_or(s, |(name, _)| name)
+    }
+
     /// The key as text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -114,6 +121,14 @@ mod tests {
             with_key(b"", long.as_bytes(), b"", |k| map.get(k).copied()),
             Some(8)
         );
+    }
+
+    #[test]
+    fn name_drops_group_and_version() {
+        for (group, version) in [("", ""), ("g", ""), ("", "1.0"), ("g", "1.0")] {
+            let key = ServiceKey::new(group, "com.example.Echo", version);
+            assert_eq!(key.name(), "com.example.Echo", "{key}");
+        }
     }
 
     #[test]

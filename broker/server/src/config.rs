@@ -914,12 +914,12 @@ retries = 3
         let policies = c.policies();
         let echo = ServiceKey::new("", "com.example.Echo", "");
         assert_eq!(
-            policies.for_service(&echo, "com.example.Echo").balancer,
+            policies.for_service(&echo).balancer,
             Balancer::ConsistentHash { tag: "user".into() }
         );
         let other = ServiceKey::new("g", "com.example.Other", "1.0");
         assert_eq!(
-            policies.for_service(&other, "com.example.Other"),
+            policies.for_service(&other),
             &ServicePolicy {
                 balancer: Balancer::Weighted,
                 failover: Failover::Retry { attempts: 3 }

@@ -26,10 +26,7 @@ impl Shard {
             && attempts > 0
             && up.targets.len() == 1
         {
-            let policy = self
-                .config
-                .policies
-                .for_service(&up.service, Self::service_name(&up.service));
+            let policy = self.config.policies.for_service(&up.service);
             let picked = self
                 .routes
                 .service(up.service.as_str().as_bytes())

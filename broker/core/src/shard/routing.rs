@@ -272,10 +272,7 @@ impl Shard {
         else {
             return Ok(Destination::Broker);
         };
-        let policy = self
-            .config
-            .policies
-            .for_service(service, Self::service_name(service));
+        let policy = self.config.policies.for_service(service);
         let endpoint = route.and_then(|r| r.endpoint);
         let sticky = route.is_some_and(|r| r.sticky);
         let broadcast =
@@ -365,13 +362,6 @@ impl Shard {
                 bin.service_id
             )),
         }
-    }
-
-    /// The route's service name alone, for the health check and policies.
-    pub(super) fn service_name(key: &ServiceKey) -> &str {
-        let s = key.as_str();
-        let s = s.split_once('!').map_or(s, |(_, rest)| rest);
-        s.split_once(':').map_or(s, |(name, _)| name)
     }
 
     pub(super) fn route(
