@@ -27,11 +27,13 @@ pub(super) struct Outstanding(FxHashMap<ConnId, u32>);
 
 impl Outstanding {
     /// A request went to `to`.
+    #[inline]
     pub(super) fn started(&mut self, to: ConnId) {
         *self.0.entry(to).or_default() += 1;
     }
 
     /// A request that went to `to` is over.
+    #[inline]
     pub(super) fn ended(&mut self, to: ConnId) {
         if let Some(n) = self.0.get_mut(&to) {
             *n = n.saturating_sub(1);
@@ -258,6 +260,7 @@ impl Shard {
     /// route, finds the service and picks the instance (every instance for a
     /// broadcast). Sends nothing. The error says what is missing, naming the
     /// service.
+    #[inline]
     pub fn destination(
         &self,
         requester: ConnId,
@@ -316,6 +319,7 @@ impl Shard {
     /// The service a request's metadata names, its instances and the
     /// parsed route (none for binary routing); `None` for the broker's own
     /// health check.
+    #[inline]
     fn lookup<'m>(&self, metadata: &'m [u8]) -> Result<Option<Found<'_, 'm>>, String> {
         let found = RequestMetadata::scan(metadata)
             .map_err(|e| format!("request metadata is malformed: {e}"))?;
@@ -461,6 +465,7 @@ impl Shard {
     }
 
     /// The health check: the broker is up, so it answers "1".
+    #[cold]
     fn answer_health_check(&mut self, slot: usize, stream: u32, interaction: Interaction) {
         if let Some(c) = self.conns.get_mut(slot)
             && interaction == Interaction::RequestResponse

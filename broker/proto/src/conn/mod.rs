@@ -228,6 +228,7 @@ impl Connection {
         self.config.max_inbound_streams = max;
     }
 
+    #[inline]
     pub(super) fn remove_stream(&mut self, id: u32) -> Option<Stream> {
         let stream = self.streams.remove(&id)?;
         self.reassembly_bytes = self.reassembly_bytes.saturating_sub(stream.buffered());
@@ -239,6 +240,7 @@ impl Connection {
 
     /// Applies `f` to stream `id` (`None` if it is not open), keeping the
     /// connection's reassembly total in step with what the stream holds.
+    #[inline]
     pub(super) fn with_stream<R>(
         &mut self,
         id: u32,

@@ -405,6 +405,7 @@ impl Connection {
     }
 
     /// Stream `id`, which this side is about to send on.
+    #[inline]
     fn sending_on(&mut self, id: u32) -> Result<&mut Stream, SendError> {
         self.streams
             .get_mut(&id)

@@ -247,6 +247,7 @@ impl Stream {
     }
 
     /// Bytes the stream's inbound message holds for reassembly.
+    #[inline]
     pub(crate) fn buffered(&self) -> usize {
         self.inbound_partial
             .as_ref()
