@@ -139,7 +139,6 @@ fn main() {
         b[5] |= 0x40; // C
         b.freeze()
     };
-    let mut stream_id = 1u32;
     let mut item_stream = 0u32;
     if path.starts_with("shard_stream") {
         let request = rsocket_proto::frame::RequestStream {
@@ -167,79 +166,164 @@ fn main() {
         .ok()
         .and_then(|v| v.metadata())
         .unwrap_or_default();
-    let mut acc = 0usize;
+    let mut s = ShardPaths {
+        shard: &mut shard,
+        requester,
+        responder,
+        item_stream,
+    };
+    // Each path runs in a function of its own, so what the compiler
+    // inlines into one path does not depend on the others.
+    let acc = match path.as_str() {
+        "view" => view(&rr, n),
+        "route_key" => route_key(key, n),
+        "decode_and_route" => decode_and_route(&rr, n),
+        "receive_and_forward" => receive_and_forward(&mut inbound, &mut outbound, out_id, &item, n),
+        "shard_route" => shard_route(&mut s, &rr_metadata, n),
+        "shard_rr" => shard_rr(&mut s, &rr, &complete_answer, n),
+        "shard_stream_16" => shard_stream_16(&mut s, &answer, n),
+        "shard_stream_item" => shard_stream_item(&mut s, &answer, n),
+        other => panic!("unknown path {other}"),
+    };
+    black_box(acc);
+}
+
+/// A shard set up with a requester and a responder (and, for the stream
+/// paths, a stream between them).
+struct ShardPaths<'a> {
+    shard: &'a mut Shard,
+    requester: ConnId,
+    responder: ConnId,
+    item_stream: u32,
+}
+
+#[inline(never)]
+fn view(rr: &Bytes, n: usize) -> usize {
+    (0..n)
+        .map(|_| FrameView::parse(black_box(rr.clone())).map_or(0, |v| v.data_slice().len()))
+        .sum()
+}
+
+#[inline(never)]
+fn route_key(key: &[u8], n: usize) -> usize {
+    (0..n)
+        .map(|_| Route::parse_key(black_box(key)).map_or(0, |r| r.service.len()))
+        .sum()
+}
+
+#[inline(never)]
+fn decode_and_route(rr: &Bytes, n: usize) -> usize {
+    (0..n)
+        .map(|_| {
+            let v = FrameView::parse(black_box(rr.clone())).expect("frame");
+            let found =
+                RequestMetadata::scan(v.metadata_slice().unwrap_or_default()).expect("metadata");
+            found.route().ok().flatten().map_or(0, |r| r.service.len())
+        })
+        .sum()
+}
+
+#[inline(never)]
+fn receive_and_forward(
+    inbound: &mut Connection,
+    outbound: &mut Connection,
+    out_id: u32,
+    item: &Bytes,
+    n: usize,
+) -> usize {
+    let now = Instant::now();
+    let mut acc = 0;
     for _ in 0..n {
-        acc += match path.as_str() {
-            "view" => FrameView::parse(black_box(rr.clone())).map_or(0, |v| v.data_slice().len()),
-            "route_key" => Route::parse_key(black_box(key)).map_or(0, |r| r.service.len()),
-            "decode_and_route" => {
-                let v = FrameView::parse(black_box(rr.clone())).expect("frame");
-                let found = RequestMetadata::scan(v.metadata_slice().unwrap_or_default())
-                    .expect("metadata");
-                found.route().ok().flatten().map_or(0, |r| r.service.len())
-            }
-            "receive_and_forward" => {
-                inbound.handle_frame(now, black_box(item.clone()));
-                let Some(Event::Payload { frame, .. }) = inbound.poll_event() else {
-                    panic!("no payload")
-                };
-                outbound.forward(out_id, &frame).expect("forward");
-                outbound.poll_transmit().map_or(0, |f| f.len())
-            }
-            "shard_route" => {
-                let to = shard.destination(
-                    requester,
-                    Interaction::RequestResponse,
-                    black_box(&rr_metadata),
-                );
-                match to {
-                    Ok(Destination::Instances { targets, .. }) => targets.len(),
-                    other => panic!("the request is not routed: {other:?}"),
-                }
-            }
-            "shard_rr" => {
-                stream_id = if stream_id > 1 << 30 {
-                    1
-                } else {
-                    stream_id + 2
-                };
-                shard.handle_frame(now, requester, on_stream(&rr, stream_id));
-                let Some(f) = shard.poll_transmit(responder) else {
-                    let e = shard.poll_transmit(requester).map(|f| f.to_bytes());
-                    panic!("no request at the responder; the requester got {e:?}")
-                };
-                let id = u32::from_be_bytes(f.head()[..4].try_into().expect("4 bytes"));
-                shard.written(responder);
-                shard.handle_frame(now, responder, on_stream(&complete_answer, id));
-                let out = shard.poll_transmit(requester).map_or(0, |f| f.len());
-                shard.written(requester);
-                shard.take_wakeups().len() + out
-            }
-            "shard_stream_16" => {
-                for _ in 0..16 {
-                    shard.handle_frame(now, responder, on_stream(&answer, item_stream));
-                }
-                let mut out = 0;
-                while let Some(f) = shard.poll_transmit(requester) {
-                    out += f.len();
-                }
-                assert_eq!(out, 16 * 64, "every item went through");
-                shard.written(requester);
-                while shard.poll_transmit(responder).is_some() {}
-                shard.written(responder);
-                shard.take_wakeups().len() + out
-            }
-            "shard_stream_item" => {
-                shard.handle_frame(now, responder, on_stream(&answer, item_stream));
-                let out = shard.poll_transmit(requester).map_or(0, |f| f.len());
-                shard.written(requester);
-                // Credit the broker passes on, now and then.
-                while shard.poll_transmit(responder).is_some() {}
-                shard.written(responder);
-                shard.take_wakeups().len() + out
-            }
-            other => panic!("unknown path {other}"),
+        inbound.handle_frame(now, black_box(item.clone()));
+        let Some(Event::Payload { frame, .. }) = inbound.poll_event() else {
+            panic!("no payload")
+        };
+        outbound.forward(out_id, &frame).expect("forward");
+        acc += outbound.poll_transmit().map_or(0, |f| f.len());
+    }
+    acc
+}
+
+#[inline(never)]
+fn shard_route(s: &mut ShardPaths<'_>, metadata: &[u8], n: usize) -> usize {
+    let mut acc = 0;
+    for _ in 0..n {
+        let to = s.shard.destination(
+            s.requester,
+            Interaction::RequestResponse,
+            black_box(metadata),
+        );
+        acc += match to {
+            Ok(Destination::Instances { targets, .. }) => targets.len(),
+            other => panic!("the request is not routed: {other:?}"),
         };
     }
-    black_box(acc);
+    acc
+}
+
+#[inline(never)]
+fn shard_rr(s: &mut ShardPaths<'_>, rr: &Bytes, complete_answer: &Bytes, n: usize) -> usize {
+    let now = Instant::now();
+    let mut stream_id = 1u32;
+    let mut acc = 0;
+    for _ in 0..n {
+        stream_id = if stream_id > 1 << 30 {
+            1
+        } else {
+            stream_id + 2
+        };
+        s.shard
+            .handle_frame(now, s.requester, on_stream(rr, stream_id));
+        let Some(f) = s.shard.poll_transmit(s.responder) else {
+            let e = s.shard.poll_transmit(s.requester).map(|f| f.to_bytes());
+            panic!("no request at the responder; the requester got {e:?}")
+        };
+        let id = u32::from_be_bytes(f.head()[..4].try_into().expect("4 bytes"));
+        s.shard.written(s.responder);
+        s.shard
+            .handle_frame(now, s.responder, on_stream(complete_answer, id));
+        let out = s.shard.poll_transmit(s.requester).map_or(0, |f| f.len());
+        s.shard.written(s.requester);
+        acc += s.shard.take_wakeups().len() + out;
+    }
+    acc
+}
+
+#[inline(never)]
+fn shard_stream_16(s: &mut ShardPaths<'_>, answer: &Bytes, n: usize) -> usize {
+    let now = Instant::now();
+    let mut acc = 0;
+    for _ in 0..n {
+        for _ in 0..16 {
+            s.shard
+                .handle_frame(now, s.responder, on_stream(answer, s.item_stream));
+        }
+        let mut out = 0;
+        while let Some(f) = s.shard.poll_transmit(s.requester) {
+            out += f.len();
+        }
+        assert_eq!(out, 16 * 64, "every item went through");
+        s.shard.written(s.requester);
+        while s.shard.poll_transmit(s.responder).is_some() {}
+        s.shard.written(s.responder);
+        acc += s.shard.take_wakeups().len() + out;
+    }
+    acc
+}
+
+#[inline(never)]
+fn shard_stream_item(s: &mut ShardPaths<'_>, answer: &Bytes, n: usize) -> usize {
+    let now = Instant::now();
+    let mut acc = 0;
+    for _ in 0..n {
+        s.shard
+            .handle_frame(now, s.responder, on_stream(answer, s.item_stream));
+        let out = s.shard.poll_transmit(s.requester).map_or(0, |f| f.len());
+        s.shard.written(s.requester);
+        // Credit the broker passes on, now and then.
+        while s.shard.poll_transmit(s.responder).is_some() {}
+        s.shard.written(s.responder);
+        acc += s.shard.take_wakeups().len() + out;
+    }
+    acc
 }

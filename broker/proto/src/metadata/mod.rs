@@ -61,7 +61,9 @@ pub struct RequestMetadata<'a> {
 
 impl<'a> RequestMetadata<'a> {
     /// Scans composite metadata; the first entry of each kind wins.
-    #[inline]
+    // Once per routed request: inlined into its caller whatever else
+    // calls it (perf/proto-instructions.sh, decode_and_route).
+    #[inline(always)]
     pub fn scan(composite: &'a [u8]) -> Result<Self, crate::DecodeError> {
         let mut found = Self::default();
         let mut entries = CompositeMetadata::new(composite);

@@ -53,7 +53,9 @@ fn split_tag(tag: &[u8]) -> Option<(&[u8], &[u8])> {
 impl<'a> Route<'a> {
     /// Parses the content of a routing metadata entry: tag 0 is the route,
     /// later tags refine it.
-    #[inline]
+    // Once per routed request: inlined into its caller whatever else
+    // calls it (perf/proto-instructions.sh, decode_and_route).
+    #[inline(always)]
     pub fn from_tags(routing: &'a [u8]) -> Result<Self, DecodeError> {
         let mut tags = RoutingTags::new(routing);
         let first = tags.next().ok_or(DecodeError::InvalidLength {
