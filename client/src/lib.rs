@@ -27,6 +27,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rsbroker_transports::turns::{READS_PER_TURN, WRITE_HIGH, WRITES_PER_TURN};
 use rsbroker_transports::{FrameIo, TcpFrames, TransportError};
 use rsocket_proto::conn::{
     ClientSettings, Config, Connection, Event, Interaction, RequestKind, SetupPayload,
@@ -219,14 +220,8 @@ pub(crate) struct Inner {
 
 /// Unsent bytes above which [`Sink::send`] waits for the socket to drain.
 pub(crate) const MAX_UNSENT: usize = 1 << 20;
-/// Bytes the transport holds before the driver stops taking frames.
-const WRITE_HIGH: usize = 256 << 10;
 /// Fewest slots that make a collection pass worth it.
 const COLLECT_SLOTS_MIN: usize = 64;
-/// Flushes per driver pass before it yields.
-const WRITES_PER_TURN: usize = 4;
-/// Reads per driver pass before it yields.
-const READS_PER_TURN: usize = 4;
 
 impl Inner {
     /// Bytes accepted for sending that the socket has not taken yet.

@@ -10,6 +10,8 @@
 //! - [`WriteQueue`]: outgoing frames, small ones coalesced into one write,
 //!   large bodies written from their own buffers.
 //! - [`ListenAddr`]: `tcp://host:port` and the like.
+//! - [`turns`]: how much a connection driver reads and writes before it
+//!   lets the thread's other connections run.
 
 #![cfg_attr(
     not(test),
@@ -33,6 +35,20 @@ use rsocket_proto::frame::{HEADER_LEN, MAX_U24, get_u24};
 use rsocket_proto::{DecodeError, OutFrame};
 
 pub mod tcp;
+
+/// How a connection driver (the broker's shard or the client) takes turns
+/// with the other connections of its thread.
+pub mod turns {
+    /// Bytes a connection's transport holds before its driver stops taking
+    /// frames from the state machine (they wait there, counted, instead).
+    pub const WRITE_HIGH: usize = 256 * 1024;
+    /// Reads per connection before it yields to the others: a socket that
+    /// never runs dry would otherwise starve every other task on the thread,
+    /// the consumers of what it reads included.
+    pub const READS_PER_TURN: usize = 4;
+    /// Flushes of up to [`WRITE_HIGH`] bytes per connection before it yields.
+    pub const WRITES_PER_TURN: usize = 4;
+}
 
 pub use tcp::TcpFrames;
 

@@ -28,6 +28,7 @@ use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement, Task};
 use rsbroker_core::{ConnId, Message, Shard, ShardConfig, ShardId};
+use rsbroker_transports::turns::{READS_PER_TURN, WRITE_HIGH, WRITES_PER_TURN};
 use rsbroker_transports::{FrameIo, ListenAddr, TcpFrames, TransportError};
 use rsocket_proto::frame::{ErrorFrame, Frame};
 use rsocket_proto::{ErrorCode, OutFrame};
@@ -239,12 +240,6 @@ struct ShardRt {
 
 /// Batches that may wait for one peer before this shard stops reading its connections.
 const MAX_WAITING_BATCHES: usize = 64;
-/// Bytes a connection's transport holds before it stops taking frames from the shard.
-const WRITE_HIGH: usize = 256 * 1024;
-/// Reads per connection before it yields to the others.
-const READS_PER_TURN: usize = 4;
-/// Flushes of up to `WRITE_HIGH` bytes per connection before it yields.
-const WRITES_PER_TURN: usize = 4;
 /// The timer loop's longest sleep (heartbeat, snapshot, phase checks).
 const TICK: Duration = Duration::from_millis(100);
 /// Change in what a shard holds at which it tells the others at once
