@@ -33,7 +33,7 @@ impl Connection {
             metadata: setup.metadata,
             data: setup.data,
         };
-        conn.lease_enabled = conn.config.client.lease;
+        conn.leases.enabled = conn.config.client.lease;
         conn.resume = resume_token.map(|t| ResumeState::new(t, conn.config.resume_buffer));
         let frame = crate::frame::Frame::from(frame);
         if frame.encoded_len() > MAX_U24 {
@@ -45,7 +45,7 @@ impl Connection {
             return conn;
         }
         conn.state = State::SetupSent;
-        conn.next_keepalive = Some(now + conn.keepalive_interval);
+        conn.lifetime.next_keepalive = Some(now + conn.lifetime.keepalive_interval);
         conn.push_control(OutFrame::from_owned(frame));
         conn
     }
@@ -103,12 +103,13 @@ impl Connection {
             }
             self.resume = Some(ResumeState::new(token.clone(), self.config.resume_buffer));
         }
-        self.lease_enabled = setup.lease;
+        self.leases.enabled = setup.lease;
         let (min, max) = self.config.server.peer_lifetime;
-        self.max_lifetime = Duration::from_millis(u64::from(setup.max_lifetime))
+        self.lifetime.max = Duration::from_millis(u64::from(setup.max_lifetime))
             .max(min)
             .min(max);
-        self.keepalive_interval = Duration::from_millis(u64::from(setup.keepalive_interval));
+        self.lifetime.keepalive_interval =
+            Duration::from_millis(u64::from(setup.keepalive_interval));
         self.state = State::Established;
         self.events.push_back(Event::Setup(Box::new(setup)));
     }

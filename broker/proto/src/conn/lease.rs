@@ -9,14 +9,22 @@ use crate::error::SendError;
 use crate::frame::{FrameView, Lease, MAX_U24};
 use crate::out::OutFrame;
 
+/// A lease: requests left, until when.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct LeaseWindow {
+struct LeaseWindow {
     expires: Instant,
     remaining: u32,
 }
 
 impl LeaseWindow {
-    pub(super) fn take(lease: &mut Option<Self>, now: Instant) -> bool {
+    fn new(now: Instant, ttl_ms: u32, requests: u32) -> Self {
+        Self {
+            expires: now + Duration::from_millis(u64::from(ttl_ms)),
+            remaining: requests,
+        }
+    }
+
+    fn take(lease: &mut Option<Self>, now: Instant) -> bool {
         match lease {
             Some(w) if w.remaining > 0 && now < w.expires => {
                 w.remaining -= 1;
@@ -26,7 +34,7 @@ impl LeaseWindow {
         }
     }
 
-    pub(super) fn available(lease: &Option<Self>, now: Instant) -> bool {
+    fn available(lease: &Option<Self>, now: Instant) -> bool {
         matches!(lease, Some(w) if w.remaining > 0 && now < w.expires)
     }
 
@@ -36,41 +44,67 @@ impl LeaseWindow {
     }
 }
 
-impl Connection {
-    /// Whether LEASE semantics were negotiated.
-    pub fn lease_enabled(&self) -> bool {
-        self.lease_enabled
+/// The leases of a connection both ways, once SETUP asked for them.
+#[derive(Debug, Default)]
+pub(super) struct Leases {
+    /// LEASE semantics were negotiated in SETUP.
+    pub(super) enabled: bool,
+    /// What the peer granted this side.
+    peer: Option<LeaseWindow>,
+    /// What this side granted the peer.
+    granted: Option<LeaseWindow>,
+}
+
+impl Leases {
+    /// Whether this side may send a request now.
+    pub(super) fn may_request(&self, now: Instant) -> bool {
+        !self.enabled || LeaseWindow::available(&self.peer, now)
+    }
+
+    /// This side sends a request: it uses one of the peer's lease.
+    pub(super) fn requested(&mut self, now: Instant) {
+        if self.enabled {
+            LeaseWindow::take(&mut self.peer, now);
+        }
+    }
+
+    /// The peer sends a request: whether the lease granted allows it (one
+    /// is used).
+    pub(super) fn admit(&mut self, now: Instant) -> bool {
+        !self.enabled || LeaseWindow::take(&mut self.granted, now)
     }
 
     /// When the next lease that still allows requests runs out.
-    pub(super) fn next_lease_expiry(&self) -> Option<Instant> {
-        let peer = LeaseWindow::expiry(&self.peer_lease);
-        let granted = LeaseWindow::expiry(&self.granted_lease);
+    pub(super) fn next_expiry(&self) -> Option<Instant> {
+        let peer = LeaseWindow::expiry(&self.peer);
+        let granted = LeaseWindow::expiry(&self.granted);
         peer.into_iter().chain(granted).min()
     }
 
     /// "When a LEASE expires due to time, the value of the Number of
     /// Requests that a Requester may make is implicitly 0."
-    pub(super) fn expire_leases(&mut self, now: Instant) {
-        for lease in [&mut self.peer_lease, &mut self.granted_lease]
-            .into_iter()
-            .flatten()
-        {
+    pub(super) fn expire(&mut self, now: Instant) {
+        for lease in [&mut self.peer, &mut self.granted].into_iter().flatten() {
             if now >= lease.expires {
                 lease.remaining = 0;
             }
         }
     }
+}
+
+impl Connection {
+    /// Whether LEASE semantics were negotiated.
+    pub fn lease_enabled(&self) -> bool {
+        self.leases.enabled
+    }
 
     pub(super) fn on_lease(&mut self, view: FrameView) {
-        if view.stream_id() != 0 || !self.lease_enabled {
+        if view.stream_id() != 0 || !self.leases.enabled {
             return self.ignore();
         }
         let lease = Lease::from_view(&view);
-        self.peer_lease = Some(LeaseWindow {
-            expires: self.now + Duration::from_millis(u64::from(lease.ttl)),
-            remaining: lease.number_of_requests & crate::frame::MAX_REQUEST_N,
-        });
+        let requests = lease.number_of_requests & crate::frame::MAX_REQUEST_N;
+        self.leases.peer = Some(LeaseWindow::new(self.now, lease.ttl, requests));
         self.events.push_back(Event::Lease(lease));
     }
 
@@ -98,7 +132,7 @@ impl Connection {
                 "metadata does not fit one frame",
             ));
         }
-        if !self.lease_enabled {
+        if !self.leases.enabled {
             return Err(SendError::InvalidArgument(
                 "LEASE was not negotiated in SETUP",
             ));
@@ -109,10 +143,7 @@ impl Connection {
             number_of_requests,
             metadata,
         };
-        self.granted_lease = Some(LeaseWindow {
-            expires: now + Duration::from_millis(u64::from(lease.ttl)),
-            remaining: lease.number_of_requests,
-        });
+        self.leases.granted = Some(LeaseWindow::new(now, lease.ttl, lease.number_of_requests));
         self.push_control(OutFrame::from_owned(lease));
         Ok(())
     }

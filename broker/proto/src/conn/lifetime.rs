@@ -1,7 +1,7 @@
 //! Keepalive and lifetime: KEEPALIVE frames out and in, the peer's max
 //! lifetime, and time spent not reading the peer.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -10,6 +10,38 @@ use crate::error::{ConnectionError, ErrorCode};
 use crate::frame::{FrameView, Keepalive};
 use crate::out::OutFrame;
 
+/// When the peer was last heard and how long it may stay silent, and when
+/// this side sends its KEEPALIVEs.
+#[derive(Debug)]
+pub(super) struct Lifetime {
+    /// How long the peer may stay silent (a server: until SETUP, the setup
+    /// timeout; then what the client asked for, clamped).
+    pub(super) max: Duration,
+    pub(super) keepalive_interval: Duration,
+    pub(super) last_received: Instant,
+    /// Client: its next KEEPALIVE.
+    pub(super) next_keepalive: Option<Instant>,
+    /// Since when the transport has not been reading the peer's frames:
+    /// that time is not the peer's silence.
+    pub(super) reading_paused_since: Option<Instant>,
+    /// Server: when to tell a peer that is not being read that this side
+    /// is alive (it cannot see that peer's KEEPALIVEs to answer them).
+    pub(super) next_liveness: Option<Instant>,
+}
+
+impl Lifetime {
+    pub(super) fn new(max: Duration, keepalive_interval: Duration, now: Instant) -> Self {
+        Self {
+            max,
+            keepalive_interval,
+            last_received: now,
+            next_keepalive: None,
+            reading_paused_since: None,
+            next_liveness: None,
+        }
+    }
+}
+
 impl Connection {
     /// The transport stops reading the peer's frames (to hold it back) or
     /// starts again. Time spent not reading is not the peer's silence: the
@@ -17,19 +49,21 @@ impl Connection {
     /// peer it is alive every keepalive interval, since the peer's own
     /// KEEPALIVEs wait unread.
     pub fn set_reading(&mut self, now: Instant, reading: bool) {
-        match (reading, self.reading_paused_since) {
+        match (reading, self.lifetime.reading_paused_since) {
             (false, None) => {
-                self.reading_paused_since = Some(now);
+                self.lifetime.reading_paused_since = Some(now);
                 if self.role == Role::Server {
-                    self.next_liveness = Some(now + self.keepalive_interval);
+                    self.lifetime.next_liveness = Some(now + self.lifetime.keepalive_interval);
                 }
             }
             (true, Some(since)) => {
                 // The peer's silence resumes where the pause found it.
-                let silent_before = since.saturating_duration_since(self.last_received);
-                self.last_received = now.checked_sub(silent_before).unwrap_or(self.last_received);
-                self.reading_paused_since = None;
-                self.next_liveness = None;
+                let silent_before = since.saturating_duration_since(self.lifetime.last_received);
+                self.lifetime.last_received = now
+                    .checked_sub(silent_before)
+                    .unwrap_or(self.lifetime.last_received);
+                self.lifetime.reading_paused_since = None;
+                self.lifetime.next_liveness = None;
             }
             _ => {}
         }
@@ -37,22 +71,22 @@ impl Connection {
 
     /// Whether the transport is told to read (see [`Connection::set_reading`]).
     pub fn is_reading(&self) -> bool {
-        self.reading_paused_since.is_none()
+        self.lifetime.reading_paused_since.is_none()
     }
 
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let lifetime = self.last_received + self.max_lifetime;
+        let lifetime = self.lifetime.last_received + self.lifetime.max;
         // The peer cannot be heard while it is not read: no lifetime then.
-        let peer_lifetime = Some(lifetime).filter(|_| self.reading_paused_since.is_none());
+        let peer_lifetime = Some(lifetime).filter(|_| self.lifetime.reading_paused_since.is_none());
         match self.state {
             State::AwaitingSetup | State::ResumeOffered | State::AwaitingResumeOk => Some(lifetime),
             State::Established | State::SetupSent => [
                 peer_lifetime,
-                self.next_liveness,
+                self.lifetime.next_liveness,
                 self.linger_deadline(),
-                self.next_keepalive,
-                self.next_lease_expiry(),
+                self.lifetime.next_keepalive,
+                self.leases.next_expiry(),
             ]
             .into_iter()
             .flatten()
@@ -67,18 +101,18 @@ impl Connection {
         self.now = now;
         match self.state {
             State::AwaitingSetup | State::ResumeOffered => {
-                if now >= self.last_received + self.max_lifetime {
+                if now >= self.lifetime.last_received + self.lifetime.max {
                     self.fail(
                         ErrorCode::INVALID_SETUP,
                         format!(
                             "no SETUP or RESUME within {} ms",
-                            self.max_lifetime.as_millis()
+                            self.lifetime.max.as_millis()
                         ),
                     );
                 }
             }
             State::Established | State::SetupSent | State::AwaitingResumeOk => {
-                self.expire_leases(now);
+                self.leases.expire(now);
                 if self.linger_deadline().is_some_and(|t| now >= t) {
                     self.state = State::Closed;
                     self.events.push_back(Event::Closed(ConnectionError::local(
@@ -87,14 +121,14 @@ impl Connection {
                     )));
                     return;
                 }
-                if self.reading_paused_since.is_none()
-                    && now >= self.last_received + self.max_lifetime
+                if self.lifetime.reading_paused_since.is_none()
+                    && now >= self.lifetime.last_received + self.lifetime.max
                 {
                     self.fail(
                         ErrorCode::CONNECTION_ERROR,
                         format!(
                             "no frame from the peer for {} ms (max lifetime)",
-                            self.max_lifetime.as_millis()
+                            self.lifetime.max.as_millis()
                         ),
                     );
                     return;
@@ -102,8 +136,10 @@ impl Connection {
                 // Telling a peer that is not read that this side is alive
                 // asks for nothing back (no R); the client's own asks for
                 // an echo.
-                self.next_liveness = self.keepalive_if_due(self.next_liveness, now, false);
-                self.next_keepalive = self.keepalive_if_due(self.next_keepalive, now, true);
+                self.lifetime.next_liveness =
+                    self.keepalive_if_due(self.lifetime.next_liveness, now, false);
+                self.lifetime.next_keepalive =
+                    self.keepalive_if_due(self.lifetime.next_keepalive, now, true);
             }
             State::Disconnected | State::Closed => {}
         }
@@ -126,7 +162,7 @@ impl Connection {
                     data: Bytes::new(),
                 };
                 self.push_control(OutFrame::from_owned(frame));
-                Some(now + self.keepalive_interval)
+                Some(now + self.lifetime.keepalive_interval)
             }
             other => other,
         }

@@ -49,11 +49,12 @@ use std::time::{Duration, Instant};
 use rustc_hash::FxHashMap;
 
 use self::close::Closing;
-use self::lease::LeaseWindow;
+use self::lease::Leases;
+use self::lifetime::Lifetime;
 use self::resume::ResumeState;
+use self::send::TransmitQueue;
 use self::stream::{ReassemblyLimits, Stream};
 use crate::frame::MAX_STREAM_ID;
-use crate::out::OutFrame;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -86,32 +87,17 @@ pub struct Connection {
     inbound_streams: usize,
     next_stream_id: u32,
     events: VecDeque<Event>,
-    out: VecDeque<OutFrame>,
-    out_bytes: usize,
-    max_lifetime: Duration,
-    keepalive_interval: Duration,
-    last_received: Instant,
-    next_keepalive: Option<Instant>,
-    lease_enabled: bool,
-    peer_lease: Option<LeaseWindow>,
-    granted_lease: Option<LeaseWindow>,
+    /// Frames waiting to be written.
+    out: TransmitQueue,
+    /// The peer's lifetime and this side's keepalives.
+    lifetime: Lifetime,
+    leases: Leases,
     resume: Option<ResumeState>,
     closing: Closing,
     /// Requests from the peer refused by this state machine (limits, draining, ...).
     requests_refused: u64,
     /// Bytes held by incoming messages being reassembled.
     reassembly_bytes: usize,
-    /// Bytes ever queued for transmission, and ever taken by
-    /// [`Connection::poll_transmit`] (or dropped unsent): positions in the
-    /// outgoing byte stream.
-    queued_total: u64,
-    sent_total: u64,
-    /// Since when the transport has not been reading the peer's frames:
-    /// that time is not the peer's silence.
-    reading_paused_since: Option<Instant>,
-    /// Server: when to tell a peer that is not being read that this side
-    /// is alive (it cannot see that peer's KEEPALIVEs to answer them).
-    next_liveness: Option<Instant>,
     stats: Stats,
 }
 
@@ -120,7 +106,7 @@ fn ms(d: Duration) -> u32 {
 }
 
 impl Connection {
-    pub(super) fn new(role: Role, config: Config, now: Instant) -> Self {
+    fn new(role: Role, config: Config, now: Instant) -> Self {
         let max_lifetime = match role {
             Role::Client => config.client.max_lifetime,
             Role::Server => config.server.setup_timeout,
@@ -136,23 +122,13 @@ impl Connection {
                 Role::Server => 2,
             },
             events: VecDeque::new(),
-            out: VecDeque::new(),
-            out_bytes: 0,
-            max_lifetime,
-            keepalive_interval: config.client.keepalive_interval,
-            last_received: now,
-            next_keepalive: None,
-            lease_enabled: false,
-            peer_lease: None,
-            granted_lease: None,
+            out: TransmitQueue::default(),
+            lifetime: Lifetime::new(max_lifetime, config.client.keepalive_interval, now),
+            leases: Leases::default(),
             resume: None,
             closing: Closing::Open,
             requests_refused: 0,
             reassembly_bytes: 0,
-            queued_total: 0,
-            sent_total: 0,
-            reading_paused_since: None,
-            next_liveness: None,
             stats: Stats::default(),
             config,
         }
@@ -229,7 +205,7 @@ impl Connection {
     }
 
     #[inline]
-    pub(super) fn remove_stream(&mut self, id: u32) -> Option<Stream> {
+    fn remove_stream(&mut self, id: u32) -> Option<Stream> {
         let stream = self.streams.remove(&id)?;
         self.reassembly_bytes = self.reassembly_bytes.saturating_sub(stream.buffered());
         if !stream.local_requester {
@@ -241,11 +217,7 @@ impl Connection {
     /// Applies `f` to stream `id` (`None` if it is not open), keeping the
     /// connection's reassembly total in step with what the stream holds.
     #[inline]
-    pub(super) fn with_stream<R>(
-        &mut self,
-        id: u32,
-        f: impl FnOnce(&mut Stream) -> R,
-    ) -> Option<R> {
+    fn with_stream<R>(&mut self, id: u32, f: impl FnOnce(&mut Stream) -> R) -> Option<R> {
         let stream = self.streams.get_mut(&id)?;
         let before = stream.buffered();
         let r = f(stream);
@@ -255,7 +227,7 @@ impl Connection {
     }
 
     /// What one more fragment may hold, when this side reassembles.
-    pub(super) fn reassembly_limits(&self) -> Option<ReassemblyLimits> {
+    fn reassembly_limits(&self) -> Option<ReassemblyLimits> {
         self.config.reassemble.then(|| ReassemblyLimits {
             max_message: self.config.max_reassembled_size,
             room: self
@@ -265,7 +237,7 @@ impl Connection {
         })
     }
 
-    pub(super) fn end_stream(&mut self, id: u32) {
+    fn end_stream(&mut self, id: u32) {
         self.remove_stream(id);
         self.after_stream_end();
     }

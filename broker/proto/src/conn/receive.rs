@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::lease::LeaseWindow;
 use super::stream::{Continued, InboundPartial, MessageRole, Stream};
 use super::{Connection, Event, Interaction, Role, State};
 use crate::error::{DecodeError, ErrorCode, StreamError};
@@ -19,7 +18,7 @@ impl Connection {
         if matches!(self.state, State::Closed | State::Disconnected) {
             return;
         }
-        self.last_received = now;
+        self.lifetime.last_received = now;
         self.stats.frames_received += 1;
         let header = match Header::parse(&frame) {
             Ok(h) => h,
@@ -275,7 +274,7 @@ impl Connection {
         };
         // "A Responder that receives a REQUEST that it can not honor due to LEASE restrictions
         // MUST respond with an ERROR[REJECTED]."
-        if self.lease_enabled && !LeaseWindow::take(&mut self.granted_lease, self.now) {
+        if !self.leases.admit(self.now) {
             return self.refuse(
                 id,
                 ErrorCode::REJECTED,

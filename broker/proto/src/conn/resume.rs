@@ -138,7 +138,7 @@ impl Connection {
                 }
                 let frames = r.frames_from(position);
                 self.state = State::Established;
-                self.next_keepalive = Some(self.now + self.keepalive_interval);
+                self.lifetime.next_keepalive = Some(self.now + self.lifetime.keepalive_interval);
                 for f in frames {
                     self.transmit(f);
                 }
@@ -197,7 +197,7 @@ impl Connection {
         self.clear_out();
         self.state = State::Established;
         self.now = now;
-        self.last_received = now;
+        self.lifetime.last_received = now;
         self.push_control(OutFrame::from_owned(ok));
         for f in frames {
             self.transmit(f);
@@ -248,7 +248,7 @@ impl Connection {
             first_available_client_position: r.first_available(),
         };
         self.now = now;
-        self.last_received = now;
+        self.lifetime.last_received = now;
         self.state = State::AwaitingResumeOk;
         self.push_control(OutFrame::from_owned(frame));
         Ok(())

@@ -1,9 +1,10 @@
 //! Sending: local requests, payloads and stream frames, frames forwarded
 //! from another connection, and the queue of frames to transmit.
 
+use std::collections::VecDeque;
+
 use bytes::Bytes;
 
-use super::lease::LeaseWindow;
 use super::stream::Stream;
 use super::{Connection, Interaction, Role, State};
 use crate::error::{ErrorCode, SendError};
@@ -72,32 +73,64 @@ pub enum RequestKind {
     },
 }
 
+/// Frames queued for the transport, and where the outgoing byte stream
+/// stands.
+#[derive(Debug, Default)]
+pub(super) struct TransmitQueue {
+    frames: VecDeque<OutFrame>,
+    /// Bytes of the frames queued.
+    bytes: usize,
+    /// Bytes ever queued, and ever taken (or dropped unsent): positions in
+    /// the outgoing byte stream.
+    queued_total: u64,
+    sent_total: u64,
+}
+
+impl TransmitQueue {
+    #[inline]
+    fn push(&mut self, frame: OutFrame) {
+        self.bytes += frame.len();
+        self.queued_total += frame.len() as u64;
+        self.frames.push_back(frame);
+    }
+
+    #[inline]
+    fn pop(&mut self) -> Option<OutFrame> {
+        let frame = self.frames.pop_front()?;
+        self.bytes -= frame.len();
+        self.sent_total += frame.len() as u64;
+        Some(frame)
+    }
+
+    /// Drops every frame; they count as taken.
+    fn clear(&mut self) {
+        self.frames.clear();
+        self.sent_total += self.bytes as u64;
+        self.bytes = 0;
+    }
+}
+
 impl Connection {
     /// The next frame to write, if any.
     pub fn poll_transmit(&mut self) -> Option<OutFrame> {
-        let frame = self.out.pop_front()?;
-        self.out_bytes -= frame.len();
-        self.sent_total += frame.len() as u64;
-        Some(frame)
+        self.out.pop()
     }
 
     /// Where the outgoing byte stream stands: bytes ever queued, and bytes
     /// ever taken by [`Connection::poll_transmit`]. A frame queued when the
     /// first was `q` has been taken once the second reaches `q`.
     pub fn transmit_positions(&self) -> (u64, u64) {
-        (self.queued_total, self.sent_total)
+        (self.out.queued_total, self.out.sent_total)
     }
 
     /// Drops every frame waiting to be written.
     pub(super) fn clear_out(&mut self) {
         self.out.clear();
-        self.sent_total += self.out_bytes as u64;
-        self.out_bytes = 0;
     }
 
     /// Bytes queued for transmission.
     pub fn pending_bytes(&self) -> usize {
-        self.out_bytes
+        self.out.bytes
     }
 
     pub(super) fn check_can_request(&self) -> Result<(), SendError> {
@@ -110,7 +143,7 @@ impl Connection {
         if self.refuses_new_streams() {
             return Err(SendError::Closed);
         }
-        if self.lease_enabled && !LeaseWindow::available(&self.peer_lease, self.now) {
+        if !self.leases.may_request(self.now) {
             return Err(SendError::NoLease);
         }
         Ok(())
@@ -195,9 +228,7 @@ impl Connection {
             return Err(SendError::InvalidArgument("initial request n must be > 0"));
         }
         let id = self.allocate_stream_id()?;
-        if self.lease_enabled {
-            LeaseWindow::take(&mut self.peer_lease, self.now);
-        }
+        self.leases.requested(self.now);
         let stream = Stream::sent_request(interaction, initial_n, complete, false);
         if !stream.is_done() {
             self.streams.insert(id, stream);
@@ -348,9 +379,7 @@ impl Connection {
         }
         let rewrite = carries_n && initial_n != frame.request_n();
         let id = self.allocate_stream_id()?;
-        if self.lease_enabled {
-            LeaseWindow::take(&mut self.peer_lease, self.now);
-        }
+        self.leases.requested(self.now);
         let stream =
             Stream::sent_request(interaction, initial_n, frame.complete(), frame.follows());
         if !stream.is_done() {
@@ -451,9 +480,7 @@ impl Connection {
     }
 
     pub(super) fn transmit(&mut self, frame: OutFrame) {
-        self.out_bytes += frame.len();
-        self.queued_total += frame.len() as u64;
         self.stats.frames_sent += 1;
-        self.out.push_back(frame);
+        self.out.push(frame);
     }
 }
