@@ -564,7 +564,13 @@ fuzz_target!(|data: &[u8]| {
                 let now = world.now;
                 match b % 8 {
                     0 => world.shards[shard].drain(),
-                    1 => world.shards[shard].shut_down(now, "shutting down", Duration::from_millis(100)),
+                    1 => {
+                        // The broker stops every shard at once (a shard's
+                        // shut-down tells no other shard about its streams).
+                        for shard in &mut world.shards {
+                            shard.shut_down(now, "shutting down", Duration::from_millis(100));
+                        }
+                    }
                     2 => world.shards[shard].set_reading_blocked(now, b & 8 != 0),
                     3 => world.shards[shard].set_allowance(now, usize::from(b) * 64),
                     _ => {
