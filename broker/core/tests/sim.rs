@@ -1306,3 +1306,48 @@ fn a_connection_over_its_memory_cap_is_closed() {
     assert!(sim.apps[echo].alive);
     assert!(sim.shards[0].held_bytes() < 64 << 10);
 }
+
+/// A stream requester may send REQUEST_N while its request's routing
+/// metadata is still arriving in fragments: the request stays waiting for
+/// its route (it is not taken for cancelled, which left its stream open
+/// and never answered), and is routed once the route is complete.
+#[test]
+fn request_n_before_the_route_is_complete_keeps_the_request() {
+    use rsocket_proto::frame::{Frame, Payload, RequestN, RequestStream};
+    let mut sim = Sim::new(2, 29, Policies::default());
+    sim.connect(1, "r", &["svc"], 0);
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    sim.apps[requester].reading = false;
+    let conn = sim.apps[requester].broker;
+    let md = route(&["svc"]).unwrap();
+    let (head, tail) = md.split_at(3);
+    let now = sim.now;
+    let first = Frame::from(RequestStream {
+        stream_id: 1,
+        follows: true,
+        initial_n: 2,
+        metadata: Some(Bytes::copy_from_slice(head)),
+        data: Bytes::new(),
+    });
+    sim.shards[0].handle_frame(now, conn, first.to_bytes());
+    assert_eq!(sim.shards[0].stream_maps(conn), Some((0, 0, 1)));
+    let more = Frame::from(RequestN { stream_id: 1, n: 3 });
+    sim.shards[0].handle_frame(now, conn, more.to_bytes());
+    assert_eq!(
+        sim.shards[0].stream_maps(conn),
+        Some((0, 0, 1)),
+        "still waiting for its route"
+    );
+    let last = Frame::from(Payload {
+        stream_id: 1,
+        follows: false,
+        complete: false,
+        next: true,
+        metadata: Some(Bytes::copy_from_slice(tail)),
+        data: Bytes::from_static(b"x"),
+    });
+    sim.shards[0].handle_frame(now, conn, last.to_bytes());
+    assert_eq!(sim.shards[0].stream_maps(conn), Some((1, 0, 0)), "routed");
+    assert_eq!(sim.shards[0].stats().requests_routed, 1);
+}

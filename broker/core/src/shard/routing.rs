@@ -128,6 +128,9 @@ pub(super) struct PendingRoute {
     pub(super) frames: Vec<FrameView>,
     pub(super) metadata: BytesMut,
     pub(super) held: usize,
+    /// Items the requester asked for with REQUEST_N before the route was
+    /// complete, added to its initial demand once routed.
+    pub(super) requested: u32,
 }
 
 impl Shard {
@@ -195,6 +198,7 @@ impl Shard {
                     frames: vec![frame.detached()],
                     metadata: BytesMut::from(metadata),
                     held: cost,
+                    requested: 0,
                 };
                 c.pending.insert(stream, pending);
                 c.flow.unrouted += cost;
@@ -254,6 +258,15 @@ impl Shard {
             Some(&p.metadata),
             ended,
         );
+        if p.requested > 0
+            && let Some(m) = self
+                .conns
+                .get_mut(slot)
+                .and_then(|c| c.meters.get_mut(&stream))
+        {
+            m.ask(p.requested);
+            self.top_up(slot, stream);
+        }
     }
 
     /// Where a request with `metadata` from `requester` goes now: reads its

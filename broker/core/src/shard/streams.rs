@@ -56,9 +56,15 @@ impl Shard {
             return;
         };
         let me = c.id;
-        if c.pending.contains_key(&stream) {
+        if let Some(p) = c.pending.get_mut(&stream) {
             match signal {
                 Signal::Frame(f) => return self.on_pending_fragment(slot, stream, f),
+                // More demand (a stream or channel requester may send
+                // REQUEST_N between fragments): the request stays pending.
+                Signal::RequestN(n) => {
+                    p.requested = p.requested.saturating_add(n);
+                    return;
+                }
                 _ => {
                     // Cancelled (or errored) before it could be routed.
                     if let Some(p) = c.pending.remove(&stream) {
