@@ -537,6 +537,48 @@ impl From<&Stream> for StreamInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::{Frame, Payload};
+    use bytes::Bytes;
+
+    fn fragment(len: usize, follows: bool) -> FrameView {
+        let frame = Frame::from(Payload {
+            stream_id: 1,
+            follows,
+            complete: false,
+            next: true,
+            metadata: None,
+            data: Bytes::from(vec![b'x'; len]),
+        });
+        FrameView::parse(frame.to_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_follow_up_fragment_is_held_to_the_room_left() {
+        let limits = |room| {
+            Some(ReassemblyLimits {
+                max_message: 1 << 20,
+                room,
+            })
+        };
+        let first = fragment(100, true);
+        let partial = InboundPartial::start(MessageRole::Item, &first, false, limits(100)).unwrap();
+        let mut stream = Stream::accepted(Interaction::Stream, 1);
+        stream.begin_inbound(partial);
+        assert_eq!(stream.buffered(), 100);
+        // 50 more bytes where only 49 are left: REJECTED, nothing taken.
+        let (code, _) = stream
+            .continue_inbound(&fragment(50, true), limits(49))
+            .unwrap_err();
+        assert_eq!(code, ErrorCode::REJECTED);
+        assert_eq!(stream.buffered(), 100);
+        // Where they fit, they are held, and the last fragment ends it.
+        let done = stream
+            .continue_inbound(&fragment(50, false), limits(50))
+            .unwrap();
+        assert_eq!(done.finished, Some(MessageRole::Item));
+        assert_eq!(done.whole.map(|w| w.data_slice().len()), Some(150));
+        assert_eq!(stream.buffered(), 0);
+    }
 
     #[test]
     fn credit_adds_saturates_and_max_is_unbounded() {
