@@ -7,9 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
-use rsocket_proto::codec::{LengthPrefixed, put_prefixed};
+use rsocket_proto::codec::{ReadBuf, put_prefixed};
 use rsocket_proto::conn::{Config, Connection, RequestKind, SetupPayload};
 use rsocket_proto::fragment::{Fragmenter, MessageKind, Reassembly};
 use rsocket_proto::frame::*;
@@ -312,15 +312,11 @@ proptest! {
             put_prefixed(&mut wire, &OutFrame::from_frame(f)).unwrap();
         }
         let wire = wire.freeze();
-        let codec = LengthPrefixed::default();
         let decode_all = |chunks: Vec<&[u8]>| {
-            let mut buf = BytesMut::new();
+            let mut buf = ReadBuf::new(rsocket_proto::frame::MAX_U24);
             let mut out = Vec::new();
             for c in chunks {
-                buf.put_slice(c);
-                while let Some(frame) = codec.decode(&mut buf).unwrap() {
-                    out.push(frame);
-                }
+                buf.feed(c, &mut out).unwrap();
             }
             assert!(buf.is_empty());
             out
@@ -342,9 +338,10 @@ proptest! {
 
     #[test]
     fn arbitrary_byte_streams_never_panic_the_codec(stream in prop::collection::vec(any::<u8>(), 0..2000), max in 6usize..5000) {
-        let codec = LengthPrefixed::new(max);
-        let mut buf = BytesMut::from(&stream[..]);
-        while let Ok(Some(frame)) = codec.decode(&mut buf) {
+        let mut buf = ReadBuf::new(max);
+        let mut frames = Vec::new();
+        let _ = buf.feed(&stream, &mut frames);
+        for frame in frames {
             prop_assert!(frame.len() <= max);
             exercise_parsers(frame);
         }

@@ -556,7 +556,7 @@ fn slow_consumer(same_shard: bool) {
     use std::io::{Read, Write};
 
     use bytes::BytesMut;
-    use rsocket_proto::codec::{LengthPrefixed, put_prefixed};
+    use rsocket_proto::codec::{ReadBuf, put_prefixed};
     use rsocket_proto::frame::{Frame, RequestStream, Setup, VERSION};
     use rsocket_proto::{FrameType, FrameView, OutFrame};
 
@@ -673,12 +673,12 @@ fn slow_consumer(same_shard: bool) {
     // Now read it all: every item arrives, in order, intact.
     conn.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let codec = LengthPrefixed::default();
-    let mut buf = BytesMut::with_capacity(1 << 20);
+    let mut buf = ReadBuf::new(rsocket_proto::frame::MAX_U24);
+    let mut frames = Vec::new();
     let mut next = 0u32;
     let mut chunk = vec![0u8; 256 << 10];
     'read: loop {
-        while let Some(frame) = codec.decode(&mut buf).expect("valid frames") {
+        for frame in frames.drain(..) {
             let view = FrameView::parse(frame).expect("valid frame");
             assert_eq!(view.frame_type(), FrameType::Payload, "{view:?}");
             let data = view.data_slice();
@@ -699,7 +699,7 @@ fn slow_consumer(same_shard: bool) {
             )
         });
         assert!(n > 0, "the broker closed the stream after {next} items");
-        buf.extend_from_slice(&chunk[..n]);
+        buf.feed(&chunk[..n], &mut frames).expect("valid frames");
     }
     assert_eq!(next, ITEMS);
     drop(conn);

@@ -6,9 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use rsocket_proto::codec::LengthPrefixed;
+use rsocket_proto::codec::ReadBuf;
 use rsocket_proto::conn::{Config, Connection, Event, RequestKind, SetupPayload};
 use rsocket_proto::frame::{Frame, FrameView, Setup, VERSION};
 use rsocket_proto::ErrorCode;
@@ -52,19 +52,13 @@ fuzz_target!(|data: &[u8]| {
         }
         c
     };
-    let codec = LengthPrefixed::new(4096);
-    let mut buf = BytesMut::new();
+    // The receive buffer the transports use, cutting frames as reads arrive.
+    let mut buf = ReadBuf::new(4096);
+    let mut frames = Vec::new();
     for chunk in stream.chunks(1 + (mode as usize >> 6) * 7) {
-        buf.extend_from_slice(chunk);
-        loop {
-            match codec.decode(&mut buf) {
-                Ok(Some(frame)) => conn.handle_frame(now, frame),
-                Ok(None) => break,
-                Err(_) => {
-                    conn.close(ErrorCode::CONNECTION_ERROR, "bad frame length");
-                    break;
-                }
-            }
+        let fed = buf.feed(chunk, &mut frames);
+        for frame in frames.drain(..) {
+            conn.handle_frame(now, frame);
             while let Some(event) = conn.poll_event() {
                 let pick = choices.next().unwrap_or(0);
                 match event {
@@ -102,6 +96,9 @@ fuzz_target!(|data: &[u8]| {
             while let Some(out) = conn.poll_transmit() {
                 FrameView::parse(out.to_bytes()).expect("every frame sent is valid");
             }
+        }
+        if fed.is_err() {
+            conn.close(ErrorCode::CONNECTION_ERROR, "bad frame length");
         }
         now += Duration::from_millis(u64::from(choices.next().unwrap_or(0)));
         conn.handle_timeout(now);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use rsbroker_client::AppConfig;
 use rsbroker_client::metadata::route;
-use rsocket_proto::codec::{LengthPrefixed, put_prefixed};
+use rsocket_proto::codec::{ReadBuf, put_prefixed};
 use rsocket_proto::frame::{Frame, RequestResponse, RequestStream, Setup, VERSION};
 use rsocket_proto::{ErrorCode, FrameType, FrameView, OutFrame};
 
@@ -25,8 +25,9 @@ pub enum Next {
 
 pub struct Raw {
     pub s: TcpStream,
-    buf: BytesMut,
-    codec: LengthPrefixed,
+    buf: ReadBuf,
+    /// Frames cut and not yet returned.
+    ready: std::collections::VecDeque<Bytes>,
     eof: bool,
 }
 
@@ -37,8 +38,8 @@ impl Raw {
         s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
         Self {
             s,
-            buf: BytesMut::with_capacity(64 << 10),
-            codec: LengthPrefixed::default(),
+            buf: ReadBuf::new(rsocket_proto::frame::MAX_U24),
+            ready: std::collections::VecDeque::new(),
             eof: false,
         }
     }
@@ -91,14 +92,10 @@ impl Raw {
     pub fn next(&mut self, within: Duration) -> Next {
         let deadline = Instant::now() + within;
         loop {
-            match self.codec.decode(&mut self.buf) {
-                Ok(Some(frame)) => {
-                    return Next::Frame(
-                        FrameView::parse(frame).expect("the broker sends valid frames"),
-                    );
-                }
-                Ok(None) => {}
-                Err(e) => panic!("the broker sent bytes that are not frames: {e}"),
+            if let Some(frame) = self.ready.pop_front() {
+                return Next::Frame(
+                    FrameView::parse(frame).expect("the broker sends valid frames"),
+                );
             }
             if self.eof {
                 return Next::Closed;
@@ -112,7 +109,13 @@ impl Raw {
             let mut chunk = [0u8; 64 << 10];
             match self.s.read(&mut chunk) {
                 Ok(0) => self.eof = true,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    let mut frames = Vec::new();
+                    if let Err(e) = self.buf.feed(&chunk[..n], &mut frames) {
+                        panic!("the broker sent bytes that are not frames: {e}");
+                    }
+                    self.ready.extend(frames);
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
