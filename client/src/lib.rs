@@ -27,13 +27,13 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rsbroker_transports::turns::{READS_PER_TURN, WRITE_HIGH, WRITES_PER_TURN};
+use rsbroker_transports::driver::{self, End, Endpoint, Written};
 use rsbroker_transports::{FrameIo, TcpFrames, TransportError};
 use rsocket_proto::conn::{
     ClientSettings, Config, Connection, Event, Interaction, RequestKind, SetupPayload,
 };
 use rsocket_proto::metadata::{RequestMetadata, Route};
-use rsocket_proto::{ErrorCode, FrameView, SendError};
+use rsocket_proto::{DecodeError, ErrorCode, FrameView, OutFrame, SendError};
 use rustc_hash::FxHashMap;
 
 pub use stream::{Sink, Subscription};
@@ -342,7 +342,7 @@ impl ClientBuilder {
             setup_done: Cell::new(false),
             local: Cell::new(None),
         });
-        glommio::spawn_local(drive(inner.clone(), io)).detach();
+        glommio::spawn_local(driver::drive(Driven(inner.clone()), io)).detach();
         Client { inner }
     }
 }
@@ -772,145 +772,111 @@ fn wake(waker: &mut Option<Waker>) {
     }
 }
 
-async fn drive(inner: Rc<Inner>, mut io: impl FrameIo) {
-    let mut frames = Vec::with_capacity(32);
-    let mut timer: Option<glommio::timer::Timer> = None;
-    let mut armed: Option<Instant> = None;
-    let mut done = false;
-    poll_fn(|cx| {
-        {
-            let mut d = inner.driver.borrow_mut();
-            if !d.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *d = Some(cx.waker().clone());
-            }
-        }
-        // Read, a few times: a socket that never runs dry (a peer streaming
-        // faster than this side consumes) would otherwise keep this task
-        // reading forever and starve every other task on the thread, the
-        // consumers of what it reads included.
-        let mut reads = 0;
+/// How long a closed connection waits for the broker to take its last frames.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The client's side of its connection, for the transport driver.
+struct Driven(Rc<Inner>);
+
+impl Driven {
+    fn events(&self) {
         loop {
-            if reads == READS_PER_TURN {
-                cx.waker().wake_by_ref();
-                break;
-            }
-            reads += 1;
-            match io.poll_read(cx, &mut frames) {
-                Poll::Ready(Ok(true)) => {
-                    let now = Instant::now();
-                    for f in frames.drain(..) {
-                        inner.conn.borrow_mut().handle_frame(now, f);
-                    }
-                }
-                Poll::Ready(Ok(false)) => {
-                    done = true;
-                    break;
-                }
-                Poll::Ready(Err(e)) => {
-                    if let TransportError::Decode(d) = &e {
-                        inner.conn.borrow_mut().close(
-                            ErrorCode::CONNECTION_ERROR,
-                            format!("unreadable frame: {d}"),
-                        );
-                    }
-                    done = true;
-                    break;
-                }
-                Poll::Pending => break,
-            }
-        }
-        // Time.
-        let now = Instant::now();
-        inner.conn.borrow_mut().handle_timeout(now);
-        // Events.
-        loop {
-            let event = inner.conn.borrow_mut().poll_event();
+            let event = self.0.conn.borrow_mut().poll_event();
             let Some(event) = event else { break };
-            inner.on_event(event);
+            self.0.on_event(event);
         }
-        inner.collect_slots();
-        // Write: take frames while the transport has room and flush; when a
-        // flush empties the transport and more is waiting, go again.
-        let mut rounds = 0;
-        let flushed = loop {
-            loop {
-                if io.queued_bytes() >= WRITE_HIGH {
-                    break;
-                }
-                let frame = inner.conn.borrow_mut().poll_transmit();
-                let Some(frame) = frame else { break };
-                if io.queue(&frame).is_err() {
-                    done = true;
-                }
-            }
-            match io.poll_flush(cx) {
-                Poll::Ready(Ok(())) => {
-                    if inner.conn.borrow().pending_bytes() == 0 {
-                        break true;
-                    }
-                    rounds += 1;
-                    if rounds == WRITES_PER_TURN {
-                        cx.waker().wake_by_ref();
-                        break false;
-                    }
-                }
-                Poll::Ready(Err(_)) => {
-                    done = true;
-                    break true;
-                }
-                Poll::Pending => break false,
-            }
-        };
-        inner.unsent.set(io.queued_bytes());
+    }
+}
+
+impl Endpoint for Driven {
+    fn register(&mut self, waker: &Waker) {
+        let mut d = self.0.driver.borrow_mut();
+        if !d.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *d = Some(waker.clone());
+        }
+    }
+
+    fn may_read(&self) -> bool {
+        true
+    }
+
+    fn received(&mut self, now: Instant, frames: &mut Vec<Bytes>, _wire_bytes: u64) {
+        let mut conn = self.0.conn.borrow_mut();
+        for f in frames.drain(..) {
+            conn.handle_frame(now, f);
+        }
+    }
+
+    fn unreadable(&mut self, _now: Instant, error: DecodeError) {
+        self.0.conn.borrow_mut().close(
+            ErrorCode::CONNECTION_ERROR,
+            format!("unreadable frame: {error}"),
+        );
+    }
+
+    fn before_write(&mut self, now: Instant) {
+        self.0.conn.borrow_mut().handle_timeout(now);
+        self.events();
+        self.0.collect_slots();
+    }
+
+    fn poll_transmit(&mut self) -> Option<OutFrame> {
+        self.0.conn.borrow_mut().poll_transmit()
+    }
+
+    fn pending_bytes(&self) -> usize {
+        self.0.conn.borrow().pending_bytes()
+    }
+
+    fn unsendable(&mut self, error: TransportError) {
+        self.0.conn.borrow_mut().close(
+            ErrorCode::CONNECTION_ERROR,
+            format!("a frame could not be sent: {error}"),
+        );
+    }
+
+    fn written(&mut self, written: Written) {
+        let inner = &self.0;
+        inner.unsent.set(written.queued);
         if inner.unsent() <= MAX_UNSENT / 2 {
             for w in inner.send_waiters.borrow_mut().drain(..) {
                 w.wake();
             }
         }
-        if !inner.setup_done.get() {
-            inner.setup_done.set(true);
+        inner.setup_done.set(true);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.conn.borrow().is_closed()
+    }
+
+    fn close_timeout(&self) -> Duration {
+        CLOSE_TIMEOUT
+    }
+
+    fn next_timeout(&self) -> Option<Instant> {
+        self.0.conn.borrow().poll_timeout()
+    }
+
+    fn finish(&mut self, end: End) {
+        let inner = &self.0;
+        // What arrived last (an ERROR that closed the connection, say) is
+        // the reason, ahead of the transport's end.
+        self.events();
+        if !inner.conn.borrow().is_closed() {
+            inner.conn.borrow_mut().transport_lost();
+            self.events();
         }
-        let closed = inner.conn.borrow().is_closed();
-        if done || (closed && flushed) {
-            if !closed {
-                inner.conn.borrow_mut().transport_lost();
-                while let Some(event) = inner.conn.borrow_mut().poll_event() {
-                    inner.on_event(event);
-                }
-            }
-            if inner.closed.borrow().is_none() {
-                *inner.closed.borrow_mut() = Some("the connection closed".into());
-            }
-            let _ = io.poll_close(cx);
-            for w in inner.send_waiters.borrow_mut().drain(..) {
-                w.wake();
-            }
-            inner.on_event(Event::Closed(rsocket_proto::ConnectionError::local(
-                ErrorCode::CONNECTION_CLOSE,
-                "closed",
-            )));
-            return Poll::Ready(());
+        inner
+            .closed
+            .borrow_mut()
+            .get_or_insert_with(|| end.to_string());
+        for w in inner.send_waiters.borrow_mut().drain(..) {
+            w.wake();
         }
-        // Wake for the next keepalive or timeout. The deadline moves later
-        // with every frame received; re-arming on each pass would cost a
-        // timer-map update per pass, so the timer is moved only to an earlier
-        // deadline or once it has fired (a wake-up that comes early finds
-        // nothing due and arms the timer again).
-        let next = inner.conn.borrow().poll_timeout();
-        if let Some(at) = next
-            && armed.is_none_or(|a| at < a || a <= now)
-        {
-            let t = timer.get_or_insert_with(|| {
-                glommio::timer::Timer::new(at.saturating_duration_since(now))
-            });
-            t.reset(at.saturating_duration_since(now));
-            armed = Some(at);
-            if Pin::new(t).poll(cx).is_ready() {
-                armed = None;
-                cx.waker().wake_by_ref();
-            }
-        }
-        Poll::Pending
-    })
-    .await
+        inner.on_event(Event::Closed(rsocket_proto::ConnectionError::local(
+            ErrorCode::CONNECTION_CLOSE,
+            "closed",
+        )));
+    }
 }

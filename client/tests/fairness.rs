@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use glommio::{LocalExecutorBuilder, Placement};
 use rsbroker_client::{Client, ClientConfig};
-use rsbroker_transports::{FrameIo, TransportError};
+use rsbroker_transports::{FrameIo, TransportError, WireBytes};
 use rsocket_proto::frame::Keepalive;
 use rsocket_proto::{Frame, OutFrame};
 
@@ -54,6 +54,10 @@ impl FrameIo for Firehose {
 
     fn peer(&self) -> Option<SocketAddr> {
         None
+    }
+
+    fn wire_bytes(&self) -> WireBytes {
+        WireBytes::default()
     }
 }
 

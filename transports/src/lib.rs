@@ -10,6 +10,8 @@
 //! - [`WriteQueue`]: outgoing frames, small ones coalesced into one write,
 //!   large bodies written from their own buffers.
 //! - [`ListenAddr`]: `tcp://host:port` and the like.
+//! - [`driver`]: the one connection driver, generic over [`FrameIo`], that
+//!   the broker's shard and the client both run.
 //! - [`turns`]: how much a connection driver reads and writes before it
 //!   lets the thread's other connections run.
 
@@ -33,6 +35,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rsocket_proto::codec::{PREFIX_LEN, TooLong, put_prefix};
 use rsocket_proto::{DecodeError, OutFrame};
 
+pub mod driver;
 pub mod tcp;
 
 /// How a connection driver (the broker's shard or the client) takes turns
@@ -106,6 +109,38 @@ pub trait FrameIo {
 
     /// The peer's address, where there is one.
     fn peer(&self) -> Option<SocketAddr>;
+
+    /// Bytes read from and written to the wire so far, the transport's own
+    /// framing (length prefixes, TLS records, WebSocket headers) included.
+    fn wire_bytes(&self) -> WireBytes;
+
+    /// Bytes the transport's buffers hold beyond their base size: frames
+    /// queued and not yet written, and a frame longer than usual on its
+    /// way in.
+    fn buffered_bytes(&self) -> usize {
+        self.queued_bytes()
+    }
+}
+
+/// What a transport has moved over the wire so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WireBytes {
+    /// Bytes read.
+    pub read: u64,
+    /// Bytes written.
+    pub written: u64,
+}
+
+impl WireBytes {
+    /// Adds `n` bytes read.
+    pub fn add_read(&mut self, n: usize) {
+        self.read += n as u64;
+    }
+
+    /// Adds `n` bytes written.
+    pub fn add_written(&mut self, n: usize) {
+        self.written += n as u64;
+    }
 }
 
 /// Frames waiting to be written.

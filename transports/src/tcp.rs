@@ -10,7 +10,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::{TcpListener, TcpStream};
 use rsocket_proto::OutFrame;
 
-use crate::{FrameIo, ReadBuf, TransportError, WriteQueue};
+use crate::{FrameIo, ReadBuf, TransportError, WireBytes, WriteQueue};
 
 /// Parts handed to one vectored write.
 const MAX_PARTS_PER_WRITE: usize = 64;
@@ -23,6 +23,7 @@ pub struct TcpFrames {
     write: WriteQueue,
     peer: Option<SocketAddr>,
     local: Option<SocketAddr>,
+    wire: WireBytes,
 }
 
 impl TcpFrames {
@@ -39,6 +40,7 @@ impl TcpFrames {
             write: WriteQueue::default(),
             peer,
             local,
+            wire: WireBytes::default(),
         }
     }
 
@@ -51,12 +53,6 @@ impl TcpFrames {
     /// This side's address.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local
-    }
-
-    /// Bytes its buffers hold beyond their base size: frames queued and
-    /// not yet written, and a frame longer than usual on its way in.
-    pub fn buffered_bytes(&self) -> usize {
-        self.write.len() + self.read.oversize()
     }
 
     /// The parts queued for writing (for tests that check bodies are shared, not copied).
@@ -83,7 +79,10 @@ impl FrameIo for TcpFrames {
             let spare = self.read.spare();
             match Pin::new(&mut self.stream).poll_read(cx, spare) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Ok(false)),
-                Poll::Ready(Ok(n)) => self.read.filled(n),
+                Poll::Ready(Ok(n)) => {
+                    self.wire.add_read(n);
+                    self.read.filled(n);
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                 Poll::Pending => return Poll::Pending,
             }
@@ -115,7 +114,10 @@ impl FrameIo for TcpFrames {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(TransportError::Io(io::ErrorKind::WriteZero.into())));
                 }
-                Poll::Ready(Ok(n)) => self.write.advance(n),
+                Poll::Ready(Ok(n)) => {
+                    self.wire.add_written(n);
+                    self.write.advance(n);
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                 Poll::Pending => return Poll::Pending,
             }
@@ -130,6 +132,14 @@ impl FrameIo for TcpFrames {
 
     fn peer(&self) -> Option<SocketAddr> {
         self.peer
+    }
+
+    fn wire_bytes(&self) -> WireBytes {
+        self.wire
+    }
+
+    fn buffered_bytes(&self) -> usize {
+        self.write.len() + self.read.oversize()
     }
 }
 

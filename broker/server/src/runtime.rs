@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
-use std::task::{Poll, Waker};
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -28,10 +28,10 @@ use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement, Task};
 use rsbroker_core::{ConnId, Message, Shard, ShardConfig, ShardId};
-use rsbroker_transports::turns::{READS_PER_TURN, WRITE_HIGH, WRITES_PER_TURN};
+use rsbroker_transports::driver::{self, End, Endpoint, Written};
 use rsbroker_transports::{FrameIo, ListenAddr, TcpFrames, TransportError};
 use rsocket_proto::frame::{ErrorFrame, Frame};
-use rsocket_proto::{ErrorCode, OutFrame};
+use rsocket_proto::{DecodeError, ErrorCode, OutFrame};
 use rustc_hash::FxHashMap;
 
 use crate::admin::AdminServer;
@@ -228,9 +228,6 @@ struct ShardRt {
     /// queue is too long (that shard is busy: more messages would only
     /// pile up).
     read_blocked: Cell<bool>,
-    /// Closed connections still flushing, and when they are closed anyway
-    /// (a peer that does not read would keep them forever).
-    closing: RefCell<Vec<(ConnId, Instant)>>,
     /// What this shard last told the others it holds.
     published_held: Cell<usize>,
     io: Cell<IoStats>,
@@ -303,21 +300,6 @@ impl ShardRt {
         self.shard
             .borrow_mut()
             .set_allowance(Instant::now(), allowance);
-    }
-
-    /// Wakes the closed connections whose last frames have waited too
-    /// long for their peer to read them, so that they close.
-    fn wake_unflushed(&self, now: Instant) {
-        let closing = self.closing.borrow();
-        if closing.iter().all(|(_, at)| *at > now) {
-            return;
-        }
-        let wakers = self.wakers.borrow();
-        for (id, _) in closing.iter().filter(|(_, at)| *at <= now) {
-            if let Some(w) = wakers.get(id) {
-                w.wake_by_ref();
-            }
-        }
     }
 
     fn count_io(&self, f: impl FnOnce(&mut IoStats)) {
@@ -605,7 +587,6 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         max_frame_size: Cell::new(settings.limits.max_frame_size.0),
         stopping: Cell::new(false),
         read_blocked: Cell::new(false),
-        closing: RefCell::new(Vec::new()),
         published_held: Cell::new(0),
         io: Cell::new(IoStats::default()),
         routes: RefCell::new((Vec::new(), Arc::new(Vec::new()))),
@@ -654,7 +635,6 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
             rt.dispatch();
             control.publish(id, rt.snapshot());
         }
-        rt.wake_unflushed(now);
         match control.phase() {
             Phase::Running => {}
             Phase::Draining => {
@@ -712,7 +692,6 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         control.beat(id);
         rt.shard.borrow_mut().handle_timeout(now);
         rt.dispatch();
-        rt.wake_unflushed(now);
     }
     control.publish(id, rt.snapshot());
     senders.close();
@@ -738,7 +717,8 @@ async fn accept(rt: Rc<ShardRt>, listener: TcpListener) {
                 let id = rt.shard.borrow_mut().open(Instant::now());
                 let io = TcpFrames::new(stream, rt.max_frame_size.get());
                 rt.peers.borrow_mut().insert(id, io.peer());
-                glommio::spawn_local(drive(rt.clone(), io, id)).detach();
+                glommio::spawn_local(driver::drive(ShardEndpoint { rt: rt.clone(), id }, io))
+                    .detach();
             }
             Err(e) => {
                 tracing::warn!(shard = rt.id, error = %e, "accept failed");
@@ -807,138 +787,94 @@ async fn receive_from_peer(rt: Rc<ShardRt>, receivers: Rc<Receivers<Vec<Message>
     }
 }
 
-/// Drives one connection: reads frames into the shard, writes what the
-/// shard has for it, and closes it when the shard says so.
-async fn drive(rt: Rc<ShardRt>, mut io: TcpFrames, id: ConnId) {
-    let mut frames: Vec<Bytes> = Vec::with_capacity(64);
-    let mut failed = false;
-    // Once the shard has closed the connection: when to stop waiting for
-    // the last frames to be written.
-    let mut flush_deadline: Option<Instant> = None;
-    poll_fn(|cx| {
-        {
-            let mut wakers = rt.wakers.borrow_mut();
-            match wakers.get_mut(&id) {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                Some(w) => *w = cx.waker().clone(),
-                None => {
-                    wakers.insert(id, cx.waker().clone());
-                }
-            }
-        }
-        // Read.
-        let mut reads = 0;
-        while !failed && rt.shard.borrow().may_read(id) && !rt.shard.borrow().is_closed(id) {
-            if reads == READS_PER_TURN {
-                cx.waker().wake_by_ref();
-                break;
-            }
-            reads += 1;
-            match io.poll_read(cx, &mut frames) {
-                Poll::Ready(Ok(true)) => {
-                    let now = Instant::now();
-                    let bytes: usize = frames.iter().map(|f| f.len() + 3).sum();
-                    rt.count_io(|io| io.bytes_in += bytes as u64);
-                    {
-                        let mut shard = rt.shard.borrow_mut();
-                        for f in frames.drain(..) {
-                            shard.handle_frame(now, id, f);
-                        }
-                    }
-                    rt.dispatch();
-                }
-                Poll::Ready(Ok(false)) => {
-                    return finish(&rt, id, "the peer closed the connection");
-                }
-                Poll::Ready(Err(TransportError::Decode(e))) => {
-                    rt.shard
-                        .borrow_mut()
-                        .handle_decode_error(Instant::now(), id, e);
-                    rt.dispatch();
-                    failed = true;
-                }
-                Poll::Ready(Err(e)) => {
-                    return finish(&rt, id, &format!("read failed: {e}"));
-                }
-                Poll::Pending => break,
-            }
-        }
-        // Write: take frames from the shard while the transport has room and
-        // flush; when a flush empties the transport and the shard holds more,
-        // go again (nothing else would wake this task for them).
-        let mut rounds = 0;
-        loop {
-            {
-                let mut shard = rt.shard.borrow_mut();
-                while io.queued_bytes() < WRITE_HIGH {
-                    let Some(frame) = shard.poll_transmit(id) else {
-                        break;
-                    };
-                    match io.queue(&frame) {
-                        Ok(()) => rt.count_io(|io| {
-                            io.bytes_out += frame.len() as u64 + 3;
-                            io.frames_out += 1;
-                        }),
-                        Err(e) => tracing::warn!(conn = %id, error = %e, "frame dropped"),
-                    }
-                }
-            }
-            match io.poll_flush(cx) {
-                Poll::Pending => break,
-                Poll::Ready(Ok(())) => {
-                    if rt.shard.borrow().pending_bytes(id) == 0 {
-                        break;
-                    }
-                    rounds += 1;
-                    if rounds == WRITES_PER_TURN {
-                        // Let the other connections have the core; come back soon.
-                        cx.waker().wake_by_ref();
-                        break;
-                    }
-                }
-                Poll::Ready(Err(e)) => {
-                    return finish(&rt, id, &format!("write failed: {e}"));
-                }
-            }
-        }
-        {
-            let mut shard = rt.shard.borrow_mut();
-            shard.written(id);
-            shard.set_transport_bytes(id, io.buffered_bytes());
-        }
-        rt.dispatch();
-        // Close once the shard is done with the connection and everything is
-        // written, or once the peer has had close_timeout to take it.
-        let (closed, unsent) = {
-            let shard = rt.shard.borrow();
-            (
-                shard.is_closed(id) || failed,
-                shard.pending_bytes(id) + io.queued_bytes(),
-            )
-        };
-        if closed {
-            let now = Instant::now();
-            let deadline = *flush_deadline.get_or_insert_with(|| {
-                let at = now + rt.control.settings().shutdown.close_timeout;
-                rt.closing.borrow_mut().push((id, at));
-                at
-            });
-            if unsent == 0 || now >= deadline {
-                let _ = io.poll_close(cx);
-                return finish(&rt, id, "closed by the broker");
-            }
-        }
-        Poll::Pending
-    })
-    .await
+/// The shard's side of one connection, for the transport driver.
+struct ShardEndpoint {
+    rt: Rc<ShardRt>,
+    id: ConnId,
 }
 
-fn finish(rt: &ShardRt, id: ConnId, reason: &str) -> Poll<()> {
+impl Endpoint for ShardEndpoint {
+    fn register(&mut self, waker: &Waker) {
+        let mut wakers = self.rt.wakers.borrow_mut();
+        match wakers.get_mut(&self.id) {
+            Some(w) if w.will_wake(waker) => {}
+            Some(w) => *w = waker.clone(),
+            None => {
+                wakers.insert(self.id, waker.clone());
+            }
+        }
+    }
+
+    fn may_read(&self) -> bool {
+        let shard = self.rt.shard.borrow();
+        shard.may_read(self.id) && !shard.is_closed(self.id)
+    }
+
+    fn received(&mut self, now: Instant, frames: &mut Vec<Bytes>, wire_bytes: u64) {
+        self.rt.count_io(|io| io.bytes_in += wire_bytes);
+        {
+            let mut shard = self.rt.shard.borrow_mut();
+            for f in frames.drain(..) {
+                shard.handle_frame(now, self.id, f);
+            }
+        }
+        self.rt.dispatch();
+    }
+
+    fn unreadable(&mut self, now: Instant, error: DecodeError) {
+        self.rt
+            .shard
+            .borrow_mut()
+            .handle_decode_error(now, self.id, error);
+        self.rt.dispatch();
+    }
+
+    fn poll_transmit(&mut self) -> Option<OutFrame> {
+        self.rt.shard.borrow_mut().poll_transmit(self.id)
+    }
+
+    fn pending_bytes(&self) -> usize {
+        self.rt.shard.borrow().pending_bytes(self.id)
+    }
+
+    fn unsendable(&mut self, error: TransportError) {
+        tracing::warn!(conn = %self.id, %error, "frame dropped");
+    }
+
+    fn written(&mut self, written: Written) {
+        self.rt.count_io(|io| {
+            io.bytes_out += written.wire_bytes;
+            io.frames_out += written.frames;
+        });
+        {
+            let mut shard = self.rt.shard.borrow_mut();
+            shard.written(self.id);
+            shard.set_transport_bytes(self.id, written.buffered);
+        }
+        self.rt.dispatch();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.rt.shard.borrow().is_closed(self.id)
+    }
+
+    fn close_timeout(&self) -> Duration {
+        self.rt.control.settings().shutdown.close_timeout
+    }
+
+    fn finish(&mut self, end: End) {
+        let reason = match end {
+            End::Closed => "closed by the broker".to_owned(),
+            other => other.to_string(),
+        };
+        finish(&self.rt, self.id, &reason);
+    }
+}
+
+fn finish(rt: &ShardRt, id: ConnId, reason: &str) {
     rt.control.connections.fetch_sub(1, Ordering::AcqRel);
-    rt.closing.borrow_mut().retain(|(c, _)| *c != id);
     rt.wakers.borrow_mut().remove(&id);
     rt.peers.borrow_mut().remove(&id);
     rt.shard.borrow_mut().close(Instant::now(), id, reason);
     rt.dispatch();
-    Poll::Ready(())
 }
