@@ -36,7 +36,11 @@ use rsocket_proto::codec::{PREFIX_LEN, TooLong, put_prefix};
 use rsocket_proto::{DecodeError, OutFrame};
 
 pub mod driver;
+pub mod listen;
+pub mod stream;
 pub mod tcp;
+pub mod tls;
+pub mod ws;
 
 /// How a connection driver (the broker's shard or the client) takes turns
 /// with the other connections of its thread.
@@ -52,7 +56,10 @@ pub mod turns {
     pub const WRITES_PER_TURN: usize = 4;
 }
 
+pub use listen::{Conn, Handshake, Incoming, Listener};
 pub use rsocket_proto::codec::ReadBuf;
+/// The TLS library the `tls` transports use (for its configuration types).
+pub use rustls;
 pub use tcp::TcpFrames;
 
 /// Why a connection's byte stream ended.
@@ -181,6 +188,12 @@ impl WriteQueue {
         Ok(())
     }
 
+    /// Queues bytes of the transport's own framing (a message header).
+    pub fn push_header(&mut self, header: &[u8]) {
+        self.batch.put_slice(header);
+        self.queued += header.len();
+    }
+
     /// Queues a frame as it is (message transports frame it themselves).
     pub fn push_bare(&mut self, frame: &OutFrame) {
         self.push_parts(frame);
@@ -259,11 +272,92 @@ impl WriteQueue {
     }
 }
 
-/// Where to listen: a transport and an address.
+/// A transport a broker listens on and a client connects with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    /// `tcp://`: length-prefixed frames on TCP.
+    Tcp,
+    /// `tls://`: length-prefixed frames on TLS over TCP.
+    Tls,
+    /// `ws://`: one frame per binary WebSocket message.
+    Ws,
+    /// `wss://`: WebSocket over TLS.
+    Wss,
+}
+
+impl Scheme {
+    /// The URL scheme.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Tls => "tls",
+            Self::Ws => "ws",
+            Self::Wss => "wss",
+        }
+    }
+
+    /// Whether it runs over TLS.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Self::Tls | Self::Wss)
+    }
+
+    /// Whether it is WebSocket.
+    pub fn is_websocket(self) -> bool {
+        matches!(self, Self::Ws | Self::Wss)
+    }
+}
+
+impl fmt::Display for Scheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The WebSocket path when a `ws://` or `wss://` address names none.
+pub const DEFAULT_WS_PATH: &str = "/rsocket";
+
+/// Where to listen or connect: `tcp://host:port`, `tls://host:port`,
+/// `ws://host:port/path`, `wss://host:port/path` (the path defaults to
+/// `/rsocket`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ListenAddr {
-    /// `tcp://host:port`
-    Tcp(SocketAddr),
+pub struct ListenAddr {
+    /// The transport.
+    pub scheme: Scheme,
+    /// The resolved address.
+    pub addr: SocketAddr,
+    /// The host as written (the TLS server name and the HTTP Host of a client).
+    pub host: String,
+    /// The WebSocket path (empty for tcp and tls).
+    pub path: String,
+}
+
+impl ListenAddr {
+    /// `tcp://addr`.
+    pub fn tcp(addr: SocketAddr) -> Self {
+        Self::new(Scheme::Tcp, addr)
+    }
+
+    /// `scheme://addr`, with the default WebSocket path.
+    pub fn new(scheme: Scheme, addr: SocketAddr) -> Self {
+        Self {
+            scheme,
+            addr,
+            host: addr.ip().to_string(),
+            path: if scheme.is_websocket() {
+                DEFAULT_WS_PATH.to_owned()
+            } else {
+                String::new()
+            },
+        }
+    }
+
+    /// The same transport on another address (the port a listener got).
+    pub fn with_addr(&self, addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            ..self.clone()
+        }
+    }
 }
 
 impl FromStr for ListenAddr {
@@ -273,25 +367,50 @@ impl FromStr for ListenAddr {
         let (scheme, rest) = s
             .split_once("://")
             .ok_or_else(|| format!("{s:?}: expected scheme://host:port"))?;
-        if scheme != "tcp" {
-            return Err(format!(
-                "{s:?}: unsupported transport {scheme:?} (supported: tcp)"
-            ));
-        }
-        let addr = rest
+        let scheme = match scheme {
+            "tcp" => Scheme::Tcp,
+            "tls" => Scheme::Tls,
+            "ws" => Scheme::Ws,
+            "wss" => Scheme::Wss,
+            other => {
+                return Err(format!(
+                    "{s:?}: unsupported transport {other:?} (supported: tcp, tls, ws, wss)"
+                ));
+            }
+        };
+        let (hostport, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        let path = match (scheme.is_websocket(), path) {
+            (true, "") => DEFAULT_WS_PATH.to_owned(),
+            (true, p) => p.to_owned(),
+            (false, "") => String::new(),
+            (false, p) => return Err(format!("{s:?}: a {scheme}:// address has no path ({p:?})")),
+        };
+        let addr = hostport
             .to_socket_addrs()
             .map_err(|e| format!("{s:?}: {e}"))?
             .next()
             .ok_or_else(|| format!("{s:?}: the host resolves to no address"))?;
-        Ok(Self::Tcp(addr))
+        let host = hostport
+            .rsplit_once(':')
+            .map_or(hostport, |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        Ok(Self {
+            scheme,
+            addr,
+            host,
+            path,
+        })
     }
 }
 
 impl fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Tcp(a) => write!(f, "tcp://{a}"),
-        }
+        write!(f, "{}://{}{}", self.scheme, self.addr, self.path)
     }
 }
 
@@ -389,7 +508,26 @@ mod tests {
     fn listen_addresses() {
         assert_eq!(
             "tcp://127.0.0.1:9999".parse::<ListenAddr>(),
-            Ok(ListenAddr::Tcp("127.0.0.1:9999".parse().unwrap()))
+            Ok(ListenAddr::tcp("127.0.0.1:9999".parse().unwrap()))
+        );
+        let ws: ListenAddr = "ws://localhost:80".parse().unwrap();
+        assert_eq!(
+            (ws.scheme, ws.host.as_str(), ws.path.as_str()),
+            (Scheme::Ws, "localhost", "/rsocket")
+        );
+        assert_eq!(ws.to_string(), format!("ws://{}/rsocket", ws.addr));
+        let wss: ListenAddr = "wss://[::1]:8443/app/rs".parse().unwrap();
+        assert_eq!(
+            (wss.scheme, wss.host.as_str(), wss.path.as_str()),
+            (Scheme::Wss, "::1", "/app/rs")
+        );
+        let tls: ListenAddr = "tls://127.0.0.1:1".parse().unwrap();
+        assert!(tls.scheme.is_tls() && tls.path.is_empty());
+        assert!(
+            "tls://127.0.0.1:1/x"
+                .parse::<ListenAddr>()
+                .unwrap_err()
+                .contains("no path")
         );
         assert!(
             "udp://127.0.0.1:1"
