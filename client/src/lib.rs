@@ -23,12 +23,14 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rsbroker_transports::driver::{self, End, Endpoint, Written};
-use rsbroker_transports::{FrameIo, TcpFrames, TransportError};
+use rsbroker_transports::listen::ConnectOptions;
+use rsbroker_transports::{FrameIo, ListenAddr, TcpFrames, TransportError};
 use rsocket_proto::conn::{
     ClientSettings, Config, Connection, Event, Interaction, RequestKind, SetupPayload,
 };
@@ -282,6 +284,25 @@ impl ClientBuilder {
     /// Connects over TCP and starts the driver task on the current executor.
     pub async fn connect(self, addr: SocketAddr) -> io::Result<Client> {
         let io = TcpFrames::connect(addr, self.config.max_frame_size).await?;
+        let local = io.local_addr();
+        let client = self.start(io);
+        client.inner.local.set(local);
+        Ok(client)
+    }
+
+    /// Connects to `url` (`tcp://`, `tls://`, `ws://`, `wss://`) and starts
+    /// the driver task. `tls` says whom a TLS connection trusts (see
+    /// [`rsbroker_transports::tls`]); plain transports ignore it.
+    pub async fn connect_url(
+        self,
+        url: &ListenAddr,
+        tls: Option<Arc<rsbroker_transports::rustls::ClientConfig>>,
+    ) -> io::Result<Client> {
+        let options = ConnectOptions {
+            max_frame: self.config.max_frame_size,
+            tls,
+        };
+        let io = rsbroker_transports::listen::connect(url, &options).await?;
         let local = io.local_addr();
         let client = self.start(io);
         client.inner.local.set(local);

@@ -199,9 +199,7 @@ struct ResponderOptions {
 }
 
 fn tcp(addr: &ListenAddr) -> SocketAddr {
-    match addr {
-        ListenAddr::Tcp(a) => *a,
-    }
+    addr.addr
 }
 
 fn write(path: &PathBuf, text: &str) -> Result<(), String> {

@@ -11,7 +11,7 @@ use rsbroker_transports::ListenAddr;
 
 fn broker() -> rsbroker::BrokerHandle {
     let mut c = BrokerConfig::default();
-    c.server.listen = vec![ListenAddr::Tcp(([127, 0, 0, 1], 0).into())];
+    c.server.listen = vec![ListenAddr::tcp(([127, 0, 0, 1], 0).into())];
     c.server.shards = 1;
     c.server.io_memory = rsbroker::config::Size(64 << 10);
     c.admin.enabled = false;

@@ -497,6 +497,34 @@ impl Collector for SnapshotCollector {
             Counter,
             per_shard(&|s| s.io.refused_connections),
         )?;
+        family(
+            e,
+            "rsbroker_tls_handshakes_failed",
+            "TLS handshakes that failed.",
+            Counter,
+            per_shard(&|s| s.io.tls_handshakes_failed),
+        )?;
+        family(
+            e,
+            "rsbroker_websocket_upgrades_refused",
+            "WebSocket upgrades refused (not HTTP, a wrong path, not an upgrade).",
+            Counter,
+            per_shard(&|s| s.io.upgrades_refused),
+        )?;
+        family(
+            e,
+            "rsbroker_handshake_timeouts",
+            "Handshakes not finished within limits.handshake_timeout.",
+            Counter,
+            per_shard(&|s| s.io.handshake_timeouts),
+        )?;
+        family(
+            e,
+            "rsbroker_connections_unreadable",
+            "Connections closed because what they sent was not RSocket frames on their transport.",
+            Counter,
+            per_shard(&|s| s.io.unreadable_connections),
+        )?;
         let routes = routes(&snaps);
         let apps: std::collections::BTreeSet<&str> =
             routes.iter().map(|i| i.name.as_str()).collect();
@@ -592,14 +620,14 @@ impl Collector for SnapshotCollector {
         family(
             e,
             "rsbroker_received_bytes",
-            "Bytes received, with length prefixes.",
+            "Bytes received on the wire, transport framing included.",
             Counter,
             per_shard(&|s| s.io.bytes_in),
         )?;
         family(
             e,
             "rsbroker_sent_bytes",
-            "Bytes sent, with length prefixes.",
+            "Bytes sent on the wire, transport framing included.",
             Counter,
             per_shard(&|s| s.io.bytes_out),
         )?;

@@ -40,6 +40,8 @@ pub struct BrokerConfig {
     pub limits: Limits,
     /// Draining and stopping.
     pub shutdown: Shutdown,
+    /// The certificate and key of `tls://` and `wss://` listeners.
+    pub tls: TlsConfig,
     /// Logging.
     pub log: LogConfig,
     /// Balancer and failover of services not listed under `services`.
@@ -53,7 +55,9 @@ pub struct BrokerConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Addresses to listen on (`tcp://host:port`); every shard listens on each.
+    /// Addresses to listen on: `tcp://host:port`, `tls://host:port`,
+    /// `ws://host:port/path`, `wss://host:port/path` (the WebSocket path
+    /// defaults to `/rsocket`); every shard listens on each.
     #[serde(
         serialize_with = "ser_display_vec",
         deserialize_with = "de_from_str_vec"
@@ -78,7 +82,7 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            listen: vec![ListenAddr::Tcp(([0, 0, 0, 0], 9999).into())],
+            listen: vec![ListenAddr::tcp(([0, 0, 0, 0], 9999).into())],
             shards: 0,
             cores: Vec::new(),
             io_memory: Size(512 << 10),
@@ -151,6 +155,9 @@ pub struct Limits {
     /// How long a new connection may take to send SETUP.
     #[serde(with = "humantime_serde")]
     pub setup_timeout: Duration,
+    /// How long a TLS handshake or WebSocket upgrade may take.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
     /// Bounds on the max lifetime a client asks for in SETUP: the broker
     /// closes a connection silent for longer than the clamped value.
     #[serde(with = "humantime_serde")]
@@ -174,6 +181,7 @@ impl Default for Limits {
             max_buffered_bytes: Size(1 << 30),
             backpressure_timeout: Duration::from_secs(30),
             setup_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
             min_keepalive_lifetime: Duration::from_secs(1),
             max_keepalive_lifetime: Duration::from_secs(600),
         }
@@ -193,6 +201,76 @@ impl Limits {
             backpressure_timeout: self.backpressure_timeout,
         }
     }
+}
+
+/// `[tls]`: what `tls://` and `wss://` listeners present. SIGHUP reads the
+/// files again: new connections get the new certificate, open ones keep
+/// theirs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first (PEM).
+    pub certificate: Option<PathBuf>,
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// When set, clients must present a certificate signed by this CA
+    /// (PEM): mutual TLS.
+    pub client_ca: Option<PathBuf>,
+    /// ALPN protocols to offer, in order of preference; none by default.
+    pub alpn: Vec<String>,
+}
+
+impl TlsConfig {
+    /// The listener settings, when a certificate and key are configured.
+    pub fn server(&self) -> Option<rsbroker_transports::tls::ServerTls> {
+        Some(rsbroker_transports::tls::ServerTls {
+            certificate: self.certificate.clone()?,
+            key: self.key.clone()?,
+            client_ca: self.client_ca.clone(),
+            alpn: self.alpn.clone(),
+        })
+    }
+
+    /// Loads the files and builds the TLS configuration (`None` when no
+    /// certificate is configured). Every error names its file; a
+    /// certificate that has expired or is not yet valid is one.
+    pub fn build(&self) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
+        let Some(server) = self.server() else {
+            return Ok(None);
+        };
+        let config = server.build().map_err(|e| e.to_string())?;
+        let certs =
+            rsbroker_transports::tls::load_certs(&server.certificate).map_err(|e| e.to_string())?;
+        if let Some(leaf) = certs.first() {
+            check_validity(&server.certificate, leaf)?;
+        }
+        Ok(Some(config))
+    }
+}
+
+/// A certificate whose validity period does not include now is an error.
+fn check_validity(path: &Path, der: &[u8]) -> Result<(), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("{}: the certificate cannot be parsed: {e}", path.display()))?;
+    let validity = cert.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if validity.not_after < now {
+        return Err(format!(
+            "{}: the certificate expired on {} (subject {})",
+            path.display(),
+            validity.not_after,
+            cert.subject()
+        ));
+    }
+    if validity.not_before > now {
+        return Err(format!(
+            "{}: the certificate is not valid before {} (subject {})",
+            path.display(),
+            validity.not_before,
+            cert.subject()
+        ));
+    }
+    Ok(())
 }
 
 /// `[shutdown]`: what SIGTERM does.
@@ -452,6 +530,43 @@ impl BrokerConfig {
         if self.limits.setup_timeout.is_zero() {
             bad("limits.setup_timeout", "must be more than 0".into());
         }
+        if self.limits.handshake_timeout.is_zero() {
+            bad("limits.handshake_timeout", "must be more than 0".into());
+        }
+        let tls_listeners: Vec<String> = self
+            .server
+            .listen
+            .iter()
+            .filter(|a| a.scheme.is_tls())
+            .map(ToString::to_string)
+            .collect();
+        match (&self.tls.certificate, &self.tls.key) {
+            (None, None) if !tls_listeners.is_empty() => bad(
+                "tls.certificate",
+                format!(
+                    "{} need a certificate and key: set tls.certificate and tls.key",
+                    tls_listeners.join(", ")
+                ),
+            ),
+            (Some(_), None) => bad("tls.key", "tls.certificate is set without its key".into()),
+            (None, Some(_)) => bad(
+                "tls.certificate",
+                "tls.key is set without a certificate".into(),
+            ),
+            (Some(_), Some(_)) => {
+                if let Err(e) = self.tls.build() {
+                    bad("tls", e);
+                }
+            }
+            (None, None) => {
+                if self.tls.client_ca.is_some() {
+                    bad(
+                        "tls.client_ca",
+                        "is set without tls.certificate and tls.key".into(),
+                    );
+                }
+            }
+        }
         if self.limits.min_keepalive_lifetime > self.limits.max_keepalive_lifetime {
             bad(
                 "limits.min_keepalive_lifetime",
@@ -571,6 +686,7 @@ pub fn parse(text: &str) -> Result<BrokerConfig, Vec<ConfigError>> {
             "admin" => load_into(&mut config.admin, value),
             "limits" => load_into(&mut config.limits, value),
             "shutdown" => load_into(&mut config.shutdown, value),
+            "tls" => load_into(&mut config.tls, value),
             "log" => load_into(&mut config.log, value),
             "policy" => load_into(&mut config.policy, value),
             "services" => match value.get_ref() {
@@ -596,7 +712,7 @@ pub fn parse(text: &str) -> Result<BrokerConfig, Vec<ConfigError>> {
             _ => Err(vec![(
                 Some(key.span()),
                 None,
-                "unknown section (server, admin, limits, shutdown, log, policy, services)"
+                "unknown section (server, admin, limits, shutdown, tls, log, policy, services)"
                     .to_owned(),
             )]),
         }
@@ -881,8 +997,8 @@ retries = 3
         assert_eq!(
             c.server.listen,
             vec![
-                ListenAddr::Tcp(([127, 0, 0, 1], 7000).into()),
-                ListenAddr::Tcp(([127, 0, 0, 1], 7001).into())
+                ListenAddr::tcp(([127, 0, 0, 1], 7000).into()),
+                ListenAddr::tcp(([127, 0, 0, 1], 7001).into())
             ]
         );
         assert_eq!(c.server.shards, 3);
@@ -941,7 +1057,7 @@ retries = 3
         assert!(BrokerConfig::default().problems().is_empty());
         assert_eq!(
             BrokerConfig::default().server.listen,
-            vec![ListenAddr::Tcp(([0, 0, 0, 0], 9999).into())]
+            vec![ListenAddr::tcp(([0, 0, 0, 0], 9999).into())]
         );
         assert_eq!(
             BrokerConfig::default().admin.listen,
@@ -1159,5 +1275,65 @@ shards = = 2
                 .contains("number")
         );
         assert!(parse_policy("x=hash:").is_err());
+    }
+
+    /// Writes a self-signed certificate (valid `from`..`until`, years) and
+    /// its key under a fresh directory; returns (dir, cert, key).
+    fn cert_files(name: &str, from: i32, until: i32) -> (PathBuf, PathBuf, PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("rsbroker-config-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(from, 1, 1);
+        params.not_after = rcgen::date_time_ymd(until, 1, 1);
+        let cert = params.self_signed(&key).unwrap();
+        let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (dir, c, k)
+    }
+
+    fn tls_problems(cert: Option<&Path>, key: Option<&Path>) -> Vec<(String, String)> {
+        let mut c = BrokerConfig::default();
+        c.server.listen = vec!["tls://127.0.0.1:0".parse().unwrap()];
+        c.tls.certificate = cert.map(Path::to_owned);
+        c.tls.key = key.map(Path::to_owned);
+        c.problems()
+    }
+
+    #[test]
+    fn tls_files_are_checked_with_their_paths() {
+        let (dir, cert, key) = cert_files("good", 2020, 2090);
+        assert_eq!(tls_problems(Some(&cert), Some(&key)), vec![]);
+
+        let none = tls_problems(None, None);
+        assert_eq!(none.len(), 1, "{none:?}");
+        assert_eq!(none[0].0, "tls.certificate");
+        assert!(none[0].1.contains("tls://127.0.0.1:0"), "{none:?}");
+
+        let missing = dir.join("missing.pem");
+        let p = tls_problems(Some(&missing), Some(&key));
+        assert!(
+            p[0].1.contains("missing.pem") && p[0].1.contains("cannot read"),
+            "{p:?}"
+        );
+
+        let (other, _, other_key) = cert_files("other", 2020, 2090);
+        let p = tls_problems(Some(&cert), Some(&other_key));
+        assert!(p[0].1.contains("does not match"), "{p:?}");
+
+        let (old, old_cert, old_key) = cert_files("expired", 2000, 2001);
+        let p = tls_problems(Some(&old_cert), Some(&old_key));
+        assert!(
+            p[0].1.contains("expired") && p[0].1.contains("cert.pem"),
+            "{p:?}"
+        );
+
+        let p = tls_problems(Some(&key), Some(&key));
+        assert!(p[0].1.contains("no certificate"), "{p:?}");
+        for d in [dir, other, old] {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }

@@ -64,12 +64,21 @@ pub struct InstanceView {
 pub struct IoStats {
     /// Bytes read from connections.
     pub bytes_in: u64,
-    /// Bytes handed to connections' transports.
+    /// Bytes connections' transports wrote.
     pub bytes_out: u64,
     /// Frames handed to connections' transports.
     pub frames_out: u64,
     /// Connections refused because the broker was at `max_connections`.
     pub refused_connections: u64,
+    /// TLS handshakes that failed (not TLS, a certificate refused, ...).
+    pub tls_handshakes_failed: u64,
+    /// WebSocket upgrades refused (not HTTP, a wrong path, ...).
+    pub upgrades_refused: u64,
+    /// Handshakes left unfinished past `limits.handshake_timeout`.
+    pub handshake_timeouts: u64,
+    /// Connections closed because their bytes were not RSocket frames (or
+    /// not what their transport carries: a text WebSocket message, ...).
+    pub unreadable_connections: u64,
 }
 
 /// What a shard last reported about itself (refreshed every 100 ms).
@@ -120,6 +129,8 @@ pub(crate) struct ShardSlot {
 pub(crate) struct Control {
     phase: AtomicU8,
     settings: Mutex<Arc<BrokerConfig>>,
+    /// The TLS configuration built from `settings.tls` (rebuilt on reload).
+    tls: Mutex<Option<Arc<rustls::ServerConfig>>>,
     generation: AtomicU64,
     pub(crate) slots: Vec<ShardSlot>,
     /// Open connections on all shards (changed per connection, not per frame).
@@ -139,6 +150,7 @@ impl Control {
         Self {
             phase: AtomicU8::new(0),
             settings: Mutex::new(Arc::new(config)),
+            tls: Mutex::new(None),
             generation: AtomicU64::new(0),
             slots: (0..shards).map(|_| ShardSlot::default()).collect(),
             connections: AtomicUsize::new(0),
@@ -177,6 +189,23 @@ impl Control {
 
     pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// The TLS configuration new connections get.
+    pub(crate) fn tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        match self.tls.lock() {
+            Ok(t) => t.clone(),
+            Err(e) => e.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the TLS configuration (before the settings that bump the
+    /// generation, so shards see both).
+    pub(crate) fn set_tls(&self, tls: Option<Arc<rustls::ServerConfig>>) {
+        match self.tls.lock() {
+            Ok(mut t) => *t = tls,
+            Err(e) => *e.into_inner() = tls,
+        }
     }
 
     pub(crate) fn replace_settings(&self, config: BrokerConfig) {

@@ -25,11 +25,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
-use glommio::net::{TcpListener, TcpStream};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement, Task};
 use rsbroker_core::{ConnId, Message, Shard, ShardConfig, ShardId};
 use rsbroker_transports::driver::{self, End, Endpoint, Written};
-use rsbroker_transports::{FrameIo, ListenAddr, TcpFrames, TransportError};
+use rsbroker_transports::listen::HandshakeFailure;
+use rsbroker_transports::{
+    Conn, FrameIo, Handshake, Incoming, ListenAddr, Listener, Scheme, TransportError,
+};
 use rsocket_proto::frame::{ErrorFrame, Frame};
 use rsocket_proto::{DecodeError, ErrorCode, OutFrame};
 use rustc_hash::FxHashMap;
@@ -126,6 +128,14 @@ impl Controller {
         if new.log.format != old.log.format {
             needs_restart.push("log.format".to_owned());
         }
+        // Rotation: new connections get the files as they are now; open
+        // connections keep the certificate they were accepted with.
+        match new.tls.build() {
+            Ok(tls) => self.control.set_tls(tls),
+            Err(e) => {
+                tracing::warn!(error = %e, "the TLS files cannot be loaded; the ones in force are kept");
+            }
+        }
         let applied = BrokerConfig {
             server: old.server.clone(),
             admin: old.admin.clone(),
@@ -148,7 +158,12 @@ impl BrokerHandle {
 
     /// The first TCP address, for clients and tests.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        self.addrs.iter().map(|ListenAddr::Tcp(a)| *a).next()
+        self.addr_of(Scheme::Tcp).map(|a| a.addr)
+    }
+
+    /// The first address listening with `scheme` (port resolved).
+    pub fn addr_of(&self, scheme: Scheme) -> Option<&ListenAddr> {
+        self.addrs.iter().find(|a| a.scheme == scheme)
     }
 
     /// Where the admin HTTP server listens, when it runs.
@@ -221,8 +236,9 @@ struct ShardRt {
     /// Batches waiting for each peer shard's queue.
     out: Vec<RefCell<VecDeque<Vec<Message>>>>,
     out_notify: Vec<Notify>,
-    /// Largest frame accepted on connections opened from now on.
-    max_frame_size: Cell<usize>,
+    /// What handshakes of connections accepted from now on use: the
+    /// largest frame accepted, the TLS configuration, the timeout.
+    handshake: RefCell<Handshake>,
     stopping: Cell<bool>,
     /// Reading is held back on every connection because a peer shard's
     /// queue is too long (that shard is busy: more messages would only
@@ -373,7 +389,11 @@ impl ShardRt {
         let mut shard = self.shard.borrow_mut();
         let current = shard.config().clone();
         shard.set_config(shard_config(current.shard, current.shards, config));
-        self.max_frame_size.set(config.limits.max_frame_size.0);
+        *self.handshake.borrow_mut() = Handshake {
+            max_frame: config.limits.max_frame_size.0,
+            tls: self.control.tls(),
+            timeout: config.limits.handshake_timeout,
+        };
     }
 }
 
@@ -414,6 +434,7 @@ pub fn start(config: BrokerConfig) -> io::Result<BrokerHandle> {
         config.server.shards
     };
     let control = Arc::new(Control::new(config.clone(), shards));
+    control.set_tls(config.tls.build().map_err(io::Error::other)?);
     let mesh: MeshBuilder<Vec<Message>, Full> =
         MeshBuilder::full(shards, config.server.mesh_capacity.max(1));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<Vec<ListenAddr>, String>>();
@@ -503,8 +524,7 @@ fn executor_error(shard: usize, cpu: usize, e: &str) -> io::Error {
 /// share each address (SO_REUSEPORT), which would let a second broker
 /// share it too, splitting apps between two route tables.
 fn held_elsewhere(addr: &ListenAddr) -> Result<(), String> {
-    let ListenAddr::Tcp(a) = addr;
-    match rsbroker_transports::tcp::other_listeners(*a).first() {
+    match rsbroker_transports::tcp::other_listeners(addr.addr).first() {
         None => Ok(()),
         Some(holder) => Err(format!(
             "cannot listen on {addr}: {holder} already listens there; a second broker on the \
@@ -513,24 +533,16 @@ fn held_elsewhere(addr: &ListenAddr) -> Result<(), String> {
     }
 }
 
-fn bind(listen: &[ListenAddr], first: bool) -> Result<(Vec<TcpListener>, Vec<ListenAddr>), String> {
+fn bind(listen: &[ListenAddr], first: bool) -> Result<(Vec<Listener>, Vec<ListenAddr>), String> {
     let mut listeners = Vec::new();
     let mut addrs = Vec::new();
     for addr in listen {
         if first {
             held_elsewhere(addr)?;
         }
-        match addr {
-            ListenAddr::Tcp(a) => {
-                let l = rsbroker_transports::tcp::bind(*a)
-                    .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-                let local = l
-                    .local_addr()
-                    .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-                addrs.push(ListenAddr::Tcp(local));
-                listeners.push(l);
-            }
-        }
+        let l = Listener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        addrs.push(l.local().clone());
+        listeners.push(l);
     }
     Ok((listeners, addrs))
 }
@@ -584,7 +596,11 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         peers: RefCell::new(FxHashMap::default()),
         out: (0..shards).map(|_| RefCell::new(VecDeque::new())).collect(),
         out_notify: (0..shards).map(|_| Notify::default()).collect(),
-        max_frame_size: Cell::new(settings.limits.max_frame_size.0),
+        handshake: RefCell::new(Handshake {
+            max_frame: settings.limits.max_frame_size.0,
+            tls: control.tls(),
+            timeout: settings.limits.handshake_timeout,
+        }),
         stopping: Cell::new(false),
         read_blocked: Cell::new(false),
         published_held: Cell::new(0),
@@ -699,25 +715,23 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
     Ok(())
 }
 
-async fn accept(rt: Rc<ShardRt>, listener: TcpListener) {
+async fn accept(rt: Rc<ShardRt>, listener: Listener) {
     loop {
         match listener.accept().await {
-            Ok(stream) => {
+            Ok(incoming) => {
                 if rt.stopping.get() {
                     continue;
                 }
                 let max = rt.control.settings().limits.max_connections;
                 let open = rt.control.connections.fetch_add(1, Ordering::AcqRel);
-                if open >= max {
-                    rt.control.connections.fetch_sub(1, Ordering::AcqRel);
+                let over = open >= max;
+                if over {
                     rt.count_io(|io| io.refused_connections += 1);
-                    glommio::spawn_local(refuse(stream, rt.max_frame_size.get(), max)).detach();
-                    continue;
                 }
-                let id = rt.shard.borrow_mut().open(Instant::now());
-                let io = TcpFrames::new(stream, rt.max_frame_size.get());
-                rt.peers.borrow_mut().insert(id, io.peer());
-                glommio::spawn_local(driver::drive(ShardEndpoint { rt: rt.clone(), id }, io))
+                // The handshake runs in the connection's own task, bounded
+                // by handshake_timeout: a peer that never finishes it holds
+                // only its own connection (counted in max_connections).
+                glommio::spawn_local(connection(rt.clone(), incoming, over.then_some(max)))
                     .detach();
             }
             Err(e) => {
@@ -728,9 +742,37 @@ async fn accept(rt: Rc<ShardRt>, listener: TcpListener) {
     }
 }
 
+/// One accepted connection: its handshake, then its driver. `refuse`
+/// (the connection limit) tells it why it is refused instead.
+async fn connection(rt: Rc<ShardRt>, incoming: Incoming, refuse: Option<usize>) {
+    let peer = incoming.peer();
+    let scheme = incoming.scheme();
+    let hs = rt.handshake.borrow().clone();
+    let io = match incoming.establish(&hs).await {
+        Ok(io) => io,
+        Err(e) => {
+            rt.control.connections.fetch_sub(1, Ordering::AcqRel);
+            rt.count_io(|io| match e.kind {
+                HandshakeFailure::TimedOut => io.handshake_timeouts += 1,
+                HandshakeFailure::Tls => io.tls_handshakes_failed += 1,
+                HandshakeFailure::Upgrade => io.upgrades_refused += 1,
+            });
+            tracing::debug!(?peer, transport = %scheme, error = %e, "connection refused in its handshake");
+            return;
+        }
+    };
+    if let Some(max) = refuse {
+        rt.control.connections.fetch_sub(1, Ordering::AcqRel);
+        refuse_connection(io, max).await;
+        return;
+    }
+    let id = rt.shard.borrow_mut().open(Instant::now());
+    rt.peers.borrow_mut().insert(id, io.peer());
+    driver::drive(ShardEndpoint { rt: rt.clone(), id }, io).await;
+}
+
 /// Tells a connection over the limit why it is refused, and closes it.
-async fn refuse(stream: TcpStream, max_frame_size: usize, max: usize) {
-    let mut io = TcpFrames::new(stream, max_frame_size);
+async fn refuse_connection(mut io: Conn, max: usize) {
     tracing::warn!(peer = ?io.peer(), max_connections = max, "connection refused: the broker is at max_connections");
     let error = Frame::Error(ErrorFrame {
         stream_id: 0,
@@ -822,6 +864,7 @@ impl Endpoint for ShardEndpoint {
     }
 
     fn unreadable(&mut self, now: Instant, error: DecodeError) {
+        self.rt.count_io(|io| io.unreadable_connections += 1);
         self.rt
             .shard
             .borrow_mut()
@@ -863,6 +906,12 @@ impl Endpoint for ShardEndpoint {
     }
 
     fn finish(&mut self, end: End) {
+        if let End::ReadFailed(TransportError::Io(e)) = &end
+            && e.kind() == io::ErrorKind::InvalidData
+        {
+            // The transport refused what it read (a text WebSocket message, a bad TLS record).
+            self.rt.count_io(|io| io.unreadable_connections += 1);
+        }
         let reason = match end {
             End::Closed => "closed by the broker".to_owned(),
             other => other.to_string(),

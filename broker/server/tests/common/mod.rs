@@ -4,7 +4,8 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::mpsc;
+use std::path::PathBuf;
+use std::sync::{Arc, mpsc};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -57,7 +58,7 @@ impl Drop for Serial {
 /// system, small io_memory.
 pub fn test_config() -> BrokerConfig {
     let mut c = BrokerConfig::default();
-    c.server.listen = vec![ListenAddr::Tcp(([127, 0, 0, 1], 0).into())];
+    c.server.listen = vec![ListenAddr::tcp(([127, 0, 0, 1], 0).into())];
     c.server.shards = 2;
     c.server.io_memory = rsbroker::config::Size(64 << 10);
     c.shutdown.close_timeout = Duration::from_secs(1);
@@ -228,6 +229,25 @@ impl App {
         power_rating: u32,
         delay: Duration,
     ) -> Self {
+        Self::start_at(
+            ListenAddr::tcp(addr),
+            None,
+            uuid,
+            service,
+            power_rating,
+            delay,
+        )
+    }
+
+    /// An app connected over `url` (any transport; `tls` for tls:// and wss://).
+    pub fn start_at(
+        url: ListenAddr,
+        tls: Option<Arc<rsbroker_transports::rustls::ClientConfig>>,
+        uuid: &str,
+        service: &str,
+        power_rating: u32,
+        delay: Duration,
+    ) -> Self {
         let (log_tx, log) = mpsc::channel();
         let (stop, stop_rx) = mpsc::channel::<bool>();
         let (local_tx, local_rx) = mpsc::channel();
@@ -252,7 +272,7 @@ impl App {
                 };
                 let client = Client::builder(config)
                     .responder(&service, svc)
-                    .connect(addr)
+                    .connect_url(&url, tls)
                     .await
                     .expect("connect");
                 local_tx
@@ -596,4 +616,34 @@ impl Drop for BrokerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A CA and a server certificate it signed for `localhost` and 127.0.0.1,
+/// written as PEM files under `dir`: (ca, certificate, key).
+pub fn tls_files(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    std::fs::create_dir_all(dir).expect("certificate directory");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "rsbroker test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key"))
+        .expect("CA certificate");
+    let key = KeyPair::generate().expect("server key");
+    let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .expect("server params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
+    let cert = params.signed_by(&key, &ca).expect("server certificate");
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&paths.0, ca.pem()).expect("write CA");
+    std::fs::write(&paths.1, cert.pem()).expect("write certificate");
+    std::fs::write(&paths.2, key.serialize_pem()).expect("write key");
+    paths
 }
