@@ -88,11 +88,58 @@ struct Script {
     seen: Vec<String>,
 }
 
+/// The rsocket-js scripts' directory, with `npm ci` and the browser
+/// bundle built (once per test run; needs Node 20+, npm and the registry).
+fn node_ready() -> PathBuf {
+    static READY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    READY
+        .get_or_init(|| {
+            let dir = interop_dir().join("js");
+            let run = |what: &str, args: &[&str]| -> Result<(), String> {
+                match Command::new("npm").args(args).current_dir(&dir).status() {
+                    Ok(s) if s.success() => Ok(()),
+                    Ok(s) => Err(format!("{what} failed ({s})")),
+                    Err(e) => Err(format!(
+                        "{what} could not start (install Node 20 and npm): {e}"
+                    )),
+                }
+            };
+            let stamp = dir.join("node_modules/.rsbroker-installed");
+            let lock = std::fs::read_to_string(dir.join("package-lock.json"))
+                .map_err(|e| format!("cannot read package-lock.json: {e}"))?;
+            if std::fs::read_to_string(&stamp).ok().as_deref() != Some(&*lock) {
+                run(
+                    "npm ci in tests/interop/js",
+                    &["ci", "--no-audit", "--no-fund"],
+                )?;
+                std::fs::write(&stamp, &lock).map_err(|e| format!("{}: {e}", stamp.display()))?;
+            }
+            run(
+                "npm run build:browser",
+                &["run", "--silent", "build:browser"],
+            )?;
+            Ok(dir)
+        })
+        .clone()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 impl Script {
     fn start(script: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(python())
-            .arg(interop_dir().join("rsocket_py").join(script))
-            .args(args)
+        let mut cmd = Command::new(python());
+        cmd.arg(interop_dir().join("rsocket_py").join(script))
+            .args(args);
+        Self::spawn(script, cmd)
+    }
+
+    fn node(script: &str, args: &[&str]) -> Self {
+        let mut cmd = Command::new("node");
+        cmd.arg(node_ready().join(script)).args(args);
+        Self::spawn(script, cmd)
+    }
+
+    fn spawn(script: &str, mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -211,6 +258,91 @@ fn rsocket_py_responder_and_requester_all_models() {
     }
     // Fire-and-forget has no answer: the responder says it arrived.
     responder.expect_line("FNF note-1", Duration::from_secs(10));
+    let (ok, lines) = responder.finish(Duration::from_secs(20));
+    assert!(ok, "responder.py failed: {lines:?}");
+}
+
+const PY_CHECKS: [&str; 8] = [
+    "OK request-response",
+    "OK fragmented request-response",
+    "OK fire-and-forget sent",
+    "OK request-stream",
+    "OK request-channel",
+    "OK service exposed by METADATA_PUSH",
+    "OK no instance rejected",
+    "OK metadata push from a requester",
+];
+
+fn assert_lines(who: &str, (ok, lines): (bool, Vec<String>), want: &[&str]) {
+    assert!(ok, "{who} failed: {lines:?}");
+    for check in want {
+        assert!(
+            lines.iter().any(|l| l == check),
+            "{who}: missing {check:?} in {lines:?}"
+        );
+    }
+}
+
+/// rsocket-py over TLS and WebSocket, rsocket-js (0.0.27 and 1.0) and a
+/// browser over WebSocket: each calls a responder connected over another
+/// transport, through the broker on two shards.
+#[test]
+fn clients_others_wrote_over_tls_and_websocket() {
+    use rsbroker_transports::Scheme;
+    let _serial = serial();
+    let _ = python();
+    let _ = node_ready();
+    let (config, _dir, ca) = every_transport_config("interop");
+    let broker = TestBroker::with_config(config);
+    let ca = ca.to_string_lossy().into_owned();
+    let url = |s: Scheme| url_of(&broker, s);
+
+    // Responder on ws://; requesters on tls:// and wss://.
+    let mut responder = Script::start("responder.py", &[&url(Scheme::Ws), "py-ws-1"]);
+    responder.expect_line("READY", Duration::from_secs(60));
+    wait_for_instances(&broker, 1);
+    for scheme in [Scheme::Tls, Scheme::Wss] {
+        let requester = Script::start("requester.py", &[&url(scheme), "--ca", &ca]);
+        assert_lines(
+            &format!("requester.py over {scheme}"),
+            requester.finish(Duration::from_secs(60)),
+            &PY_CHECKS,
+        );
+        responder.expect_line("FNF note-1", Duration::from_secs(10));
+    }
+    drop(responder);
+    wait_for_instances(&broker, 0);
+
+    // Responder on tls://; rsocket-js and the browser on ws://.
+    let mut responder = Script::start(
+        "responder.py",
+        &[&url(Scheme::Tls), "py-tls-1", "--ca", &ca],
+    );
+    responder.expect_line("READY", Duration::from_secs(60));
+    wait_for_instances(&broker, 1);
+    let models = [
+        "OK request-response",
+        "OK fire-and-forget",
+        "OK request-stream",
+        "OK request-channel",
+    ];
+    for (script, note) in [
+        ("requester-0.0.27.js", "FNF note-js-0.0.27"),
+        ("requester-1.0.js", "FNF note-js-1.0"),
+    ] {
+        let requester = Script::node(script, &[&url(Scheme::Ws)]);
+        assert_lines(script, requester.finish(Duration::from_secs(60)), &models);
+        responder.expect_line(note, Duration::from_secs(10));
+    }
+    let browser = Script::node("run-browser.js", &[&url(Scheme::Ws)]);
+    assert_lines(
+        "the browser page",
+        browser.finish(Duration::from_secs(90)),
+        &[
+            "OK request-response echo:browser",
+            "OK request-stream 5 items windows 2+3",
+        ],
+    );
     let (ok, lines) = responder.finish(Duration::from_secs(20));
     assert!(ok, "responder.py failed: {lines:?}");
 }

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{App, TestBroker, run, test_config, tls_files, wait_for_instances};
+use common::{
+    App, TempDir, TestBroker, every_transport_config, run, tls_files, wait_for_instances,
+};
 use rsbroker::BrokerConfig;
 use rsbroker_client::metadata::route;
 use rsbroker_client::{Client, ClientConfig, Payload};
@@ -26,28 +28,10 @@ struct Setup {
     _dir: TempDir,
 }
 
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn config_on_every_transport(name: &str) -> (BrokerConfig, TempDir, Arc<TlsClient>) {
-    let dir = std::env::temp_dir().join(format!("rsbroker-{name}-{}", std::process::id()));
-    let (ca, cert, key) = tls_files(&dir);
-    let mut c = test_config();
-    c.server.listen = SCHEMES
-        .iter()
-        .map(|s| ListenAddr::new(*s, ([127, 0, 0, 1], 0).into()))
-        .collect();
-    c.tls.certificate = Some(cert);
-    c.tls.key = Some(key);
-    c.limits.handshake_timeout = Duration::from_secs(1);
-    c.limits.max_frame_size = rsbroker::config::Size(64 << 10);
+    let (c, dir, ca) = every_transport_config(name);
     let tls = rsbroker_transports::tls::client_config_with_ca(&ca).expect("CA loads");
-    (c, TempDir(dir), tls)
+    (c, dir, tls)
 }
 
 fn start(name: &str) -> Setup {

@@ -1,11 +1,18 @@
 """An rsocket-py requester that calls com.example.Echo through rsbroker in all
 four interaction models and checks each answer. Exits 0 when all pass,
-printing one `OK <check>` line per check.
+printing one `OK <check>` line per check; on a failure, or when the whole
+run takes longer than --timeout seconds, prints `FAIL ...` and exits 1.
 
 usage: requester.py HOST PORT
+       requester.py URL [--ca FILE] [--timeout SECONDS]
+
+URL is tcp://HOST:PORT, tls://HOST:PORT, ws://HOST:PORT/PATH or
+wss://HOST:PORT/PATH; --ca is a PEM CA certificate to trust for tls/wss.
 """
+import argparse
 import asyncio
 import sys
+import traceback
 
 from rsocket.awaitable.awaitable_rsocket import AwaitableRSocket
 from rsocket.extensions.helpers import composite, route
@@ -13,7 +20,8 @@ from rsocket.extensions.mimetypes import WellKnownMimeTypes
 from rsocket.payload import Payload
 from rsocket.rsocket_client import RSocketClient
 from rsocket.streams.stream_from_generator import StreamFromGenerator
-from rsocket.transports.tcp import TransportTCP
+
+from interop_transport import open_transport, single, target_url
 
 SERVICE = "com.example.Echo"
 
@@ -25,14 +33,11 @@ def check(name, got, want):
     print("OK " + name, flush=True)
 
 
-async def main(host, port):
-    reader, writer = await asyncio.open_connection(host, port)
-
-    async def transport():
-        yield TransportTCP(reader, writer)
+async def main(url, ca):
+    transport = await open_transport(url, ca)
 
     async with RSocketClient(
-        transport(),
+        single(transport),
         metadata_encoding=WellKnownMimeTypes.MESSAGE_RSOCKET_COMPOSITE_METADATA,
         data_encoding=WellKnownMimeTypes.APPLICATION_OCTET_STREAM,
         fragment_size_bytes=64,
@@ -81,5 +86,33 @@ async def main(host, port):
         check("metadata push from a requester", answer.data, b"echo:after")
 
 
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="rsocket-py requester for the rsbroker interop tests")
+    parser.add_argument("target", nargs="+", metavar="ADDRESS", help="URL, or HOST PORT for plain TCP")
+    parser.add_argument("--ca", metavar="FILE", help="PEM CA certificate to trust (tls://, wss://)")
+    parser.add_argument("--timeout", type=float, default=45, metavar="SECONDS",
+                        help="give up after this long (default 45)")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        args.url, rest = target_url(args.target)
+    except ValueError as e:
+        parser.error(str(e))
+    if rest:
+        parser.error("unexpected arguments: " + " ".join(rest))
+    return args
+
+
+async def run(args):
+    try:
+        await asyncio.wait_for(main(args.url, args.ca), args.timeout)
+    except asyncio.TimeoutError:
+        print("FAIL timeout: not done after {}s".format(args.timeout), flush=True)
+        sys.exit(1)
+    except Exception as e:
+        traceback.print_exc()
+        print("FAIL {}: {}".format(type(e).__name__, e), flush=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    asyncio.run(run(parse_args(sys.argv[1:])))

@@ -3,7 +3,12 @@ all four interaction models. Prints READY once connected, and each
 fire-and-forget it receives as `FNF <data>`.
 
 usage: responder.py HOST PORT UUID
+       responder.py URL UUID [--ca FILE]
+
+URL is tcp://HOST:PORT, tls://HOST:PORT, ws://HOST:PORT/PATH or
+wss://HOST:PORT/PATH; --ca is a PEM CA certificate to trust for tls/wss.
 """
+import argparse
 import asyncio
 import json
 import sys
@@ -16,8 +21,9 @@ from rsocket.routing.request_router import RequestRouter
 from rsocket.routing.routing_request_handler import RoutingRequestHandler
 from rsocket.rsocket_client import RSocketClient
 from rsocket.streams.stream_from_generator import StreamFromGenerator
-from rsocket.transports.tcp import TransportTCP
 from reactivestreams.subscriber import DefaultSubscriber
+
+from interop_transport import open_transport, single, target_url
 
 SERVICE = "com.example.Echo"
 
@@ -80,21 +86,18 @@ def make_router():
     return router
 
 
-async def main(host, port, uuid):
+async def main(url, uuid, ca):
     app = json.dumps({"name": "py-echo", "uuid": uuid, "ip": "127.0.0.1"}).encode()
     registry = json.dumps({"published": [{"group": "", "service": SERVICE, "version": ""}]}).encode()
     setup = composite(
         metadata_item(app, b"message/x.rsocket.application+json"),
         metadata_item(registry, b"message/x.rsocket.service.registry.v0+json"),
     )
-    reader, writer = await asyncio.open_connection(host, port)
-
-    async def transport():
-        yield TransportTCP(reader, writer)
+    transport = await open_transport(url, ca)
 
     router = make_router()
     async with RSocketClient(
-        transport(),
+        single(transport),
         handler_factory=lambda: RoutingRequestHandler(router),
         metadata_encoding=WellKnownMimeTypes.MESSAGE_RSOCKET_COMPOSITE_METADATA,
         data_encoding=WellKnownMimeTypes.APPLICATION_OCTET_STREAM,
@@ -115,5 +118,21 @@ async def main(host, port, uuid):
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="rsocket-py responder for the rsbroker interop tests")
+    parser.add_argument("target", nargs="+", metavar="ARG", help="URL UUID, or HOST PORT UUID for plain TCP")
+    parser.add_argument("--ca", metavar="FILE", help="PEM CA certificate to trust (tls://, wss://)")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        args.url, rest = target_url(args.target)
+    except ValueError as e:
+        parser.error(str(e))
+    if len(rest) != 1:
+        parser.error("want exactly one UUID after the address")
+    args.uuid = rest[0]
+    return args
+
+
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+    args = parse_args(sys.argv[1:])
+    asyncio.run(main(args.url, args.uuid, args.ca))

@@ -647,3 +647,38 @@ pub fn tls_files(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
     std::fs::write(&paths.2, key.serialize_pem()).expect("write key");
     paths
 }
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The test broker listening on tcp, tls, ws and wss (loopback, free
+/// ports), with a certificate for localhost: the config, the directory
+/// holding the files, and the CA that signed the certificate.
+pub fn every_transport_config(name: &str) -> (BrokerConfig, TempDir, PathBuf) {
+    use rsbroker_transports::Scheme;
+    let dir = std::env::temp_dir().join(format!("rsbroker-{name}-{}", std::process::id()));
+    let (ca, cert, key) = tls_files(&dir);
+    let mut c = test_config();
+    c.server.listen = [Scheme::Tcp, Scheme::Tls, Scheme::Ws, Scheme::Wss]
+        .iter()
+        .map(|s| ListenAddr::new(*s, ([127, 0, 0, 1], 0).into()))
+        .collect();
+    c.tls.certificate = Some(cert);
+    c.tls.key = Some(key);
+    c.limits.handshake_timeout = Duration::from_secs(1);
+    c.limits.max_frame_size = rsbroker::config::Size(64 << 10);
+    (c, TempDir(dir), ca)
+}
+
+/// `scheme`'s address of `broker` as a URL (the test certificate names
+/// 127.0.0.1 too).
+pub fn url_of(broker: &BrokerHandle, scheme: rsbroker_transports::Scheme) -> String {
+    let a = broker.addr_of(scheme).expect("listening");
+    format!("{}://127.0.0.1:{}{}", scheme, a.addr.port(), a.path)
+}
