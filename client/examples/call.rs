@@ -7,18 +7,24 @@
 //! ```
 #![allow(clippy::print_stdout)] // a command-line example
 
-use std::net::SocketAddr;
-
 use clap::Parser;
 use rsbroker_client::metadata::route;
 use rsbroker_client::{Client, Payload};
+use rsbroker_transports::ListenAddr;
 
 /// Sends DATA to ROUTE (`[group!]service[.method][:version]`) through the broker.
 #[derive(Parser)]
 struct Args {
-    /// Broker address.
-    #[arg(long, default_value = "127.0.0.1:9999")]
-    broker: SocketAddr,
+    /// The broker: tcp://host:port, tls://host:port, ws://host:port/path or
+    /// wss://host:port/path.
+    #[arg(long, default_value = "tcp://127.0.0.1:9999")]
+    broker: ListenAddr,
+    /// For tls:// and wss://: trust the CA certificates in this PEM file.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
+    /// For tls:// and wss://: accept any certificate (test brokers only).
+    #[arg(long, conflicts_with = "ca")]
+    insecure: bool,
     /// Fire-and-forget instead of request-response.
     #[arg(long, conflicts_with = "stream")]
     fnf: bool,
@@ -40,7 +46,9 @@ fn main() {
     let handle = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .io_memory(256 << 10)
         .spawn(move || async move {
-            let client = Client::connect(args.broker)
+            let tls = rsbroker_client::trust(&args.broker, args.ca.as_deref(), args.insecure)?;
+            let client = Client::builder(rsbroker_client::ClientConfig::default())
+                .connect_url(&args.broker, tls)
                 .await
                 .map_err(|e| format!("cannot connect to {}: {e}", args.broker))?;
             let mut tags = vec![args.route.as_str()];

@@ -8,20 +8,26 @@
 //! ```
 #![allow(clippy::print_stdout)] // a command-line example
 
-use std::net::SocketAddr;
-
 use clap::Parser;
 use rsbroker_client::{
     AppConfig, Client, ClientConfig, ClientError, LocalBoxFuture, Payload, Responder, Sink,
     Subscription,
 };
+use rsbroker_transports::ListenAddr;
 
 /// Registers SERVICE with the broker and echoes what it is sent.
 #[derive(Parser)]
 struct Args {
-    /// Broker address.
-    #[arg(long, default_value = "127.0.0.1:9999")]
-    broker: SocketAddr,
+    /// The broker: tcp://host:port, tls://host:port, ws://host:port/path or
+    /// wss://host:port/path.
+    #[arg(long, default_value = "tcp://127.0.0.1:9999")]
+    broker: ListenAddr,
+    /// For tls:// and wss://: trust the CA certificates in this PEM file.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
+    /// For tls:// and wss://: accept any certificate (test brokers only).
+    #[arg(long, conflicts_with = "ca")]
+    insecure: bool,
     /// Service to publish (`[group!]service[:version]`).
     #[arg(long, default_value = "com.example.Echo")]
     service: String,
@@ -90,6 +96,7 @@ fn main() {
     let handle = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .io_memory(256 << 10)
         .spawn(move || async move {
+            let tls = rsbroker_client::trust(&args.broker, args.ca.as_deref(), args.insecure)?;
             let (group, service, version) = split_service(&args.service);
             let config = ClientConfig {
                 app: Some(AppConfig {
@@ -102,7 +109,7 @@ fn main() {
             };
             let client = Client::builder(config)
                 .responder(&service, Echo)
-                .connect(args.broker)
+                .connect_url(&args.broker, tls)
                 .await
                 .map_err(|e| format!("cannot connect to {}: {e}", args.broker))?;
             println!(

@@ -40,6 +40,27 @@ use rustc_hash::FxHashMap;
 
 pub use stream::{Sink, Subscription};
 
+/// Whom a connection to `url` trusts: for tls:// and wss://, the CA
+/// certificates in `ca` (PEM), or with `insecure` any certificate (test
+/// brokers with self-signed certificates only). `None` for plain
+/// transports; an error naming what to give when a TLS URL has neither.
+pub fn trust(
+    url: &ListenAddr,
+    ca: Option<&std::path::Path>,
+    insecure: bool,
+) -> Result<Option<Arc<rsbroker_transports::rustls::ClientConfig>>, String> {
+    match (ca, insecure) {
+        (Some(ca), _) => rsbroker_transports::tls::client_config_with_ca(ca)
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        (None, true) => Ok(Some(rsbroker_transports::tls::client_config_insecure())),
+        (None, false) if url.scheme.is_tls() => Err(format!(
+            "{url}: give --ca FILE (the broker's CA), or --insecure for a test broker"
+        )),
+        (None, false) => Ok(None),
+    }
+}
+
 /// A request's or response's metadata and data.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Payload {

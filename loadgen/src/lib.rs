@@ -110,11 +110,27 @@ pub struct RequesterSpec {
     pub serve: Option<ResponderSpec>,
 }
 
+/// A broker (or plain RSocket server) to connect to: its URL (tcp://,
+/// tls://, ws://, wss://) and, for TLS, whom to trust.
+#[derive(Clone, Debug)]
+pub struct BrokerTarget {
+    /// Where.
+    pub url: rsbroker_transports::ListenAddr,
+    /// The TLS client configuration of tls:// and wss://.
+    pub tls: Option<std::sync::Arc<rsbroker_transports::rustls::ClientConfig>>,
+}
+
+impl std::fmt::Display for BrokerTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.url.fmt(f)
+    }
+}
+
 /// What a responder run asks for.
 #[derive(Clone, Debug)]
 pub struct ResponderSpec {
     /// Register with this broker ...
-    pub broker: Option<std::net::SocketAddr>,
+    pub broker: Option<BrokerTarget>,
     /// ... or serve RSocket here.
     pub listen: Option<std::net::SocketAddr>,
     /// The service it registers (`[group!]service[:version]`).
@@ -139,7 +155,7 @@ pub struct ResponderSpec {
 impl ResponderSpec {
     /// The line printed once the responder serves.
     pub fn ready_line(&self) -> String {
-        match (self.broker, self.listen) {
+        match (&self.broker, self.listen) {
             (Some(b), _) => format!(
                 "loadgen responder: serving {} as {} instance(s) x {} connection(s) through {b}",
                 self.service, self.instances, self.connections
@@ -263,6 +279,9 @@ pub struct Summary {
     pub cpu_s: f64,
     /// What the in-process responder served, when there was one.
     pub served: Option<ResponderCounts>,
+    /// What makes the figures less true than they look (loadgen's own
+    /// schedule lag being a large part of the latencies, ...).
+    pub warnings: Vec<String>,
     /// Whether the run met its target and nothing failed.
     pub passed: bool,
     /// Why not.
@@ -323,6 +342,10 @@ impl Summary {
             item_latency_us: Percentiles::of(&r.item_latency),
             cpu_s,
             served: run.served.clone(),
+            warnings: target_rps
+                .and_then(|_| lag_warning(&Percentiles::of(&r.latency), &Percentiles::of(&r.lag)))
+                .into_iter()
+                .collect(),
             passed: failures.is_empty(),
             failures,
         }
@@ -386,11 +409,41 @@ impl Summary {
             out += &format!("  served in this process: {}\n", c.line());
         }
         out += &format!("  loadgen CPU: {:.2} s\n", self.cpu_s);
+        for w in &self.warnings {
+            out += &format!("WARNING: {w}\n");
+        }
         for f in &self.failures {
             out += &format!("FAIL: {f}\n");
         }
         out
     }
+}
+
+/// Lag at or above this share of a latency percentile makes it loadgen's
+/// figure more than the system's.
+const LAG_SHARE: f64 = 0.2;
+/// Lag below this (µs) is noise on any machine.
+const LAG_FLOOR_US: f64 = 50.0;
+
+/// A warning when loadgen's own schedule lag is a significant part of the
+/// latencies it reports: latency is measured from the scheduled send, so
+/// a loadgen thread waiting for a CPU adds its wait to every figure.
+pub fn lag_warning(latency: &Percentiles, lag: &Percentiles) -> Option<String> {
+    let (share, which, lag_us, lat_us) =
+        [("p50", lag.p50, latency.p50), ("p99", lag.p99, latency.p99)]
+            .into_iter()
+            .filter(|(_, l, t)| *l >= LAG_FLOOR_US && *t > 0.0)
+            .map(|(w, l, t)| (l / t, w, l, t))
+            .max_by(|a, b| a.0.total_cmp(&b.0))?;
+    (share >= LAG_SHARE).then(|| {
+        format!(
+            "loadgen itself sent late: its schedule lag {which} is {lag_us:.0} µs, {:.0}% of the \
+             {which} latency it reports ({lat_us:.0} µs), so these latencies measure loadgen waiting \
+             for a CPU as much as the system. Give loadgen CPUs of its own (--cpus) and the broker \
+             others (server.cores), or lower --rps",
+            share * 100.0
+        )
+    })
 }
 
 /// CPU time (user + system) this process has used, from /proc/self/stat.
@@ -426,4 +479,31 @@ pub fn available_cpus() -> Vec<usize> {
         .unwrap_or_else(|| {
             (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(p50: f64, p99: f64) -> Percentiles {
+        Percentiles {
+            count: 1000,
+            p50,
+            p99,
+            ..Percentiles::default()
+        }
+    }
+
+    #[test]
+    fn lag_that_is_a_large_part_of_the_latency_is_warned_about() {
+        // README's example on a crowded 2-core host: p50 0.7 ms with lag p50 0.6 ms.
+        let w = lag_warning(&p(700.0, 2000.0), &p(600.0, 900.0)).expect("a warning");
+        assert!(w.contains("p50") && w.contains("86%"), "{w}");
+        // Lag p99 at a third of latency p99.
+        assert!(lag_warning(&p(100.0, 3000.0), &p(5.0, 1000.0)).is_some());
+        // A few microseconds of lag against a millisecond: fine.
+        assert_eq!(lag_warning(&p(1000.0, 3000.0), &p(3.0, 40.0)), None);
+        // Small shares of large numbers: fine.
+        assert_eq!(lag_warning(&p(5000.0, 20_000.0), &p(200.0, 1000.0)), None);
+    }
 }

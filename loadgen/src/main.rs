@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use loadgen::{Interaction, Mode, RequesterSpec, ResponderSpec, Summary, stats};
+use loadgen::{BrokerTarget, Interaction, Mode, RequesterSpec, ResponderSpec, Summary, stats};
 use rsbroker_transports::ListenAddr;
 
 #[global_allocator]
@@ -60,7 +60,8 @@ struct PingpongArgs {
 #[derive(Args, Debug)]
 #[group(required = true, multiple = false, id = "requester_target")]
 struct RequesterTarget {
-    /// A broker, or any RSocket server (`loadgen responder --listen`), as tcp://host:port
+    /// A broker, or any RSocket server (`loadgen responder --listen`):
+    /// tcp://host:port, tls://host:port, ws://host:port/path, wss://host:port/path
     #[arg(long, visible_alias = "target", value_name = "URL")]
     broker: Option<ListenAddr>,
     /// A NATS server, as nats://host:port
@@ -72,6 +73,8 @@ struct RequesterTarget {
 struct RequesterArgs {
     #[command(flatten)]
     target: RequesterTarget,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Route (RSocket routing tag) or subject (NATS)
     #[arg(long, default_value = "echo")]
     route: String,
@@ -142,7 +145,7 @@ struct RequesterArgs {
 #[derive(Args, Debug)]
 #[group(required = true, multiple = false, id = "responder_target")]
 struct ResponderTarget {
-    /// Register with this broker, as tcp://host:port
+    /// Register with this broker: tcp://, tls://, ws:// or wss:// (see --broker of requester)
     #[arg(long, value_name = "URL")]
     broker: Option<ListenAddr>,
     /// Be a plain RSocket server here instead, as tcp://host:port
@@ -157,6 +160,8 @@ struct ResponderTarget {
 struct ResponderArgs {
     #[command(flatten)]
     target: ResponderTarget,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(flatten)]
     options: ResponderOptions,
     /// Stop after this long [default: at SIGINT or SIGTERM]
@@ -198,8 +203,34 @@ struct ResponderOptions {
     fanout: bool,
 }
 
-fn tcp(addr: &ListenAddr) -> SocketAddr {
-    addr.addr
+/// Whom a tls:// or wss:// connection trusts.
+#[derive(Args, Debug)]
+struct TlsArgs {
+    /// For tls:// and wss://: trust the CA certificates in this PEM file
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// For tls:// and wss://: accept any certificate (self-signed test
+    /// brokers only: anyone on the path can read and change the traffic)
+    #[arg(long, conflicts_with = "ca")]
+    insecure: bool,
+}
+
+impl TlsArgs {
+    fn target(&self, url: &ListenAddr) -> Result<BrokerTarget, String> {
+        Ok(BrokerTarget {
+            url: url.clone(),
+            tls: rsbroker_client::trust(url, self.ca.as_deref(), self.insecure)?,
+        })
+    }
+}
+
+fn tcp(addr: &ListenAddr) -> Result<SocketAddr, String> {
+    if addr.scheme != rsbroker_transports::Scheme::Tcp {
+        return Err(format!(
+            "{addr}: a plain RSocket server listens on tcp:// only"
+        ));
+    }
+    Ok(addr.addr)
 }
 
 fn write(path: &PathBuf, text: &str) -> Result<(), String> {
@@ -239,7 +270,7 @@ fn requester(args: RequesterArgs) -> Result<bool, String> {
     let (target, run) = match (&args.target.broker, &args.target.nats) {
         (Some(b), _) => (
             b.to_string(),
-            loadgen::rsocket::run_requester(&spec, tcp(b))?,
+            loadgen::rsocket::run_requester(&spec, args.tls.target(b)?)?,
         ),
         (None, Some(n)) => (n.clone(), loadgen::nats::run_requester(&spec, n)?),
         (None, None) => return Err("give --broker or --nats".into()),
@@ -273,7 +304,12 @@ fn serve_spec(args: &RequesterArgs, options: &str) -> Result<ResponderSpec, Stri
         return Err("--serve needs --broker or --nats".into());
     }
     Ok(ResponderSpec {
-        broker: args.target.broker.as_ref().map(tcp),
+        broker: args
+            .target
+            .broker
+            .as_ref()
+            .map(|b| args.tls.target(b))
+            .transpose()?,
         listen: None,
         service: o.service.unwrap_or_else(|| args.route.clone()),
         app: o.app,
@@ -301,8 +337,13 @@ fn responder(args: ResponderArgs) -> Result<bool, String> {
     }
     let o = &args.options;
     let spec = ResponderSpec {
-        broker: args.target.broker.as_ref().map(tcp),
-        listen: args.target.listen.as_ref().map(tcp),
+        broker: args
+            .target
+            .broker
+            .as_ref()
+            .map(|b| args.tls.target(b))
+            .transpose()?,
+        listen: args.target.listen.as_ref().map(tcp).transpose()?,
         service: o.service.clone().unwrap_or_else(|| "echo".into()),
         app: o.app.clone(),
         instances: o.instances.max(1),
@@ -328,7 +369,7 @@ fn pingpong(args: PingpongArgs) -> Result<bool, String> {
     use std::io::{Read, Write};
     let size = args.payload_size.max(1);
     if let Some(listen) = &args.listen {
-        let listener = std::net::TcpListener::bind(tcp(listen))
+        let listener = std::net::TcpListener::bind(tcp(listen)?)
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         eprintln!("loadgen pingpong: echoing on {listen}");
         for stream in listener.incoming() {
@@ -348,7 +389,7 @@ fn pingpong(args: PingpongArgs) -> Result<bool, String> {
     let Some(addr) = &args.connect else {
         return Err("give --listen or --connect".into());
     };
-    let mut s = std::net::TcpStream::connect(tcp(addr))
+    let mut s = std::net::TcpStream::connect(tcp(addr)?)
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     s.set_nodelay(true).map_err(|e| e.to_string())?;
     let mut buf = vec![b'p'; size];

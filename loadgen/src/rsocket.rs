@@ -23,7 +23,7 @@ use rsbroker_transports::TcpFrames;
 use crate::event_loop::Glommio;
 use crate::runner::{self, Counts, Load, Part, RequesterSide, ResponderSide, Share, Tally};
 use crate::stats::Recorder;
-use crate::{Interaction, RequesterSpec, ResponderCounts, ResponderSpec, Run};
+use crate::{BrokerTarget, Interaction, RequesterSpec, ResponderCounts, ResponderSpec, Run};
 
 /// A stream window this large is unbounded (2^31-1 saturates RSocket credit).
 pub const UNBOUNDED: u32 = i32::MAX as u32;
@@ -34,14 +34,14 @@ const SERVE_READY: Duration = Duration::from_secs(5);
 
 /// Runs the requester side against `addr`; returns the merged record and
 /// when the measurement window started.
-pub fn run_requester(spec: &RequesterSpec, addr: SocketAddr) -> Result<Run, String> {
-    runner::run_requester(&Requester { addr }, spec)
+pub fn run_requester(spec: &RequesterSpec, target: BrokerTarget) -> Result<Run, String> {
+    runner::run_requester(&Requester { target }, spec)
 }
 
 /// Requests to one broker or RSocket server.
 #[derive(Clone)]
 struct Requester {
-    addr: SocketAddr,
+    target: BrokerTarget,
 }
 
 /// What one requester thread opened.
@@ -62,11 +62,11 @@ impl RequesterSide for Requester {
         let responders = match &spec.serve {
             Some(serve) => {
                 let echo = Echo::new(serve, part.counts.clone());
-                connect_responders(serve, self.addr, part.share, &echo).await?
+                connect_responders(serve, &self.target, part.share, &echo).await?
             }
             None => Vec::new(),
         };
-        let clients = connect_all(self.addr, part.connections()).await?;
+        let clients = connect_all(&self.target, part.connections()).await?;
         if spec.serve.is_some()
             && let Some(first) = clients.first()
         {
@@ -116,12 +116,13 @@ async fn served_ready(client: &Client, route_name: &str) -> Result<(), String> {
     }
 }
 
-async fn connect_all(addr: SocketAddr, n: usize) -> Result<Vec<Client>, String> {
+async fn connect_all(target: &BrokerTarget, n: usize) -> Result<Vec<Client>, String> {
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
-        let c = Client::connect(addr)
+        let c = Client::builder(ClientConfig::default())
+            .connect_url(&target.url, target.tls.clone())
             .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+            .map_err(|e| format!("cannot connect to {target}: {e}"))?;
         clients.push(c);
     }
     Ok(clients)
@@ -364,7 +365,7 @@ impl ResponderSide for EchoServer {
     async fn serve(&self, part: Part<'_, ResponderSpec>) -> Result<Serving, String> {
         let spec = part.spec;
         let echo = Echo::new(spec, part.counts.clone());
-        let (clients, server) = match (spec.broker, spec.listen) {
+        let (clients, server) = match (&spec.broker, spec.listen) {
             (Some(addr), _) => (
                 connect_responders(spec, addr, part.share, &echo).await?,
                 None,
@@ -420,7 +421,7 @@ fn listen(addr: SocketAddr, echo: Echo) -> Result<Task<()>, String> {
 /// `addr` and answered by `echo`.
 async fn connect_responders(
     spec: &ResponderSpec,
-    addr: SocketAddr,
+    target: &BrokerTarget,
     share: Share,
     echo: &Echo,
 ) -> Result<Vec<Client>, String> {
@@ -439,9 +440,9 @@ async fn connect_responders(
         };
         let client = Client::builder(config)
             .responder(&service, echo.clone())
-            .connect(addr)
+            .connect_url(&target.url, target.tls.clone())
             .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+            .map_err(|e| format!("cannot connect to {target}: {e}"))?;
         clients.push(client);
     }
     Ok(clients)

@@ -25,14 +25,13 @@ fn loadgen() -> Command {
 
 /// Starts a responder and waits until it serves.
 fn responder(addr: SocketAddr, extra: &[&str]) -> Child {
+    responder_at(&format!("tcp://{addr}"), extra)
+}
+
+/// Starts a responder registering through `url` and waits until it serves.
+fn responder_at(url: &str, extra: &[&str]) -> Child {
     let mut child = loadgen()
-        .args([
-            "responder",
-            "--broker",
-            &format!("tcp://{addr}"),
-            "--duration",
-            "60s",
-        ])
+        .args(["responder", "--broker", url, "--duration", "60s"])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -188,6 +187,70 @@ fn closed_loop_and_streams_under_a_window() {
         "{summary}"
     );
     assert!(summary["item_latency_us"]["count"].as_u64().unwrap() > 0);
+    let _ = resp.kill();
+    let _ = resp.wait();
+    broker.stop();
+    broker.join().unwrap();
+}
+
+#[test]
+fn requester_over_tls_reaches_a_responder_over_websocket() {
+    let dir = tmp("tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let mut c = BrokerConfig::default();
+    c.server.listen = ["tls://127.0.0.1:0", "ws://127.0.0.1:0/rsocket"]
+        .iter()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    c.server.shards = 1;
+    c.server.io_memory = rsbroker::config::Size(64 << 10);
+    c.admin.enabled = false;
+    c.shutdown.close_timeout = Duration::from_secs(1);
+    c.tls.certificate = Some(cert_path.clone());
+    c.tls.key = Some(key_path);
+    let broker = rsbroker::start(c).expect("broker starts");
+    let url = |s: rsbroker_transports::Scheme| broker.addr_of(s).unwrap().to_string();
+    let mut resp = responder_at(&url(rsbroker_transports::Scheme::Ws), &[]);
+    let tls = url(rsbroker_transports::Scheme::Tls);
+    let json = tmp("tls.json");
+    let run = |extra: &[&str]| {
+        loadgen()
+            .args([
+                "requester",
+                "--broker",
+                &tls,
+                "--max",
+                "--duration",
+                "1s",
+                "--quiet",
+            ])
+            .args(["--json", json.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // Without a CA the requester says what it needs.
+    let out = run(&[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--ca"),
+        "{out:?}"
+    );
+    let out = run(&["--ca", cert_path.to_str().unwrap()]);
+    let (stdout, summary) = succeeded(&out, &json);
+    assert!(stdout.contains(&format!("via {tls}")), "{stdout}");
+    assert!(
+        summary["ok"].as_u64().unwrap() > 0 && summary["errors"] == 0,
+        "{summary}"
+    );
     let _ = resp.kill();
     let _ = resp.wait();
     broker.stop();
