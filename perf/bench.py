@@ -50,7 +50,7 @@ SCENARIOS = {
     "rr-max": dict(
         what="request-response 64 B, 4 connections x 32 in flight, closed loop",
         requester=["--interaction", "rr", "--connections", "4", "--max", "--concurrency", "32"],
-        systems=["rsbroker", "nats", "direct"],
+        systems=["rsbroker", "rsbroker-tls", "rsbroker-ws", "nats", "direct"],
     ),
     "rr-open-25": dict(
         what="request-response 64 B, 4 connections, open loop at 25% of each system's max",
@@ -116,7 +116,7 @@ SCENARIOS = {
         requester=["--interaction", "stream", "--connections", "4", "--max", "--concurrency", "1",
                    "--request-n", str(UNBOUNDED)],
         responder=["--items", "1000000"],
-        systems=["rsbroker", "direct"],
+        systems=["rsbroker", "rsbroker-tls", "rsbroker-ws", "direct"],
         ops="items",
     ),
     "stream-window-8": dict(
@@ -213,13 +213,36 @@ time.sleep(3600)
 '''
 
 
+def tls_config(tmp):
+    """A config naming a self-signed certificate for 127.0.0.1 (made once per run)."""
+    config = os.path.join(tmp, "tls.toml")
+    if not os.path.exists(config):
+        cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                        "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-addext", "basicConstraints=critical,CA:FALSE",
+                        "-keyout", key, "-out", cert], check=True, capture_output=True)
+        with open(config, "w") as f:
+            f.write('[tls]\ncertificate = "%s"\nkey = "%s"\n' % (cert, key))
+    return config
+
+
 def start_system(system, tmp):
     """Starts the system under test; returns (process, pid, target args for loadgen)."""
     port = free_port()
     if system.startswith("rsbroker"):
         binary = BASELINE if "-base" in system else os.path.join(BIN, "rsbroker")
-        cmd = [binary, "--listen", "tcp://127.0.0.1:%d" % port,
-               "--shards", "1", "--no-admin", "--log", "warn"]
+        # rsbroker-tls and rsbroker-ws: the same broker, its clients over
+        # TLS (a self-signed certificate) or WebSocket.
+        url, client = "tcp://127.0.0.1:%d" % port, []
+        if system.endswith("-tls"):
+            url, client = "tls://127.0.0.1:%d" % port, ["--insecure"]
+        elif system.endswith("-ws"):
+            url = "ws://127.0.0.1:%d/rsocket" % port
+        cmd = [binary, "--listen", url, "--shards", "1", "--no-admin", "--log", "warn"]
+        if system.endswith("-tls"):
+            cmd += ["--config", tls_config(tmp)]
         if os.environ.get("RSBROKER_SPIN"):
             # To compare spin settings; the default config is what users get.
             config = os.path.join(tmp, "rsbroker.toml")
@@ -228,7 +251,7 @@ def start_system(system, tmp):
             cmd += ["--config", config]
         proc = pinned(SUT_CPU, cmd)
         wait_port(port, proc, "rsbroker")
-        return proc, proc.pid, ["--broker", "tcp://127.0.0.1:%d" % port]
+        return proc, proc.pid, ["--broker", url] + client
     if system == "nats":
         env = dict(os.environ, GOMAXPROCS="1")
         proc = pinned(SUT_CPU, [shutil.which("nats-server") or "nats-server",
@@ -448,7 +471,8 @@ def main():
             entry = dict(what=sc["what"], systems={})
             systems = list(sc["systems"])
             if BASELINE:
-                for s in [s for s in systems if s.startswith("rsbroker")]:
+                for s in [s for s in systems
+                          if s.startswith("rsbroker") and not s.endswith(("-tls", "-ws"))]:
                     base = s.replace("rsbroker", "rsbroker-base", 1)
                     systems.insert(systems.index(s) + 1, base)
             if only:
@@ -524,6 +548,19 @@ def targets(summary):
         return s["median"] if s else None
 
     out = []
+    rb = med("rr-max", "rsbroker")
+    for system, label, floor in (("rsbroker-tls", "TLS", 0.8), ("rsbroker-ws", "WebSocket", 0.9)):
+        other = med("rr-max", system)
+        if rb and other:
+            ratio = other["achieved_rps"] / max(rb["achieved_rps"], 1)
+            out.append(("rr-max over %s: requests/s >= %.1fx TCP's" % (label, floor),
+                        "%.2fx (%.0f vs %.0f/s)" % (ratio, other["achieved_rps"], rb["achieved_rps"]),
+                        ratio >= floor))
+            if label == "TLS":
+                cpu = (other["sut_cpu_us_per_op"] or 0) / max(rb["sut_cpu_us_per_op"] or 0, 1e-9)
+                out.append(("rr-max over TLS: broker CPU per request <= 1.5x TCP's",
+                            "%.2fx (%.2f vs %.2f µs)" % (cpu, other["sut_cpu_us_per_op"] or 0,
+                                                       rb["sut_cpu_us_per_op"] or 0), cpu <= 1.5))
     rb, nt = med("rr-max", "rsbroker"), med("rr-max", "nats")
     if rb and nt:
         ratio = rb["achieved_rps"] / max(nt["achieved_rps"], 1)

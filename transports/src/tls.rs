@@ -183,7 +183,9 @@ impl TlsStream {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        while self.raw_start < self.raw_end {
+        // rustls refuses more records while its plaintext buffer is full:
+        // what is left waits until that plaintext has been read.
+        while self.raw_start < self.raw_end && self.tls.wants_read() {
             let mut rd = self
                 .raw_in
                 .get(self.raw_start..self.raw_end)
