@@ -411,6 +411,15 @@ impl ServerTls {
 
 /// A client configuration that trusts the CA certificates in `ca` (PEM).
 pub fn client_config_with_ca(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsFileError> {
+    client_config(ca, None)
+}
+
+/// A client configuration that trusts `ca` and, for mutual TLS, presents
+/// the certificate chain and key in `identity` (PEM files).
+pub fn client_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, TlsFileError> {
     let mut roots = rustls::RootCertStore::empty();
     for c in load_certs(ca)? {
         roots.add(c).map_err(|e| {
@@ -425,8 +434,13 @@ pub fn client_config_with_ca(ca: &Path) -> Result<Arc<rustls::ClientConfig>, Tls
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| TlsFileError(format!("TLS: {e}")))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let config = match identity {
+        None => config.with_no_client_auth(),
+        Some((cert, key)) => config
+            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+            .map_err(|e| TlsFileError(format!("{} and {}: {e}", cert.display(), key.display())))?,
+    };
     Ok(Arc::new(config))
 }
 

@@ -32,6 +32,11 @@ pub struct ConnectionSnapshot {
     pub id: ConnId,
     /// The peer's address.
     pub peer: Option<SocketAddr>,
+    /// The transport it came in on.
+    pub transport: Option<rsbroker_transports::Scheme>,
+    /// The subject of the client certificate it presented (mutual TLS),
+    /// verified against `tls.client_ca`.
+    pub tls_subject: Option<String>,
     /// App name and instance uuid, once the app registered.
     pub app: Option<(String, String)>,
     /// Bytes the broker holds for it, not yet handed to the transport.

@@ -227,12 +227,27 @@ impl BrokerHandle {
     }
 }
 
+/// What the transport knows of a connection's peer.
+struct PeerInfo {
+    addr: Option<SocketAddr>,
+    transport: Scheme,
+    /// The verified client certificate's subject (mutual TLS).
+    tls_subject: Option<String>,
+}
+
+/// The subject of the leaf certificate a client presented.
+fn certificate_subject(io: &Conn) -> Option<String> {
+    let leaf = io.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    Some(cert.subject().to_string())
+}
+
 struct ShardRt {
     id: ShardId,
     shard: RefCell<Shard>,
     control: Arc<Control>,
     wakers: RefCell<FxHashMap<ConnId, Waker>>,
-    peers: RefCell<FxHashMap<ConnId, Option<SocketAddr>>>,
+    peers: RefCell<FxHashMap<ConnId, PeerInfo>>,
     /// Batches waiting for each peer shard's queue.
     out: Vec<RefCell<VecDeque<Vec<Message>>>>,
     out_notify: Vec<Notify>,
@@ -331,7 +346,9 @@ impl ShardRt {
             .connections()
             .map(|id| ConnectionSnapshot {
                 id,
-                peer: peers.get(&id).copied().flatten(),
+                peer: peers.get(&id).and_then(|p| p.addr),
+                transport: peers.get(&id).map(|p| p.transport),
+                tls_subject: peers.get(&id).and_then(|p| p.tls_subject.clone()),
                 app: shard
                     .connection_app(id)
                     .map(|(name, uuid)| (name, uuid.to_string())),
@@ -767,7 +784,15 @@ async fn connection(rt: Rc<ShardRt>, incoming: Incoming, refuse: Option<usize>) 
         return;
     }
     let id = rt.shard.borrow_mut().open(Instant::now());
-    rt.peers.borrow_mut().insert(id, io.peer());
+    let info = PeerInfo {
+        addr: io.peer(),
+        transport: io.scheme(),
+        tls_subject: certificate_subject(&io),
+    };
+    if let Some(subject) = &info.tls_subject {
+        tracing::debug!(conn = %id, %subject, "client certificate verified");
+    }
+    rt.peers.borrow_mut().insert(id, info);
     driver::drive(ShardEndpoint { rt: rt.clone(), id }, io).await;
 }
 

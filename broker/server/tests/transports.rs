@@ -477,3 +477,117 @@ fn a_reload_rotates_the_certificate_for_new_connections_only() {
     );
     early.join().unwrap();
 }
+
+#[test]
+fn mutual_tls_admits_only_clients_with_a_certificate_of_the_client_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let (mut c, dir, server_ca) = every_transport_config("mtls");
+    // A client CA, and a client certificate it signed.
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "clients CA");
+    let client_ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "billing-service");
+    let cert = params.signed_by(&key, &client_ca).unwrap();
+    let paths = |n: &str| dir.0.join(n);
+    std::fs::write(paths("clients-ca.pem"), client_ca.pem()).unwrap();
+    std::fs::write(paths("client.pem"), cert.pem()).unwrap();
+    std::fs::write(paths("client.key"), key.serialize_pem()).unwrap();
+    c.tls.client_ca = Some(paths("clients-ca.pem"));
+    let broker = TestBroker::with_config(c);
+    let _app = App::start_at(
+        broker.addr_of(Scheme::Tcp).unwrap().clone(),
+        None,
+        "echo",
+        "bad.echo",
+        1,
+        Duration::ZERO,
+    );
+    wait_for_instances(&broker, 1);
+    let url = broker.addr_of(Scheme::Tls).unwrap().clone();
+
+    let call = |tls: Arc<TlsClient>| {
+        let url = url.clone();
+        run(move || async move {
+            let client = Client::builder(ClientConfig::default())
+                .connect_url(&url, Some(tls))
+                .await
+                .map_err(|e| e.to_string())?;
+            let answer = client
+                .request_response(Payload::new(route(&["bad.echo"]), "who"))
+                .await
+                .map_err(|e| e.to_string());
+            client.close();
+            answer.map(|a| String::from_utf8_lossy(&a.data).into_owned())
+        })
+    };
+    let anonymous = rsbroker_transports::tls::client_config_with_ca(&server_ca).unwrap();
+    let before = broker
+        .snapshot()
+        .iter()
+        .map(|s| s.io.tls_handshakes_failed)
+        .sum::<u64>();
+    assert!(
+        call(anonymous).is_err(),
+        "a client without a certificate is refused"
+    );
+    wait_until("the refused handshake was counted", || {
+        broker
+            .snapshot()
+            .iter()
+            .map(|s| s.io.tls_handshakes_failed)
+            .sum::<u64>()
+            > before
+    });
+
+    let identified = rsbroker_transports::tls::client_config(
+        &server_ca,
+        Some((&paths("client.pem"), &paths("client.key"))),
+    )
+    .unwrap();
+    // Held open while the snapshot is read: its subject is what the
+    // authorisation work will see.
+    let (url2, id2) = (url.clone(), identified.clone());
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<String>();
+    let holder = std::thread::spawn(move || {
+        run(move || async move {
+            let client = Client::builder(ClientConfig::default())
+                .connect_url(&url2, Some(id2))
+                .await
+                .expect("a client with a certificate of the client CA connects");
+            let a = client
+                .request_response(Payload::new(route(&["bad.echo"]), "who"))
+                .await
+                .expect("and is answered");
+            done_tx
+                .send(String::from_utf8_lossy(&a.data).into_owned())
+                .unwrap();
+            while seen_rx.try_recv().is_err() {
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    });
+    assert_eq!(
+        done_rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "echo:who"
+    );
+    wait_until("the subject shows in the snapshot", || {
+        broker
+            .snapshot()
+            .iter()
+            .flat_map(|s| s.connections.clone())
+            .any(|c| {
+                c.transport == Some(Scheme::Tls)
+                    && c.tls_subject.as_deref() == Some("CN=billing-service")
+            })
+    });
+    seen_tx.send(()).unwrap();
+    holder.join().unwrap();
+}
