@@ -194,6 +194,19 @@ impl WriteQueue {
         self.queued += header.len();
     }
 
+    /// Queues a copy of `frame` that `transform` changes in place (a
+    /// WebSocket client masks what it sends).
+    pub fn push_copy_with(&mut self, frame: &OutFrame, transform: impl FnOnce(&mut [u8])) {
+        let start = self.batch.len();
+        for chunk in frame.chunks() {
+            self.batch.put_slice(chunk);
+        }
+        if let Some(copy) = self.batch.get_mut(start..) {
+            transform(copy);
+        }
+        self.queued += frame.len();
+    }
+
     /// Queues a frame as it is (message transports frame it themselves).
     pub fn push_bare(&mut self, frame: &OutFrame) {
         self.push_parts(frame);

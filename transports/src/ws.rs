@@ -352,28 +352,26 @@ impl<S: ByteStream> FrameIo for WsFrames<S> {
         if self.close_sent {
             return Ok(());
         }
-        match self.role {
-            Role::Server => {
-                let header = FrameHeader {
-                    opcode: OpCode::Data(Data::Binary),
-                    ..FrameHeader::default()
-                };
-                let mut head = [0u8; MAX_HEADER];
-                let mut w = Cursor::new(&mut head[..]);
-                header
-                    .format(frame.len() as u64, &mut w)
-                    .map_err(|e| protocol_error(format!("WebSocket: {e}")))?;
-                let n = w.position() as usize;
-                self.write.push_header(head.get(..n).unwrap_or_default());
-                self.write.push_bare(frame);
-            }
-            Role::Client => {
-                let mut body = Vec::with_capacity(frame.len());
-                for chunk in frame.chunks() {
-                    body.extend_from_slice(chunk);
-                }
-                self.queue_control(OpCode::Data(Data::Binary), &body);
-            }
+        // Clients mask what they send (RFC 6455, 5.3), so their frames are
+        // copied; a server's large parts are written from their buffers.
+        let mask = (self.role == Role::Client).then(|| self.next_mask());
+        let header = FrameHeader {
+            opcode: OpCode::Data(Data::Binary),
+            mask,
+            ..FrameHeader::default()
+        };
+        let mut head = [0u8; MAX_HEADER];
+        let mut w = Cursor::new(&mut head[..]);
+        header
+            .format(frame.len() as u64, &mut w)
+            .map_err(|e| protocol_error(format!("WebSocket: {e}")))?;
+        let n = w.position() as usize;
+        self.write.push_header(head.get(..n).unwrap_or_default());
+        match mask {
+            None => self.write.push_bare(frame),
+            Some(m) => self
+                .write
+                .push_copy_with(frame, |payload| unmask(payload, m)),
         }
         Ok(())
     }
