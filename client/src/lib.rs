@@ -856,8 +856,8 @@ impl Endpoint for Driven {
         );
     }
 
-    fn before_write(&mut self, now: Instant) {
-        self.0.conn.borrow_mut().handle_timeout(now);
+    fn before_write(&mut self) {
+        self.0.conn.borrow_mut().handle_timeout(Instant::now());
         self.events();
         self.0.collect_slots();
     }

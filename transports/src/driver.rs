@@ -85,9 +85,7 @@ pub trait Endpoint {
     fn unreadable(&mut self, now: Instant, error: DecodeError);
 
     /// Called after reading and before writing in every pass.
-    fn before_write(&mut self, now: Instant) {
-        let _ = now;
-    }
+    fn before_write(&mut self) {}
 
     /// The next frame to send.
     fn poll_transmit(&mut self) -> Option<OutFrame>;
@@ -162,8 +160,7 @@ pub async fn drive<E: Endpoint, T: FrameIo>(mut endpoint: E, mut io: T) {
                 Poll::Pending => break,
             }
         }
-        let now = Instant::now();
-        endpoint.before_write(now);
+        endpoint.before_write();
         // Write: take frames while the transport has room and flush; when a
         // flush empties the transport and the endpoint holds more, go again
         // (nothing else would wake this task for them).
@@ -224,7 +221,10 @@ pub async fn drive<E: Endpoint, T: FrameIo>(mut endpoint: E, mut io: T) {
         // pass would cost a timer update per pass, so the timer moves only
         // to an earlier deadline or once it has fired (a wake-up that comes
         // early finds nothing due and arms it again).
-        if let Some(at) = deadline
+        // The clock is read only when there is a deadline: most passes of a
+        // busy connection have none.
+        let now = deadline.map(|_| Instant::now());
+        if let (Some(at), Some(now)) = (deadline, now)
             && armed.is_none_or(|a| at < a || a <= now)
         {
             let t = timer.get_or_insert_with(|| {
