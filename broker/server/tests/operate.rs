@@ -495,6 +495,7 @@ fn sigterm_drains_then_exits_zero() {
         http_get(admin, "/api/apps").1.contains("slow-2")
     });
     let (sent_tx, sent_rx) = mpsc::channel::<()>();
+    let (answer_tx, answer_rx) = mpsc::channel();
     let requester = std::thread::spawn(move || {
         run(move || async move {
             let c = Client::connect(addr).await.unwrap();
@@ -507,18 +508,27 @@ fn sigterm_drains_then_exits_zero() {
             };
             glommio::timer::sleep(Duration::from_millis(100)).await;
             sent_tx.send(()).unwrap();
-            call.await
+            answer_tx.send(call.await).unwrap();
+            // Connected until the broker closes it: the broker's close is
+            // what this test watches, not the requester's exit.
+            c.closed().await;
+            c.close_reason()
         })
     });
     sent_rx.recv_timeout(Duration::from_secs(10)).unwrap();
     broker.signal("TERM");
     broker.wait_for("draining", Duration::from_secs(5));
     assert_eq!(http_get(admin, "/readyz").0, 503);
-    let answer = requester.join().unwrap();
+    let answer = answer_rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(
         answer.unwrap().data,
         "slow-2:bye",
         "the request in flight was answered"
+    );
+    let reason = requester.join().unwrap().unwrap_or_default();
+    assert!(
+        reason.contains("CONNECTION_CLOSE"),
+        "the requester was told: {reason}"
     );
     let (status, lines) = broker.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "{}", lines.join("\n"));

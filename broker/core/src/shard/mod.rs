@@ -484,6 +484,11 @@ impl Shard {
             c.flow.reserved = 0;
             c.flow.unrouted = 0;
             c.proto.shut_down(now, message, linger);
+            // The peer may close as soon as it reads the ERROR: that close
+            // is the broker's doing, and the log says so.
+            c.close_reason.get_or_insert_with(|| {
+                format!("sent ERROR {}: {message}", ErrorCode::CONNECTION_CLOSE)
+            });
             self.drain_events(slot);
             self.wake(slot);
         }
