@@ -591,3 +591,61 @@ fn mutual_tls_admits_only_clients_with_a_certificate_of_the_client_ca() {
     seen_tx.send(()).unwrap();
     holder.join().unwrap();
 }
+
+/// Random bytes after a good upgrade, on the plain and the TLS-less ports:
+/// whatever they are, the broker closes (or waits on) only those
+/// connections, every shard stays up, and the others are served.
+#[test]
+fn random_bytes_on_every_plain_port_hurt_no_one_else() {
+    let s = start("random");
+    let _app = App::start_at(
+        s.url(Scheme::Tcp),
+        None,
+        "echo",
+        "bad.echo",
+        1,
+        Duration::ZERO,
+    );
+    wait_for_instances(&s.broker, 1);
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (tcp, ws) = (s.url(Scheme::Tcp).addr, s.url(Scheme::Ws).addr);
+    let mut open = Vec::new();
+    for i in 0..60 {
+        let len = (next() % 3000) as usize;
+        let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let addr = if i % 2 == 0 {
+            // WebSocket-looking frames: a FIN bit and the mask bit set, so
+            // more of them get past the header checks.
+            for b in bytes.iter_mut().step_by(97) {
+                *b |= 0x80;
+            }
+            let mut upgrade = upgrade_request("/rsocket").into_bytes();
+            upgrade.extend(bytes);
+            bytes = upgrade;
+            ws
+        } else {
+            tcp
+        };
+        let mut c = TcpStream::connect(addr).expect("connect");
+        let _ = c.write_all(&bytes);
+        open.push(c);
+    }
+    others_still_work(&s);
+    drop(open);
+    // Every one of them is gone once their sockets close.
+    wait_until("the random connections are gone", || {
+        s.broker
+            .snapshot()
+            .iter()
+            .map(|sh| sh.connections.len())
+            .sum::<usize>()
+            == 1
+    });
+    others_still_work(&s);
+}
