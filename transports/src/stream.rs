@@ -14,7 +14,7 @@ use rsocket_proto::OutFrame;
 use crate::{FrameIo, ReadBuf, TransportError, WireBytes, WriteQueue};
 
 /// Parts handed to one vectored write.
-pub(crate) const MAX_PARTS_PER_WRITE: usize = 64;
+const MAX_PARTS_PER_WRITE: usize = 64;
 
 /// A connected byte stream.
 pub trait ByteStream: AsyncRead + AsyncWrite + Unpin {
@@ -38,6 +38,40 @@ impl ByteStream for TcpStream {
 
     fn local_addr(&self) -> Option<SocketAddr> {
         TcpStream::local_addr(self).ok()
+    }
+}
+
+/// Writes what `write` holds to `stream` until it is empty or the stream
+/// is full, counting the bytes in `passed`; then flushes the stream. Small
+/// frames are already copied into one batch; large bodies are parts of
+/// their own, shared with the buffers they arrived in: one sendmsg takes
+/// them all, instead of a send per part.
+pub(crate) fn poll_write_queue<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    write: &mut WriteQueue,
+    passed: &mut WireBytes,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), TransportError>> {
+    loop {
+        let mut iov = [IoSlice::new(&[]); MAX_PARTS_PER_WRITE];
+        let parts = write.slices(&mut iov);
+        if parts == 0 {
+            return Pin::new(&mut *stream)
+                .poll_flush(cx)
+                .map_err(TransportError::Io);
+        }
+        let iov = iov.get(..parts).unwrap_or(&iov);
+        match Pin::new(&mut *stream).poll_write_vectored(cx, iov) {
+            Poll::Ready(Ok(0)) => {
+                return Poll::Ready(Err(TransportError::Io(io::ErrorKind::WriteZero.into())));
+            }
+            Poll::Ready(Ok(n)) => {
+                passed.add_written(n);
+                write.advance(n);
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+            Poll::Pending => return Poll::Pending,
+        }
     }
 }
 
@@ -154,30 +188,7 @@ impl<S: ByteStream> FrameIo for Prefixed<S> {
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
-        loop {
-            // Small frames are already copied into one batch; large bodies
-            // are parts of their own, shared with the buffers they arrived
-            // in. One sendmsg takes them all, instead of a send per part.
-            let mut iov = [IoSlice::new(&[]); MAX_PARTS_PER_WRITE];
-            let parts = self.write.slices(&mut iov);
-            if parts == 0 {
-                return Pin::new(&mut self.stream)
-                    .poll_flush(cx)
-                    .map_err(TransportError::Io);
-            }
-            let iov = iov.get(..parts).unwrap_or(&iov);
-            match Pin::new(&mut self.stream).poll_write_vectored(cx, iov) {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(TransportError::Io(io::ErrorKind::WriteZero.into())));
-                }
-                Poll::Ready(Ok(n)) => {
-                    self.passed.add_written(n);
-                    self.write.advance(n);
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+        poll_write_queue(&mut self.stream, &mut self.write, &mut self.passed, cx)
     }
 
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {

@@ -19,7 +19,7 @@ use rsocket_proto::{DecodeError, OutFrame};
 use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 
-use crate::stream::{ByteStream, MAX_PARTS_PER_WRITE};
+use crate::stream::{ByteStream, poll_write_queue};
 use crate::{FrameIo, TransportError, WireBytes, WriteQueue};
 
 /// Longest HTTP upgrade request or response accepted.
@@ -381,27 +381,7 @@ impl<S: ByteStream> FrameIo for WsFrames<S> {
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
-        loop {
-            let mut iov = [io::IoSlice::new(&[]); MAX_PARTS_PER_WRITE];
-            let parts = self.write.slices(&mut iov);
-            if parts == 0 {
-                return Pin::new(&mut self.stream)
-                    .poll_flush(cx)
-                    .map_err(TransportError::Io);
-            }
-            let iov = iov.get(..parts).unwrap_or(&iov);
-            match Pin::new(&mut self.stream).poll_write_vectored(cx, iov) {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(TransportError::Io(io::ErrorKind::WriteZero.into())));
-                }
-                Poll::Ready(Ok(n)) => {
-                    self.passed.add_written(n);
-                    self.write.advance(n);
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+        poll_write_queue(&mut self.stream, &mut self.write, &mut self.passed, cx)
     }
 
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
