@@ -192,6 +192,8 @@ pub struct ClientConfig {
     pub max_frame_size: usize,
     /// Data MIME type announced in SETUP.
     pub data_mime: String,
+    /// ALPN protocols a `quic://` connection offers (none by default).
+    pub alpn: Vec<String>,
 }
 
 impl Default for ClientConfig {
@@ -204,6 +206,7 @@ impl Default for ClientConfig {
             fragment_size: 0,
             max_frame_size: rsocket_proto::frame::MAX_U24,
             data_mime: "application/octet-stream".into(),
+            alpn: Vec::new(),
         }
     }
 }
@@ -322,6 +325,12 @@ impl ClientBuilder {
         let options = ConnectOptions {
             max_frame: self.config.max_frame_size,
             tls,
+            alpn: self
+                .config
+                .alpn
+                .iter()
+                .map(|p| p.as_bytes().to_vec())
+                .collect(),
         };
         let io = rsbroker_transports::listen::connect(url, &options).await?;
         let local = io.local_addr();

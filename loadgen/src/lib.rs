@@ -126,13 +126,23 @@ impl std::fmt::Display for BrokerTarget {
     }
 }
 
+/// Where a plain RSocket server (`responder --listen`) listens, and the
+/// certificate of its `tls://`, `wss://` and `quic://` listeners.
+#[derive(Clone, Debug)]
+pub struct ListenServer {
+    /// The address.
+    pub url: rsbroker_transports::ListenAddr,
+    /// The TLS configuration.
+    pub tls: Option<std::sync::Arc<rsbroker_transports::rustls::ServerConfig>>,
+}
+
 /// What a responder run asks for.
 #[derive(Clone, Debug)]
 pub struct ResponderSpec {
     /// Register with this broker ...
     pub broker: Option<BrokerTarget>,
     /// ... or serve RSocket here.
-    pub listen: Option<std::net::SocketAddr>,
+    pub listen: Option<ListenServer>,
     /// The service it registers (`[group!]service[:version]`).
     pub service: String,
     /// The app name; instances are `<app>-<n>`.
@@ -155,12 +165,12 @@ pub struct ResponderSpec {
 impl ResponderSpec {
     /// The line printed once the responder serves.
     pub fn ready_line(&self) -> String {
-        match (&self.broker, self.listen) {
+        match (&self.broker, &self.listen) {
             (Some(b), _) => format!(
                 "loadgen responder: serving {} as {} instance(s) x {} connection(s) through {b}",
                 self.service, self.instances, self.connections
             ),
-            (None, Some(l)) => format!("loadgen responder: serving RSocket on {l}"),
+            (None, Some(l)) => format!("loadgen responder: serving RSocket on {}", l.url),
             (None, None) => "loadgen responder: nothing to serve".into(),
         }
     }

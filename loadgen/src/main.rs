@@ -148,7 +148,8 @@ struct ResponderTarget {
     /// Register with this broker: tcp://, tls://, ws:// or wss:// (see --broker of requester)
     #[arg(long, value_name = "URL")]
     broker: Option<ListenAddr>,
-    /// Be a plain RSocket server here instead, as tcp://host:port
+    /// Be a plain RSocket server here instead: tcp://, tls://, ws://,
+    /// wss:// or quic://host:port (the last three need --certificate and --key)
     #[arg(long, value_name = "URL")]
     listen: Option<ListenAddr>,
     /// Subscribe on this NATS server, as nats://host:port
@@ -164,6 +165,12 @@ struct ResponderArgs {
     tls: TlsArgs,
     #[command(flatten)]
     options: ResponderOptions,
+    /// With --listen tls://, wss:// or quic://: the certificate (PEM)
+    #[arg(long, value_name = "FILE", requires = "key")]
+    certificate: Option<PathBuf>,
+    /// With --listen tls://, wss:// or quic://: its private key (PEM)
+    #[arg(long, value_name = "FILE", requires = "certificate")]
+    key: Option<PathBuf>,
     /// Stop after this long [default: at SIGINT or SIGTERM]
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
@@ -231,6 +238,28 @@ fn tcp(addr: &ListenAddr) -> Result<SocketAddr, String> {
         ));
     }
     Ok(addr.addr)
+}
+
+fn listen_server(url: &ListenAddr, args: &ResponderArgs) -> Result<loadgen::ListenServer, String> {
+    let tls = match (&args.certificate, &args.key) {
+        (Some(certificate), Some(key)) => Some(
+            rsbroker_transports::tls::ServerTls {
+                certificate: certificate.clone(),
+                key: key.clone(),
+                ..Default::default()
+            }
+            .build()
+            .map_err(|e| e.to_string())?,
+        ),
+        _ if url.scheme.is_tls() => {
+            return Err(format!("{url}: give --certificate and --key"));
+        }
+        _ => None,
+    };
+    Ok(loadgen::ListenServer {
+        url: url.clone(),
+        tls,
+    })
 }
 
 fn write(path: &PathBuf, text: &str) -> Result<(), String> {
@@ -343,7 +372,12 @@ fn responder(args: ResponderArgs) -> Result<bool, String> {
             .as_ref()
             .map(|b| args.tls.target(b))
             .transpose()?,
-        listen: args.target.listen.as_ref().map(tcp).transpose()?,
+        listen: args
+            .target
+            .listen
+            .as_ref()
+            .map(|url| listen_server(url, &args))
+            .transpose()?,
         service: o.service.clone().unwrap_or_else(|| "echo".into()),
         app: o.app.clone(),
         instances: o.instances.max(1),

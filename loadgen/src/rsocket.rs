@@ -4,8 +4,8 @@
 //! ([`crate::runner`]) owns the threads and the request loops; this file
 //! says how to connect, send one request and answer one.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -18,12 +18,15 @@ use rsbroker_client::{
     AppConfig, Client, ClientConfig, ClientError, LocalBoxFuture, Payload, Responder, Sink,
     Subscription,
 };
-use rsbroker_transports::TcpFrames;
+use rsbroker_transports::listen::BindOptions;
+use rsbroker_transports::{Handshake, Listener};
 
 use crate::event_loop::Glommio;
 use crate::runner::{self, Counts, Load, Part, RequesterSide, ResponderSide, Share, Tally};
 use crate::stats::Recorder;
-use crate::{BrokerTarget, Interaction, RequesterSpec, ResponderCounts, ResponderSpec, Run};
+use crate::{
+    BrokerTarget, Interaction, ListenServer, RequesterSpec, ResponderCounts, ResponderSpec, Run,
+};
 
 /// A stream window this large is unbounded (2^31-1 saturates RSocket credit).
 pub const UNBOUNDED: u32 = i32::MAX as u32;
@@ -365,7 +368,7 @@ impl ResponderSide for EchoServer {
     async fn serve(&self, part: Part<'_, ResponderSpec>) -> Result<Serving, String> {
         let spec = part.spec;
         let echo = Echo::new(spec, part.counts.clone());
-        let (clients, server) = match (&spec.broker, spec.listen) {
+        let (clients, server) = match (&spec.broker, &spec.listen) {
             (Some(addr), _) => (
                 connect_responders(spec, addr, part.share, &echo).await?,
                 None,
@@ -397,21 +400,36 @@ impl ResponderSide for EchoServer {
     }
 }
 
-/// Serves every connection to `addr` with `echo`, on a task of the
+/// Serves every connection to `server` with `echo`, on a task of the
 /// current executor (dropping the task stops it).
-fn listen(addr: SocketAddr, echo: Echo) -> Result<Task<()>, String> {
-    let listener = rsbroker_transports::tcp::bind(addr)
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+fn listen(server: &ListenServer, echo: Echo) -> Result<Task<()>, String> {
+    let options = BindOptions {
+        tls: server.tls.clone(),
+        ..BindOptions::default()
+    };
+    let listener = Listener::bind_with(&server.url, &options)
+        .map_err(|e| format!("cannot listen on {}: {e}", server.url))?;
+    let hs = Handshake {
+        max_frame: rsocket_proto::frame::MAX_U24,
+        tls: server.tls.clone(),
+        timeout: Duration::from_secs(10),
+    };
     Ok(glommio::spawn_local(async move {
-        let mut served = Vec::new();
-        while let Ok(stream) = listener.accept().await {
-            let io = TcpFrames::new(stream, rsocket_proto::frame::MAX_U24);
-            served.push(
-                Client::builder(ClientConfig::default())
-                    .default_responder(echo.clone())
-                    .serve(io),
-            );
-            served.retain(|c| !c.is_closed());
+        let served: Rc<RefCell<Vec<Client>>> = Rc::default();
+        while let Ok(incoming) = listener.accept().await {
+            let (hs, echo, served) = (hs.clone(), echo.clone(), served.clone());
+            glommio::spawn_local(async move {
+                let Ok(io) = incoming.establish(&hs).await else {
+                    return;
+                };
+                let client = Client::builder(ClientConfig::default())
+                    .default_responder(echo)
+                    .serve(io);
+                let mut served = served.borrow_mut();
+                served.retain(|c| !c.is_closed());
+                served.push(client);
+            })
+            .detach();
         }
     }))
 }

@@ -37,6 +37,7 @@ use rsocket_proto::{DecodeError, OutFrame};
 
 pub mod driver;
 pub mod listen;
+pub mod quic;
 pub mod stream;
 pub mod tcp;
 pub mod tls;
@@ -279,6 +280,23 @@ impl WriteQueue {
         }
     }
 
+    /// Hands the queued parts to `write` as shared chunks, in order (sealing
+    /// the batch first). `write` takes what it can (advancing a chunk it
+    /// takes part of, emptying those it takes whole) and says how many
+    /// bytes it took.
+    pub fn write_chunks<E>(
+        &mut self,
+        write: impl FnOnce(&mut [Bytes]) -> Result<usize, E>,
+    ) -> Result<usize, E> {
+        self.seal();
+        let n = write(self.segments.make_contiguous())?;
+        self.queued = self.queued.saturating_sub(n);
+        while self.segments.front().is_some_and(Bytes::is_empty) {
+            self.segments.pop_front();
+        }
+        Ok(n)
+    }
+
     /// The shared parts queued right now, for tests that check nothing was copied.
     pub fn segments(&self) -> impl Iterator<Item = &Bytes> {
         self.segments.iter()
@@ -296,6 +314,8 @@ pub enum Scheme {
     Ws,
     /// `wss://`: WebSocket over TLS.
     Wss,
+    /// `quic://`: length-prefixed frames on a QUIC stream.
+    Quic,
 }
 
 impl Scheme {
@@ -306,12 +326,18 @@ impl Scheme {
             Self::Tls => "tls",
             Self::Ws => "ws",
             Self::Wss => "wss",
+            Self::Quic => "quic",
         }
     }
 
-    /// Whether it runs over TLS.
+    /// Whether it runs over TLS (QUIC always does: TLS 1.3 inside).
     pub fn is_tls(self) -> bool {
-        matches!(self, Self::Tls | Self::Wss)
+        matches!(self, Self::Tls | Self::Wss | Self::Quic)
+    }
+
+    /// Whether it runs over UDP.
+    pub fn is_udp(self) -> bool {
+        matches!(self, Self::Quic)
     }
 
     /// Whether it is WebSocket.
@@ -385,9 +411,10 @@ impl FromStr for ListenAddr {
             "tls" => Scheme::Tls,
             "ws" => Scheme::Ws,
             "wss" => Scheme::Wss,
+            "quic" => Scheme::Quic,
             other => {
                 return Err(format!(
-                    "{s:?}: unsupported transport {other:?} (supported: tcp, tls, ws, wss)"
+                    "{s:?}: unsupported transport {other:?} (supported: tcp, tls, ws, wss, quic)"
                 ));
             }
         };

@@ -17,6 +17,7 @@ use glommio::net::{TcpListener, TcpStream};
 use rsocket_proto::OutFrame;
 use rustls::pki_types::{CertificateDer, ServerName};
 
+use crate::quic::{Handshaking, Placement, QuicConn, QuicEndpoint, QuicOptions};
 use crate::stream::Prefixed;
 use crate::tcp::{TcpFrames, io_error};
 use crate::tls::TlsStream;
@@ -34,6 +35,8 @@ pub enum Conn {
     Ws(WsFrames<TcpStream>),
     /// `wss://`
     Wss(WsFrames<TlsStream>),
+    /// `quic://`
+    Quic(QuicConn),
 }
 
 macro_rules! each {
@@ -43,6 +46,7 @@ macro_rules! each {
             Conn::Tls($io) => $e,
             Conn::Ws($io) => $e,
             Conn::Wss($io) => $e,
+            Conn::Quic($io) => $e,
         }
     };
 }
@@ -55,6 +59,7 @@ impl Conn {
             Self::Tls(_) => Scheme::Tls,
             Self::Ws(_) => Scheme::Ws,
             Self::Wss(_) => Scheme::Wss,
+            Self::Quic(_) => Scheme::Quic,
         }
     }
 
@@ -68,7 +73,7 @@ impl Conn {
         match self {
             Self::Tls(io) => io.stream().peer_certificates(),
             Self::Wss(io) => io.stream().peer_certificates(),
-            Self::Tcp(_) | Self::Ws(_) => None,
+            Self::Tcp(_) | Self::Ws(_) | Self::Quic(_) => None,
         }
     }
 }
@@ -118,20 +123,63 @@ impl FrameIo for Conn {
 }
 
 /// Accepts connections for one address on this executor. Every shard binds
-/// the same address (SO_REUSEPORT) and the kernel spreads connections over
-/// them; each connection stays on the shard that accepted it.
+/// the same address (SO_REUSEPORT) and the kernel spreads connections (or,
+/// for QUIC, datagrams) over them; each connection stays on the shard that
+/// accepted it.
 pub struct Listener {
-    tcp: TcpListener,
+    kind: Kind,
     addr: ListenAddr,
+}
+
+enum Kind {
+    Tcp(TcpListener),
+    Quic(QuicEndpoint),
+}
+
+/// What binding a listener needs beyond its address: for QUIC, the shard
+/// it runs on, its settings and its TLS configuration.
+#[derive(Clone, Debug, Default)]
+pub struct BindOptions {
+    /// The shard, for the connection ids of QUIC.
+    pub placement: Placement,
+    /// QUIC's settings.
+    pub quic: QuicOptions,
+    /// The TLS configuration (QUIC needs it at bind).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Listener {
     /// Binds `addr` (port 0 picks a free port; [`Listener::local`] says which).
     pub fn bind(addr: &ListenAddr) -> io::Result<Self> {
+        Self::bind_with(addr, &BindOptions::default())
+    }
+
+    /// Binds `addr` with `options`.
+    pub fn bind_with(addr: &ListenAddr, options: &BindOptions) -> io::Result<Self> {
+        if addr.scheme == Scheme::Quic {
+            let tls = options.tls.as_ref().ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{addr} needs a certificate and key ([tls] in the config)"),
+                )
+            })?;
+            let server = crate::quic::server_config(tls, &options.quic)?;
+            let ep = QuicEndpoint::bind_server(
+                addr.addr,
+                &options.placement,
+                options.quic.clone(),
+                Some(server),
+            )?;
+            let local = ep.local_addr();
+            return Ok(Self {
+                kind: Kind::Quic(ep),
+                addr: addr.with_addr(local),
+            });
+        }
         let tcp = crate::tcp::bind(addr.addr)?;
         let local = tcp.local_addr().map_err(io_error)?;
         Ok(Self {
-            tcp,
+            kind: Kind::Tcp(tcp),
             addr: addr.with_addr(local),
         })
     }
@@ -141,15 +189,46 @@ impl Listener {
         &self.addr
     }
 
+    /// The QUIC endpoint, for a `quic://` listener.
+    pub fn quic(&self) -> Option<&QuicEndpoint> {
+        match &self.kind {
+            Kind::Quic(ep) => Some(ep),
+            Kind::Tcp(_) => None,
+        }
+    }
+
     /// The next connection; its handshake is still to run.
     pub async fn accept(&self) -> io::Result<Incoming> {
-        let stream = self.tcp.accept().await.map_err(io_error)?;
-        Ok(Incoming {
-            peer: stream.peer_addr().ok(),
-            stream,
-            scheme: self.addr.scheme,
-            path: self.addr.path.clone(),
-        })
+        match &self.kind {
+            Kind::Tcp(tcp) => {
+                let stream = tcp.accept().await.map_err(io_error)?;
+                Ok(Incoming {
+                    peer: stream.peer_addr().ok(),
+                    stream: Pending::Stream(stream),
+                    scheme: self.addr.scheme,
+                    path: self.addr.path.clone(),
+                })
+            }
+            Kind::Quic(ep) => {
+                let hs = ep.accept().await;
+                Ok(Incoming {
+                    peer: hs.peer(),
+                    stream: Pending::Quic(hs),
+                    scheme: self.addr.scheme,
+                    path: String::new(),
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // A QUIC endpoint serves its open connections on; it only stops
+        // taking new ones.
+        if let Kind::Quic(ep) = &self.kind {
+            ep.stop_accepting();
+        }
     }
 }
 
@@ -192,9 +271,15 @@ impl std::fmt::Display for HandshakeError {
 
 impl std::error::Error for HandshakeError {}
 
+/// What an accepted connection is before its handshake.
+enum Pending {
+    Stream(TcpStream),
+    Quic(Handshaking),
+}
+
 /// A connection accepted, before its handshake.
 pub struct Incoming {
-    stream: TcpStream,
+    stream: Pending,
     peer: Option<SocketAddr>,
     scheme: Scheme,
     path: String,
@@ -239,25 +324,38 @@ impl Incoming {
                 message: "this listener has no TLS configuration".into(),
             })
         };
-        match self.scheme {
-            Scheme::Tcp => Ok(Conn::Tcp(TcpFrames::new(self.stream, hs.max_frame))),
-            Scheme::Tls => {
-                let s = TlsStream::accept(self.stream, config()?)
+        let stream = match self.stream {
+            Pending::Quic(handshaking) => {
+                return handshaking
+                    .established(hs.max_frame)
                     .await
-                    .map_err(tls)?;
+                    .map(Conn::Quic)
+                    .map_err(|e| HandshakeError {
+                        kind: HandshakeFailure::Tls,
+                        message: format!("QUIC handshake failed: {e}"),
+                    });
+            }
+            Pending::Stream(stream) => stream,
+        };
+        match self.scheme {
+            Scheme::Quic => Err(HandshakeError {
+                kind: HandshakeFailure::Tls,
+                message: "a QUIC connection on a TCP listener".into(),
+            }),
+            Scheme::Tcp => Ok(Conn::Tcp(TcpFrames::new(stream, hs.max_frame))),
+            Scheme::Tls => {
+                let s = TlsStream::accept(stream, config()?).await.map_err(tls)?;
                 Ok(Conn::Tls(Prefixed::over(s, hs.max_frame)))
             }
             Scheme::Ws => {
-                let _ = self.stream.set_nodelay(true);
-                let ws = crate::ws::accept(self.stream, &self.path, hs.max_frame)
+                let _ = stream.set_nodelay(true);
+                let ws = crate::ws::accept(stream, &self.path, hs.max_frame)
                     .await
                     .map_err(upgrade)?;
                 Ok(Conn::Ws(ws))
             }
             Scheme::Wss => {
-                let s = TlsStream::accept(self.stream, config()?)
-                    .await
-                    .map_err(tls)?;
+                let s = TlsStream::accept(stream, config()?).await.map_err(tls)?;
                 let ws = crate::ws::accept(s, &self.path, hs.max_frame)
                     .await
                     .map_err(upgrade)?;
@@ -272,12 +370,32 @@ impl Incoming {
 pub struct ConnectOptions {
     /// Largest frame accepted.
     pub max_frame: usize,
-    /// For `tls://` and `wss://`: whom to trust (see [`crate::tls`]).
+    /// For `tls://`, `wss://` and `quic://`: whom to trust (see [`crate::tls`]).
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// ALPN protocols a `quic://` connection offers (none by default).
+    pub alpn: Vec<Vec<u8>>,
 }
 
 /// Connects to `url` over its transport.
 pub async fn connect(url: &ListenAddr, options: &ConnectOptions) -> io::Result<Conn> {
+    if url.scheme == Scheme::Quic {
+        let config = options.tls.clone().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{url}: a QUIC connection needs a CA file (or --insecure for test brokers)"
+                ),
+            )
+        })?;
+        let quic = QuicOptions {
+            max_frame: options.max_frame,
+            alpn: options.alpn.clone(),
+            ..QuicOptions::default()
+        };
+        return QuicEndpoint::connect(url.addr, &url.host, &config, quic)
+            .await
+            .map(Conn::Quic);
+    }
     let tcp = TcpStream::connect(url.addr).await.map_err(io_error)?;
     let _ = tcp.set_nodelay(true);
     let tls = |tcp: TcpStream| async {
@@ -300,5 +418,6 @@ pub async fn connect(url: &ListenAddr, options: &ConnectOptions) -> io::Result<C
             let s = tls(tcp).await?;
             Conn::Wss(crate::ws::connect(s, &host, &url.path, options.max_frame).await?)
         }
+        Scheme::Quic => return Err(io::Error::other("QUIC does not run over TCP")),
     })
 }

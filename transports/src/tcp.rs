@@ -70,16 +70,26 @@ impl std::fmt::Display for Holder {
 /// would then split new connections between two processes with two route
 /// tables. Checking for other listeners is what keeps the address ours.
 pub fn other_listeners(addr: SocketAddr) -> Vec<Holder> {
+    other_holders(addr, ["/proc/net/tcp", "/proc/net/tcp6"], "0A")
+}
+
+/// The processes other than this one with a UDP socket bound to `addr`
+/// (QUIC listeners share their port with SO_REUSEPORT, as TCP ones do).
+pub fn other_udp_sockets(addr: SocketAddr) -> Vec<Holder> {
+    other_holders(addr, ["/proc/net/udp", "/proc/net/udp6"], "07")
+}
+
+fn other_holders(addr: SocketAddr, tables: [&str; 2], state: &str) -> Vec<Holder> {
     if addr.port() == 0 {
         return Vec::new();
     }
     let mut inodes = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+    for table in tables {
         let Ok(text) = std::fs::read_to_string(table) else {
             continue;
         };
         inodes.extend(text.lines().skip(1).filter_map(|line| {
-            let (local, inode) = parse_listener(line)?;
+            let (local, inode) = parse_socket(line, state)?;
             overlaps(local, addr).then_some(inode)
         }));
     }
@@ -111,11 +121,18 @@ pub fn other_listeners(addr: SocketAddr) -> Vec<Holder> {
 }
 
 /// The local address and inode of a LISTEN line of `/proc/net/tcp{,6}`.
+#[cfg(test)]
 fn parse_listener(line: &str) -> Option<(SocketAddr, u64)> {
+    parse_socket(line, "0A")
+}
+
+/// The local address and inode of a line of `/proc/net/{tcp,udp}{,6}` in
+/// state `want` (LISTEN, or an unconnected UDP socket).
+fn parse_socket(line: &str, want: &str) -> Option<(SocketAddr, u64)> {
     let fields: Vec<&str> = line.split_whitespace().collect();
     // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
     let (local, state, inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
-    if *state != "0A" {
+    if *state != want {
         return None;
     }
     let (ip, port) = local.split_once(':')?;

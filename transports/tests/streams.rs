@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use glommio::{LocalExecutorBuilder, Placement};
-use rsbroker_transports::listen::{ConnectOptions, connect};
+use rsbroker_transports::listen::{BindOptions, ConnectOptions, connect};
 use rsbroker_transports::tls::ServerTls;
 use rsbroker_transports::{FrameIo, Handshake, ListenAddr, Listener, Scheme};
 use rsocket_proto::OutFrame;
@@ -53,9 +53,22 @@ fn bulk_frames_arrive_whole_and_in_order_on_every_transport() {
     LocalExecutorBuilder::new(Placement::Unbound)
         .io_memory(64 << 10)
         .spawn(move || async move {
-            for scheme in [Scheme::Tcp, Scheme::Tls, Scheme::Ws, Scheme::Wss] {
-                let listener =
-                    Listener::bind(&ListenAddr::new(scheme, ([127, 0, 0, 1], 0).into())).unwrap();
+            for scheme in [
+                Scheme::Tcp,
+                Scheme::Tls,
+                Scheme::Ws,
+                Scheme::Wss,
+                Scheme::Quic,
+            ] {
+                let bind = BindOptions {
+                    tls: Some(tls.clone()),
+                    ..BindOptions::default()
+                };
+                let listener = Listener::bind_with(
+                    &ListenAddr::new(scheme, ([127, 0, 0, 1], 0).into()),
+                    &bind,
+                )
+                .unwrap();
                 let url = listener.local().clone();
                 let hs = Handshake {
                     max_frame: 1 << 20,
@@ -88,6 +101,7 @@ fn bulk_frames_arrive_whole_and_in_order_on_every_transport() {
                 let options = ConnectOptions {
                     max_frame: 1 << 20,
                     tls: Some(rsbroker_transports::tls::client_config_insecure()),
+                    alpn: Vec::new(),
                 };
                 let mut io = connect(&url, &options).await.unwrap();
                 for i in 0..FRAMES {
@@ -98,6 +112,7 @@ fn bulk_frames_arrive_whole_and_in_order_on_every_transport() {
                 }
                 poll_fn(|cx| io.poll_flush(cx)).await.unwrap();
                 server.await;
+                eprintln!("{scheme}: {FRAMES} frames of {SIZE} bytes arrived in order");
             }
         })
         .unwrap()

@@ -13,8 +13,10 @@ use crate::error::DecodeError;
 use crate::frame::{HEADER_LEN, MAX_U24, put_u24};
 use crate::out::OutFrame;
 
+mod chunks;
 mod read_buf;
 
+pub use chunks::ChunkCutter;
 pub use read_buf::ReadBuf;
 
 /// Length of the frame length prefix on byte-stream transports.

@@ -529,6 +529,58 @@ impl Collector for SnapshotCollector {
             Counter,
             per_shard(&|s| s.io.unreadable_connections),
         )?;
+        for (name, help, kind, get) in [
+            (
+                "rsbroker_quic_datagrams_received",
+                "UDP datagrams QUIC endpoints read.",
+                Counter,
+                (|s: &ShardSnapshot| s.quic.datagrams_in) as fn(&ShardSnapshot) -> u64,
+            ),
+            (
+                "rsbroker_quic_datagrams_sent",
+                "UDP datagrams QUIC endpoints sent.",
+                Counter,
+                |s| s.quic.datagrams_out,
+            ),
+            (
+                "rsbroker_quic_datagrams_forwarded",
+                "QUIC datagrams passed to the shard that owns their connection (after a client's address changed).",
+                Counter,
+                |s| s.quic.forwarded_out,
+            ),
+            (
+                "rsbroker_quic_datagrams_forward_dropped",
+                "QUIC datagrams dropped because the owning shard's queue was full.",
+                Counter,
+                |s| s.quic.forward_dropped,
+            ),
+            (
+                "rsbroker_quic_retries",
+                "QUIC handshakes answered with a Retry (address validation above quic.retry_above).",
+                Counter,
+                |s| s.quic.retries,
+            ),
+            (
+                "rsbroker_quic_refused",
+                "QUIC connection attempts refused (quic.max_connections_per_shard, draining).",
+                Counter,
+                |s| s.quic.refused,
+            ),
+            (
+                "rsbroker_quic_handshakes",
+                "QUIC handshakes in flight.",
+                Gauge,
+                |s| s.quic.handshaking,
+            ),
+            (
+                "rsbroker_quic_connections",
+                "QUIC connections held (handshakes and closing ones included).",
+                Gauge,
+                |s| s.quic.connections,
+            ),
+        ] {
+            family(e, name, help, kind, per_shard(&get))?;
+        }
         let routes = routes(&snaps);
         let apps: std::collections::BTreeSet<&str> =
             routes.iter().map(|i| i.name.as_str()).collect();

@@ -40,8 +40,10 @@ pub struct BrokerConfig {
     pub limits: Limits,
     /// Draining and stopping.
     pub shutdown: Shutdown,
-    /// The certificate and key of `tls://` and `wss://` listeners.
+    /// The certificate and key of `tls://`, `wss://` and `quic://` listeners.
     pub tls: TlsConfig,
+    /// `quic://` listeners.
+    pub quic: QuicConfig,
     /// Logging.
     pub log: LogConfig,
     /// Balancer and failover of services not listed under `services`.
@@ -199,6 +201,66 @@ impl Limits {
             max_connection_memory: self.max_connection_memory.0,
             max_unrouted_bytes: self.max_reassembled_size.0,
             backpressure_timeout: self.backpressure_timeout,
+        }
+    }
+}
+
+/// `[quic]`: `quic://` listeners (certificate and key from `[tls]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuicConfig {
+    /// A connection with no packets for this long is closed (RSocket
+    /// keepalives are packets).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Bytes a client may send on one stream ahead of what the broker read.
+    pub stream_receive_window: Size,
+    /// Bytes a client may send on all streams of its connection ahead of
+    /// what the broker read.
+    pub receive_window: Size,
+    /// Bytes the broker keeps unacknowledged per connection.
+    pub send_window: Size,
+    /// Connections (handshakes included) each shard's endpoint holds.
+    pub max_connections_per_shard: usize,
+    /// Handshakes in flight on a shard above which new clients must prove
+    /// their address first (a Retry round trip).
+    pub retry_above: usize,
+    /// Bidirectional streams a client may open on its connection.
+    pub max_streams: u32,
+    /// ALPN protocols accepted, e.g. `["rsocket"]`; none by default (the
+    /// clients that exist offer none).
+    pub alpn: Vec<String>,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        let d = rsbroker_transports::quic::QuicOptions::default();
+        Self {
+            idle_timeout: d.idle_timeout,
+            stream_receive_window: Size(d.stream_receive_window as usize),
+            receive_window: Size(d.receive_window as usize),
+            send_window: Size(d.send_window as usize),
+            max_connections_per_shard: d.max_connections,
+            retry_above: d.retry_above,
+            max_streams: d.max_streams,
+            alpn: Vec::new(),
+        }
+    }
+}
+
+impl QuicConfig {
+    /// The endpoint settings.
+    pub fn options(&self, max_frame: usize) -> rsbroker_transports::quic::QuicOptions {
+        rsbroker_transports::quic::QuicOptions {
+            max_frame,
+            idle_timeout: self.idle_timeout,
+            stream_receive_window: self.stream_receive_window.0 as u64,
+            receive_window: self.receive_window.0 as u64,
+            send_window: self.send_window.0 as u64,
+            max_connections: self.max_connections_per_shard,
+            retry_above: self.retry_above,
+            max_streams: self.max_streams,
+            alpn: self.alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
         }
     }
 }
@@ -532,6 +594,52 @@ impl BrokerConfig {
         }
         if self.limits.handshake_timeout.is_zero() {
             bad("limits.handshake_timeout", "must be more than 0".into());
+        }
+        let q = &self.quic;
+        if q.idle_timeout.is_zero() {
+            bad("quic.idle_timeout", "must be more than 0".into());
+        }
+        if q.stream_receive_window.0 < 4096 {
+            bad(
+                "quic.stream_receive_window",
+                format!("{} is below the 4 KiB minimum", q.stream_receive_window),
+            );
+        }
+        if q.receive_window.0 < q.stream_receive_window.0 {
+            bad(
+                "quic.receive_window",
+                format!(
+                    "{} is less than quic.stream_receive_window ({})",
+                    q.receive_window, q.stream_receive_window
+                ),
+            );
+        }
+        if q.send_window.0 < 4096 {
+            bad(
+                "quic.send_window",
+                format!("{} is below the 4 KiB minimum", q.send_window),
+            );
+        }
+        if q.max_connections_per_shard == 0 {
+            bad(
+                "quic.max_connections_per_shard",
+                "must be at least 1".into(),
+            );
+        }
+        if q.max_streams == 0 {
+            bad("quic.max_streams", "must be at least 1".into());
+        }
+        let quic_listeners = self
+            .server
+            .listen
+            .iter()
+            .filter(|a| a.scheme.is_udp())
+            .count();
+        if quic_listeners > 0 && self.server.shards > usize::from(u8::MAX) + 1 {
+            bad(
+                "server.shards",
+                "QUIC listeners support at most 256 shards (their connection ids name the shard in one byte)".into(),
+            );
         }
         let tls_listeners: Vec<String> = self
             .server

@@ -97,6 +97,8 @@ pub struct ShardSnapshot {
     pub stats: ShardStats,
     /// Its transport counters.
     pub io: IoStats,
+    /// Its QUIC endpoints' counters, summed.
+    pub quic: rsbroker_transports::quic::QuicStats,
     /// Requests and errors per service counted on this shard.
     pub services: Vec<(String, ServiceCounters)>,
     /// Instances in its copy of the route table.

@@ -28,7 +28,8 @@ use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement, Task};
 use rsbroker_core::{ConnId, Message, Shard, ShardConfig, ShardId};
 use rsbroker_transports::driver::{self, End, Endpoint, Written};
-use rsbroker_transports::listen::HandshakeFailure;
+use rsbroker_transports::listen::{BindOptions, HandshakeFailure};
+use rsbroker_transports::quic::{Forwarded, Placement as QuicPlacement, QuicEndpoint, QuicStats};
 use rsbroker_transports::{
     Conn, FrameIo, Handshake, Incoming, ListenAddr, Listener, Scheme, TransportError,
 };
@@ -128,6 +129,9 @@ impl Controller {
         if new.log.format != old.log.format {
             needs_restart.push("log.format".to_owned());
         }
+        if new.quic != old.quic {
+            needs_restart.push("quic".to_owned());
+        }
         // Rotation: new connections get the files as they are now; open
         // connections keep the certificate they were accepted with.
         match new.tls.build() {
@@ -139,6 +143,7 @@ impl Controller {
         let applied = BrokerConfig {
             server: old.server.clone(),
             admin: old.admin.clone(),
+            quic: old.quic.clone(),
             log: crate::config::LogConfig {
                 format: old.log.format,
                 ..new.log.clone()
@@ -264,8 +269,12 @@ struct ShardRt {
     io: Cell<IoStats>,
     /// The route table view last published, and the revisions it was built at.
     routes: RefCell<(Vec<u64>, Arc<Vec<InstanceView>>)>,
+    /// This shard's QUIC endpoints, in the order of the QUIC listeners.
+    quic: Vec<QuicEndpoint>,
 }
 
+/// QUIC datagrams that may wait for one peer shard.
+const DATAGRAM_QUEUE: usize = 1024;
 /// Batches that may wait for one peer before this shard stops reading its connections.
 const MAX_WAITING_BATCHES: usize = 64;
 /// The timer loop's longest sleep (heartbeat, snapshot, phase checks).
@@ -387,6 +396,7 @@ impl ShardRt {
             connections,
             stats: shard.stats(),
             io: self.io.get(),
+            quic: self.quic_stats(),
             services: shard
                 .service_counters()
                 .map(|(k, c)| (k.as_str().to_owned(), *c))
@@ -401,8 +411,41 @@ impl ShardRt {
         }
     }
 
+    fn quic_stats(&self) -> QuicStats {
+        let mut sum = QuicStats::default();
+        for ep in &self.quic {
+            let s = ep.stats();
+            sum.datagrams_in += s.datagrams_in;
+            sum.datagrams_out += s.datagrams_out;
+            sum.forwarded_out += s.forwarded_out;
+            sum.forwarded_in += s.forwarded_in;
+            sum.forward_dropped += s.forward_dropped;
+            sum.retries += s.retries;
+            sum.refused += s.refused;
+            sum.handshaking += s.handshaking;
+            sum.connections += s.connections;
+            sum.assembled_bytes += s.assembled_bytes;
+        }
+        sum
+    }
+
     /// Applies the settings in `config` that may change while running.
     fn apply(&self, config: &BrokerConfig) {
+        // Certificate rotation for QUIC: new connections get the new files.
+        if let Some(tls) = self.control.tls() {
+            let settings = self.control.settings();
+            let options = settings.quic.options(settings.limits.max_frame_size.0);
+            match rsbroker_transports::quic::server_config(&tls, &options) {
+                Ok(server) => {
+                    for ep in &self.quic {
+                        ep.set_server_config(Some(server.clone()));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(shard = self.id, error = %e, "QUIC keeps its TLS configuration")
+                }
+            }
+        }
         let mut shard = self.shard.borrow_mut();
         let current = shard.config().clone();
         shard.set_config(shard_config(current.shard, current.shards, config));
@@ -454,12 +497,19 @@ pub fn start(config: BrokerConfig) -> io::Result<BrokerHandle> {
     control.set_tls(config.tls.build().map_err(io::Error::other)?);
     let mesh: MeshBuilder<Vec<Message>, Full> =
         MeshBuilder::full(shards, config.server.mesh_capacity.max(1));
+    // QUIC datagrams that reach a shard other than their connection's owner
+    // go to the owner over a mesh of their own (a full queue drops them:
+    // QUIC recovers a lost datagram).
+    let datagrams: Option<MeshBuilder<Forwarded, Full>> = (shards > 1
+        && config.server.listen.iter().any(|a| a.scheme.is_udp()))
+    .then(|| MeshBuilder::full(shards, DATAGRAM_QUEUE));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<Vec<ListenAddr>, String>>();
 
     let spawn =
         |id: usize, listen: Vec<ListenAddr>| -> io::Result<ExecutorJoinHandle<io::Result<()>>> {
             let cpu = cores[id % cores.len()];
             let mesh = mesh.clone();
+            let datagrams = datagrams.clone();
             let control = control.clone();
             let ready = ready_tx.clone();
             LocalExecutorBuilder::new(Placement::Fixed(cpu))
@@ -472,6 +522,7 @@ pub fn start(config: BrokerConfig) -> io::Result<BrokerHandle> {
                         shards: shards as u16,
                         listen,
                         mesh,
+                        datagrams,
                         control: control.clone(),
                         ready,
                     };
@@ -541,7 +592,12 @@ fn executor_error(shard: usize, cpu: usize, e: &str) -> io::Error {
 /// share each address (SO_REUSEPORT), which would let a second broker
 /// share it too, splitting apps between two route tables.
 fn held_elsewhere(addr: &ListenAddr) -> Result<(), String> {
-    match rsbroker_transports::tcp::other_listeners(addr.addr).first() {
+    let holders = if addr.scheme.is_udp() {
+        rsbroker_transports::tcp::other_udp_sockets(addr.addr)
+    } else {
+        rsbroker_transports::tcp::other_listeners(addr.addr)
+    };
+    match holders.first() {
         None => Ok(()),
         Some(holder) => Err(format!(
             "cannot listen on {addr}: {holder} already listens there; a second broker on the \
@@ -550,14 +606,22 @@ fn held_elsewhere(addr: &ListenAddr) -> Result<(), String> {
     }
 }
 
-fn bind(listen: &[ListenAddr], first: bool) -> Result<(Vec<Listener>, Vec<ListenAddr>), String> {
+fn bind(
+    listen: &[ListenAddr],
+    first: bool,
+    options: &mut BindOptions,
+) -> Result<(Vec<Listener>, Vec<ListenAddr>), String> {
     let mut listeners = Vec::new();
     let mut addrs = Vec::new();
     for addr in listen {
         if first {
             held_elsewhere(addr)?;
         }
-        let l = Listener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let l = Listener::bind_with(addr, options)
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        if l.quic().is_some() {
+            options.placement.listener += 1;
+        }
         addrs.push(l.local().clone());
         listeners.push(l);
     }
@@ -569,6 +633,7 @@ struct ShardCtx {
     shards: u16,
     listen: Vec<ListenAddr>,
     mesh: MeshBuilder<Vec<Message>, Full>,
+    datagrams: Option<MeshBuilder<Forwarded, Full>>,
     control: Arc<Control>,
     ready: mpsc::Sender<Result<Vec<ListenAddr>, String>>,
 }
@@ -579,10 +644,21 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         shards,
         listen,
         mesh,
+        datagrams,
         control,
         ready,
     } = ctx;
-    let (listeners, addrs) = match bind(&listen, id == 0) {
+    let settings = control.settings();
+    let mut bind_options = BindOptions {
+        placement: QuicPlacement {
+            shard: id,
+            shards,
+            listener: 0,
+        },
+        quic: settings.quic.options(settings.limits.max_frame_size.0),
+        tls: control.tls(),
+    };
+    let (listeners, addrs) = match bind(&listen, id == 0, &mut bind_options) {
         Ok(bound) => bound,
         Err(e) => {
             let _ = ready.send(Err(e.clone()));
@@ -602,7 +678,6 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         }
     }
 
-    let settings = control.settings();
     let mut generation = control.generation();
     let now = Instant::now();
     let rt = Rc::new(ShardRt {
@@ -623,11 +698,36 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         published_held: Cell::new(0),
         io: Cell::new(IoStats::default()),
         routes: RefCell::new((Vec::new(), Arc::new(Vec::new()))),
+        quic: listeners.iter().filter_map(|l| l.quic().cloned()).collect(),
     });
 
     let senders = Rc::new(senders);
     let receivers = Rc::new(receivers);
     let mut tasks: Vec<Task<()>> = Vec::new();
+    if let Some(datagrams) = datagrams {
+        let (senders, receivers) = datagrams
+            .join()
+            .await
+            .map_err(|e| io::Error::other(format!("the datagram mesh failed to form: {e}")))?;
+        let senders = Rc::new(senders);
+        for ep in &rt.quic {
+            let senders = senders.clone();
+            ep.set_forward(Box::new(move |peer, datagram| {
+                senders.try_send_to(peer, datagram).is_ok()
+            }));
+        }
+        let receivers = Rc::new(receivers);
+        for peer in 0..usize::from(shards) {
+            if peer == usize::from(id) {
+                continue;
+            }
+            tasks.push(glommio::spawn_local(receive_datagrams(
+                rt.clone(),
+                receivers.clone(),
+                peer,
+            )));
+        }
+    }
     for peer in 0..usize::from(shards) {
         if peer == usize::from(id) {
             continue;
@@ -810,6 +910,20 @@ async fn refuse_connection(mut io: Conn, max: usize) {
         let _ = poll_fn(|cx| io.poll_flush(cx)).await;
     }
     let _ = poll_fn(|cx| io.poll_close(cx)).await;
+}
+
+/// QUIC datagrams another shard received for this shard's connections.
+async fn receive_datagrams(rt: Rc<ShardRt>, receivers: Rc<Receivers<Forwarded>>, peer: usize) {
+    loop {
+        match receivers.recv_from(peer).await {
+            Ok(Some(datagram)) => {
+                if let Some(ep) = rt.quic.get(datagram.listener) {
+                    ep.deliver(datagram);
+                }
+            }
+            Ok(None) | Err(_) => return,
+        }
+    }
 }
 
 async fn send_to_peer(rt: Rc<ShardRt>, senders: Rc<Senders<Vec<Message>>>, peer: usize) {

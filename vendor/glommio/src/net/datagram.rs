@@ -39,6 +39,11 @@ pub struct GlommioDatagram<S: AsRawFd + FromRawFd + From<socket2::Socket>> {
     pub(crate) rx_yolo: Cell<bool>,
 
     pub(crate) rx_buf_size: usize,
+
+    // Readiness polls of `poll_readable` / `poll_writable`, kept across
+    // calls (an io_uring poll is one-shot).
+    pub(crate) ready_rx: std::cell::RefCell<Option<crate::sys::Source>>,
+    pub(crate) ready_tx: std::cell::RefCell<Option<crate::sys::Source>>,
 }
 
 impl<S: AsRawFd + FromRawFd + From<socket2::Socket>> From<socket2::Socket> for GlommioDatagram<S> {
@@ -52,6 +57,8 @@ impl<S: AsRawFd + FromRawFd + From<socket2::Socket>> From<socket2::Socket> for G
             write_timeout: Cell::new(None),
             read_timeout: Cell::new(None),
             rx_buf_size: DEFAULT_BUFFER_SIZE,
+            ready_rx: std::cell::RefCell::new(None),
+            ready_tx: std::cell::RefCell::new(None),
         }
     }
 }
@@ -83,6 +90,35 @@ impl<S: AsRawFd + FromRawFd + From<socket2::Socket>> GlommioDatagram<S> {
         buf[0..sz].copy_from_slice(&src.as_bytes()[0..sz]);
         self.rx_yolo.set(true);
         Ok(sz)
+    }
+
+    /// Ready once the socket is readable (or failed); for callers that
+    /// read it with their own non-blocking system calls.
+    pub(crate) fn poll_ready(
+        &self,
+        cx: &std::task::Context<'_>,
+        write: bool,
+    ) -> std::task::Poll<io::Result<()>> {
+        let slot = if write { &self.ready_tx } else { &self.ready_rx };
+        let mut slot = slot.borrow_mut();
+        if let Some(source) = slot.as_ref() {
+            if let Some(result) = source.result() {
+                slot.take();
+                return std::task::Poll::Ready(result.map(|_| ()));
+            }
+        } else {
+            let reactor = self.reactor.upgrade().unwrap();
+            let fd = self.socket.as_raw_fd();
+            *slot = Some(if write {
+                reactor.poll_write_ready(fd)
+            } else {
+                reactor.poll_read_ready(fd)
+            });
+        }
+        if let Some(source) = slot.as_ref() {
+            source.add_waiter_single(cx.waker());
+        }
+        std::task::Poll::Pending
     }
 
     pub(crate) async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {

@@ -35,6 +35,13 @@ impl AsRawFd for UdpSocket {
     }
 }
 
+impl std::os::unix::io::AsFd for UdpSocket {
+    fn as_fd(&self) -> std::os::unix::io::BorrowedFd<'_> {
+        // SAFETY: the descriptor is owned by `self` and lives as long as the borrow.
+        unsafe { std::os::unix::io::BorrowedFd::borrow_raw(self.socket.as_raw_fd()) }
+    }
+}
+
 impl FromRawFd for UdpSocket {
     unsafe fn from_raw_fd(fd: RawFd) -> Self {
         let socket = socket2::Socket::from_raw_fd(fd);
@@ -98,6 +105,19 @@ impl UdpSocket {
         Ok(Self {
             socket: GlommioDatagram::from(sk),
         })
+    }
+
+    /// Ready once the socket has a datagram to read (or an error), for
+    /// callers that read it with their own non-blocking system calls
+    /// (`recvmmsg` with GRO, say). The poll is kept across calls.
+    pub fn poll_readable(&self, cx: &std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        self.socket.poll_ready(cx, false)
+    }
+
+    /// Ready once the socket has room to send (or an error); see
+    /// [`UdpSocket::poll_readable`].
+    pub fn poll_writable(&self, cx: &std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        self.socket.poll_ready(cx, true)
     }
 
     /// Connects this UDP socket to a remote address, allowing the [`send`] and
