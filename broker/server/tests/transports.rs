@@ -20,7 +20,13 @@ use rsbroker_client::{Client, ClientConfig, Payload};
 use rsbroker_transports::rustls::ClientConfig as TlsClient;
 use rsbroker_transports::{ListenAddr, Scheme};
 
-const SCHEMES: [Scheme; 4] = [Scheme::Tcp, Scheme::Tls, Scheme::Ws, Scheme::Wss];
+const SCHEMES: [Scheme; 5] = [
+    Scheme::Tcp,
+    Scheme::Tls,
+    Scheme::Ws,
+    Scheme::Wss,
+    Scheme::Quic,
+];
 
 struct Setup {
     broker: TestBroker,

@@ -657,7 +657,7 @@ impl Drop for TempDir {
     }
 }
 
-/// The test broker listening on tcp, tls, ws and wss (loopback, free
+/// The test broker listening on tcp, tls, ws, wss and quic (loopback, free
 /// ports), with a certificate for localhost: the config, the directory
 /// holding the files, and the CA that signed the certificate.
 pub fn every_transport_config(name: &str) -> (BrokerConfig, TempDir, PathBuf) {
@@ -665,10 +665,16 @@ pub fn every_transport_config(name: &str) -> (BrokerConfig, TempDir, PathBuf) {
     let dir = std::env::temp_dir().join(format!("rsbroker-{name}-{}", std::process::id()));
     let (ca, cert, key) = tls_files(&dir);
     let mut c = test_config();
-    c.server.listen = [Scheme::Tcp, Scheme::Tls, Scheme::Ws, Scheme::Wss]
-        .iter()
-        .map(|s| ListenAddr::new(*s, ([127, 0, 0, 1], 0).into()))
-        .collect();
+    c.server.listen = [
+        Scheme::Tcp,
+        Scheme::Tls,
+        Scheme::Ws,
+        Scheme::Wss,
+        Scheme::Quic,
+    ]
+    .iter()
+    .map(|s| ListenAddr::new(*s, ([127, 0, 0, 1], 0).into()))
+    .collect();
     c.tls.certificate = Some(cert);
     c.tls.key = Some(key);
     c.limits.handshake_timeout = Duration::from_secs(1);
