@@ -246,6 +246,7 @@ fn rsocket_py_responder_and_requester_all_models() {
         "OK fragmented request-response",
         "OK fire-and-forget sent",
         "OK request-stream",
+        "OK request-stream window 1",
         "OK request-channel",
         "OK service exposed by METADATA_PUSH",
         "OK no instance rejected",
@@ -262,11 +263,12 @@ fn rsocket_py_responder_and_requester_all_models() {
     assert!(ok, "responder.py failed: {lines:?}");
 }
 
-const PY_CHECKS: [&str; 8] = [
+const PY_CHECKS: [&str; 9] = [
     "OK request-response",
     "OK fragmented request-response",
     "OK fire-and-forget sent",
     "OK request-stream",
+    "OK request-stream window 1",
     "OK request-channel",
     "OK service exposed by METADATA_PUSH",
     "OK no instance rejected",
@@ -280,6 +282,62 @@ fn assert_lines(who: &str, (ok, lines): (bool, Vec<String>), want: &[&str]) {
             lines.iter().any(|l| l == check),
             "{who}: missing {check:?} in {lines:?}"
         );
+    }
+}
+
+/// rsocket-py over QUIC (aioquic), with and without ALPN: a QUIC requester
+/// calls a TCP responder, and a TCP requester calls a QUIC responder, in
+/// all four interaction models, through the broker on two shards.
+#[test]
+fn rsocket_py_over_quic_with_and_without_alpn() {
+    use rsbroker_transports::Scheme;
+    let _serial = serial();
+    let _ = python();
+    for alpn in [None, Some("rsocket")] {
+        let (mut config, _dir, ca) = every_transport_config("interop-quic");
+        config.quic.alpn = alpn.map(str::to_owned).into_iter().collect();
+        let broker = TestBroker::with_config(config);
+        let ca = ca.to_string_lossy().into_owned();
+        let quic = url_of(&broker, Scheme::Quic);
+        let tcp = url_of(&broker, Scheme::Tcp);
+        let mut quic_args = vec![quic.as_str(), "--ca", &ca];
+        if let Some(a) = alpn {
+            quic_args.extend(["--alpn", a]);
+        }
+        let label = format!("ALPN {alpn:?}");
+
+        let mut responder = Script::start("responder.py", &[&tcp, "py-tcp-1"]);
+        responder.expect_line("READY", Duration::from_secs(60));
+        wait_for_instances(&broker, 1);
+        let requester = Script::start("requester.py", &quic_args);
+        assert_lines(
+            &format!("requester.py over quic ({label})"),
+            requester.finish(Duration::from_secs(60)),
+            &PY_CHECKS,
+        );
+        responder.expect_line("FNF note-1", Duration::from_secs(10));
+        drop(responder);
+        wait_for_instances(&broker, 0);
+
+        let mut args = quic_args.clone();
+        args.insert(1, "py-quic-1");
+        let mut responder = Script::start("responder.py", &args);
+        responder.expect_line("READY", Duration::from_secs(60));
+        wait_for_instances(&broker, 1);
+        let requester = Script::start("requester.py", &[&tcp]);
+        assert_lines(
+            &format!("requester.py to a responder over quic ({label})"),
+            requester.finish(Duration::from_secs(60)),
+            &PY_CHECKS,
+        );
+        responder.expect_line("FNF note-1", Duration::from_secs(10));
+        // Closed, not killed: a killed QUIC peer sends nothing, and the
+        // broker would hold its connection until quic.idle_timeout.
+        let (ok, lines) = responder.finish(Duration::from_secs(20));
+        assert!(ok, "responder.py over quic: {lines:?}");
+        wait_for_instances(&broker, 0);
+        let q: u64 = broker.snapshot().iter().map(|s| s.quic.datagrams_in).sum();
+        assert!(q > 0, "no QUIC datagram reached the broker ({label})");
     }
 }
 

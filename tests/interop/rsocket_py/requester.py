@@ -4,10 +4,11 @@ printing one `OK <check>` line per check; on a failure, or when the whole
 run takes longer than --timeout seconds, prints `FAIL ...` and exits 1.
 
 usage: requester.py HOST PORT
-       requester.py URL [--ca FILE] [--timeout SECONDS]
+       requester.py URL [--ca FILE] [--alpn PROTO] [--timeout SECONDS]
 
 URL is tcp://HOST:PORT, tls://HOST:PORT, ws://HOST:PORT/PATH or
-wss://HOST:PORT/PATH; --ca is a PEM CA certificate to trust for tls/wss.
+wss://HOST:PORT/PATH or quic://HOST:PORT; --ca is a PEM CA certificate to
+trust for tls/wss/quic, --alpn an ALPN protocol for quic.
 """
 import argparse
 import asyncio
@@ -33,8 +34,8 @@ def check(name, got, want):
     print("OK " + name, flush=True)
 
 
-async def main(url, ca):
-    transport = await open_transport(url, ca)
+async def main(url, ca, alpn):
+    transport = await open_transport(url, ca, alpn)
 
     async with RSocketClient(
         single(transport),
@@ -58,6 +59,10 @@ async def main(url, ca):
         # request-stream with a window of 2: REQUEST_N flows end to end.
         items = await client.request_stream(Payload(b"7", composite(route(SERVICE + ".count"))), limit_rate=2)
         check("request-stream", [p.data for p in items], [str(i).encode() for i in range(7)])
+
+        # The same with a window of 1: every item waits for its REQUEST_N.
+        items = await client.request_stream(Payload(b"4", composite(route(SERVICE + ".count"))), limit_rate=1)
+        check("request-stream window 1", [p.data for p in items], [str(i).encode() for i in range(4)])
 
         def outgoing():
             for i in range(3):
@@ -89,7 +94,8 @@ async def main(url, ca):
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="rsocket-py requester for the rsbroker interop tests")
     parser.add_argument("target", nargs="+", metavar="ADDRESS", help="URL, or HOST PORT for plain TCP")
-    parser.add_argument("--ca", metavar="FILE", help="PEM CA certificate to trust (tls://, wss://)")
+    parser.add_argument("--ca", metavar="FILE", help="PEM CA certificate to trust (tls://, wss://, quic://)")
+    parser.add_argument("--alpn", metavar="PROTO", help="ALPN protocol a quic:// connection offers")
     parser.add_argument("--timeout", type=float, default=45, metavar="SECONDS",
                         help="give up after this long (default 45)")
     args = parser.parse_intermixed_args(argv)
@@ -104,7 +110,7 @@ def parse_args(argv):
 
 async def run(args):
     try:
-        await asyncio.wait_for(main(args.url, args.ca), args.timeout)
+        await asyncio.wait_for(main(args.url, args.ca, args.alpn), args.timeout)
     except asyncio.TimeoutError:
         print("FAIL timeout: not done after {}s".format(args.timeout), flush=True)
         sys.exit(1)

@@ -3,10 +3,11 @@ all four interaction models. Prints READY once connected, and each
 fire-and-forget it receives as `FNF <data>`.
 
 usage: responder.py HOST PORT UUID
-       responder.py URL UUID [--ca FILE]
+       responder.py URL UUID [--ca FILE] [--alpn PROTO]
 
 URL is tcp://HOST:PORT, tls://HOST:PORT, ws://HOST:PORT/PATH or
-wss://HOST:PORT/PATH; --ca is a PEM CA certificate to trust for tls/wss.
+wss://HOST:PORT/PATH or quic://HOST:PORT; --ca is a PEM CA certificate to
+trust for tls/wss/quic, --alpn an ALPN protocol for quic.
 """
 import argparse
 import asyncio
@@ -86,14 +87,14 @@ def make_router():
     return router
 
 
-async def main(url, uuid, ca):
+async def main(url, uuid, ca, alpn):
     app = json.dumps({"name": "py-echo", "uuid": uuid, "ip": "127.0.0.1"}).encode()
     registry = json.dumps({"published": [{"group": "", "service": SERVICE, "version": ""}]}).encode()
     setup = composite(
         metadata_item(app, b"message/x.rsocket.application+json"),
         metadata_item(registry, b"message/x.rsocket.service.registry.v0+json"),
     )
-    transport = await open_transport(url, ca)
+    transport = await open_transport(url, ca, alpn)
 
     router = make_router()
     async with RSocketClient(
@@ -121,7 +122,8 @@ async def main(url, uuid, ca):
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="rsocket-py responder for the rsbroker interop tests")
     parser.add_argument("target", nargs="+", metavar="ARG", help="URL UUID, or HOST PORT UUID for plain TCP")
-    parser.add_argument("--ca", metavar="FILE", help="PEM CA certificate to trust (tls://, wss://)")
+    parser.add_argument("--ca", metavar="FILE", help="PEM CA certificate to trust (tls://, wss://, quic://)")
+    parser.add_argument("--alpn", metavar="PROTO", help="ALPN protocol a quic:// connection offers")
     args = parser.parse_intermixed_args(argv)
     try:
         args.url, rest = target_url(args.target)
@@ -135,4 +137,4 @@ def parse_args(argv):
 
 if __name__ == "__main__":
     args = parse_args(sys.argv[1:])
-    asyncio.run(main(args.url, args.uuid, args.ca))
+    asyncio.run(main(args.url, args.uuid, args.ca, args.alpn))
