@@ -50,7 +50,7 @@ SCENARIOS = {
     "rr-max": dict(
         what="request-response 64 B, 4 connections x 32 in flight, closed loop",
         requester=["--interaction", "rr", "--connections", "4", "--max", "--concurrency", "32"],
-        systems=["rsbroker", "rsbroker-tls", "rsbroker-ws", "nats", "direct"],
+        systems=["rsbroker", "rsbroker-tls", "rsbroker-ws", "nats", "direct", "rsbroker-quic", "direct-quic", "quinn"],
     ),
     "rr-open-25": dict(
         what="request-response 64 B, 4 connections, open loop at 25% of each system's max",
@@ -73,7 +73,7 @@ SCENARIOS = {
     "rr-1-in-flight": dict(
         what="request-response 64 B, one request in flight",
         requester=["--interaction", "rr", "--connections", "1", "--max", "--concurrency", "1"],
-        systems=["rsbroker", "nats", "direct", "tcp-pingpong"],
+        systems=["rsbroker", "nats", "direct", "tcp-pingpong", "rsbroker-quic", "direct-quic", "quinn"],
     ),
     "rr-16k": dict(
         what="request-response 16 KiB, 4 connections x 8 in flight",
@@ -116,7 +116,7 @@ SCENARIOS = {
         requester=["--interaction", "stream", "--connections", "4", "--max", "--concurrency", "1",
                    "--request-n", str(UNBOUNDED)],
         responder=["--items", "1000000"],
-        systems=["rsbroker", "rsbroker-tls", "rsbroker-ws", "direct"],
+        systems=["rsbroker", "rsbroker-tls", "rsbroker-ws", "direct", "rsbroker-quic", "direct-quic", "quinn"],
         ops="items",
     ),
     "stream-window-8": dict(
@@ -139,7 +139,7 @@ SCENARIOS = {
         requester=["--interaction", "stream", "--connections", "4", "--max", "--concurrency", "1",
                    "--request-n", str(UNBOUNDED), "--payload-size", "65536"],
         responder=["--items", "100000"],
-        systems=["rsbroker", "direct"],
+        systems=["rsbroker", "direct", "rsbroker-quic", "direct-quic", "quinn"],
         ops="items",
     ),
 }
@@ -162,6 +162,35 @@ def wait_port(port, proc, what, timeout=20):
         except OSError:
             time.sleep(0.05)
     raise SystemExit("%s did not listen on %d" % (what, port))
+
+
+def wait_udp(port, proc, what, timeout=20):
+    """Waits until a UDP socket is bound to port (QUIC has no connect to try)."""
+    want = ":%04X" % port
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("%s exited: %s" % (what, proc.args))
+        for table in ("/proc/net/udp", "/proc/net/udp6"):
+            try:
+                with open(table) as f:
+                    rows = [line.split() for line in f.readlines()[1:]]
+                if any(len(r) > 1 and r[1].endswith(want) for r in rows):
+                    return
+            except OSError:
+                pass
+        time.sleep(0.05)
+    raise SystemExit("%s did not bind UDP port %d" % (what, port))
+
+
+def tls_files(tmp):
+    """The self-signed certificate and key of tls_config."""
+    tls_config(tmp)
+    return os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+
+
+# Systems where the responder itself is the system under test, on CPU0.
+DIRECT = ("direct", "direct-quic", "quinn")
 
 
 def cpu_ticks(pid):
@@ -236,12 +265,18 @@ def start_system(system, tmp):
         # rsbroker-tls and rsbroker-ws: the same broker, its clients over
         # TLS (a self-signed certificate) or WebSocket.
         url, client = "tcp://127.0.0.1:%d" % port, []
-        if system.endswith("-tls"):
+        extra_listen = []
+        if system.endswith("-quic"):
+            # A tcp:// listener on the same port number, to know it is up.
+            url, client = "quic://127.0.0.1:%d" % port, ["--insecure"]
+            extra_listen = ["--listen", "tcp://127.0.0.1:%d" % port]
+        elif system.endswith("-tls"):
             url, client = "tls://127.0.0.1:%d" % port, ["--insecure"]
         elif system.endswith("-ws"):
             url = "ws://127.0.0.1:%d/rsocket" % port
-        cmd = [binary, "--listen", url, "--shards", "1", "--no-admin", "--log", "warn"]
-        if system.endswith("-tls"):
+        cmd = [binary, "--listen", url] + extra_listen + ["--shards", "1", "--no-admin",
+                                                          "--log", "warn"]
+        if system.endswith("-tls") or system.endswith("-quic"):
             cmd += ["--config", tls_config(tmp)]
         if os.environ.get("RSBROKER_SPIN"):
             # To compare spin settings; the default config is what users get.
@@ -261,6 +296,9 @@ def start_system(system, tmp):
     if system == "direct":
         # The peer itself is the system under test: a plain RSocket responder on CPU0.
         return None, None, ["--listen", "tcp://127.0.0.1:%d" % port]
+    if system in ("direct-quic", "quinn"):
+        # Our responder over QUIC, or quinn's (tokio) RSocket responder.
+        return None, None, ["--listen", "quic://127.0.0.1:%d" % port]
     raise SystemExit("unknown system " + system)
 
 
@@ -278,16 +316,30 @@ def run_once(name, sc, system, args, rate, tmp):
         if system == "nats":
             extra = list(sc.get("nats_responder", [i for i in extra if i not in ("--instances", "16")]))
         req = [os.path.join(BIN, "loadgen"), "requester"]
-        if system == "direct":
+        if system in DIRECT:
             # The responder is the system under test, alone on CPU0.
             resp_json = os.path.join(tmp, "responder.json")
             port = int(target[1].rsplit(":", 1)[1])
-            responder = pinned(SUT_CPU, [os.path.join(BIN, "loadgen"), "responder",
-                                         "--listen", target[1], "--json", resp_json]
-                               + [x for x in extra if x not in ("--instances", "16")])
-            wait_port(port, responder, "loadgen responder --listen")
+            extra = [x for x in extra if x not in ("--instances", "16")]
+            if system == "quinn":
+                cert, key = tls_files(tmp)
+                cmd = [os.path.join(BIN, "loadgen"), "quinn-responder", "--listen", target[1],
+                       "--certificate", cert, "--key", key] + extra
+                resp_json = None
+            else:
+                cmd = [os.path.join(BIN, "loadgen"), "responder", "--listen", target[1],
+                       "--json", resp_json] + extra
+                if system == "direct-quic":
+                    cert, key = tls_files(tmp)
+                    cmd += ["--certificate", cert, "--key", key]
+            responder = pinned(SUT_CPU, cmd)
+            if target[1].startswith("quic://"):
+                wait_udp(port, responder, " ".join(cmd[:2]))
+                req += ["--broker", target[1], "--insecure"]
+            else:
+                wait_port(port, responder, "loadgen responder --listen")
+                req += ["--broker", target[1]]
             sut_pid = responder.pid
-            req += ["--broker", target[1]]
         else:
             # The responders answer in the requester's own process, on its
             # event loop on CPU1 (--serve): two processes taking turns on one
@@ -561,6 +613,22 @@ def targets(summary):
                 out.append(("rr-max over TLS: broker CPU per request <= 1.5x TCP's",
                             "%.2fx (%.2f vs %.2f µs)" % (cpu, other["sut_cpu_us_per_op"] or 0,
                                                        rb["sut_cpu_us_per_op"] or 0), cpu <= 1.5))
+    rb, rq = med("rr-max", "rsbroker"), med("rr-max", "rsbroker-quic")
+    if rb and rq:
+        ratio = rq["achieved_rps"] / max(rb["achieved_rps"], 1)
+        out.append(("rr-max over QUIC: requests/s >= 0.5x TCP's",
+                    "%.2fx (%.0f vs %.0f/s)" % (ratio, rq["achieved_rps"], rb["achieved_rps"]),
+                    ratio >= 0.5))
+    for name, rate in (("rr-max", "achieved_rps"), ("stream-unbounded", "items_per_s"),
+                       ("stream-64k", "items_per_s")):
+        dq, qn = med(name, "direct-quic"), med(name, "quinn")
+        if dq and qn:
+            ratio = dq[rate] / max(qn[rate], 1)
+            cpu_d, cpu_q = dq["sut_cpu_us_per_op"] or 0, qn["sut_cpu_us_per_op"] or 0
+            out.append(("%s, direct QUIC: frames/s >= 1.0x quinn's at no more CPU per frame" % name,
+                        "%.2fx (%.0f vs %.0f/s), %.2f vs %.2f µs CPU/frame"
+                        % (ratio, dq[rate], qn[rate], cpu_d, cpu_q),
+                        ratio >= 1.0 and cpu_d <= cpu_q))
     rb, nt = med("rr-max", "rsbroker"), med("rr-max", "nats")
     if rb and nt:
         ratio = rb["achieved_rps"] / max(nt["achieved_rps"], 1)

@@ -242,6 +242,9 @@ pub(crate) struct Inner {
     closed_waker: RefCell<Option<Waker>>,
     setup_done: Cell<bool>,
     local: Cell<Option<SocketAddr>>,
+    /// [`Client::abort`] was called: the driver closes without waiting for
+    /// the peer to take what is queued.
+    aborted: Cell<bool>,
 }
 
 /// Unsent bytes above which [`Sink::send`] waits for the socket to drain.
@@ -391,6 +394,7 @@ impl ClientBuilder {
             unsent: Cell::new(0),
             closed_waker: RefCell::new(None),
             setup_done: Cell::new(false),
+            aborted: Cell::new(false),
             local: Cell::new(None),
         });
         glommio::spawn_local(driver::drive(Driven(inner.clone()), io)).detach();
@@ -555,6 +559,7 @@ impl Client {
 
     /// Closes at once, without waiting for streams.
     pub fn abort(&self) {
+        self.inner.aborted.set(true);
         self.inner
             .conn
             .borrow_mut()
@@ -825,6 +830,8 @@ fn wake(waker: &mut Option<Waker>) {
 
 /// How long a closed connection waits for the broker to take its last frames.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an aborted connection waits for its ERROR to be taken.
+const ABORT_TIMEOUT: Duration = Duration::from_millis(50);
 
 /// The client's side of its connection, for the transport driver.
 struct Driven(Rc<Inner>);
@@ -902,7 +909,11 @@ impl Endpoint for Driven {
     }
 
     fn close_timeout(&self) -> Duration {
-        CLOSE_TIMEOUT
+        if self.0.aborted.get() {
+            ABORT_TIMEOUT
+        } else {
+            CLOSE_TIMEOUT
+        }
     }
 
     fn next_timeout(&self) -> Option<Instant> {

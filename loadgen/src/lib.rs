@@ -20,6 +20,7 @@
 
 mod event_loop;
 pub mod nats;
+pub mod quinn_peer;
 pub mod rsocket;
 mod runner;
 pub mod schedule;

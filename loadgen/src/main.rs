@@ -36,6 +36,57 @@ enum Command {
     Responder(ResponderArgs),
     /// A blocking TCP ping-pong: the round trip any broker is compared with.
     Pingpong(PingpongArgs),
+    /// An RSocket responder on quinn's own runtime (tokio): the QUIC peer
+    /// our QUIC path is measured against.
+    QuinnResponder(QuinnArgs),
+}
+
+#[derive(Args, Debug)]
+struct QuinnArgs {
+    /// Listen here, as quic://host:port
+    #[arg(long, value_name = "URL")]
+    listen: ListenAddr,
+    /// The certificate (PEM)
+    #[arg(long, value_name = "FILE")]
+    certificate: PathBuf,
+    /// Its private key (PEM)
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// Items per request-stream
+    #[arg(long, default_value_t = 1000)]
+    items: u32,
+    /// Stop after this long [default: at SIGINT or SIGTERM]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+}
+
+fn quinn_responder(args: QuinnArgs) -> Result<bool, String> {
+    if args.listen.scheme != rsbroker_transports::Scheme::Quic {
+        return Err(format!(
+            "{}: the quinn responder listens on quic:// only",
+            args.listen
+        ));
+    }
+    let tls = rsbroker_transports::tls::ServerTls {
+        certificate: args.certificate.clone(),
+        key: args.key.clone(),
+        ..Default::default()
+    }
+    .build()
+    .map_err(|e| e.to_string())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
+    }
+    if let Some(d) = args.duration {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(d);
+            stop.store(true, Ordering::Release);
+        });
+    }
+    loadgen::quinn_peer::run(args.listen.addr, tls, args.items, stop)?;
+    Ok(true)
 }
 
 #[derive(Args, Debug)]
@@ -456,6 +507,7 @@ fn main() -> ExitCode {
         Command::Requester(a) => requester(a),
         Command::Responder(a) => responder(a),
         Command::Pingpong(a) => pingpong(a),
+        Command::QuinnResponder(a) => quinn_responder(a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

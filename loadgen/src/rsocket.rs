@@ -92,9 +92,8 @@ impl RequesterSide for Requester {
     }
 
     async fn close(&self, c: Connections) {
-        for client in c.clients.iter().chain(&c.responders) {
-            client.close();
-        }
+        let all: Vec<&Client> = c.clients.iter().chain(&c.responders).collect();
+        close_all(&all).await;
     }
 }
 
@@ -388,11 +387,8 @@ impl ResponderSide for EchoServer {
             eprintln!("loadgen responder: the broker closed a connection; stopping");
         }
         drop(serving.server);
-        for c in &serving.clients {
-            c.close();
-        }
-        // The closes go out before the executor ends.
-        glommio::timer::sleep(Duration::from_millis(20)).await;
+        let all: Vec<&Client> = serving.clients.iter().collect();
+        close_all(&all).await;
     }
 
     fn ready_line(&self, spec: &ResponderSpec) -> String {
@@ -432,6 +428,30 @@ fn listen(server: &ListenServer, echo: Echo) -> Result<Task<()>, String> {
             .detach();
         }
     }))
+}
+
+/// Closes every client and waits, briefly, until they are closed: over
+/// QUIC nothing tells the peer once the process has exited (no kernel
+/// closes the connection), so the close must go out first. A client still
+/// sending a stream's items is aborted after half a second.
+async fn close_all(clients: &[&Client]) {
+    for c in clients {
+        c.close();
+    }
+    let all_closed = || clients.iter().all(|c| c.is_closed());
+    let wait = |within: Duration| async move {
+        let until = Instant::now() + within;
+        while !all_closed() && Instant::now() < until {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    wait(Duration::from_millis(500)).await;
+    for c in clients.iter().filter(|c| !c.is_closed()) {
+        c.abort();
+    }
+    wait(Duration::from_millis(500)).await;
+    // The last closes go out before the executor ends.
+    glommio::timer::sleep(Duration::from_millis(20)).await;
 }
 
 /// Connects this thread's `share` of the responder connections `spec`

@@ -417,3 +417,107 @@ fn serve_over_nats_answers_requests_and_counts_them() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+/// Runs `cmd` and fails the test if it has not finished within `within`.
+fn output_within(mut cmd: Command, within: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("loadgen runs");
+    let deadline = std::time::Instant::now() + within;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {within:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn quic_streams_through_the_broker_and_on_the_direct_path() {
+    let dir = tmp("quic");
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let mut c = BrokerConfig::default();
+    c.server.listen = vec!["quic://127.0.0.1:0".parse().unwrap()];
+    c.server.shards = 1;
+    c.server.io_memory = rsbroker::config::Size(64 << 10);
+    c.admin.enabled = false;
+    c.shutdown.close_timeout = Duration::from_secs(1);
+    c.tls.certificate = Some(cert_path.clone());
+    c.tls.key = Some(key_path.clone());
+    let broker = rsbroker::start(c).expect("broker starts");
+    let quic = broker
+        .addr_of(rsbroker_transports::Scheme::Quic)
+        .unwrap()
+        .to_string();
+    let json = tmp("quic.json");
+    // An unbounded stream pushes as fast as QUIC's windows and pacing
+    // allow, several times over: it must end on time every time.
+    for round in 0..3 {
+        let mut cmd = loadgen();
+        cmd.args(["requester", "--broker", &quic, "--insecure"])
+            .args(["--serve=--items 1000000", "--interaction", "stream"])
+            .args(["--request-n", "2147483647", "--connections", "4", "--max"])
+            .args(["--spin", "--duration", "1s", "--quiet"])
+            .args(["--json", json.to_str().unwrap()]);
+        let out = output_within(cmd, Duration::from_secs(30));
+        let (_, summary) = succeeded(&out, &json);
+        assert!(
+            summary["items_total"].as_u64().unwrap() > 1000,
+            "round {round}: {summary}"
+        );
+    }
+    broker.stop();
+    broker.join().unwrap();
+
+    // The direct path: a plain RSocket server on quic://.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("quic://127.0.0.1:{port}");
+    let mut server = loadgen()
+        .args(["responder", "--listen", &url, "--duration", "60s"])
+        .args(["--certificate", cert_path.to_str().unwrap()])
+        .args(["--key", key_path.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("loadgen runs");
+    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
+    let first = lines.next().expect("a line").expect("text");
+    assert!(first.contains("serving RSocket on quic://"), "{first}");
+    let mut cmd = loadgen();
+    cmd.args(["requester", "--broker", &url, "--insecure", "--max"])
+        .args([
+            "--duration",
+            "1s",
+            "--quiet",
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+    let out = output_within(cmd, Duration::from_secs(30));
+    let (_, summary) = succeeded(&out, &json);
+    assert!(
+        summary["ok"].as_u64().unwrap() > 0 && summary["errors"] == 0,
+        "{summary}"
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}

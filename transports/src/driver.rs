@@ -208,7 +208,12 @@ pub async fn drive<E: Endpoint, T: FrameIo>(mut endpoint: E, mut io: T) {
         let mut deadline = endpoint.next_timeout();
         if unreadable || endpoint.is_closed() {
             let now = Instant::now();
-            let at = *close_at.get_or_insert_with(|| now + endpoint.close_timeout());
+            // The earliest deadline so far: an endpoint that shortens its
+            // timeout (a graceful close turned into an abort) is closed sooner.
+            let at = close_at.map_or(now + endpoint.close_timeout(), |a| {
+                a.min(now + endpoint.close_timeout())
+            });
+            close_at = Some(at);
             if endpoint.pending_bytes() + io.queued_bytes() == 0 || now >= at {
                 let _ = io.poll_close(cx);
                 endpoint.finish(End::Closed);

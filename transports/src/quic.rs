@@ -104,6 +104,8 @@ const RECVS_PER_TURN: usize = 8;
 /// How long a closing connection waits for the peer to acknowledge its
 /// last frames before it closes anyway.
 const LINGER: Duration = Duration::from_secs(3);
+/// The endpoint task's longest sleep.
+const SAFETY_TICK: Duration = Duration::from_millis(100);
 /// Application error code of a normal close.
 const CLOSE_NORMAL: u32 = 0;
 
@@ -427,7 +429,15 @@ impl QuicEndpoint {
         server: Option<Arc<quinn_proto::ServerConfig>>,
         is_server: bool,
     ) -> io::Result<Self> {
-        let socket = UdpSocket::bind(addr).map_err(crate::tcp::io_error)?;
+        // Servers share their port across shards (SO_REUSEPORT); a client
+        // binds port 0 without it: with it, the kernel may hand out a port
+        // another client socket holds, and the two would split each
+        // other's datagrams.
+        let socket = if is_server {
+            UdpSocket::bind(addr).map_err(crate::tcp::io_error)?
+        } else {
+            UdpSocket::from(std::net::UdpSocket::bind(addr)?)
+        };
         let sock = socket2::SockRef::from(&socket);
         sock.set_nonblocking(true)?;
         let udp = quinn_udp::UdpSocketState::new((&socket).into())?;
@@ -938,6 +948,7 @@ async fn run(shared: Rc<Shared>) {
     let mut blocks = RecvBlocks::new();
     let mut timer: Option<glommio::timer::Timer> = None;
     let mut got: Vec<(BytesMut, quinn_udp::RecvMeta)> = Vec::with_capacity(BATCH);
+    let mut due: Vec<(Instant, usize)> = Vec::new();
     poll_fn(|cx| {
         {
             let mut d = shared.driver.borrow_mut();
@@ -984,18 +995,23 @@ async fn run(shared: Rc<Shared>) {
                 Err(_) => continue,
             }
         }
-        // Timers that are due.
-        while let Some(&(at, key)) = st.timers.first() {
-            if at > now {
-                break;
-            }
+        // Timers that are due, each connection once per pass: what a
+        // connection sets again for `now` or earlier (quinn's pacing can)
+        // waits for the next pass, with a later clock.
+        due.clear();
+        due.extend(
+            st.timers
+                .iter()
+                .take_while(|&&(at, _)| at <= now)
+                .map(|&(at, key)| (at, key)),
+        );
+        for &(at, key) in &due {
             st.timers.remove(&(at, key));
-            let ch = ConnectionHandle(key);
             if let Some(slot) = st.conns.get_mut(&key) {
                 slot.deadline = None;
                 slot.conn.handle_timeout(now);
             }
-            shared.service(&mut st, ch, now);
+            shared.service(&mut st, ConnectionHandle(key), now);
         }
         // A datagram waits for room in the socket.
         if st.blocked.is_some() {
@@ -1023,7 +1039,11 @@ async fn run(shared: Rc<Shared>) {
         let next = st.timers.first().map(|&(at, _)| at);
         drop(st);
         shared.armed.set(next);
-        if let Some(at) = next {
+        // Never asleep for longer than a tick: a wake-up lost on the way
+        // (a readiness poll, a timer) then costs one tick, not the
+        // connection.
+        let at = next.map_or(now + SAFETY_TICK, |at| at.min(now + SAFETY_TICK));
+        {
             let wait = at.saturating_duration_since(Instant::now());
             let t = timer.get_or_insert_with(|| glommio::timer::Timer::new(wait));
             t.reset(wait);
@@ -1059,8 +1079,9 @@ impl Handle {
         self.shared.service(&mut st, self.ch, Instant::now());
     }
 
-    /// The connection is no longer wanted: finish its stream and close once
-    /// the peer has acknowledged it (or after [`LINGER`]).
+    /// The connection is no longer wanted: on the server, finish its stream
+    /// and close once the peer has acknowledged it (or after [`LINGER`]);
+    /// on a client, close now.
     fn release(&self) {
         let now = Instant::now();
         let _ = self.with(|slot, _| {
@@ -1068,9 +1089,16 @@ impl Handle {
             if slot.conn.is_closed() {
                 return;
             }
-            let finished = slot
-                .send
-                .is_some_and(|id| slot.conn.send_stream(id).finish().is_ok());
+            // A server lingers until the client has its last frames (an
+            // ERROR, say). A client closes at once: its process may exit
+            // right after, and a QUIC connection left without a close
+            // would hold the broker's side (the app's registration
+            // included) until the idle timeout.
+            let server = slot.conn.side() == quinn_proto::Side::Server;
+            let finished = server
+                && slot
+                    .send
+                    .is_some_and(|id| slot.conn.send_stream(id).finish().is_ok());
             if finished && slot.connected {
                 slot.linger = Some(now + LINGER);
             } else {

@@ -56,7 +56,7 @@ pub(crate) fn run_requester<S: RequesterSide>(
     let gate = Arc::new(Gate::new(threads));
     let progress: Vec<Arc<AtomicU64>> = (0..threads).map(|_| Arc::default()).collect();
     let (started, cannot_start) = start_threads(side, spec, &gate, &progress);
-    let start = gate.wait();
+    let start = gate.wait_blocking();
     let live = start
         .filter(|_| spec.live)
         .map(|s| live(progress, s + spec.warmup + spec.duration));
@@ -141,7 +141,7 @@ impl<S: RequesterSide> RequesterThread<S> {
         let counts = Rc::new(Counts::new());
         let part = Part::new(&self.spec, self.share, &counts);
         let thread = self.side.connect(part).await;
-        let start = self.ticket.pass(thread.is_ok());
+        let start = self.ticket.pass::<S::Loop>(thread.is_ok()).await;
         let thread = thread?;
         let record = match start {
             Some(start) => {
@@ -201,14 +201,31 @@ impl Gate {
     }
 
     /// Waits until every thread has arrived; returns when the run starts,
-    /// or `None` when one could not connect.
-    fn wait(&self) -> Option<Instant> {
+    /// or `None` when one could not connect. The thread's event loop keeps
+    /// running meanwhile: its connections must go on answering (a QUIC
+    /// endpoint acknowledges and completes handshakes in this thread, not
+    /// in the kernel), or a thread still connecting through them would
+    /// never arrive.
+    /// The same, blocking (for the thread that started the others).
+    fn wait_blocking(&self) -> Option<Instant> {
         let a = self.arrivals.lock().unwrap_or_else(PoisonError::into_inner);
         let a = self
             .all_in
             .wait_while(a, |a| a.missing > 0)
             .unwrap_or_else(PoisonError::into_inner);
         a.start
+    }
+
+    async fn wait<L: EventLoop>(&self) -> Option<Instant> {
+        loop {
+            {
+                let a = self.arrivals.lock().unwrap_or_else(PoisonError::into_inner);
+                if a.missing == 0 {
+                    return a.start;
+                }
+            }
+            L::sleep(Duration::from_millis(1)).await;
+        }
     }
 }
 
@@ -226,10 +243,10 @@ impl Ticket {
 
     /// Arrives (`ready` when this thread connected) and waits for the rest;
     /// returns when the run starts, or `None` when it does not.
-    fn pass(mut self, ready: bool) -> Option<Instant> {
+    async fn pass<L: EventLoop>(mut self, ready: bool) -> Option<Instant> {
         let gate = self.gate.take()?;
         gate.arrive(ready);
-        gate.wait()
+        gate.wait::<L>().await
     }
 }
 

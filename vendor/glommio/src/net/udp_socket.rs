@@ -35,6 +35,14 @@ impl AsRawFd for UdpSocket {
     }
 }
 
+impl From<net::UdpSocket> for UdpSocket {
+    /// A socket bound by the caller (without SO_REUSEPORT, say: a client's
+    /// port 0 with SO_REUSEPORT may be a port another such socket holds).
+    fn from(socket: net::UdpSocket) -> UdpSocket {
+        UdpSocket::from(socket2::Socket::from(socket))
+    }
+}
+
 impl std::os::unix::io::AsFd for UdpSocket {
     fn as_fd(&self) -> std::os::unix::io::BorrowedFd<'_> {
         // SAFETY: the descriptor is owned by `self` and lives as long as the borrow.
