@@ -108,10 +108,7 @@ async fn serve(conn: quinn::Connection, items: u32) -> Result<(), String> {
         // Read: wait when there is nothing to send, otherwise take only
         // what is there already.
         let chunk = if busy {
-            match futures_lite::future::poll_once(recv.read_chunk(usize::MAX, true)).await {
-                Some(r) => Some(r),
-                None => None,
-            }
+            futures_lite::future::poll_once(recv.read_chunk(usize::MAX, true)).await
         } else {
             Some(recv.read_chunk(usize::MAX, true).await)
         };
