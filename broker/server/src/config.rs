@@ -795,6 +795,7 @@ pub fn parse(text: &str) -> Result<BrokerConfig, Vec<ConfigError>> {
             "limits" => load_into(&mut config.limits, value),
             "shutdown" => load_into(&mut config.shutdown, value),
             "tls" => load_into(&mut config.tls, value),
+            "quic" => load_into(&mut config.quic, value),
             "log" => load_into(&mut config.log, value),
             "policy" => load_into(&mut config.policy, value),
             "services" => match value.get_ref() {
@@ -820,7 +821,7 @@ pub fn parse(text: &str) -> Result<BrokerConfig, Vec<ConfigError>> {
             _ => Err(vec![(
                 Some(key.span()),
                 None,
-                "unknown section (server, admin, limits, shutdown, tls, log, policy, services)"
+                "unknown section (server, admin, limits, shutdown, tls, quic, log, policy, services)"
                     .to_owned(),
             )]),
         }
@@ -1081,6 +1082,16 @@ max_keepalive_lifetime = "2m"
 drain_timeout = "1m"
 close_timeout = "2s"
 
+[quic]
+idle_timeout = "45s"
+stream_receive_window = "512 KiB"
+receive_window = "4 MiB"
+send_window = "2 MiB"
+max_connections_per_shard = 500
+retry_above = 16
+max_streams = 2
+alpn = ["rsocket"]
+
 [log]
 level = "rsbroker_core=debug,info"
 format = "json"
@@ -1111,6 +1122,17 @@ retries = 3
         );
         assert_eq!(c.server.shards, 3);
         assert_eq!(c.server.cores, vec![0]);
+        let q = c.quic.options(1024);
+        assert_eq!(q.idle_timeout, Duration::from_secs(45));
+        assert_eq!(
+            (q.stream_receive_window, q.receive_window, q.send_window),
+            (512 << 10, 4 << 20, 2 << 20)
+        );
+        assert_eq!(
+            (q.max_connections, q.retry_above, q.max_streams),
+            (500, 16, 2)
+        );
+        assert_eq!(q.alpn, vec![b"rsocket".to_vec()]);
         assert_eq!(c.server.io_memory, Size(1 << 20));
         assert_eq!(c.server.mesh_capacity, 64);
         assert_eq!(c.server.spin_before_park, Duration::from_micros(50));
