@@ -43,6 +43,22 @@ fn responder_at(url: &str, extra: &[&str]) -> Child {
     child
 }
 
+/// A self-signed certificate for 127.0.0.1 and its key, written under
+/// `name` in the test directory.
+fn certificate(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = tmp(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (cert_path, key_path)
+}
+
 fn tmp(name: &str) -> std::path::PathBuf {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("loadgen");
     std::fs::create_dir_all(&dir).unwrap();
@@ -195,16 +211,7 @@ fn closed_loop_and_streams_under_a_window() {
 
 #[test]
 fn requester_over_tls_reaches_a_responder_over_websocket() {
-    let dir = tmp("tls");
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert_path, key_path) = certificate("tls");
     let mut c = BrokerConfig::default();
     c.server.listen = ["tls://127.0.0.1:0", "ws://127.0.0.1:0/rsocket"]
         .iter()
@@ -442,16 +449,7 @@ fn output_within(mut cmd: Command, within: Duration) -> std::process::Output {
 
 #[test]
 fn quic_streams_through_the_broker_and_on_the_direct_path() {
-    let dir = tmp("quic");
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert_path, key_path) = certificate("quic");
     let mut c = BrokerConfig::default();
     c.server.listen = vec!["quic://127.0.0.1:0".parse().unwrap()];
     c.server.shards = 1;

@@ -194,6 +194,22 @@ pub struct QuicStats {
     pub assembled_bytes: u64,
 }
 
+impl QuicStats {
+    /// Adds `other`'s counts (endpoints of one shard, shards of a broker).
+    pub fn add(&mut self, other: &QuicStats) {
+        self.datagrams_in += other.datagrams_in;
+        self.datagrams_out += other.datagrams_out;
+        self.forwarded_out += other.forwarded_out;
+        self.forwarded_in += other.forwarded_in;
+        self.forward_dropped += other.forward_dropped;
+        self.retries += other.retries;
+        self.refused += other.refused;
+        self.handshaking += other.handshaking;
+        self.connections += other.connections;
+        self.assembled_bytes += other.assembled_bytes;
+    }
+}
+
 /// A datagram one shard passes to the shard that owns its connection.
 #[derive(Debug)]
 pub struct Forwarded {

@@ -414,17 +414,7 @@ impl ShardRt {
     fn quic_stats(&self) -> QuicStats {
         let mut sum = QuicStats::default();
         for ep in &self.quic {
-            let s = ep.stats();
-            sum.datagrams_in += s.datagrams_in;
-            sum.datagrams_out += s.datagrams_out;
-            sum.forwarded_out += s.forwarded_out;
-            sum.forwarded_in += s.forwarded_in;
-            sum.forward_dropped += s.forward_dropped;
-            sum.retries += s.retries;
-            sum.refused += s.refused;
-            sum.handshaking += s.handshaking;
-            sum.connections += s.connections;
-            sum.assembled_bytes += s.assembled_bytes;
+            sum.add(&ep.stats());
         }
         sum
     }

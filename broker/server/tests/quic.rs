@@ -107,13 +107,7 @@ impl Drop for Relay {
 fn quic_stats(snaps: &[ShardSnapshot]) -> QuicStats {
     let mut sum = QuicStats::default();
     for s in snaps {
-        sum.forwarded_out += s.quic.forwarded_out;
-        sum.forwarded_in += s.quic.forwarded_in;
-        sum.retries += s.quic.retries;
-        sum.refused += s.quic.refused;
-        sum.handshaking += s.quic.handshaking;
-        sum.connections += s.quic.connections;
-        sum.datagrams_in += s.quic.datagrams_in;
+        sum.add(&s.quic);
     }
     sum
 }
