@@ -60,7 +60,32 @@
 //! chunks (two packets) is assembled, once. Outgoing frames go to quinn as
 //! `Bytes` chunks ([`WriteQueue`] copies only heads and parts under 4 KiB);
 //! quinn encrypts them into its datagram buffer: that copy is the
-//! encryption's, and the one that remains.
+//! encryption's, and the one that remains. Tests hold both directions to
+//! this: `quic_hands_payload_buffers_to_quinn_uncopied` (transports) sees
+//! quinn keep the payload's own buffer until it is acknowledged, and the
+//! broker's `frames_within_a_packet_cross_the_broker_uncopied` counts the
+//! bytes assembled ([`QuicStats::assembled_bytes`]).
+//!
+//! # Memory
+//!
+//! What one connection may hold is bounded by [`QuicOptions`]: quinn keeps
+//! data it sent until it is acknowledged, at most `send_window` bytes per
+//! connection (past that, stream writes are refused and what waits stays
+//! in the connection's [`WriteQueue`], where it counts as pending bytes and
+//! pauses the feeders as on TCP; quinn's share is like a TCP socket's
+//! kernel send buffer and is not counted there, since quinn does not expose
+//! it). Received data waits in quinn until read, at most
+//! `stream_receive_window` per stream and `receive_window` per connection;
+//! the reader takes it as soon as the connection's task runs. A frame that
+//! spans packets is assembled up to the frame size limit.
+//!
+//! # Sends
+//!
+//! A connection's packets are sent in GSO batches of at most
+//! `MAX_GSO_SEGMENTS` datagrams, and never more than one UDP datagram's
+//! worth of bytes (65 507): the kernel refuses a larger batch with
+//! EMSGSIZE, and quinn-udp reports that send as done, so its packets would
+//! be lost and sent again after a probe timeout.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, VecDeque};
@@ -208,6 +233,29 @@ impl QuicStats {
         self.connections += other.connections;
         self.assembled_bytes += other.assembled_bytes;
     }
+}
+
+/// Largest UDP payload of one datagram (what a GSO batch must fit in: the
+/// kernel refuses a larger one, and quinn-udp drops it without a word).
+const MAX_GSO_BYTES: usize = 65_535 - 20 - 8;
+/// Datagrams per GSO batch at most: more saves little and holds the socket
+/// longer between the connections of a shard.
+const MAX_GSO_SEGMENTS: usize = 44;
+
+/// Datagrams one send may carry for a connection whose packets are `mtu`
+/// bytes: what the socket offers, the batch within one UDP payload.
+fn gso_segments(offered: usize, mtu: u16) -> usize {
+    let fit = MAX_GSO_BYTES / usize::from(mtu).max(1);
+    offered.min(fit).clamp(1, MAX_GSO_SEGMENTS)
+}
+
+/// Packets one connection sent, and how many of them were lost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacketCounts {
+    /// Packets sent.
+    pub sent: u64,
+    /// Packets declared lost (and their data sent again).
+    pub lost: u64,
 }
 
 /// A datagram one shard passes to the shard that owns its connection.
@@ -745,12 +793,12 @@ impl Shared {
         if st.blocked.is_some() {
             st.want_send.push(ch.0);
         } else {
-            let segments = self.udp.max_gso_segments().max(1);
             loop {
                 st.tx.clear();
                 let Some(slot) = st.conns.get_mut(&ch.0) else {
                     break;
                 };
+                let segments = gso_segments(self.udp.max_gso_segments(), slot.conn.current_mtu());
                 let Some(t) = slot.conn.poll_transmit(now, segments, &mut st.tx) else {
                     break;
                 };
@@ -1273,6 +1321,18 @@ impl QuicConn {
         })?
     }
 
+    /// Packets quinn sent on this connection and packets it declared lost;
+    /// `None` once the connection is gone.
+    pub fn packets(&self) -> Option<PacketCounts> {
+        self.handle.as_ref()?.with(|slot, _| {
+            let path = slot.conn.stats().path;
+            PacketCounts {
+                sent: path.sent_packets,
+                lost: path.lost_packets,
+            }
+        })
+    }
+
     /// The client opens the stream its frames go on.
     fn open_stream(&mut self) -> io::Result<()> {
         let max = self.max_frame;
@@ -1546,6 +1606,20 @@ pub async fn wait_stats(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gso_batches_fit_in_one_udp_datagram() {
+        for mtu in [1200u16, 1280, 1452, 1472, 9000, 65_000] {
+            let n = gso_segments(64, mtu);
+            assert!(n >= 1);
+            assert!(
+                n * usize::from(mtu) <= MAX_GSO_BYTES,
+                "{n} x {mtu} bytes is more than one UDP datagram"
+            );
+        }
+        assert_eq!(gso_segments(1, 1452), 1, "no GSO: one datagram per send");
+        assert_eq!(gso_segments(64, 1200), MAX_GSO_SEGMENTS.min(54));
+    }
 
     #[test]
     fn owner_is_read_from_our_ids_only() {
