@@ -578,6 +578,12 @@ impl Collector for SnapshotCollector {
                 Gauge,
                 |s| s.quic.connections,
             ),
+            (
+                "rsbroker_quic_assembled_bytes",
+                "Bytes copied to assemble received frames that spanned QUIC packets (frames within a packet are not copied).",
+                Counter,
+                |s| s.quic.assembled_bytes,
+            ),
         ] {
             family(e, name, help, kind, per_shard(&get))?;
         }

@@ -12,7 +12,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use common::{App, TestBroker, every_transport_config, run, wait_for_instances};
-use rsbroker::{BrokerConfig, ShardSnapshot};
+use rsbroker::{BrokerConfig, Controller, ShardSnapshot};
 use rsbroker_client::metadata::route;
 use rsbroker_client::{Client, ClientConfig, Payload};
 use rsbroker_transports::quic::QuicStats;
@@ -228,6 +228,84 @@ fn a_client_whose_address_changes_keeps_its_streams_across_shards() {
     assert_eq!(answers.first().map(String::as_str), Some("rebind:before"));
     assert_eq!(answers.last().map(String::as_str), Some("rebind:end"));
     assert_eq!(answers.len(), switches + 2);
+}
+
+#[test]
+fn frames_within_a_packet_cross_the_broker_uncopied() {
+    let s = start("quic-copies", |_| {});
+    let _app = App::start_at(
+        s.url(Scheme::Tcp),
+        None,
+        "copies",
+        "copies.svc",
+        1,
+        Duration::ZERO,
+    );
+    wait_for_instances(&s.broker, 1);
+    let (url, tls) = (s.url(Scheme::Quic), s.tls.clone());
+    let controller = s.broker.controller();
+    let big = 60 * 1024;
+    let (small_assembled, answers, big_answer) = run(move || async move {
+        let client = Client::builder(ClientConfig::default())
+            .connect_url(&url, Some(tls))
+            .await
+            .expect("connect over QUIC");
+        let mut answers = 0;
+        for i in 0..200 {
+            let a = client
+                .request_response(Payload::new(route(&["copies.svc"]), format!("small-{i}")))
+                .await
+                .expect("small request");
+            assert_eq!(&a.data[..], format!("copies:small-{i}").as_bytes());
+            answers += 1;
+        }
+        // Shards publish their counters every tick: read them once a
+        // snapshot has seen every request routed.
+        let small_assembled = routed_then(&controller, "copies.svc", 200).assembled_bytes;
+        let a = client
+            .request_response(Payload::new(route(&["copies.svc"]), "x".repeat(big)))
+            .await
+            .expect("large request");
+        client.close();
+        (small_assembled, answers, a.data.len())
+    });
+    assert_eq!(answers, 200);
+    // Every frame that fitted in its packet was cut from the packet's
+    // buffer, SETUP included.
+    assert_eq!(
+        small_assembled, 0,
+        "bytes copied for frames that each fitted in one packet"
+    );
+    assert_eq!(big_answer, "copies:".len() + big);
+    // A frame longer than a packet is assembled once, and only it.
+    let assembled = routed_then(&s.broker.controller(), "copies.svc", 201).assembled_bytes;
+    assert!(
+        (big as u64..big as u64 + 256).contains(&assembled),
+        "{assembled} bytes assembled for one frame of {big}"
+    );
+}
+
+/// The QUIC counters of the first snapshots that count `n` requests routed
+/// to `service` (so taken after the broker read them).
+fn routed_then(controller: &Controller, service: &str, n: u64) -> QuicStats {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let snaps = controller.snapshot();
+        let routed: u64 = snaps
+            .iter()
+            .flat_map(|s| &s.services)
+            .filter(|(name, _)| name == service)
+            .map(|(_, c)| c.total_requests())
+            .sum();
+        if routed >= n {
+            return quic_stats(&snaps);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{routed} of {n} requests to {service} in the snapshots"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A xorshift generator: the same garbage every run.
