@@ -388,6 +388,36 @@ mod tests {
     }
 
     #[test]
+    fn consistent_hash_spreads_keys_over_every_instance() {
+        let mut s = BalancerState::default();
+        let mut rng = Rng::new(3);
+        let key = ServiceKey::new("", "s", "");
+        let b = Balancer::ConsistentHash { tag: "h".into() };
+        let u = uuids(5);
+        let c = candidates(&u);
+        let mut per = [0usize; 5];
+        for k in 0..1000 {
+            per[s.pick(&key, &b, &c, Some(format!("k{k}").as_bytes()), &mut rng)] += 1;
+        }
+        // About 200 each; a hash that ignored the key would give one all.
+        assert!(per.iter().all(|n| (120..280).contains(n)), "{per:?}");
+    }
+
+    #[test]
+    fn consistent_hash_without_a_key_takes_turns() {
+        let mut s = BalancerState::default();
+        let mut rng = Rng::new(3);
+        let key = ServiceKey::new("", "s", "");
+        let b = Balancer::ConsistentHash { tag: "h".into() };
+        let u = uuids(3);
+        let c = candidates(&u);
+        let picks: Vec<usize> = (0..6)
+            .map(|_| s.pick(&key, &b, &c, None, &mut rng))
+            .collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
     fn rng_below_is_in_range() {
         let mut rng = Rng::new(0);
         for n in 1..50 {

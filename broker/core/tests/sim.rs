@@ -15,18 +15,27 @@ use rsbroker_core::balance::Rng;
 use rsbroker_core::{
     Balancer, ConnId, Failover, Message, Policies, ServicePolicy, Shard, ShardConfig,
 };
-use rsocket_proto::ErrorCode;
 use rsocket_proto::conn::{Config, Connection, Event, Interaction, RequestKind, SetupPayload};
 use rsocket_proto::metadata::build::{CompositeBuilder, route};
 use rsocket_proto::metadata::{MimeType, WellKnownMime};
+use rsocket_proto::{ConnectionError, ErrorCode};
 
 /// SETUP metadata of app `uuid` publishing `services`, in the JSON
 /// alibaba-rsocket-broker clients send (with the `ip` the parser reads).
 fn setup_metadata(uuid: &str, services: &[&str]) -> Bytes {
-    let app = format!(r#"{{"name":"app-{uuid}","uuid":"{uuid}","ip":"127.0.0.1"}}"#);
+    let services: Vec<(&str, &str)> = services.iter().map(|s| (*s, "")).collect();
+    app_metadata(uuid, &services, 1)
+}
+
+/// SETUP metadata of app `uuid` publishing `(service, version)` pairs, with
+/// its `powerRating`.
+fn app_metadata(uuid: &str, services: &[(&str, &str)], power_rating: u32) -> Bytes {
+    let app = format!(
+        r#"{{"name":"app-{uuid}","uuid":"{uuid}","ip":"127.0.0.1","powerRating":{power_rating}}}"#
+    );
     let published: Vec<String> = services
         .iter()
-        .map(|s| format!(r#"{{"group":"","service":"{s}","version":""}}"#))
+        .map(|(s, v)| format!(r#"{{"group":"","service":"{s}","version":"{v}"}}"#))
         .collect();
     let registry = format!(r#"{{"published":[{}]}}"#, published.join(","));
     CompositeBuilder::new()
@@ -53,14 +62,29 @@ struct App {
     item_size: usize,
     /// Responder: fire-and-forget requests received.
     fnf: u32,
+    /// Responder: how it answers a request-response.
+    answer: Answer,
     /// Responder: streams with items still to send: stream -> next item.
     serving: HashMap<u32, u32>,
     /// Requester: what happened on each stream.
     outcomes: HashMap<u32, Outcome>,
     alive: bool,
+    /// The error its connection closed with.
+    closed: Option<ConnectionError>,
     /// Whether the app reads what the broker sends it.
     reading: bool,
     events: Vec<Event>,
+}
+
+/// How a fake responder answers a request-response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    /// With `uuid:data`.
+    Payload,
+    /// With ERROR APPLICATION_ERROR.
+    Error,
+    /// Not at all (the request stays outstanding).
+    Never,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -128,6 +152,17 @@ impl Sim {
             fragment_size,
             ..Config::default()
         };
+        self.connect_with(shard, uuid, metadata, config)
+    }
+
+    /// An app whose SETUP carries `metadata`, its connection set up by `config`.
+    fn connect_with(
+        &mut self,
+        shard: u16,
+        uuid: &str,
+        metadata: Option<Bytes>,
+        config: Config,
+    ) -> usize {
         let conn = Connection::client(
             config,
             SetupPayload {
@@ -144,9 +179,11 @@ impl Sim {
             items: 3,
             item_size: 0,
             fnf: 0,
+            answer: Answer::Payload,
             serving: HashMap::new(),
             outcomes: HashMap::new(),
             alive: true,
+            closed: None,
             reading: true,
             events: Vec::new(),
         });
@@ -269,9 +306,17 @@ impl Sim {
                             app.uuid,
                             String::from_utf8_lossy(frame.data_slice())
                         ));
-                        app.conn
-                            .send_payload(stream_id, None, data, true, true)
-                            .unwrap();
+                        match app.answer {
+                            Answer::Payload => app
+                                .conn
+                                .send_payload(stream_id, None, data, true, true)
+                                .unwrap(),
+                            Answer::Error => app
+                                .conn
+                                .send_error(stream_id, ErrorCode::APPLICATION_ERROR, data)
+                                .unwrap(),
+                            Answer::Never => {}
+                        }
                     }
                     Interaction::FireAndForget => {
                         assert!(ended);
@@ -330,6 +375,7 @@ impl Sim {
                 Event::Cancel { stream_id, ended } if ended => {
                     app.serving.remove(&stream_id);
                 }
+                Event::Closed(e) => app.closed = Some(e),
                 _ => {}
             }
         }
@@ -1350,4 +1396,325 @@ fn request_n_before_the_route_is_complete_keeps_the_request() {
     sim.shards[0].handle_frame(now, conn, last.to_bytes());
     assert_eq!(sim.shards[0].stream_maps(conn), Some((1, 0, 0)), "routed");
     assert_eq!(sim.shards[0].stats().requests_routed, 1);
+}
+
+// ------------------------------------------------ balancers and routing
+//
+// Each test below names one input of routing and fails when the broker
+// ignores it.
+
+fn policies(balancer: Balancer) -> Policies {
+    Policies {
+        default: ServicePolicy {
+            balancer,
+            failover: Failover::FailFast,
+        },
+        ..Policies::default()
+    }
+}
+
+/// Which instance answered request `id` of `app` (the fake responders
+/// answer `uuid:data`); `None` while unanswered.
+fn answered_by(sim: &Sim, app: usize, id: u32) -> Option<String> {
+    let o = sim.apps[app].outcomes.get(&id)?;
+    let item = o.items.first()?;
+    let text = String::from_utf8_lossy(item);
+    text.split(':').next().map(str::to_owned)
+}
+
+/// Sends `n` request-responses with `tags` from `app`, each after the one
+/// before was answered; returns who answered each.
+fn one_at_a_time(sim: &mut Sim, app: usize, tags: &[&str], n: usize) -> Vec<Option<String>> {
+    (0..n)
+        .map(|_| {
+            let id = sim.request(app, RequestKind::RequestResponse, tags, "x");
+            sim.run(10_000);
+            answered_by(sim, app, id)
+        })
+        .collect()
+}
+
+fn tally(answers: &[Option<String>]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for a in answers {
+        *m.entry(a.clone().unwrap_or_else(|| "(none)".into()))
+            .or_default() += 1;
+    }
+    m
+}
+
+#[test]
+fn consistent_hash_keeps_each_key_on_one_instance_and_spreads_the_keys() {
+    let mut sim = Sim::new(
+        2,
+        21,
+        policies(Balancer::ConsistentHash { tag: "user".into() }),
+    );
+    for (i, uuid) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        sim.connect(i as u16 % 2, uuid, &["svc"], 0);
+    }
+    // Requesters on both shards: the choice does not depend on the shard.
+    let near = sim.connect(0, "", &[], 0);
+    let far = sim.connect(1, "", &[], 0);
+    sim.run(10_000);
+    let mut owner = BTreeMap::new();
+    for k in 0..32 {
+        let tag = format!("user=u{k}");
+        let mut seen = Vec::new();
+        for app in [near, far, near, far] {
+            seen.extend(one_at_a_time(&mut sim, app, &["svc", &tag], 1));
+        }
+        let first = seen[0].clone().expect("answered");
+        assert!(
+            seen.iter().all(|s| s.as_deref() == Some(first.as_str())),
+            "key u{k} went to {seen:?}"
+        );
+        owner.insert(k, first);
+    }
+    let spread = tally(&owner.values().cloned().map(Some).collect::<Vec<_>>());
+    assert_eq!(
+        spread.len(),
+        4,
+        "32 keys over 4 instances reach every one: {spread:?}"
+    );
+    assert!(
+        spread.values().all(|&n| n <= 16),
+        "no instance takes half the keys: {spread:?}"
+    );
+    sim.assert_clean();
+}
+
+#[test]
+fn consistent_hash_without_its_tag_takes_the_instances_in_turn() {
+    let mut sim = Sim::new(
+        2,
+        22,
+        policies(Balancer::ConsistentHash { tag: "user".into() }),
+    );
+    for (i, uuid) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        sim.connect(i as u16 % 2, uuid, &["svc"], 0);
+    }
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    // Other tags are no hash key.
+    let answers = one_at_a_time(&mut sim, requester, &["svc", "region=x"], 8);
+    for turn in answers.chunks(4) {
+        let distinct = tally(turn);
+        assert_eq!(
+            distinct.len(),
+            4,
+            "four requests, four instances: {answers:?}"
+        );
+    }
+    sim.assert_clean();
+}
+
+#[test]
+fn a_request_for_a_version_reaches_only_that_version() {
+    let mut sim = Sim::new(2, 23, Policies::default());
+    for (shard, uuid, version) in [(0, "v1", "1.0"), (1, "v2", "2.0"), (1, "v0", "")] {
+        let metadata = app_metadata(uuid, &[("svc", version)], 1);
+        let config = Config {
+            reassemble: true,
+            ..Config::default()
+        };
+        sim.connect_with(shard, uuid, Some(metadata), config);
+    }
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    for (key, instance) in [("svc:2.0", "v2"), ("svc:1.0", "v1"), ("svc", "v0")] {
+        let answers = one_at_a_time(&mut sim, requester, &[key], 6);
+        assert_eq!(
+            tally(&answers),
+            BTreeMap::from([(instance.to_owned(), 6)]),
+            "{key}"
+        );
+    }
+    let id = sim.request(requester, RequestKind::RequestResponse, &["svc:3.0"], "x");
+    sim.run(10_000);
+    assert_eq!(
+        sim.apps[requester].outcomes[&id].done,
+        Some(Err(ErrorCode::REJECTED)),
+        "no instance has version 3.0"
+    );
+    sim.assert_clean();
+}
+
+#[test]
+fn weighted_follows_the_power_rating_apps_announce() {
+    let mut sim = Sim::new(2, 24, policies(Balancer::Weighted));
+    for (shard, uuid, rating) in [(0, "light", 1), (1, "heavy", 9)] {
+        let metadata = app_metadata(uuid, &[("svc", "")], rating);
+        sim.connect_with(shard, uuid, Some(metadata), Config::default());
+    }
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    let ids: Vec<u32> = (0..1000)
+        .map(|_| sim.request(requester, RequestKind::RequestResponse, &["svc"], "x"))
+        .collect();
+    sim.run(1_000_000);
+    let answers: Vec<Option<String>> = ids
+        .iter()
+        .map(|&id| answered_by(&sim, requester, id))
+        .collect();
+    let heavy = tally(&answers).get("heavy").copied().unwrap_or(0);
+    assert!(
+        (850..950).contains(&heavy),
+        "powerRating 9 against 1 takes about 90%: {heavy} of 1000"
+    );
+    sim.assert_clean();
+}
+
+#[test]
+fn least_outstanding_avoids_the_instance_holding_requests() {
+    let mut sim = Sim::new(2, 25, policies(Balancer::LeastOutstanding));
+    // Both on the other shard: neither is preferred as local.
+    let stuck = sim.connect(1, "stuck", &["svc"], 0);
+    sim.apps[stuck].answer = Answer::Never;
+    sim.connect(1, "quick", &["svc"], 0);
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    let answers = one_at_a_time(&mut sim, requester, &["svc"], 40);
+    let counts = tally(&answers);
+    // Once "stuck" holds one request, "quick" (whose answered requests no
+    // longer count) is always the less busy.
+    assert!(
+        counts.get("(none)").copied().unwrap_or(0) <= 1,
+        "requests left on the instance that holds them: {counts:?}"
+    );
+    assert!(
+        sim.apps[stuck].conn.stream_count() <= 1,
+        "the stuck instance got more than one request"
+    );
+    sim.disconnect(stuck);
+    sim.run(10_000);
+    sim.assert_clean();
+}
+
+#[test]
+fn cancel_reaches_the_responder_on_another_shard() {
+    let mut sim = Sim::new(2, 26, Policies::default());
+    let responder = sim.connect(1, "r", &["svc"], 0);
+    sim.apps[responder].items = 1000;
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    let stream = sim.request(
+        requester,
+        RequestKind::Stream { initial_n: 2 },
+        &["svc"],
+        "s",
+    );
+    let channel = sim.request(
+        requester,
+        RequestKind::Channel {
+            initial_n: 2,
+            complete: false,
+        },
+        &["svc"],
+        "c",
+    );
+    sim.run(10_000);
+    assert_eq!(sim.apps[responder].conn.stream_count(), 2);
+    sim.apps[requester].conn.send_cancel(stream).unwrap();
+    sim.run(10_000);
+    assert_eq!(
+        sim.apps[responder].conn.stream_count(),
+        1,
+        "the stream's CANCEL reached the responder; the channel stays"
+    );
+    sim.apps[requester].conn.send_cancel(channel).unwrap();
+    sim.apps[requester]
+        .conn
+        .send_payload(channel, None, Bytes::new(), false, true)
+        .unwrap_or_default();
+    sim.run(10_000);
+    assert_eq!(sim.apps[responder].conn.stream_count(), 0);
+    assert_eq!(sim.apps[requester].outcomes[&stream].items.len(), 2);
+    sim.assert_clean();
+}
+
+#[test]
+fn request_errors_are_counted_per_service_and_interaction() {
+    let mut sim = Sim::new(2, 27, Policies::default());
+    let failing = sim.connect(1, "failing", &["bad"], 0);
+    sim.apps[failing].answer = Answer::Error;
+    sim.connect(1, "fine", &["good"], 0);
+    let gone = sim.connect(1, "gone", &["leaving"], 0);
+    sim.apps[gone].items = 1000;
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    for _ in 0..3 {
+        let id = sim.request(requester, RequestKind::RequestResponse, &["bad"], "x");
+        sim.run(10_000);
+        assert_eq!(
+            sim.apps[requester].outcomes[&id].done,
+            Some(Err(ErrorCode::APPLICATION_ERROR))
+        );
+    }
+    one_at_a_time(&mut sim, requester, &["good"], 2);
+    sim.request(
+        requester,
+        RequestKind::Stream { initial_n: 1 },
+        &["leaving"],
+        "",
+    );
+    sim.run(10_000);
+    sim.disconnect(gone);
+    sim.run(10_000);
+    let counters: BTreeMap<String, _> = sim.shards[0]
+        .service_counters()
+        .map(|(k, c)| (k.as_str().to_owned(), *c))
+        .collect();
+    let rr = Interaction::RequestResponse;
+    assert_eq!(
+        (counters["bad"].requests(rr), counters["bad"].errors(rr)),
+        (3, 3),
+        "every ERROR from the instance counts"
+    );
+    assert_eq!(
+        (counters["good"].requests(rr), counters["good"].errors(rr)),
+        (2, 0),
+        "answers are no errors"
+    );
+    let st = Interaction::Stream;
+    assert_eq!(
+        (
+            counters["leaving"].requests(st),
+            counters["leaving"].errors(st)
+        ),
+        (1, 1),
+        "a stream whose instance went away counts as an error"
+    );
+    assert_eq!(
+        counters["leaving"].errors(rr),
+        0,
+        "under its own model only"
+    );
+    sim.assert_clean();
+}
+
+#[test]
+fn a_setup_asking_for_lease_is_refused_and_registers_nothing() {
+    let mut sim = Sim::new(2, 28, Policies::default());
+    let mut config = Config::default();
+    config.client.lease = true;
+    let metadata = setup_metadata("leaser", &["svc"]);
+    let app = sim.connect_with(1, "leaser", Some(metadata), config);
+    sim.run(10_000);
+    let closed = sim.apps[app].closed.clone().expect("the broker closed it");
+    assert_eq!(closed.code, ErrorCode::UNSUPPORTED_SETUP, "{closed:?}");
+    assert!(closed.message.contains("LEASE"), "{closed:?}");
+    for s in &sim.shards {
+        assert!(
+            s.routes().instance("leaser").is_none(),
+            "shard {} routes to an app it refused",
+            s.id()
+        );
+    }
+    let broker = sim.apps[app].broker;
+    assert!(
+        sim.shards[1].is_closed(broker),
+        "the broker's side of the connection is closed"
+    );
+    assert_eq!(sim.shards[1].connection_app(broker), None);
 }

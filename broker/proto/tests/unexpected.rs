@@ -214,6 +214,23 @@ fn unsupported_version_is_refused() {
     assert_first_frame_refused(bytes(setup), ErrorCode::UNSUPPORTED_SETUP);
 }
 
+/// Only 1.0 is spoken: a minor version above or below it is refused too
+/// (the major alone is not enough).
+#[test]
+fn unsupported_minor_version_is_refused() {
+    for version in [
+        Version { major: 1, minor: 1 },
+        Version { major: 1, minor: 2 },
+        Version { major: 0, minor: 2 },
+    ] {
+        let setup = Setup {
+            version,
+            ..setup_frame()
+        };
+        assert_first_frame_refused(bytes(setup), ErrorCode::UNSUPPORTED_SETUP);
+    }
+}
+
 #[test]
 fn zero_keepalive_is_invalid() {
     let setup = Setup {

@@ -305,14 +305,19 @@ fn balancers() {
         "least outstanding favours the fast instance: {least}/60"
     );
 
-    let by_user: Vec<std::collections::BTreeMap<String, usize>> = (0..4)
-        .map(|u| spread(&broker, 10, vec!["hash".into(), format!("user=u{u}")]))
+    let by_user: Vec<std::collections::BTreeMap<String, usize>> = (0..16)
+        .map(|u| spread(&broker, 4, vec!["hash".into(), format!("user=u{u}")]))
         .collect();
     for m in &by_user {
         assert_eq!(m.len(), 1, "one user, one instance: {m:?}");
     }
+    // 16 users over two instances: both get some (a hash that ignored the
+    // user would send them all to one).
     let users_on_a = by_user.iter().filter(|m| m.contains_key("hash-a")).count();
-    assert!(users_on_a > 0 || by_user.len() == 4, "{by_user:?}");
+    assert!(
+        (1..16).contains(&users_on_a),
+        "{users_on_a} of 16 users on hash-a: {by_user:?}"
+    );
 
     // e= targets one instance; sticky=1 keeps the first choice.
     let targeted = spread(&broker, 10, vec!["rr".into(), "e=rr-b".into()]);
