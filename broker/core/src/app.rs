@@ -352,6 +352,34 @@ mod tests {
     }
 
     #[test]
+    fn only_serving_apps_are_routable_and_statuses_read_as_text() {
+        let all = [
+            AppStatus::Connected,
+            AppStatus::Serving,
+            AppStatus::OutOfService,
+            AppStatus::Stopped,
+        ];
+        assert_eq!(all.map(AppStatus::routable), [false, true, false, false]);
+        assert_eq!(
+            all.map(AppStatus::as_str),
+            ["connected", "serving", "out_of_service", "stopped"]
+        );
+    }
+
+    #[test]
+    fn a_bearer_token_entry_is_read_as_the_token() {
+        let mut md = Vec::new();
+        put_entry(
+            &mut md,
+            MimeType::WellKnown(WellKnownMime::BEARER_TOKEN),
+            b"raw-token",
+        )
+        .unwrap();
+        let info = parse_setup(&setup(md)).unwrap();
+        assert_eq!(info.bearer.as_deref(), Some(&b"raw-token"[..]));
+    }
+
+    #[test]
     fn cloud_events() {
         let exposed = br#"{"specversion":"1.0","id":"1","source":"app://u-1","type":"com.alibaba.rsocket.events.ServicesExposedEvent","data":{"appId":"u-1","services":[{"group":"","service":"S2","version":""}]}}"#;
         assert_eq!(
@@ -380,6 +408,26 @@ mod tests {
             parse_app_event(br#"{"type":"x.OtherEvent","data":{}}"#).unwrap(),
             None
         );
+        let hidden = br#"{"type":"com.alibaba.rsocket.events.ServicesHiddenEvent","data":{"services":[{"service":"S2"}]}}"#;
+        assert_eq!(
+            parse_app_event(hidden).unwrap(),
+            Some(AppEvent::ServicesHidden(vec![ServiceKey::new(
+                "", "S2", ""
+            )]))
+        );
+        for (code, status) in [
+            (0, AppStatus::Connected),
+            (1, AppStatus::Serving),
+            (2, AppStatus::OutOfService),
+            (-1, AppStatus::Stopped),
+        ] {
+            let event = format!(r#"{{"type":"a.AppStatusEvent","data":{{"status":{code}}}}}"#);
+            assert_eq!(
+                parse_app_event(event.as_bytes()).unwrap(),
+                Some(AppEvent::Status(status)),
+                "status {code}"
+            );
+        }
         assert!(parse_app_event(b"{").is_err());
         assert!(parse_app_event(br#"{"type":"a.AppStatusEvent","data":{"status":9}}"#).is_err());
     }

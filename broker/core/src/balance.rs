@@ -272,6 +272,12 @@ impl BalancerState {
 mod tests {
     use super::*;
 
+    /// Where `consistent_hash_placement_does_not_change_between_builds`
+    /// finds its keys, and two hashes it pins.
+    const PLACEMENT: [usize; 16] = [0, 2, 0, 4, 2, 0, 0, 0, 2, 1, 4, 3, 4, 4, 4, 2];
+    const HASH_OF_USER_1: u64 = 4_026_680_691_944_232_749;
+    const HASH_OF_U1_SEEDED: u64 = 2_461_773_731_029_167_466;
+
     fn uuids(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("u{i}")).collect()
     }
@@ -415,6 +421,90 @@ mod tests {
             .map(|_| s.pick(&key, &b, &c, None, &mut rng))
             .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn rng_draws_are_uniform_and_do_not_repeat() {
+        let mut rng = Rng::new(42);
+        let mut per = [0usize; 4];
+        for _ in 0..4000 {
+            per[rng.below(4)] += 1;
+        }
+        assert!(per.iter().all(|n| (850..1150).contains(n)), "{per:?}");
+        let draws: std::collections::HashSet<u64> = (0..1000).map(|_| rng.next_u64()).collect();
+        assert_eq!(draws.len(), 1000, "a 64-bit generator repeating itself");
+        let mut bits = [0u32; 64];
+        for _ in 0..1000 {
+            let x = rng.next_u64();
+            for (i, b) in bits.iter_mut().enumerate() {
+                *b += ((x >> i) & 1) as u32;
+            }
+        }
+        assert!(
+            bits.iter().all(|n| (400..600).contains(n)),
+            "every bit is set about half the time: {bits:?}"
+        );
+    }
+
+    #[test]
+    fn consistent_hash_placement_does_not_change_between_builds() {
+        // Every shard, and every broker of a release, must send a key to
+        // the same instance: a change to the hash moves keys on upgrade.
+        let mut s = BalancerState::default();
+        let mut rng = Rng::new(1);
+        let key = ServiceKey::new("", "s", "");
+        let b = Balancer::ConsistentHash { tag: "h".into() };
+        let u = uuids(5);
+        let c = candidates(&u);
+        let placed: Vec<usize> = (0..16)
+            .map(|k| s.pick(&key, &b, &c, Some(format!("user-{k}").as_bytes()), &mut rng))
+            .collect();
+        assert_eq!(placed, PLACEMENT);
+        assert_eq!(hash64(b"user-1", 0), HASH_OF_USER_1);
+        assert_eq!(hash64(b"u1", HASH_OF_USER_1), HASH_OF_U1_SEEDED);
+    }
+
+    #[test]
+    fn weighted_spreads_over_three_by_their_weights() {
+        let mut s = BalancerState::default();
+        let mut rng = Rng::new(11);
+        let key = ServiceKey::new("", "s", "");
+        let u = uuids(3);
+        let mut c = candidates(&u);
+        c[2].weight = 8;
+        let mut per = [0usize; 3];
+        for _ in 0..10_000 {
+            per[s.pick(&key, &Balancer::Weighted, &c, None, &mut rng)] += 1;
+        }
+        // 10%, 10%, 80%.
+        assert!((800..1200).contains(&per[0]), "{per:?}");
+        assert!((800..1200).contains(&per[1]), "{per:?}");
+        assert!((7600..8400).contains(&per[2]), "{per:?}");
+    }
+
+    #[test]
+    fn least_outstanding_prefers_a_local_instance_only_when_loads_tie() {
+        let mut s = BalancerState::default();
+        let mut rng = Rng::new(5);
+        let key = ServiceKey::new("", "s", "");
+        let u = uuids(2);
+        let mut c = candidates(&u);
+        c[0].local = true;
+        for _ in 0..100 {
+            assert_eq!(
+                s.pick(&key, &Balancer::LeastOutstanding, &c, None, &mut rng),
+                0,
+                "idle both: the local one saves a hop"
+            );
+        }
+        c[0].outstanding = 1;
+        for _ in 0..100 {
+            assert_eq!(
+                s.pick(&key, &Balancer::LeastOutstanding, &c, None, &mut rng),
+                1,
+                "one request more outweighs being local"
+            );
+        }
     }
 
     #[test]

@@ -694,6 +694,147 @@ mod tests {
     }
 
     #[test]
+    fn the_first_grant_reserves_the_assumed_size_and_fits_the_room() {
+        let l = limits();
+        let mut c = StreamCredit::new(1, MAX_REQUEST_N);
+        let g = c.first_grant(&l, 1 << 20);
+        // 8 items of 64 KiB / 8 assumed each.
+        assert_eq!((g.n, g.reserved), (8, 64 << 10));
+        let mut c = StreamCredit::new(2, MAX_REQUEST_N);
+        assert_eq!(c.first_grant(&l, 3 * (8 << 10)).n, 3, "room for three");
+    }
+
+    #[test]
+    fn less_than_a_batch_free_waits_without_starving() {
+        let l = limits();
+        let mut c = StreamCredit::new(1, MAX_REQUEST_N);
+        c.first_grant(&l, 1 << 20);
+        for _ in 0..8 {
+            c.arrived(1024, true, false);
+        }
+        // 1 KiB items: a window of 64, batches of 16; 8 in flight.
+        assert_eq!(c.grant(&l, 1 << 20).map(|g| g.n), Some(56));
+        for _ in 0..56 {
+            c.arrived(1024, true, false);
+        }
+        c.transmitted(15, 15 << 10);
+        assert_eq!(c.grant(&l, 1 << 20), None, "15 free of a batch of 16");
+        assert!(!c.is_starved(), "waiting for a batch is not starving");
+        c.transmitted(1, 1 << 10);
+        assert_eq!(c.grant(&l, 1 << 20).map(|g| g.n), Some(16), "a batch");
+    }
+
+    #[test]
+    fn the_rest_of_what_was_asked_goes_at_once_below_a_batch() {
+        let l = limits();
+        // 1 KiB items, 10 asked beyond the first 8: 2 left after 16 more.
+        let mut c = StreamCredit::new(1, 26);
+        c.first_grant(&l, 1 << 20);
+        for _ in 0..8 {
+            c.arrived(1024, true, false);
+        }
+        assert_eq!(
+            c.grant(&l, 1 << 20).map(|g| g.n),
+            Some(18),
+            "all that is left"
+        );
+        c.ask(3);
+        assert_eq!(
+            c.grant(&l, 1 << 20).map(|g| g.n),
+            Some(3),
+            "3 more asked: less than a batch, but all the consumer wants"
+        );
+        // The room allows exactly what is wanted: granted, not starved.
+        c.ask(2);
+        assert_eq!(c.grant(&l, 2 << 10).map(|g| g.n), Some(2));
+    }
+
+    #[test]
+    fn the_room_left_in_the_consumer_bounds_each_grant() {
+        let l = limits();
+        let mut c = StreamCredit::new(1, MAX_REQUEST_N);
+        c.first_grant(&l, 1 << 20);
+        for _ in 0..8 {
+            c.arrived(1024, true, false);
+        }
+        // 56 free; room for 20 items of 1 KiB.
+        assert_eq!(c.grant(&l, 20 << 10).map(|g| g.n), Some(20));
+        assert!(!c.is_starved());
+        // 36 free, room for 15: fewer than a batch while items are in flight.
+        assert_eq!(c.grant(&l, 15 << 10), None);
+        assert!(c.is_starved());
+        // Room for exactly a batch.
+        assert_eq!(c.grant(&l, 16 << 10).map(|g| g.n), Some(16));
+        // Nothing in flight: whatever fits goes, even below a batch.
+        let mut idle = StreamCredit::new(2, MAX_REQUEST_N);
+        idle.first_grant(&l, 1 << 20);
+        for _ in 0..8 {
+            idle.arrived(1024, true, false);
+        }
+        idle.transmitted(8, 8 << 10);
+        // The 8 granted were used: nothing in flight.
+        assert_eq!(idle.in_flight(), 0);
+        assert_eq!(idle.grant(&l, 2 << 10).map(|g| g.n), Some(2));
+    }
+
+    #[test]
+    fn a_stream_over_its_byte_buffer_gets_no_credit_even_after_a_small_item() {
+        let l = limits();
+        let mut c = StreamCredit::new(1, MAX_REQUEST_N);
+        c.first_grant(&l, 1 << 20);
+        // 80 KiB queued (over the 64 KiB buffer), the last item small: its
+        // window would allow more, the bytes do not.
+        for _ in 0..4 {
+            c.arrived(20 << 10, true, false);
+        }
+        c.arrived(100, true, false);
+        assert!(c.queued_bytes() > l.stream_buffer);
+        assert_eq!(c.grant(&l, 1 << 20), None);
+    }
+
+    #[test]
+    fn frames_that_are_no_items_do_not_change_the_item_size() {
+        let l = limits();
+        let mut c = StreamCredit::new(1, 4);
+        assert_eq!(c.first_grant(&l, 1 << 20).n, 4);
+        for _ in 0..4 {
+            c.arrived(16 << 10, true, false);
+        }
+        // A frame without N (a bare COMPLETE, say) is no item.
+        c.arrived(10, false, false);
+        c.transmitted(4, (64 << 10) + 10);
+        c.ask(100);
+        assert_eq!(
+            c.grant(&l, 1 << 20).map(|g| g.n),
+            Some(4),
+            "the window still fits 16 KiB items"
+        );
+    }
+
+    #[test]
+    fn connection_held_bytes_add_every_kind() {
+        let f = ConnFlow {
+            unrouted: 5,
+            transport: 7,
+            ..ConnFlow::default()
+        };
+        assert_eq!(f.held(10), 22);
+    }
+
+    #[test]
+    fn the_budget_boundaries_are_exact() {
+        let at = |held| Budget {
+            allowance: 1000,
+            held,
+            over_since: None,
+        };
+        assert!(!at(1000).is_over(), "at the allowance is not over it");
+        assert!(at(1001).is_over());
+        assert!(at(750).has_recovered(), "three quarters");
+        assert!(!at(751).has_recovered());
+    }
+
+    #[test]
     fn backlog_marks_merge_per_stream_and_come_out_when_sent() {
         let mut b = Backlog::default();
         b.push(100, 1, 1, true, 100);
@@ -729,8 +870,8 @@ mod tests {
         assert!(!m.sent(1, 600, id(2), 1000), "paused once");
         assert!(m.sent(1, 10, id(1), 1000));
         assert_eq!(m.acked(1, 1000, 1000), [], "810 left: more than half");
-        assert_eq!(m.acked(1, 400, 1000), [id(2), id(1)]);
-        assert_eq!(m.in_flight(), 410);
+        assert_eq!(m.acked(1, 310, 1000), [id(2), id(1)], "down to half");
+        assert_eq!(m.in_flight(), 500);
         assert!(!m.sent(0, 10, id(1), 1000) || m.in_flight() > 0);
     }
 

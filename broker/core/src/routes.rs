@@ -344,8 +344,27 @@ mod tests {
             t.service(b"echo").is_some(),
             "the instance still has a connection"
         );
+        assert_eq!(t.instance_of(conn(1, 1)).map(|u| &**u), Some("u1"));
+        assert_eq!(t.instance_of(conn(0, 1)), None, "that connection left");
+        assert_eq!(t.instances().map(|(u, _)| &**u).collect::<Vec<_>>(), ["u1"]);
+        assert_eq!(
+            t.services()
+                .map(|(k, v)| (k.as_str(), v.len()))
+                .collect::<Vec<_>>(),
+            [("echo", 1)]
+        );
+        assert_eq!(t.revisions(), [2, 1], "last revision from each shard");
+        let snapshot = t.snapshot();
+        assert_eq!(
+            snapshot.len(),
+            2,
+            "the instance and the service: {snapshot:?}"
+        );
+        assert!(snapshot[0].starts_with("u1 "), "{snapshot:?}");
+        assert_eq!(snapshot[1], r#"echo -> ["u1"]"#);
         assert!(t.apply(&up(1, 2, RouteChange::Leave { conn: conn(1, 1) })));
         assert!(t.service(b"echo").is_none() && t.instance("u1").is_none());
+        assert!(t.snapshot().is_empty());
         assert!(t.service_by_binary_id(svc.binary_id()).is_none());
     }
 

@@ -121,6 +121,23 @@ mod tests {
             with_key(b"", long.as_bytes(), b"", |k| map.get(k).copied()),
             Some(8)
         );
+        // Longer than the stack buffer, with group and version: built on the heap.
+        for len in [250, 251, 252, 253, 300] {
+            let name = "n".repeat(len);
+            map.insert(ServiceKey::new("g", &name, "2"), len);
+            assert_eq!(
+                with_key(b"g", name.as_bytes(), b"2", |k| map.get(k).copied()),
+                Some(len),
+                "a name of {len} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn keys_print_as_written() {
+        let key = ServiceKey::new("g", "svc", "1.0");
+        assert_eq!(key.to_string(), "g!svc:1.0");
+        assert_eq!(format!("{key:?}"), "\"g!svc:1.0\"");
     }
 
     #[test]

@@ -1213,6 +1213,51 @@ fn over_the_memory_budget_the_largest_holder_is_not_read() {
     assert!(sim.shards[0].may_read(sim.apps[sink].broker));
 }
 
+/// A shard over its memory budget for longer than the backpressure
+/// timeout closes its largest holder, and only that one, and not before.
+#[test]
+fn over_the_budget_past_the_timeout_only_the_largest_holder_is_closed() {
+    let mut sim = Sim::new(1, 29, Policies::default());
+    let sink = sim.connect(0, "sink", &["sink"], 0);
+    let flooder = sim.connect(0, "", &[], 0);
+    let bystander = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    sim.apps[sink].reading = false;
+    let now = sim.now;
+    sim.shards[0].set_allowance(now, 1 << 20);
+    for _ in 0..20 {
+        sim.request(
+            flooder,
+            RequestKind::FireAndForget,
+            &["sink"],
+            &"y".repeat(100 << 10),
+        );
+        sim.run(1_000_000);
+    }
+    assert!(sim.shards[0].is_over_budget());
+    let timeout = rsbroker_core::FlowLimits::default().backpressure_timeout;
+    let almost = sim.now + timeout - Duration::from_millis(1);
+    sim.shards[0].handle_timeout(almost);
+    let conn = |sim: &Sim, app: usize| sim.apps[app].broker;
+    assert!(
+        !sim.shards[0].is_closed(conn(&sim, sink)),
+        "not before the timeout"
+    );
+    let at = sim.now + timeout;
+    sim.shards[0].handle_timeout(at);
+    assert!(
+        sim.shards[0].is_closed(conn(&sim, sink)),
+        "the largest holder"
+    );
+    for app in [flooder, bystander] {
+        assert!(
+            !sim.shards[0].is_closed(conn(&sim, app)),
+            "only the largest"
+        );
+    }
+    assert_eq!(sim.shards[0].stats().closed_over_limit, 1);
+}
+
 /// A consumer that keeps its feeder paused for longer than the
 /// backpressure timeout is closed as a slow consumer, and its feeder is
 /// read again.
@@ -1221,6 +1266,8 @@ fn a_consumer_that_stays_full_is_closed_and_its_feeder_released() {
     let mut sim = Sim::new(2, 26, Policies::default());
     let sink = sim.connect(1, "sink", &["sink"], 0);
     let flooder = sim.connect(0, "", &[], 0);
+    // A well-behaved app on the slow consumer's shard.
+    let calm = sim.connect(1, "calm", &["calm"], 0);
     sim.run(10_000);
     sim.apps[sink].reading = false;
     for _ in 0..100 {
@@ -1238,12 +1285,22 @@ fn a_consumer_that_stays_full_is_closed_and_its_feeder_released() {
     let timeout = rsbroker_core::FlowLimits::default().backpressure_timeout;
     let due = sim.shards[1].poll_timeout().unwrap();
     assert!(due <= sim.now + timeout);
+    let almost = sim.now + timeout - Duration::from_millis(1);
+    sim.shards[1].handle_timeout(almost);
+    assert!(
+        !sim.shards[1].is_closed(sink_conn),
+        "closed before its backpressure timeout"
+    );
     sim.now += timeout;
     let now = sim.now;
     sim.shards[1].handle_timeout(now);
     assert!(
         sim.shards[1].is_closed(sink_conn),
         "the slow consumer is closed"
+    );
+    assert!(
+        !sim.shards[1].is_closed(sim.apps[calm].broker),
+        "only the slow consumer"
     );
     assert_eq!(sim.shards[1].stats().closed_over_limit, 1);
     let mut last = None;
@@ -1717,4 +1774,55 @@ fn a_setup_asking_for_lease_is_refused_and_registers_nothing() {
         "the broker's side of the connection is closed"
     );
     assert_eq!(sim.shards[1].connection_app(broker), None);
+}
+
+/// Apps change what they serve over METADATA_PUSH (alibaba's CloudEvents):
+/// every shard's routes follow.
+#[test]
+fn app_events_over_metadata_push_change_the_routes_on_every_shard() {
+    let mut sim = Sim::new(2, 30, Policies::default());
+    let app = sim.connect(1, "a", &["first"], 0);
+    sim.connect(1, "b", &["first"], 0);
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    let push = |sim: &mut Sim, json: &str| {
+        sim.apps[app]
+            .conn
+            .send_metadata_push(Bytes::from(json.to_owned()))
+            .unwrap();
+        sim.run(10_000);
+    };
+    push(
+        &mut sim,
+        r#"{"type":"com.alibaba.rsocket.events.ServicesExposedEvent","data":{"services":[{"service":"second"}]}}"#,
+    );
+    let answers = one_at_a_time(&mut sim, requester, &["second"], 2);
+    assert_eq!(tally(&answers), BTreeMap::from([("a".to_owned(), 2)]));
+    push(
+        &mut sim,
+        r#"{"type":"com.alibaba.rsocket.events.ServicesHiddenEvent","data":{"services":[{"service":"second"}]}}"#,
+    );
+    let id = sim.request(requester, RequestKind::RequestResponse, &["second"], "x");
+    sim.run(10_000);
+    assert_eq!(
+        sim.apps[requester].outcomes[&id].done,
+        Some(Err(ErrorCode::REJECTED)),
+        "hidden again"
+    );
+    // Out of service: its services go to the other instance only.
+    push(
+        &mut sim,
+        r#"{"type":"com.alibaba.rsocket.events.AppStatusEvent","data":{"status":2}}"#,
+    );
+    let answers = one_at_a_time(&mut sim, requester, &["first"], 4);
+    assert_eq!(tally(&answers), BTreeMap::from([("b".to_owned(), 4)]));
+    for s in &sim.shards {
+        assert_eq!(
+            s.routes().instance("a").map(|i| i.status),
+            Some(rsbroker_core::app::AppStatus::OutOfService),
+            "shard {}",
+            s.id()
+        );
+    }
+    sim.assert_clean();
 }
