@@ -38,3 +38,20 @@ pub struct StreamRef {
     /// The stream id on that connection.
     pub stream: u32,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_print_as_shard_slot_generation() {
+        let id = ConnId {
+            shard: 1,
+            slot: 22,
+            generation: 3,
+        };
+        // Logs and the admin API name connections this way.
+        assert_eq!(id.to_string(), "c1.22.3");
+        assert_eq!(format!("{id:?}"), "c1.22.3");
+    }
+}

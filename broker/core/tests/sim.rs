@@ -1747,6 +1747,20 @@ fn request_errors_are_counted_per_service_and_interaction() {
         0,
         "under its own model only"
     );
+    assert_eq!(
+        (
+            counters["bad"].total_requests(),
+            counters["bad"].total_errors()
+        ),
+        (3, 3)
+    );
+    assert_eq!(
+        (
+            counters["leaving"].total_requests(),
+            counters["leaving"].total_errors()
+        ),
+        (1, 1)
+    );
     sim.assert_clean();
 }
 
@@ -1824,5 +1838,65 @@ fn app_events_over_metadata_push_change_the_routes_on_every_shard() {
             s.id()
         );
     }
+    sim.assert_clean();
+}
+
+#[test]
+fn the_broker_answers_its_own_health_check() {
+    let mut sim = Sim::new(2, 31, Policies::default());
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    let check = format!("{}.check", rsbroker_core::service::HEALTH_SERVICE);
+    let id = sim.request(requester, RequestKind::RequestResponse, &[&check], "");
+    sim.run(10_000);
+    let o = &sim.apps[requester].outcomes[&id];
+    assert_eq!(o.items, [Bytes::from_static(b"1")]);
+    assert_eq!(o.done, Some(Ok(())));
+    sim.assert_clean();
+}
+
+/// An instance connected to several shards is reached through its
+/// connection on the requester's shard: no hop across cores.
+#[test]
+fn an_instance_is_reached_through_its_connection_on_the_requesters_shard() {
+    let mut sim = Sim::new(2, 32, Policies::default());
+    let on0 = sim.connect(0, "multi", &["svc"], 0);
+    let on1 = sim.connect(1, "multi", &["svc"], 0);
+    let near0 = sim.connect(0, "", &[], 0);
+    let near1 = sim.connect(1, "", &[], 0);
+    sim.run(10_000);
+    let served = |sim: &Sim, app: usize| sim.apps[app].conn.stats().frames_received;
+    for (requester, local, other) in [(near0, on0, on1), (near1, on1, on0)] {
+        let before = (served(&sim, local), served(&sim, other));
+        for _ in 0..3 {
+            sim.request(requester, RequestKind::RequestResponse, &["svc"], "x");
+        }
+        sim.run(10_000);
+        assert_eq!(
+            served(&sim, other),
+            before.1,
+            "a request crossed to the other shard"
+        );
+        assert_eq!(served(&sim, local), before.0 + 3);
+    }
+    sim.assert_clean();
+}
+
+#[test]
+fn sticky_keeps_each_requester_on_its_first_instance() {
+    let mut sim = Sim::new(2, 33, Policies::default());
+    for (i, uuid) in ["a", "b", "c"].into_iter().enumerate() {
+        sim.connect(i as u16 % 2, uuid, &["svc"], 0);
+    }
+    let first = sim.connect(0, "", &[], 0);
+    let second = sim.connect(1, "", &[], 0);
+    sim.run(10_000);
+    for requester in [first, second] {
+        let answers = one_at_a_time(&mut sim, requester, &["svc", "sticky=1"], 6);
+        assert_eq!(tally(&answers).len(), 1, "sticky: {answers:?}");
+    }
+    // Without the tag the same requester takes turns again.
+    let answers = one_at_a_time(&mut sim, first, &["svc"], 6);
+    assert_eq!(tally(&answers).len(), 3, "{answers:?}");
     sim.assert_clean();
 }
