@@ -1900,3 +1900,22 @@ fn sticky_keeps_each_requester_on_its_first_instance() {
     assert_eq!(tally(&answers).len(), 3, "{answers:?}");
     sim.assert_clean();
 }
+
+/// A new config changes limits and policies, never which shard this is.
+#[test]
+fn a_new_config_keeps_the_shards_identity() {
+    let mut sim = Sim::new(2, 34, Policies::default());
+    sim.connect(1, "r", &["svc"], 0);
+    let requester = sim.connect(1, "", &[], 0);
+    sim.run(10_000);
+    let mut config = ShardConfig::new(0, 7);
+    config.seed = 99;
+    sim.shards[1].set_config(config);
+    assert_eq!(sim.shards[1].id(), 1);
+    assert_eq!(sim.shards[1].config().shards, 2);
+    assert_ne!(sim.shards[1].config().seed, 99);
+    // It still routes, and across shards.
+    let answers = one_at_a_time(&mut sim, requester, &["svc"], 2);
+    assert_eq!(tally(&answers), BTreeMap::from([("r".to_owned(), 2)]));
+    sim.assert_clean();
+}

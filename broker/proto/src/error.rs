@@ -240,3 +240,36 @@ pub enum SendError {
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [(ErrorCode, &str, bool); 12] = [
+        (ErrorCode::RESERVED, "RESERVED", false),
+        (ErrorCode::INVALID_SETUP, "INVALID_SETUP", true),
+        (ErrorCode::UNSUPPORTED_SETUP, "UNSUPPORTED_SETUP", true),
+        (ErrorCode::REJECTED_SETUP, "REJECTED_SETUP", true),
+        (ErrorCode::REJECTED_RESUME, "REJECTED_RESUME", true),
+        (ErrorCode::CONNECTION_ERROR, "CONNECTION_ERROR", true),
+        (ErrorCode::CONNECTION_CLOSE, "CONNECTION_CLOSE", true),
+        (ErrorCode::APPLICATION_ERROR, "APPLICATION_ERROR", false),
+        (ErrorCode::REJECTED, "REJECTED", false),
+        (ErrorCode::CANCELED, "CANCELED", false),
+        (ErrorCode::INVALID, "INVALID", false),
+        (ErrorCode::RESERVED_EXT, "RESERVED_EXT", false),
+    ];
+
+    #[test]
+    fn codes_have_the_specs_names_and_levels() {
+        for (code, name, connection_level) in ALL {
+            assert_eq!(code.name(), Some(name));
+            assert_eq!(code.to_string(), format!("{name}({:#x})", code.0));
+            assert_eq!(code.is_connection_level(), connection_level, "{name}");
+        }
+        let app = ErrorCode(0x301);
+        assert_eq!(app.name(), None);
+        assert_eq!(format!("{app:?}"), "ErrorCode(0x301)");
+        assert!(!app.is_connection_level());
+    }
+}

@@ -509,3 +509,38 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_types_print_and_resume_as_the_spec_says() {
+        let names = [
+            (FrameType::Setup, "SETUP", false),
+            (FrameType::Lease, "LEASE", false),
+            (FrameType::Keepalive, "KEEPALIVE", false),
+            (FrameType::RequestResponse, "REQUEST_RESPONSE", true),
+            (FrameType::RequestN, "REQUEST_N", true),
+            (FrameType::Cancel, "CANCEL", true),
+            (FrameType::Payload, "PAYLOAD", true),
+            (FrameType::Error, "ERROR", true),
+            (FrameType::MetadataPush, "METADATA_PUSH", false),
+            (FrameType::Resume, "RESUME", false),
+            (FrameType::ResumeOk, "RESUME_OK", false),
+        ];
+        for (t, name, resumable) in names {
+            assert_eq!(t.to_string(), name);
+            // "Frames that are resumable: REQUEST_*, REQUEST_N, CANCEL, ERROR, PAYLOAD."
+            assert_eq!(t.is_resumable(), resumable, "{name}");
+        }
+        for t in [
+            FrameType::Keepalive,
+            FrameType::RequestN,
+            FrameType::Error,
+            FrameType::Cancel,
+        ] {
+            assert!(!t.has_metadata_length(), "{t} has no metadata length field");
+        }
+    }
+}
