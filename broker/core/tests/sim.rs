@@ -1912,6 +1912,7 @@ fn a_new_config_keeps_the_shards_identity() {
     config.seed = 99;
     sim.shards[1].set_config(config);
     assert_eq!(sim.shards[1].id(), 1);
+    assert_eq!(sim.shards[1].config().shard, 1);
     assert_eq!(sim.shards[1].config().shards, 2);
     assert_ne!(sim.shards[1].config().seed, 99);
     // It still routes, and across shards.
