@@ -3,11 +3,13 @@
 //! wait for its plaintext to be read before taking more records).
 
 use std::future::poll_fn;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use glommio::{LocalExecutorBuilder, Placement};
 use rsbroker_transports::listen::{BindOptions, Conn, ConnectOptions, connect};
+use rsbroker_transports::rustls::ServerConfig;
 use rsbroker_transports::tls::ServerTls;
 use rsbroker_transports::{FrameIo, Handshake, ListenAddr, Listener, Scheme};
 use rsocket_proto::OutFrame;
@@ -46,6 +48,33 @@ fn certificate(dir: &std::path::Path) -> ServerTls {
     }
 }
 
+/// A listener on a loopback port for `scheme`, its address, and the
+/// handshake its connections get.
+fn listen(scheme: Scheme, tls: &Arc<ServerConfig>) -> (Listener, ListenAddr, Handshake) {
+    let bind = BindOptions {
+        tls: Some(tls.clone()),
+        ..BindOptions::default()
+    };
+    let listener =
+        Listener::bind_with(&ListenAddr::new(scheme, ([127, 0, 0, 1], 0).into()), &bind).unwrap();
+    let url = listener.local().clone();
+    let hs = Handshake {
+        max_frame: 1 << 20,
+        tls: Some(tls.clone()),
+        timeout: Duration::from_secs(5),
+    };
+    (listener, url, hs)
+}
+
+/// A client that takes any certificate (the test's own).
+fn client_options() -> ConnectOptions {
+    ConnectOptions {
+        max_frame: 1 << 20,
+        tls: Some(rsbroker_transports::tls::client_config_insecure()),
+        alpn: Vec::new(),
+    }
+}
+
 #[test]
 fn bulk_frames_arrive_whole_and_in_order_on_every_transport() {
     let dir = std::env::temp_dir().join(format!("rsbroker-transports-{}", std::process::id()));
@@ -60,21 +89,7 @@ fn bulk_frames_arrive_whole_and_in_order_on_every_transport() {
                 Scheme::Wss,
                 Scheme::Quic,
             ] {
-                let bind = BindOptions {
-                    tls: Some(tls.clone()),
-                    ..BindOptions::default()
-                };
-                let listener = Listener::bind_with(
-                    &ListenAddr::new(scheme, ([127, 0, 0, 1], 0).into()),
-                    &bind,
-                )
-                .unwrap();
-                let url = listener.local().clone();
-                let hs = Handshake {
-                    max_frame: 1 << 20,
-                    tls: Some(tls.clone()),
-                    timeout: Duration::from_secs(5),
-                };
+                let (listener, url, hs) = listen(scheme, &tls);
                 let server = glommio::spawn_local(async move {
                     let mut io = listener
                         .accept()
@@ -98,12 +113,7 @@ fn bulk_frames_arrive_whole_and_in_order_on_every_transport() {
                     }
                     assert!(io.wire_bytes().read >= u64::from(FRAMES) * SIZE as u64);
                 });
-                let options = ConnectOptions {
-                    max_frame: 1 << 20,
-                    tls: Some(rsbroker_transports::tls::client_config_insecure()),
-                    alpn: Vec::new(),
-                };
-                let mut io = connect(&url, &options).await.unwrap();
+                let mut io = connect(&url, &client_options()).await.unwrap();
                 for i in 0..FRAMES {
                     io.queue(&frame(i)).unwrap();
                     if io.queued_bytes() > 256 * 1024 {
@@ -141,21 +151,7 @@ fn quic_hands_payload_buffers_to_quinn_uncopied() {
     LocalExecutorBuilder::new(Placement::Unbound)
         .io_memory(64 << 10)
         .spawn(move || async move {
-            let bind = BindOptions {
-                tls: Some(tls.clone()),
-                ..BindOptions::default()
-            };
-            let listener = Listener::bind_with(
-                &ListenAddr::new(Scheme::Quic, ([127, 0, 0, 1], 0).into()),
-                &bind,
-            )
-            .unwrap();
-            let url = listener.local().clone();
-            let hs = Handshake {
-                max_frame: 1 << 20,
-                tls: Some(tls.clone()),
-                timeout: Duration::from_secs(5),
-            };
+            let (listener, url, hs) = listen(Scheme::Quic, &tls);
             let server = glommio::spawn_local(async move {
                 let mut io = listener
                     .accept()
@@ -175,12 +171,7 @@ fn quic_hands_payload_buffers_to_quinn_uncopied() {
                 // Keep the connection until the sender has its acks.
                 glommio::timer::sleep(Duration::from_millis(500)).await;
             });
-            let options = ConnectOptions {
-                max_frame: 1 << 20,
-                tls: Some(rsbroker_transports::tls::client_config_insecure()),
-                alpn: Vec::new(),
-            };
-            let mut io = connect(&url, &options).await.unwrap();
+            let mut io = connect(&url, &client_options()).await.unwrap();
             let payload = Bytes::from(vec![7u8; SIZE]);
             let frame = OutFrame::from_frame(&Frame::from(Payload {
                 stream_id: 1,

@@ -1178,12 +1178,10 @@ fn empty_fragments_before_a_route_are_counted_and_refused() {
     assert_eq!(sim.shards[0].held_bytes(), 0, "nothing is held for it");
 }
 
-/// Over its memory allowance a shard stops reading the connections that
-/// hold the most (here the one slow consumer), not the others, and reads
-/// them again once it is back under three quarters of it.
-#[test]
-fn over_the_memory_budget_the_largest_holder_is_not_read() {
-    let mut sim = Sim::new(1, 25, Policies::default());
+/// One shard with a 1 MiB memory allowance, a sink that stopped reading,
+/// a flooder that sent it 2 MB and a bystander: the shard is over its
+/// budget. Returns (sink, flooder, bystander).
+fn over_budget(sim: &mut Sim) -> (usize, usize, usize) {
     let sink = sim.connect(0, "sink", &["sink"], 0);
     let flooder = sim.connect(0, "", &[], 0);
     let bystander = sim.connect(0, "", &[], 0);
@@ -1201,6 +1199,16 @@ fn over_the_memory_budget_the_largest_holder_is_not_read() {
         sim.run(1_000_000);
     }
     assert!(sim.shards[0].is_over_budget());
+    (sink, flooder, bystander)
+}
+
+/// Over its memory allowance a shard stops reading the connections that
+/// hold the most (here the one slow consumer), not the others, and reads
+/// them again once it is back under three quarters of it.
+#[test]
+fn over_the_memory_budget_the_largest_holder_is_not_read() {
+    let mut sim = Sim::new(1, 25, Policies::default());
+    let (sink, _, bystander) = over_budget(&mut sim);
     assert!(
         !sim.shards[0].may_read(sim.apps[sink].broker),
         "the largest holder"
@@ -1218,23 +1226,7 @@ fn over_the_memory_budget_the_largest_holder_is_not_read() {
 #[test]
 fn over_the_budget_past_the_timeout_only_the_largest_holder_is_closed() {
     let mut sim = Sim::new(1, 29, Policies::default());
-    let sink = sim.connect(0, "sink", &["sink"], 0);
-    let flooder = sim.connect(0, "", &[], 0);
-    let bystander = sim.connect(0, "", &[], 0);
-    sim.run(10_000);
-    sim.apps[sink].reading = false;
-    let now = sim.now;
-    sim.shards[0].set_allowance(now, 1 << 20);
-    for _ in 0..20 {
-        sim.request(
-            flooder,
-            RequestKind::FireAndForget,
-            &["sink"],
-            &"y".repeat(100 << 10),
-        );
-        sim.run(1_000_000);
-    }
-    assert!(sim.shards[0].is_over_budget());
+    let (sink, flooder, bystander) = over_budget(&mut sim);
     let timeout = rsbroker_core::FlowLimits::default().backpressure_timeout;
     let almost = sim.now + timeout - Duration::from_millis(1);
     sim.shards[0].handle_timeout(almost);
