@@ -10,8 +10,12 @@ use bytes::Bytes;
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use rsocket_proto::OutFrame;
+use rsocket_proto::codec::pool;
 
 use crate::{FrameIo, ReadBuf, TransportError, WireBytes, WriteQueue};
+
+/// How soon a read that found the receive buffers all in use tries again.
+const POOL_RETRY: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Parts handed to one vectored write.
 const MAX_PARTS_PER_WRITE: usize = 64;
@@ -100,6 +104,8 @@ pub struct Prefixed<S> {
     local: Option<SocketAddr>,
     /// Bytes through the stream (the wire's, unless the stream says otherwise).
     passed: WireBytes,
+    /// Wakes a read that found the shard's receive buffers all in use.
+    retry: Option<glommio::timer::Timer>,
 }
 
 impl Prefixed<TcpStream> {
@@ -122,6 +128,7 @@ impl<S: ByteStream> Prefixed<S> {
             peer,
             local,
             passed: WireBytes::default(),
+            retry: None,
         }
     }
 
@@ -156,7 +163,20 @@ impl<S: ByteStream> FrameIo for Prefixed<S> {
             if got {
                 return Poll::Ready(Ok(true));
             }
-            let spare = self.read.spare();
+            let Some(spare) = self.read.spare() else {
+                // The shard's receive buffers are all in use: read again
+                // once one comes back, or after a moment (the frames that
+                // hold them go as other connections write them out).
+                pool::wait(cx.waker());
+                let retry = self
+                    .retry
+                    .get_or_insert_with(|| glommio::timer::Timer::new(POOL_RETRY));
+                if Pin::new(retry).poll(cx).is_ready() {
+                    self.retry = None;
+                    cx.waker().wake_by_ref();
+                }
+                return Poll::Pending;
+            };
             match Pin::new(&mut self.stream).poll_read(cx, spare) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Ok(false)),
                 Poll::Ready(Ok(n)) => {
@@ -172,7 +192,10 @@ impl<S: ByteStream> FrameIo for Prefixed<S> {
                     self.read.filled(n);
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.read.park();
+                    return Poll::Pending;
+                }
             }
         }
     }

@@ -14,6 +14,7 @@ use crate::frame::{HEADER_LEN, MAX_U24, put_u24};
 use crate::out::OutFrame;
 
 mod chunks;
+pub mod pool;
 mod read_buf;
 
 pub use chunks::ChunkCutter;

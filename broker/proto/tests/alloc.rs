@@ -110,7 +110,7 @@ fn decoding_requests_and_reading_routes_allocates_nothing() {
     }
     // The bytes in the receive buffer as a socket read leaves them.
     let mut buf = ReadBuf::new(rsocket_proto::frame::MAX_U24);
-    let spare = buf.spare();
+    let spare = buf.spare().unwrap();
     spare[..wire.len()].copy_from_slice(&wire);
     buf.filled(wire.len());
     // The first split turns the receive buffer into a shared one (one

@@ -5,6 +5,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::PREFIX_LEN;
+use super::pool::{self, Tail};
 use crate::error::DecodeError;
 use crate::frame::{HEADER_LEN, MAX_U24, get_u24};
 
@@ -19,8 +20,9 @@ const MIN_RESERVE: usize = 64 * 1024 + 64;
 /// once, into a buffer of their own size.
 const MAX_RESERVE: usize = 1024 * 1024 + 64;
 
-/// Used buffers kept for reuse once every frame cut from them is gone.
-const SPENT_KEPT: usize = 2;
+/// Room beyond the reserve a buffer must have to be read into: less, and a
+/// read would take too little.
+const READ_MIN: usize = 4 * 1024;
 
 /// The receive buffer of a byte-stream transport.
 ///
@@ -35,38 +37,43 @@ const SPENT_KEPT: usize = 2;
 /// - when that frame is done the next read goes to another buffer.
 ///
 /// Only a frame longer than any before it can find too little room; its
-/// bytes move once and the reserve grows to its size. Buffers are recycled
-/// when every frame cut from them has been dropped, so steady traffic
-/// neither allocates nor zeroes memory.
+/// bytes move once and the reserve grows to its size.
+///
+/// The buffers come from the thread's [pool](super::pool): a `ReadBuf`
+/// holds one only while bytes it read are not yet cut into frames. Once
+/// they all are ([`ReadBuf::next_frame`] finds nothing buffered) the buffer
+/// goes back, and the next connection to read reads into what is left of
+/// it. When the socket has nothing more to read, [`ReadBuf::park`] keeps
+/// only the room the frame in progress needs. An idle connection holds no
+/// receive buffer at all.
 #[derive(Debug)]
 pub struct ReadBuf {
     /// From the start of the frame in progress to the end of the buffer;
-    /// all of it initialised.
+    /// all of it initialised. Empty (no allocation) when none is held.
     buf: BytesMut,
     /// Initialised bytes of the allocation behind `buf`, from its start.
     size: usize,
+    /// Whether `buf` was taken from the pool.
+    held: bool,
     filled: usize,
     max_frame: usize,
     reserve: usize,
-    /// Buffers frames may still point into, with their initialised sizes.
-    spent: Vec<(BytesMut, usize)>,
     /// Bytes of frames in progress moved to a new buffer so far.
     moved: u64,
 }
 
 impl ReadBuf {
-    /// A buffer for frames of at most `max_frame` bytes.
+    /// A buffer for frames of at most `max_frame` bytes (it takes memory
+    /// from the pool only when it reads).
     pub fn new(max_frame: usize) -> Self {
         let max_frame = max_frame.clamp(HEADER_LEN, MAX_U24);
-        let reserve = MIN_RESERVE.min(PREFIX_LEN + max_frame);
-        let size = Self::size_for(reserve);
         Self {
-            buf: BytesMut::zeroed(size),
-            size,
+            buf: BytesMut::new(),
+            size: 0,
+            held: false,
             filled: 0,
             max_frame,
-            reserve,
-            spent: Vec::new(),
+            reserve: MIN_RESERVE.min(PREFIX_LEN + max_frame),
             moved: 0,
         }
     }
@@ -75,8 +82,24 @@ impl ReadBuf {
         (2 * reserve).max(READ_CHUNK)
     }
 
-    /// Free space to read into (never empty).
-    pub fn spare(&mut self) -> &mut [u8] {
+    /// Room a buffer must have to be read into for new frames.
+    fn room(&self) -> usize {
+        self.reserve + READ_MIN
+    }
+
+    /// Free space to read into (never empty), or `None` when the thread's
+    /// pool is at its limit (wait for it with [`pool::wait`]).
+    pub fn spare(&mut self) -> Option<&mut [u8]> {
+        self.spare_with(true)
+    }
+
+    fn spare_with(&mut self, bounded: bool) -> Option<&mut [u8]> {
+        if !self.held {
+            let t = pool::take(self.room(), Self::size_for(self.reserve), bounded)?;
+            self.buf = t.buf;
+            self.size = t.size;
+            self.held = true;
+        }
         let room = self.buf.len();
         // Where reads of new frames stop.
         let open = room.saturating_sub(self.reserve);
@@ -86,30 +109,31 @@ impl ReadBuf {
             Some(end) if end > room => {
                 // Longer than any frame before it: it moves, once.
                 self.reserve = end.clamp(self.reserve, MAX_RESERVE.max(self.reserve));
-                self.switch(end);
-                return self.spare();
+                self.switch(end, bounded)?;
+                return self.spare_with(bounded);
             }
             Some(end) => end.max(open),
             None if open > self.filled => open,
             None => {
                 // In the reserve with no frame begun (at most a partial
                 // length prefix): the next frame starts in a new buffer.
-                self.switch(0);
-                return self.spare();
+                self.switch(0, bounded)?;
+                return self.spare_with(bounded);
             }
         };
-        self.buf.get_mut(self.filled..end).unwrap_or_default()
+        self.buf.get_mut(self.filled..end)
     }
 
     /// Moves the frame in progress (`frame_end` bytes long, when known) to
-    /// a new or recycled buffer.
-    fn switch(&mut self, frame_end: usize) {
+    /// another buffer from the pool; `None` when the pool has none.
+    fn switch(&mut self, frame_end: usize, bounded: bool) -> Option<()> {
         let size = Self::size_for(self.reserve).max(frame_end);
-        let (mut fresh, fresh_size) = self
-            .reclaim(size)
-            .unwrap_or_else(|| (BytesMut::zeroed(size), size));
-        if let (Some(dst), Some(src)) = (fresh.get_mut(..self.filled), self.buf.get(..self.filled))
-        {
+        let fresh = pool::take(self.room().max(frame_end), size, bounded)?;
+        let mut fresh_buf = fresh.buf;
+        if let (Some(dst), Some(src)) = (
+            fresh_buf.get_mut(..self.filled),
+            self.buf.get(..self.filled),
+        ) {
             dst.copy_from_slice(src);
             if frame_end > 0 {
                 // Not counted: a length prefix split by the reserve (1 or 2
@@ -117,36 +141,67 @@ impl ReadBuf {
                 self.moved += self.filled as u64;
             }
         }
-        let mut old = std::mem::replace(&mut self.buf, fresh);
-        let old_size = std::mem::replace(&mut self.size, fresh_size);
-        old.clear();
-        if self.spent.len() >= SPENT_KEPT {
-            self.spent.remove(0);
-        }
-        self.spent.push((old, old_size));
+        let old = std::mem::replace(&mut self.buf, fresh_buf);
+        let old_size = std::mem::replace(&mut self.size, fresh.size);
+        // What is left of the old buffer may still do for another reader.
+        pool::give(
+            Tail {
+                buf: old,
+                size: old_size,
+            },
+            self.room(),
+        );
+        Some(())
     }
 
-    /// A spent buffer of at least `size` bytes no frame points into any more.
-    fn reclaim(&mut self, size: usize) -> Option<(BytesMut, usize)> {
-        let i = self
-            .spent
-            .iter_mut()
-            .position(|(b, n)| *n >= size && b.try_reclaim(*n))?;
-        let (mut b, n) = self.spent.swap_remove(i);
-        if b.capacity() < n {
-            return None;
+    /// Gives the buffer back when no byte of it is waiting to be cut.
+    fn release(&mut self) {
+        if self.held && self.filled == 0 {
+            self.held = false;
+            let buf = std::mem::take(&mut self.buf);
+            let size = std::mem::take(&mut self.size);
+            pool::give(Tail { buf, size }, self.room());
         }
-        // SAFETY: `try_reclaim` succeeded, so `b` is the only handle to its
-        // allocation and now starts at the allocation's start, with at
-        // least `n` bytes of capacity (checked above). The first `n` bytes
-        // of that allocation were initialised when it was created with
-        // `BytesMut::zeroed(n)`, and since then they have only been written
-        // by reads; nothing de-initialises memory, so they are initialised.
-        #[allow(unsafe_code)]
-        unsafe {
-            b.set_len(n);
+    }
+
+    /// The socket has nothing more to read for now: gives the buffer back,
+    /// or with a frame in progress, what lies beyond that frame, so a
+    /// connection waiting for the rest of a frame holds only its room.
+    pub fn park(&mut self) {
+        if !self.held {
+            return;
         }
-        Some((b, n))
+        if self.filled == 0 {
+            self.release();
+            return;
+        }
+        let Some(len) = get_u24(self.buf.get(..self.filled).unwrap_or_default()) else {
+            return;
+        };
+        let end = PREFIX_LEN + len.min(self.max_frame);
+        if end >= self.filled && self.buf.len() >= end + self.room() {
+            let rest = self.buf.split_off(end);
+            pool::give_part(
+                Tail {
+                    buf: rest,
+                    size: self.size,
+                },
+                self.room(),
+            );
+        }
+    }
+
+    /// Bytes of the buffer held beyond the size buffers start with: what a
+    /// frame longer than usual costs while it arrives (and, once the
+    /// reserve has grown for such frames, what every buffer costs more).
+    /// A buffer of the usual size is the shard's, not the connection's: it
+    /// goes back to the pool as soon as no frame is in progress.
+    pub fn oversize(&self) -> usize {
+        if !self.held {
+            return 0;
+        }
+        let base = Self::size_for(MIN_RESERVE.min(PREFIX_LEN + self.max_frame));
+        self.size.saturating_sub(base)
     }
 
     /// `n` bytes were read into [`ReadBuf::spare`].
@@ -164,14 +219,6 @@ impl ReadBuf {
         self.filled == 0
     }
 
-    /// Bytes of the current buffer beyond the size it starts with: what a
-    /// frame longer than usual costs while it arrives (and, once the
-    /// reserve has grown for such frames, what every buffer costs more).
-    pub fn oversize(&self) -> usize {
-        let base = Self::size_for(MIN_RESERVE.min(PREFIX_LEN + self.max_frame));
-        self.size.saturating_sub(base)
-    }
-
     /// Bytes of frames in progress that were moved between buffers (each
     /// time a frame longer than any before it arrived).
     pub fn moved_bytes(&self) -> u64 {
@@ -181,6 +228,7 @@ impl ReadBuf {
     /// The next whole frame (without its length prefix), if one is buffered.
     pub fn next_frame(&mut self) -> Result<Option<Bytes>, DecodeError> {
         let Some(len) = get_u24(self.buf.get(..self.filled).unwrap_or_default()) else {
+            self.release();
             return Ok(None);
         };
         if len > self.max_frame {
@@ -216,7 +264,10 @@ impl ReadBuf {
             if data.is_empty() {
                 return Ok(());
             }
-            let spare = self.spare();
+            // Unbounded: these bytes are here already and cannot wait.
+            let Some(spare) = self.spare_with(false) else {
+                return Ok(());
+            };
             let n = spare.len().min(data.len());
             let (now, later) = data.split_at(n);
             if let Some(dst) = spare.get_mut(..n) {
@@ -224,6 +275,15 @@ impl ReadBuf {
             }
             self.filled(n);
             data = later;
+        }
+    }
+}
+
+impl Drop for ReadBuf {
+    fn drop(&mut self) {
+        if self.held {
+            self.filled = 0;
+            self.release();
         }
     }
 }
@@ -257,7 +317,7 @@ mod tests {
         for chunk in bytes.chunks(1000) {
             let mut chunk = chunk;
             while !chunk.is_empty() {
-                let spare = rb.spare();
+                let spare = rb.spare().unwrap();
                 let n = spare.len().min(chunk.len());
                 spare[..n].copy_from_slice(&chunk[..n]);
                 rb.filled(n);
@@ -286,7 +346,7 @@ mod tests {
         let mut rest = wire;
         let mut i = 0;
         while !rest.is_empty() {
-            let spare = rb.spare();
+            let spare = rb.spare().unwrap();
             assert!(!spare.is_empty());
             let n = spare
                 .len()
@@ -364,7 +424,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         let mut rest = &wire[..];
         while !rest.is_empty() {
-            let spare = rb.spare();
+            let spare = rb.spare().unwrap();
             seen.insert(spare.as_ptr() as usize & !0xffff);
             let n = spare.len().min(rest.len());
             spare[..n].copy_from_slice(&rest[..n]);
@@ -398,7 +458,7 @@ mod tests {
     #[test]
     fn read_buf_refuses_oversized_frames() {
         let mut rb = ReadBuf::new(100);
-        rb.spare()[..3].copy_from_slice(&[0, 1, 0]);
+        rb.spare().unwrap()[..3].copy_from_slice(&[0, 1, 0]);
         rb.filled(3);
         assert_eq!(
             rb.next_frame(),
