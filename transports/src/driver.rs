@@ -116,9 +116,13 @@ pub trait Endpoint {
     fn finish(&mut self, end: End);
 }
 
+thread_local! {
+    /// The frames of the read in progress on this thread.
+    static FRAMES: std::cell::RefCell<Vec<Bytes>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Drives `io` for `endpoint` until the connection ends.
 pub async fn drive<E: Endpoint, T: FrameIo>(mut endpoint: E, mut io: T) {
-    let mut frames: Vec<Bytes> = Vec::with_capacity(64);
     let mut unreadable = false;
     let mut wire = io.wire_bytes();
     // Once the endpoint is done: when to stop waiting for the last frames.
@@ -131,6 +135,9 @@ pub async fn drive<E: Endpoint, T: FrameIo>(mut endpoint: E, mut io: T) {
         // keep this task reading and starve every other task on the
         // thread, the consumers of what it reads included.
         let mut reads = 0;
+        // The frames of one read go in the thread's one list: an idle
+        // connection holds none.
+        let mut frames = FRAMES.with_borrow_mut(std::mem::take);
         while !unreadable && endpoint.may_read() {
             if reads == READS_PER_TURN {
                 cx.waker().wake_by_ref();
@@ -147,6 +154,7 @@ pub async fn drive<E: Endpoint, T: FrameIo>(mut endpoint: E, mut io: T) {
                 }
                 Poll::Ready(Ok(false)) => {
                     endpoint.finish(End::PeerClosed);
+                    FRAMES.set(frames);
                     return Poll::Ready(());
                 }
                 Poll::Ready(Err(TransportError::Decode(e))) => {
@@ -155,11 +163,14 @@ pub async fn drive<E: Endpoint, T: FrameIo>(mut endpoint: E, mut io: T) {
                 }
                 Poll::Ready(Err(e)) => {
                     endpoint.finish(End::ReadFailed(e));
+                    FRAMES.set(frames);
                     return Poll::Ready(());
                 }
                 Poll::Pending => break,
             }
         }
+        frames.clear();
+        FRAMES.set(frames);
         endpoint.before_write();
         // Write: take frames while the transport has room and flush; when a
         // flush empties the transport and the endpoint holds more, go again

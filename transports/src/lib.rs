@@ -14,6 +14,34 @@
 //!   the broker's shard and the client both run.
 //! - [`turns`]: how much a connection driver reads and writes before it
 //!   lets the thread's other connections run.
+//!
+//! # What an idle connection costs
+//!
+//! Memory follows traffic, not connection count. An idle TCP connection
+//! (its SETUP read, nothing in flight) holds no receive buffer and no write
+//! buffer:
+//!
+//! - receive buffers come from the shard's pool
+//!   ([`rsocket_proto::codec::pool`]): a connection takes one when it reads
+//!   and gives it back once every byte it read is cut into frames, so the
+//!   next connection reads into what is left of it; frames are still cut
+//!   out of the buffer they arrived in, and a buffer is reused only when
+//!   the last frame cut from it is gone. A connection waiting for the rest
+//!   of a frame keeps only that frame's room. The pool holds at most each
+//!   shard's share of `max_buffered_bytes`; at it, reads wait for buffers
+//!   to come back instead of allocating more;
+//! - the write batch comes from, and goes back to, the thread's idle
+//!   batches once everything queued is written;
+//! - the frames of one read are collected in the thread's one list.
+//!
+//! What stays is the connection's task (its driver and transport, under
+//! 1 KiB over TCP; TLS and WebSocket sessions are boxed so TCP does not pay
+//! for them), glommio's readiness poll, and the broker's per-connection
+//! state (the app, its services, its counters). `perf/idle.py` measures it:
+//! about 5 KiB per idle app connection after churn, where nats-server holds
+//! about 21 KiB per subscribed connection (perf/RESULTS.md). The kernel's
+//! socket buffers come on top, outside the process. rustls keeps its own
+//! buffers per TLS session, and quinn its own per QUIC connection.
 
 #![cfg_attr(
     not(test),
@@ -170,20 +198,61 @@ impl Default for WriteQueue {
     }
 }
 
+/// Size of a write batch buffer.
+const BATCH_SIZE: usize = 16 * 1024;
+
+/// Batch buffers kept per thread for the next connection with frames to
+/// write.
+const BATCHES_KEPT: usize = 64;
+
+thread_local! {
+    /// Batch buffers of this thread's write queues that went idle.
+    static BATCHES: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl WriteQueue {
-    /// A queue that copies parts of at most `copy_threshold` bytes.
+    /// A queue that copies parts of at most `copy_threshold` bytes. It
+    /// holds no buffer until a frame is queued, and gives its batch buffer
+    /// back to the thread once everything queued is written.
     pub fn new(copy_threshold: usize) -> Self {
         Self {
             segments: std::collections::VecDeque::new(),
-            batch: BytesMut::with_capacity(16 * 1024),
+            batch: BytesMut::new(),
             queued: 0,
             copy_threshold,
         }
     }
 
+    /// A batch buffer to copy into, from the thread's idle ones if it has none.
+    fn batch(&mut self) -> &mut BytesMut {
+        if self.batch.capacity() == 0 {
+            self.batch = BATCHES
+                .with_borrow_mut(Vec::pop)
+                .unwrap_or_else(|| BytesMut::with_capacity(BATCH_SIZE));
+        }
+        &mut self.batch
+    }
+
+    /// Everything queued is written: the batch buffer goes back to the
+    /// thread (whole again once the parts written from it are gone), and
+    /// the part list lets go of what grew under a burst.
+    fn idle(&mut self) {
+        let mut batch = std::mem::take(&mut self.batch);
+        if batch.capacity() > 0 && batch.is_empty() && batch.try_reclaim(BATCH_SIZE) {
+            BATCHES.with_borrow_mut(|kept| {
+                if kept.len() < BATCHES_KEPT {
+                    kept.push(batch);
+                }
+            });
+        }
+        if self.segments.capacity() > 16 {
+            self.segments = std::collections::VecDeque::new();
+        }
+    }
+
     /// Queues a frame with its length prefix.
     pub fn push_prefixed(&mut self, frame: &OutFrame) -> Result<(), TooLong> {
-        put_prefix(&mut self.batch, frame.len())?;
+        put_prefix(self.batch(), frame.len())?;
         self.push_parts(frame);
         self.queued += PREFIX_LEN + frame.len();
         Ok(())
@@ -191,14 +260,14 @@ impl WriteQueue {
 
     /// Queues bytes of the transport's own framing (a message header).
     pub fn push_header(&mut self, header: &[u8]) {
-        self.batch.put_slice(header);
+        self.batch().put_slice(header);
         self.queued += header.len();
     }
 
     /// Queues a copy of `frame` that `transform` changes in place (a
     /// WebSocket client masks what it sends).
     pub fn push_copy_with(&mut self, frame: &OutFrame, transform: impl FnOnce(&mut [u8])) {
-        let start = self.batch.len();
+        let start = self.batch().len();
         for chunk in frame.chunks() {
             self.batch.put_slice(chunk);
         }
@@ -215,11 +284,11 @@ impl WriteQueue {
     }
 
     fn push_parts(&mut self, frame: &OutFrame) {
-        self.batch.put_slice(frame.head());
+        self.batch().put_slice(frame.head());
         let (metadata, data) = frame.shared_parts();
         for part in [metadata, data] {
             if part.len() <= self.copy_threshold {
-                self.batch.put_slice(part);
+                self.batch().put_slice(part);
             } else {
                 self.seal();
                 self.segments.push_back(part.clone());
@@ -278,6 +347,9 @@ impl WriteQueue {
                 n = 0;
             }
         }
+        if self.queued == 0 && self.segments.is_empty() {
+            self.idle();
+        }
     }
 
     /// Hands the queued parts to `write` as shared chunks, in order (sealing
@@ -293,6 +365,9 @@ impl WriteQueue {
         self.queued = self.queued.saturating_sub(n);
         while self.segments.front().is_some_and(Bytes::is_empty) {
             self.segments.pop_front();
+        }
+        if self.queued == 0 && self.segments.is_empty() {
+            self.idle();
         }
         Ok(n)
     }

@@ -29,12 +29,13 @@ use crate::{FrameIo, ListenAddr, Scheme, TransportError, WireBytes};
 pub enum Conn {
     /// `tcp://`
     Tcp(TcpFrames),
-    /// `tls://`
-    Tls(Prefixed<TlsStream>),
+    /// `tls://` (boxed: the TLS session is large, and a connection over
+    /// TCP should not pay for it)
+    Tls(Box<Prefixed<TlsStream>>),
     /// `ws://`
     Ws(WsFrames<TcpStream>),
-    /// `wss://`
-    Wss(WsFrames<TlsStream>),
+    /// `wss://` (boxed, as `tls://`)
+    Wss(Box<WsFrames<TlsStream>>),
     /// `quic://`
     Quic(QuicConn),
 }
@@ -345,7 +346,7 @@ impl Incoming {
             Scheme::Tcp => Ok(Conn::Tcp(TcpFrames::new(stream, hs.max_frame))),
             Scheme::Tls => {
                 let s = TlsStream::accept(stream, config()?).await.map_err(tls)?;
-                Ok(Conn::Tls(Prefixed::over(s, hs.max_frame)))
+                Ok(Conn::Tls(Box::new(Prefixed::over(s, hs.max_frame))))
             }
             Scheme::Ws => {
                 let _ = stream.set_nodelay(true);
@@ -359,7 +360,7 @@ impl Incoming {
                 let ws = crate::ws::accept(s, &self.path, hs.max_frame)
                     .await
                     .map_err(upgrade)?;
-                Ok(Conn::Wss(ws))
+                Ok(Conn::Wss(Box::new(ws)))
             }
         }
     }
@@ -412,11 +413,13 @@ pub async fn connect(url: &ListenAddr, options: &ConnectOptions) -> io::Result<C
     let host = format!("{}:{}", url.host, url.addr.port());
     Ok(match url.scheme {
         Scheme::Tcp => Conn::Tcp(TcpFrames::new(tcp, options.max_frame)),
-        Scheme::Tls => Conn::Tls(Prefixed::over(tls(tcp).await?, options.max_frame)),
+        Scheme::Tls => Conn::Tls(Box::new(Prefixed::over(tls(tcp).await?, options.max_frame))),
         Scheme::Ws => Conn::Ws(crate::ws::connect(tcp, &host, &url.path, options.max_frame).await?),
         Scheme::Wss => {
             let s = tls(tcp).await?;
-            Conn::Wss(crate::ws::connect(s, &host, &url.path, options.max_frame).await?)
+            Conn::Wss(Box::new(
+                crate::ws::connect(s, &host, &url.path, options.max_frame).await?,
+            ))
         }
         Scheme::Quic => return Err(io::Error::other("QUIC does not run over TCP")),
     })

@@ -502,11 +502,15 @@ pub fn start(config: BrokerConfig) -> io::Result<BrokerHandle> {
             let datagrams = datagrams.clone();
             let control = control.clone();
             let ready = ready_tx.clone();
+            // Receive buffers: each shard's pool holds at most its share
+            // of max_buffered_bytes; at it, reads wait for buffers to come back.
+            let pool_limit = config.limits.max_buffered_bytes.0 / shards.max(1);
             LocalExecutorBuilder::new(Placement::Fixed(cpu))
                 .name(&format!("rsbroker-shard-{id}"))
                 .io_memory(config.server.io_memory.0)
                 .spin_before_park(config.server.spin_before_park)
                 .spawn(move || async move {
+                    rsocket_proto::codec::pool::configure(pool_limit);
                     let ctx = ShardCtx {
                         id: id as ShardId,
                         shards: shards as u16,
@@ -883,7 +887,9 @@ async fn connection(rt: Rc<ShardRt>, incoming: Incoming, refuse: Option<usize>) 
         tracing::debug!(conn = %id, %subject, "client certificate verified");
     }
     rt.peers.borrow_mut().insert(id, info);
-    driver::drive(ShardEndpoint { rt: rt.clone(), id }, io).await;
+    // A task of its own: the handshake's task ends here, and the driver's
+    // holds only what a connection needs for as long as it is open.
+    glommio::spawn_local(driver::drive(ShardEndpoint { rt: rt.clone(), id }, io)).detach();
 }
 
 /// Tells a connection over the limit why it is refused, and closes it.
