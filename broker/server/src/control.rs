@@ -118,6 +118,8 @@ pub struct ShardSnapshot {
     /// It is over its share of the memory budget, not reading the
     /// connections that hold the most.
     pub over_budget: bool,
+    /// Its receive buffer pool.
+    pub pool: rsocket_proto::codec::pool::PoolStats,
 }
 
 /// A shard's slot: written by that shard only.

@@ -408,6 +408,7 @@ impl ShardRt {
             draining: self.stopping.get(),
             held_bytes: shard.held_bytes(),
             over_budget: shard.is_over_budget(),
+            pool: rsocket_proto::codec::pool::stats(),
         }
     }
 
