@@ -26,10 +26,14 @@
 //!   and gives it back once every byte it read is cut into frames, so the
 //!   next connection reads into what is left of it; frames are still cut
 //!   out of the buffer they arrived in, and a buffer is reused only when
-//!   the last frame cut from it is gone. A connection waiting for the rest
-//!   of a frame keeps only that frame's room. The pool holds at most each
+//!   the last frame cut from it is gone. A connection whose socket runs
+//!   dry in the middle of a frame moves what it has of that frame into a
+//!   buffer of its own, when that is little (`PARK_COPY`, 16 KiB) or once
+//!   the pool is more than half used, and reads the rest there; otherwise
+//!   it keeps only that frame's room. Either way the frame in progress
+//!   counts in the connection's buffered bytes. The pool holds at most each
 //!   shard's share of `max_buffered_bytes`; at it, reads wait for buffers
-//!   to come back instead of allocating more;
+//!   to come back instead of allocating more (`rsbroker_receive_pool_*`);
 //! - the write batch comes from, and goes back to, the thread's idle
 //!   batches once everything queued is written;
 //! - the frames of one read are collected in the thread's one list.

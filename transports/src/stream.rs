@@ -229,6 +229,6 @@ impl<S: ByteStream> FrameIo for Prefixed<S> {
     }
 
     fn buffered_bytes(&self) -> usize {
-        self.write.len() + self.read.oversize()
+        self.write.len() + self.read.frame_bytes()
     }
 }

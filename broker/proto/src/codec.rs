@@ -18,7 +18,7 @@ pub mod pool;
 mod read_buf;
 
 pub use chunks::ChunkCutter;
-pub use read_buf::ReadBuf;
+pub use read_buf::{PARK_COPY, ReadBuf};
 
 /// Length of the frame length prefix on byte-stream transports.
 pub const PREFIX_LEN: usize = 3;

@@ -128,6 +128,13 @@ pub fn trim() {
     });
 }
 
+/// Whether more than half the limit is alive: readers that wait for the
+/// rest of a frame then move it out of the pool (see `ReadBuf::park`), so
+/// peers that stop mid-frame cannot hold the buffers others read into.
+pub(crate) fn pressed() -> bool {
+    POOL.with_borrow(|p| p.live > p.limit / 2)
+}
+
 /// Wakes `waker` once a buffer goes back to the pool.
 pub fn wait(waker: &Waker) {
     POOL.with_borrow_mut(|p| {
@@ -156,18 +163,19 @@ pub(crate) fn take(room: usize, size: usize, bounded: bool) -> Option<Tail> {
 /// Gives back a buffer taken with [`take`]: one with at least `room`
 /// bytes left is read into next, others wait for their frames to go.
 pub(crate) fn give(tail: Tail, room: usize) {
-    POOL.with_borrow_mut(|p| {
-        p.held = p.held.saturating_sub(1);
-        p.put(tail, room);
-        for w in p.waiting.drain(..) {
-            w.wake();
-        }
-    });
+    put_back(tail, room, true);
 }
 
 /// Gives back part of a held buffer (the rest stays held).
 pub(crate) fn give_part(tail: Tail, room: usize) {
+    put_back(tail, room, false);
+}
+
+fn put_back(tail: Tail, room: usize, whole: bool) {
     POOL.with_borrow_mut(|p| {
+        if whole {
+            p.held = p.held.saturating_sub(1);
+        }
         p.put(tail, room);
         for w in p.waiting.drain(..) {
             w.wake();
@@ -255,4 +263,153 @@ fn restore(t: &mut Tail) -> bool {
         t.buf.set_len(t.size);
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    use super::*;
+
+    // Each test runs on a thread of its own, so on a pool of its own.
+
+    const ROOM: usize = 68 * 1024;
+    const SIZE: usize = 128 * 1024;
+
+    fn ptr(t: &Tail) -> usize {
+        t.buf.as_ptr() as usize
+    }
+
+    #[test]
+    fn pool_allocates_nothing_past_its_limit_and_counts_the_refusals() {
+        configure(SIZE + SIZE / 2);
+        assert!(!pressed());
+        let a = take(ROOM, SIZE, true).unwrap();
+        assert!(take(ROOM, SIZE, true).is_none(), "past the limit");
+        assert!(take(ROOM, SIZE, true).is_none());
+        let s = stats();
+        assert_eq!(
+            (s.live_bytes, s.limit, s.held, s.allocated, s.exhausted),
+            (SIZE, SIZE + SIZE / 2, 1, 1, 2)
+        );
+        // Bytes already read may always be taken in.
+        let b = take(ROOM, SIZE, false).unwrap();
+        assert!(pressed());
+        assert_eq!(stats().live_bytes, 2 * SIZE);
+        assert_eq!(stats().held, 2);
+        give(a, ROOM);
+        give(b, ROOM);
+        assert_eq!(stats().held, 0);
+    }
+
+    #[test]
+    fn pool_gives_a_returned_buffer_to_the_next_reader() {
+        let a = take(ROOM, SIZE, true).unwrap();
+        let at = ptr(&a);
+        give(a, ROOM);
+        assert_eq!((stats().tails, stats().held), (1, 0));
+        let b = take(ROOM, SIZE, true).unwrap();
+        assert_eq!(ptr(&b), at, "the same buffer");
+        assert_eq!(stats().allocated, 1);
+        assert_eq!(stats().tails, 0);
+    }
+
+    #[test]
+    fn pool_reuses_a_spent_buffer_only_once_its_frames_are_gone() {
+        let mut a = take(ROOM, SIZE, true).unwrap();
+        let at = ptr(&a);
+        // A frame cut from the start, and the rest too short to read into.
+        let frame = a.buf.split_to(SIZE - ROOM + 1).freeze();
+        give(a, ROOM);
+        assert_eq!((stats().tails, stats().spent), (0, 1));
+        let b = take(ROOM, SIZE, true).unwrap();
+        assert_ne!(ptr(&b), at, "the frame still points into it");
+        assert_eq!(stats().allocated, 2);
+        drop(frame);
+        let c = take(ROOM, SIZE, true).unwrap();
+        assert_eq!(ptr(&c), at, "reclaimed whole once the frame went");
+        assert_eq!(c.buf.len(), SIZE, "its whole size to read into");
+        assert_eq!(stats().allocated, 2);
+        drop(b);
+    }
+
+    #[test]
+    fn pool_keeps_a_bounded_number_of_tails_and_free_buffers() {
+        let taken: Vec<Tail> = (0..TAILS_KEPT + 3)
+            .map(|_| take(ROOM, SIZE, false).unwrap())
+            .collect();
+        for t in taken {
+            give(t, ROOM);
+        }
+        let s = stats();
+        assert_eq!((s.tails, s.spent), (TAILS_KEPT, 3));
+        // Whole ones found free are kept up to FREE_KEPT, the others freed.
+        POOL.with_borrow_mut(|p| {
+            for t in std::mem::take(&mut p.spent) {
+                p.release(t);
+            }
+            for t in std::mem::take(&mut p.tails) {
+                p.release(t);
+            }
+        });
+        let s = stats();
+        assert_eq!(s.free, FREE_KEPT);
+        assert_eq!(s.live_bytes, FREE_KEPT * SIZE);
+        let again = take(ROOM, SIZE, true).unwrap();
+        assert_eq!(stats().allocated, (TAILS_KEPT + 3) as u64, "a free one");
+        assert_eq!(stats().free, FREE_KEPT - 1);
+        drop(again);
+    }
+
+    #[test]
+    fn pool_trim_frees_what_no_frame_uses() {
+        let mut a = take(ROOM, SIZE, true).unwrap();
+        let b = take(ROOM, SIZE, true).unwrap();
+        let frame = a.buf.split_to(SIZE - 10).freeze();
+        give(a, ROOM);
+        let mut c = b;
+        c.buf.clear();
+        give(c, ROOM);
+        assert_eq!(stats().spent, 2);
+        trim();
+        let s = stats();
+        assert_eq!(s.spent, 1, "the one a frame points into stays");
+        assert_eq!(s.live_bytes, SIZE);
+        drop(frame);
+        trim();
+        assert_eq!(stats().live_bytes, 0);
+    }
+
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn pool_wakes_its_waiters_once_a_buffer_comes_back() {
+        configure(SIZE);
+        let a = take(ROOM, SIZE, true).unwrap();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        wait(&waker);
+        wait(&waker);
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        give(a, ROOM);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken once");
+        let b = take(ROOM, SIZE, true).unwrap();
+        let part = Tail {
+            buf: BytesMut::new(),
+            size: 0,
+        };
+        wait(&waker);
+        give_part(part, ROOM);
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert_eq!(stats().held, 1, "a part given back leaves the rest held");
+        give(b, ROOM);
+    }
 }

@@ -24,6 +24,13 @@ const MAX_RESERVE: usize = 1024 * 1024 + 64;
 /// read would take too little.
 const READ_MIN: usize = 4 * 1024;
 
+/// A frame in progress with at most this many bytes read when the socket
+/// runs dry is copied out of the pool's buffer into one of its own, and
+/// read on there: a peer that sends the start of a frame and stops holds
+/// what it sent, not a pooled buffer. Once more than half the pool is in
+/// use, every frame in progress moves out when its socket runs dry.
+pub const PARK_COPY: usize = 16 * 1024;
+
 /// The receive buffer of a byte-stream transport.
 ///
 /// Frames are cut out of it with `split_to(..).freeze()`, so the bytes the
@@ -43,9 +50,10 @@ const READ_MIN: usize = 4 * 1024;
 /// holds one only while bytes it read are not yet cut into frames. Once
 /// they all are ([`ReadBuf::next_frame`] finds nothing buffered) the buffer
 /// goes back, and the next connection to read reads into what is left of
-/// it. When the socket has nothing more to read, [`ReadBuf::park`] keeps
-/// only the room the frame in progress needs. An idle connection holds no
-/// receive buffer at all.
+/// it. When the socket has nothing more to read, [`ReadBuf::park`] moves a
+/// frame in progress that has little read ([`PARK_COPY`]), or any once the
+/// pool is more than half used, into a buffer of its own, where the rest
+/// of it is read; otherwise it keeps only the room that frame needs. An idle connection holds no receive buffer at all.
 #[derive(Debug)]
 pub struct ReadBuf {
     /// From the start of the frame in progress to the end of the buffer;
@@ -53,7 +61,8 @@ pub struct ReadBuf {
     buf: BytesMut,
     /// Initialised bytes of the allocation behind `buf`, from its start.
     size: usize,
-    /// Whether `buf` was taken from the pool.
+    /// Whether `buf` was taken from the pool (else it is empty, or holds a
+    /// parked frame in progress in an allocation of its own).
     held: bool,
     filled: usize,
     max_frame: usize,
@@ -94,6 +103,9 @@ impl ReadBuf {
     }
 
     fn spare_with(&mut self, bounded: bool) -> Option<&mut [u8]> {
+        if !self.held && self.filled > 0 {
+            return Some(self.spare_own());
+        }
         if !self.held {
             let t = pool::take(self.room(), Self::size_for(self.reserve), bounded)?;
             self.buf = t.buf;
@@ -122,6 +134,29 @@ impl ReadBuf {
             }
         };
         self.buf.get_mut(self.filled..end)
+    }
+
+    /// Room to read the rest of a parked frame into its own buffer: up to
+    /// the end of its length prefix, then up to the end of the frame. The
+    /// buffer grows with what arrives, to at most four times that (a length
+    /// prefix alone does not make the broker allocate the frame), and the
+    /// frame is cut from it whole.
+    fn spare_own(&mut self) -> &mut [u8] {
+        let end = get_u24(self.buf.get(..self.filled).unwrap_or_default())
+            .map_or(PREFIX_LEN, |len| PREFIX_LEN + len.min(self.max_frame));
+        let len = self.buf.len();
+        if self.filled >= end {
+            // The frame is whole but not cut yet (a caller that reads on
+            // first): the next bytes go after it, in the same buffer.
+            self.buf.resize(self.filled + READ_MIN, 0);
+            return self.buf.get_mut(self.filled..).unwrap_or_default();
+        }
+        if len < end && self.filled == len {
+            // At most four times what arrived (and at least a read's worth).
+            self.buf.resize((4 * len).max(READ_MIN).min(end), 0);
+        }
+        let stop = self.buf.len().min(end);
+        self.buf.get_mut(self.filled..stop).unwrap_or_default()
     }
 
     /// Moves the frame in progress (`frame_end` bytes long, when known) to
@@ -175,6 +210,17 @@ impl ReadBuf {
             self.release();
             return;
         }
+        if self.filled <= PARK_COPY || pool::pressed() {
+            // Its own buffer, of what was read: the pool's goes back whole.
+            let mut own = BytesMut::with_capacity(self.filled);
+            own.extend_from_slice(self.buf.get(..self.filled).unwrap_or_default());
+            self.moved += self.filled as u64;
+            let buf = std::mem::replace(&mut self.buf, own);
+            let size = std::mem::take(&mut self.size);
+            self.held = false;
+            pool::give(Tail { buf, size }, self.room());
+            return;
+        }
         let Some(len) = get_u24(self.buf.get(..self.filled).unwrap_or_default()) else {
             return;
         };
@@ -191,17 +237,26 @@ impl ReadBuf {
         }
     }
 
-    /// Bytes of the buffer held beyond the size buffers start with: what a
-    /// frame longer than usual costs while it arrives (and, once the
-    /// reserve has grown for such frames, what every buffer costs more).
-    /// A buffer of the usual size is the shard's, not the connection's: it
-    /// goes back to the pool as soon as no frame is in progress.
-    pub fn oversize(&self) -> usize {
-        if !self.held {
+    /// Bytes held for the frame in progress (and any whole frames not yet
+    /// cut): its room in a pooled buffer, or its own buffer once parked.
+    /// What lies beyond it in a pooled buffer is the shard's, not the
+    /// connection's: it goes to the next reader.
+    pub fn frame_bytes(&self) -> usize {
+        if self.filled == 0 {
             return 0;
         }
-        let base = Self::size_for(MIN_RESERVE.min(PREFIX_LEN + self.max_frame));
-        self.size.saturating_sub(base)
+        if !self.held {
+            return self.buf.len();
+        }
+        let end = get_u24(self.buf.get(..self.filled).unwrap_or_default())
+            .map_or(0, |len| PREFIX_LEN + len.min(self.max_frame));
+        end.max(self.filled).min(self.buf.len())
+    }
+
+    /// Whether the frame in progress has been moved into a buffer of its
+    /// own (parked with little of it read).
+    pub fn is_parked_own(&self) -> bool {
+        !self.held && self.filled > 0
     }
 
     /// `n` bytes were read into [`ReadBuf::spare`].
@@ -497,5 +552,141 @@ mod tests {
             Err(DecodeError::FrameTooLarge { len: 101, max: 100 })
         );
         assert!(frames.is_empty());
+    }
+
+    /// Reads `bytes` into `rb` as one socket read (as much as it offers).
+    fn read_in(rb: &mut ReadBuf, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let spare = rb.spare().unwrap();
+            assert!(!spare.is_empty());
+            let n = spare.len().min(bytes.len());
+            spare[..n].copy_from_slice(&bytes[..n]);
+            rb.filled(n);
+            bytes = &bytes[n..];
+        }
+    }
+
+    /// Reads `bytes` as a transport does: frames are cut before each read.
+    fn read_cutting(rb: &mut ReadBuf, mut bytes: &[u8], frames: &mut Vec<Bytes>) {
+        while !bytes.is_empty() {
+            frames.extend(frames_of(rb));
+            let spare = rb.spare().unwrap();
+            assert!(!spare.is_empty());
+            let n = spare.len().min(bytes.len());
+            spare[..n].copy_from_slice(&bytes[..n]);
+            rb.filled(n);
+            bytes = &bytes[n..];
+        }
+        frames.extend(frames_of(rb));
+    }
+
+    fn frames_of(rb: &mut ReadBuf) -> Vec<Bytes> {
+        std::iter::from_fn(|| rb.next_frame().unwrap()).collect()
+    }
+
+    #[test]
+    fn read_buf_gives_its_buffer_back_once_every_frame_is_cut() {
+        let (wire, expected) = wire_of(&[10, 20]);
+        let mut rb = ReadBuf::new(MAX_U24);
+        assert_eq!(pool::stats().held, 0, "nothing held before a read");
+        read_in(&mut rb, &wire);
+        assert_eq!(pool::stats().held, 1);
+        let frames = frames_of(&mut rb);
+        assert_eq!(frames.iter().map(Bytes::len).collect::<Vec<_>>(), expected);
+        assert_eq!(
+            pool::stats().held,
+            0,
+            "given back with no frame in progress"
+        );
+        assert_eq!(rb.frame_bytes(), 0);
+        // Parking with nothing buffered holds nothing either.
+        read_in(&mut rb, &wire[..2]);
+        rb.park();
+        read_in(&mut rb, &wire[2..]);
+        assert_eq!(frames_of(&mut rb).len(), 2);
+        rb.park();
+        assert_eq!(pool::stats().held, 0);
+    }
+
+    #[test]
+    fn read_buf_parks_a_frame_begun_with_little_read_in_a_buffer_of_its_own() {
+        let (wire, expected) = wire_of(&[60_000, 30]);
+        for cut in [1, 2, 3, 100, PARK_COPY] {
+            let mut rb = ReadBuf::new(MAX_U24);
+            read_in(&mut rb, &wire[..cut]);
+            assert!(frames_of(&mut rb).is_empty());
+            rb.park();
+            assert!(rb.is_parked_own(), "cut at {cut}");
+            assert_eq!(pool::stats().held, 0, "the pool's buffer went back");
+            assert!(rb.frame_bytes() >= cut && rb.frame_bytes() <= cut.max(4096));
+            assert_eq!(rb.moved_bytes(), cut as u64);
+            // A prefix alone does not make it allocate the frame.
+            read_in(&mut rb, &wire[cut..cut + 1]);
+            assert!(
+                rb.frame_bytes() <= 4 * (cut + 1) + 4096,
+                "{} held for {} bytes",
+                rb.frame_bytes(),
+                cut + 1
+            );
+            let mut frames = Vec::new();
+            read_cutting(&mut rb, &wire[cut + 1..], &mut frames);
+            assert_eq!(frames.iter().map(Bytes::len).collect::<Vec<_>>(), expected);
+            assert!(frames[0][6..].iter().all(|&b| b == 7));
+            assert!(frames[1][6..].iter().all(|&b| b == 7));
+            assert!(rb.is_empty() && !rb.is_parked_own());
+            assert_eq!(pool::stats().held, 0);
+        }
+    }
+
+    #[test]
+    fn read_buf_keeps_a_frame_with_much_read_in_the_pool_and_counts_its_room() {
+        let (wire, expected) = wire_of(&[60_000]);
+        let mut rb = ReadBuf::new(MAX_U24);
+        read_in(&mut rb, &wire[..PARK_COPY + 1]);
+        rb.park();
+        assert!(!rb.is_parked_own(), "not copied");
+        assert_eq!(pool::stats().held, 1);
+        assert_eq!(rb.frame_bytes(), wire.len(), "the frame's room");
+        read_in(&mut rb, &wire[PARK_COPY + 1..]);
+        let frames = frames_of(&mut rb);
+        assert_eq!(frames.iter().map(Bytes::len).collect::<Vec<_>>(), expected);
+        assert_eq!(rb.moved_bytes(), 0);
+    }
+
+    #[test]
+    fn read_buf_waits_while_the_pool_is_at_its_limit() {
+        pool::configure(200 * 1024);
+        let (wire, _) = wire_of(&[60_000]);
+        let mut a = ReadBuf::new(MAX_U24);
+        read_in(&mut a, &wire[..PARK_COPY + 1]);
+        let mut b = ReadBuf::new(MAX_U24);
+        assert!(b.spare().is_none(), "no buffer past the limit");
+        drop(a);
+        assert!(b.spare().is_some(), "one came back");
+    }
+
+    #[test]
+    fn read_buf_moves_every_parked_frame_out_of_a_pool_half_used() {
+        pool::configure(400 * 1024);
+        let (wire, expected) = wire_of(&[60_000]);
+        let park = || {
+            let mut rb = ReadBuf::new(MAX_U24);
+            read_in(&mut rb, &wire[..PARK_COPY + 1]);
+            rb.park();
+            rb
+        };
+        // The first two fit in one buffer, the third needs a second one.
+        let (a, b) = (park(), park());
+        assert!(!a.is_parked_own() && !b.is_parked_own(), "kept in the pool");
+        assert_eq!(pool::stats().allocated, 1);
+        let mut c = park();
+        assert_eq!(pool::stats().allocated, 2);
+        assert!(c.is_parked_own(), "moved out once over half is used");
+        assert_eq!(c.frame_bytes(), PARK_COPY + 1);
+        let mut frames = Vec::new();
+        read_cutting(&mut c, &wire[PARK_COPY + 1..], &mut frames);
+        assert_eq!(frames.iter().map(Bytes::len).collect::<Vec<_>>(), expected);
+        assert!(frames[0][6..].iter().all(|&x| x == 7));
+        drop((a, b));
     }
 }

@@ -876,3 +876,75 @@ fn idle_connections_after_churn_hold_a_few_kib_each() {
     drop(wave);
     f.assert_back_to_baseline();
 }
+
+/// Peers that send the start of a frame and stop hold what they sent, not
+/// the shard's receive buffers: with 8 MiB of them per shard (64 of the
+/// usual 128 KiB), 200 connections each stopped in the middle of a 65 KB
+/// request would hold them all if each kept the buffer its frame began in,
+/// and no connection on the shard could be read. Their frames moved into
+/// buffers of their own, the pool was never found empty, the other traffic
+/// went on, and each request was answered whole once the rest of it came.
+#[test]
+fn half_sent_frames_leave_the_receive_buffers_to_others() {
+    const N: usize = 200;
+    let mut f = Fault::start(
+        "half-sent-frames",
+        &[("limits", "max_buffered_bytes", "\"16 MiB\"")],
+    );
+    let data = "x".repeat(65_000);
+    let mut wire = bytes::BytesMut::new();
+    rsocket_proto::codec::put_prefixed(
+        &mut wire,
+        &rsocket_proto::OutFrame::from_owned(rr(1, "ctl.echo", &data)),
+    )
+    .unwrap();
+    // Half stop within the first bytes, half past what is always copied.
+    let cut = |i: usize| {
+        if i.is_multiple_of(2) {
+            1 + i % 100
+        } else {
+            rsocket_proto::codec::PARK_COPY + 1000
+        }
+    };
+    let before = f.connections().len();
+    let mut peers: Vec<Raw> = (0..N)
+        .map(|i| {
+            let mut r = requester(&f);
+            r.send_bytes(&wire[..cut(i)]).unwrap();
+            r
+        })
+        .collect();
+    f.eventually("every peer to be held", 30 * SECOND, |f| {
+        f.connections().len() >= before + N
+    });
+    std::thread::sleep(SECOND);
+    f.assert_traffic_unharmed("200 connections stopped mid-frame");
+    assert_eq!(
+        f.metric("rsbroker_receive_pool_exhausted"),
+        0.0,
+        "a read found the receive buffers all in use"
+    );
+    let pooled = f.metric("rsbroker_receive_pool_bytes");
+    assert!(
+        pooled <= f64::from(16 << 20),
+        "{pooled} bytes of receive buffers"
+    );
+    assert!(
+        f.metric("rsbroker_buffered_bytes") >= (N / 2 * rsocket_proto::codec::PARK_COPY) as f64,
+        "the frames in progress count as held for their connections"
+    );
+    // One at a time: together they would be more than the responder's
+    // max_connection_memory.
+    for (i, r) in peers.iter_mut().enumerate() {
+        r.send_bytes(&wire[cut(i)..]).unwrap();
+        let answer = r.until(10 * SECOND, "the echo", |fr| fr.stream_id() == 1);
+        assert!(
+            answer.data_slice() == data.as_bytes(),
+            "peer {i}: {} bytes back, not the request's data",
+            answer.data_slice().len()
+        );
+    }
+    f.assert_traffic_unharmed("the frames completed");
+    drop(peers);
+    f.assert_back_to_baseline();
+}
