@@ -40,6 +40,9 @@ import tempfile
 import time
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ports import free_port, wait_port  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
 PER_SOURCE = 5_000
@@ -68,25 +71,6 @@ def setup(i, publish):
             + bytes([len(composite)]) + composite + bytes([len(data)]) + data
             + struct.pack(">I", len(md))[1:] + md)
     return frame(0, 1, 0x100, body)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, proc, what, timeout=20):
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise SystemExit("%s exited: %s" % (what, proc.stderr.read()))
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("%s did not listen on %d" % (what, port))
 
 
 def rss(pid):

@@ -228,13 +228,21 @@ impl WriteQueue {
     }
 
     /// A batch buffer to copy into, from the thread's idle ones if it has none.
+    #[inline]
     fn batch(&mut self) -> &mut BytesMut {
         if self.batch.capacity() == 0 {
-            self.batch = BATCHES
-                .with_borrow_mut(Vec::pop)
-                .unwrap_or_else(|| BytesMut::with_capacity(BATCH_SIZE));
+            self.take_batch();
         }
         &mut self.batch
+    }
+
+    // Out of line: inlined, it made every push pay for its stack frame.
+    #[cold]
+    #[inline(never)]
+    fn take_batch(&mut self) {
+        self.batch = BATCHES
+            .with_borrow_mut(Vec::pop)
+            .unwrap_or_else(|| BytesMut::with_capacity(BATCH_SIZE));
     }
 
     /// Everything queued is written: the batch buffer goes back to the
