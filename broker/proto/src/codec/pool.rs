@@ -305,6 +305,21 @@ mod tests {
     }
 
     #[test]
+    fn pool_is_pressed_past_half_its_limit() {
+        configure(2 * SIZE + 2);
+        let a = take(ROOM, SIZE, true).unwrap();
+        assert!(!pressed(), "under half");
+        let b = take(1, 1, true).unwrap();
+        assert_eq!(stats().live_bytes, SIZE + 1);
+        assert!(!pressed(), "exactly half");
+        let c = take(1, 1, true).unwrap();
+        assert!(pressed(), "past half");
+        for t in [a, b, c] {
+            give(t, ROOM);
+        }
+    }
+
+    #[test]
     fn pool_gives_a_returned_buffer_to_the_next_reader() {
         let a = take(ROOM, SIZE, true).unwrap();
         let at = ptr(&a);
