@@ -336,6 +336,9 @@ impl StreamCredit {
 
 // ------------------------------------------------------------------ backlog
 
+/// Room for this many marks an empty backlog keeps.
+const MARKS_KEPT: usize = 128;
+
 /// Where the items of metered streams sit in a connection's outgoing
 /// queue, in order, so that their credit is topped up when the transport
 /// takes them. Consecutive items of one stream share a mark.
@@ -385,11 +388,23 @@ impl Backlog {
     /// The next mark the transport has taken completely, now that `sent`
     /// bytes of the queue are gone.
     pub fn pop_sent(&mut self, sent: u64) -> Option<Mark> {
-        if self.marks.front()?.end <= sent {
+        let Some(front) = self.marks.front() else {
+            // Empty: the room a burst of marks took goes back.
+            if self.marks.capacity() > MARKS_KEPT {
+                self.marks = VecDeque::new();
+            }
+            return None;
+        };
+        if front.end <= sent {
             self.marks.pop_front()
         } else {
             None
         }
+    }
+
+    /// Marks the backlog has room for.
+    pub fn room(&self) -> usize {
+        self.marks.capacity()
     }
 
     /// Whether no item waits.

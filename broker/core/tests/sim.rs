@@ -1912,3 +1912,53 @@ fn a_new_config_keeps_the_shards_identity() {
     assert_eq!(tally(&answers), BTreeMap::from([("r".to_owned(), 2)]));
     sim.assert_clean();
 }
+
+/// A connection that once had a thousand streams open does not keep the
+/// room the broker's tables and queues took for them: once the streams
+/// end, what is left for each side is a few dozen entries' worth.
+#[test]
+fn a_burst_of_streams_leaves_no_room_behind() {
+    let mut sim = Sim::new(2, 3, Policies::default());
+    let responder = sim.connect(1, "r1", &["echo"], 0);
+    let requester = sim.connect(0, "", &[], 0);
+    sim.run(10_000);
+    let room = |sim: &Sim, app: usize| {
+        let b = sim.apps[app].broker;
+        sim.shards[usize::from(b.shard)].table_room(b).unwrap()
+    };
+    let before = (room(&sim, requester), room(&sim, responder));
+    // The responder does not read until all of them are open.
+    sim.apps[responder].reading = false;
+    let ids: Vec<u32> = (0..1000)
+        .map(|_| {
+            sim.request(
+                requester,
+                RequestKind::Stream { initial_n: 3 },
+                &["echo"],
+                "s",
+            )
+        })
+        .collect();
+    sim.run(100_000);
+    let burst = (room(&sim, requester), room(&sim, responder));
+    assert!(
+        burst.0 >= 2000 && burst.1 >= 2000,
+        "tables for a thousand streams: {burst:?}"
+    );
+    sim.apps[responder].reading = true;
+    sim.run(1_000_000);
+    for id in &ids {
+        assert_eq!(
+            sim.apps[requester].outcomes[id].done,
+            Some(Ok(())),
+            "stream {id}"
+        );
+    }
+    sim.assert_clean();
+    let after = (room(&sim, requester), room(&sim, responder));
+    assert!(
+        after.0 <= before.0 + 8 * 128 && after.1 <= before.1 + 8 * 128,
+        "room before {before:?}, at the burst {burst:?}, after {after:?}"
+    );
+    assert!(after.0 * 4 < burst.0 && after.1 * 4 < burst.1);
+}

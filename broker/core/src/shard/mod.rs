@@ -422,6 +422,12 @@ impl Shard {
             .map(|c| (c.upstream.len(), c.downstream.len(), c.pending.len()))
     }
 
+    /// Entries connection `id`'s stream tables and queues have room for
+    /// (what they hold, and what a burst left them).
+    pub fn table_room(&self, id: ConnId) -> Option<usize> {
+        self.conn(id).map(Conn::table_room)
+    }
+
     /// The app name and instance uuid a connection registered, if it did.
     pub fn connection_app(&self, id: ConnId) -> Option<(String, Arc<str>)> {
         let c = self.conn(id)?;

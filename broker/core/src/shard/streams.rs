@@ -45,7 +45,42 @@ impl Conn {
         for &t in &up.targets {
             outstanding.ended(t);
         }
+        self.let_go_of_burst();
         Some(up)
+    }
+
+    /// Gives back the room of stream tables a burst left mostly empty, so
+    /// a connection that once had a thousand streams open does not keep
+    /// their tables' memory.
+    #[inline]
+    pub(super) fn let_go_of_burst(&mut self) {
+        let_go(&mut self.upstream);
+        let_go(&mut self.meters);
+        let_go(&mut self.downstream);
+        let_go(&mut self.by_origin);
+        let_go(&mut self.pending);
+    }
+
+    /// Entries the connection's stream tables have room for.
+    pub(super) fn table_room(&self) -> usize {
+        self.upstream.capacity()
+            + self.meters.capacity()
+            + self.downstream.capacity()
+            + self.by_origin.capacity()
+            + self.pending.capacity()
+            + self.flow.backlog.room()
+            + self.proto.table_room()
+    }
+}
+
+/// Room for this many entries a table keeps whatever it holds; beyond it,
+/// room more than eight times what it holds goes back.
+const TABLE_KEPT: usize = 128;
+
+#[inline]
+fn let_go<K: Eq + std::hash::Hash, V>(map: &mut rustc_hash::FxHashMap<K, V>) {
+    if map.capacity() > TABLE_KEPT && map.len() * 8 < map.capacity() {
+        map.shrink_to(map.len() * 2);
     }
 }
 
@@ -136,6 +171,7 @@ impl Shard {
         if let Some(origin) = c.downstream.remove(&stream) {
             c.by_origin.remove(&origin);
         }
+        c.let_go_of_burst();
     }
 
     /// Applies a signal to a stream of local connection `slot`, coming from

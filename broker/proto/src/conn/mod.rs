@@ -211,7 +211,14 @@ impl Connection {
         if !stream.local_requester {
             self.inbound_streams -= 1;
         }
+        let_go_of_burst(&mut self.streams);
         Some(stream)
+    }
+
+    /// Entries the connection's stream table and transmit queue have room
+    /// for: what they hold, and what a burst left them.
+    pub fn table_room(&self) -> usize {
+        self.streams.capacity() + self.out.room()
     }
 
     /// Applies `f` to stream `id` (`None` if it is not open), keeping the
@@ -243,10 +250,58 @@ impl Connection {
     }
 }
 
+/// Room for this many entries a table keeps whatever it holds; beyond it,
+/// room more than eight times what it holds goes back, so a connection
+/// that once had a burst of streams does not keep the burst's memory.
+pub(crate) const TABLE_KEPT: usize = 128;
+
+/// Gives back the room of a map that a burst left mostly empty.
+#[inline]
+pub(crate) fn let_go_of_burst<K: Eq + std::hash::Hash, V>(map: &mut FxHashMap<K, V>) {
+    if map.capacity() > TABLE_KEPT && map.len() * 8 < map.capacity() {
+        map.shrink_to(map.len() * 2);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    #[test]
+    fn tables_give_back_what_a_burst_left() {
+        let now = Instant::now();
+        let mut c = Connection::client(Config::default(), SetupPayload::default(), now);
+        c.state = State::Established;
+        let ids: Vec<u32> = (0..1000)
+            .map(|_| {
+                c.send_request(RequestKind::Stream { initial_n: 1 }, None, Bytes::new())
+                    .unwrap()
+            })
+            .collect();
+        let burst = c.table_room();
+        assert!(burst >= 2000, "room for the burst: {burst}");
+        while c.poll_transmit().is_some() {}
+        assert_eq!(c.table_room(), c.streams.capacity(), "the queue let go");
+        let mut map: FxHashMap<u32, u32> = ids.iter().map(|&i| (i, i)).collect();
+        let full = map.capacity();
+        for i in &ids[..900] {
+            map.remove(i);
+            let_go_of_burst(&mut map);
+        }
+        assert!(map.capacity() < full / 2, "{} of {full}", map.capacity());
+        assert_eq!(map.len(), 100);
+        for i in &ids[900..] {
+            map.remove(i);
+            let_go_of_burst(&mut map);
+        }
+        assert!(map.capacity() <= TABLE_KEPT, "empty: {}", map.capacity());
+        let mut small: FxHashMap<u32, u32> = (0..100).map(|i| (i, i)).collect();
+        let kept = small.capacity();
+        small.retain(|_, _| false);
+        let_go_of_burst(&mut small);
+        assert_eq!(small.capacity(), kept, "small tables keep their room");
+    }
 
     #[test]
     fn stream_ids_wrap_and_skip_ids_in_use() {

@@ -96,7 +96,10 @@ impl TransmitQueue {
 
     #[inline]
     fn pop(&mut self) -> Option<OutFrame> {
-        let frame = self.frames.pop_front()?;
+        let Some(frame) = self.frames.pop_front() else {
+            self.let_go_of_burst();
+            return None;
+        };
         self.bytes -= frame.len();
         self.sent_total += frame.len() as u64;
         Some(frame)
@@ -107,6 +110,19 @@ impl TransmitQueue {
         self.frames.clear();
         self.sent_total += self.bytes as u64;
         self.bytes = 0;
+        self.let_go_of_burst();
+    }
+
+    /// Empty, the queue gives back the room a burst of frames took.
+    #[inline]
+    fn let_go_of_burst(&mut self) {
+        if self.frames.capacity() > super::TABLE_KEPT {
+            self.frames = VecDeque::new();
+        }
+    }
+
+    pub(super) fn room(&self) -> usize {
+        self.frames.capacity()
     }
 }
 
