@@ -41,7 +41,9 @@
 //! What stays is the connection's task (its driver and transport, under
 //! 1 KiB over TCP; TLS and WebSocket sessions are boxed so TCP does not pay
 //! for them), glommio's readiness poll, and the broker's per-connection
-//! state (the app, its services, its counters). `perf/idle.py` measures it:
+//! state (the app, its services, its counters; its stream tables and
+//! queues keep room for up to 128 entries each and give back what a burst
+//! of streams took once it is over). `perf/idle.py` measures it:
 //! about 5 KiB per idle app connection after churn, where nats-server holds
 //! about 21 KiB per subscribed connection (perf/RESULTS.md). The kernel's
 //! socket buffers come on top, outside the process. rustls keeps its own
