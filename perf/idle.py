@@ -73,6 +73,20 @@ def setup(i, publish):
     return frame(0, 1, 0x100, body)
 
 
+def cpu_s(pid):
+    """CPU time (user + system) the process has used, in seconds."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu(pid, seconds=2.0):
+    """The share of a core the process uses while its connections are idle."""
+    c0, t0 = cpu_s(pid), time.time()
+    time.sleep(seconds)
+    return (cpu_s(pid) - c0) / (time.time() - t0)
+
+
 def rss(pid):
     with open("/proc/%d/status" % pid) as f:
         for line in f:
@@ -222,9 +236,13 @@ def run(system, args, tmp):
             socks, took, held = wave(system, proc, port, admin, args.connections,
                                      args.publish_every)
             per = (held - out["rss_start"]) / args.connections
-            out["waves"].append(dict(took_s=round(took, 3), rss=held, per_connection=round(per)))
-            print("%-9s wave %d: %d connections in %.2f s, RSS %.1f MiB, %.1f KiB per connection"
-                  % (system, w + 1, args.connections, took, held / 2**20, per / 1024), flush=True)
+            idle = idle_cpu(proc.pid)
+            out["waves"].append(dict(took_s=round(took, 3), rss=held, per_connection=round(per),
+                                     idle_cpu=round(idle, 4)))
+            print("%-9s wave %d: %d connections in %.2f s, RSS %.1f MiB, %.1f KiB per connection,"
+                  " %.1f%% of a core while they are idle"
+                  % (system, w + 1, args.connections, took, held / 2**20, per / 1024, 100 * idle),
+                  flush=True)
             if w + 1 == args.waves and args.rr:
                 out["rr_with_idle"] = rr(system, port, args.rr, tmp)
                 print("%-9s rr-max %.0f/s alone, %.0f/s beside %d idle connections (%.3fx)"

@@ -92,7 +92,10 @@ pub struct ShardSnapshot {
     /// The shard.
     pub shard: ShardId,
     /// Its connections.
-    pub connections: Vec<ConnectionSnapshot>,
+    /// Its connections (on a shard with more than
+    /// `CONNECTIONS_LISTED_EVERY_TICK` of them, this list is rebuilt once
+    /// a second, the counters every tick).
+    pub connections: Arc<Vec<ConnectionSnapshot>>,
     /// Its routing counters.
     pub stats: ShardStats,
     /// Its transport counters.
@@ -121,6 +124,10 @@ pub struct ShardSnapshot {
     /// Its receive buffer pool.
     pub pool: rsocket_proto::codec::pool::PoolStats,
 }
+
+/// Connections a shard lists in every snapshot; with more, the list is
+/// rebuilt once a second (building it costs time per connection).
+pub(crate) const CONNECTIONS_LISTED_EVERY_TICK: usize = 1000;
 
 /// A shard's slot: written by that shard only.
 #[derive(Debug, Default)]

@@ -39,7 +39,10 @@ use rustc_hash::FxHashMap;
 
 use crate::admin::AdminServer;
 use crate::config::{BrokerConfig, available_cpus};
-use crate::control::{ConnectionSnapshot, Control, InstanceView, IoStats, Phase, ShardSnapshot};
+use crate::control::{
+    CONNECTIONS_LISTED_EVERY_TICK, ConnectionSnapshot, Control, InstanceView, IoStats, Phase,
+    ShardSnapshot,
+};
 use crate::notify::Notify;
 
 /// A running broker.
@@ -269,6 +272,8 @@ struct ShardRt {
     io: Cell<IoStats>,
     /// The route table view last published, and the revisions it was built at.
     routes: RefCell<(Vec<u64>, Arc<Vec<InstanceView>>)>,
+    /// The connection list of the last snapshot, and when it was built.
+    conn_list: RefCell<(Instant, Arc<Vec<ConnectionSnapshot>>)>,
     /// This shard's QUIC endpoints, in the order of the QUIC listeners.
     quic: Vec<QuicEndpoint>,
 }
@@ -279,6 +284,13 @@ const DATAGRAM_QUEUE: usize = 1024;
 const MAX_WAITING_BATCHES: usize = 64;
 /// The timer loop's longest sleep (heartbeat, snapshot, phase checks).
 const TICK: Duration = Duration::from_millis(100);
+/// The timer loop's shortest sleep while running: keepalive and lifetime
+/// deadlines fire up to this late, and a shard with many connections (each
+/// pass looks at every one) wakes at most this often for them.
+const TIMER_SLACK: Duration = Duration::from_millis(50);
+/// How old the connection list of a snapshot may grow on a shard with
+/// many connections.
+const CONNECTIONS_LIST_AGE: Duration = Duration::from_secs(1);
 /// Change in what a shard holds at which it tells the others at once
 /// (otherwise every tick).
 const HELD_STEP: usize = 1 << 20;
@@ -348,23 +360,37 @@ impl ShardRt {
         self.io.set(io);
     }
 
-    fn snapshot(&self) -> ShardSnapshot {
+    /// What the shard holds now, for the admin server and the watchdog.
+    /// `fresh`: list the connections even if the list is less than a
+    /// second old (drain, stop).
+    fn snapshot(&self, fresh: bool) -> ShardSnapshot {
         let shard = self.shard.borrow();
-        let peers = self.peers.borrow();
-        let connections = shard
-            .connections()
-            .map(|id| ConnectionSnapshot {
-                id,
-                peer: peers.get(&id).and_then(|p| p.addr),
-                transport: peers.get(&id).map(|p| p.transport),
-                tls_subject: peers.get(&id).and_then(|p| p.tls_subject.clone()),
-                app: shard
-                    .connection_app(id)
-                    .map(|(name, uuid)| (name, uuid.to_string())),
-                pending_bytes: shard.pending_bytes(id),
-                reading: shard.may_read(id),
-            })
-            .collect();
+        let connections = {
+            let mut cached = self.conn_list.borrow_mut();
+            let now = Instant::now();
+            if fresh
+                || cached.1.len() <= CONNECTIONS_LISTED_EVERY_TICK
+                || now.duration_since(cached.0) >= CONNECTIONS_LIST_AGE
+            {
+                let peers = self.peers.borrow();
+                let list = shard
+                    .connections()
+                    .map(|id| ConnectionSnapshot {
+                        id,
+                        peer: peers.get(&id).and_then(|p| p.addr),
+                        transport: peers.get(&id).map(|p| p.transport),
+                        tls_subject: peers.get(&id).and_then(|p| p.tls_subject.clone()),
+                        app: shard
+                            .connection_app(id)
+                            .map(|(name, uuid)| (name, uuid.to_string())),
+                        pending_bytes: shard.pending_bytes(id),
+                        reading: shard.may_read(id),
+                    })
+                    .collect();
+                *cached = (now, Arc::new(list));
+            }
+            cached.1.clone()
+        };
         // The route table view is rebuilt only when the table changed.
         let routes = {
             let mut cached = self.routes.borrow_mut();
@@ -693,6 +719,7 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         published_held: Cell::new(0),
         io: Cell::new(IoStats::default()),
         routes: RefCell::new((Vec::new(), Arc::new(Vec::new()))),
+        conn_list: RefCell::new((Instant::now(), Arc::new(Vec::new()))),
         quic: listeners.iter().filter_map(|l| l.quic().cloned()).collect(),
     });
 
@@ -761,7 +788,7 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
             last_snapshot = now;
             rt.share_budget(true);
             rt.dispatch();
-            control.publish(id, rt.snapshot());
+            control.publish(id, rt.snapshot(false));
         }
         match control.phase() {
             Phase::Running => {}
@@ -773,7 +800,7 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
                     rt.shard.borrow_mut().drain();
                     rt.dispatch();
                     drain_deadline = Some(now + control.settings().shutdown.drain_timeout);
-                    control.publish(id, rt.snapshot());
+                    control.publish(id, rt.snapshot(true));
                     if id == 0 {
                         tracing::info!(
                             "draining: new requests are refused, open streams may finish"
@@ -797,7 +824,7 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         let next = if drain_deadline.is_some() {
             next.min(Duration::from_millis(10))
         } else {
-            next
+            next.max(TIMER_SLACK)
         };
         glommio::timer::sleep(next.max(Duration::from_millis(1))).await;
     }
@@ -821,7 +848,7 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         rt.shard.borrow_mut().handle_timeout(now);
         rt.dispatch();
     }
-    control.publish(id, rt.snapshot());
+    control.publish(id, rt.snapshot(true));
     senders.close();
     drop(tasks);
     Ok(())

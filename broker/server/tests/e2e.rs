@@ -654,7 +654,7 @@ fn slow_consumer(same_shard: bool) {
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
         let snapshot = broker.snapshot();
-        let conns = || snapshot.iter().flat_map(|s| &s.connections);
+        let conns = || snapshot.iter().flat_map(|s| s.connections.iter());
         let held = conns()
             .filter(|c| c.peer == Some(local))
             .map(|c| c.pending_bytes)

@@ -229,7 +229,7 @@ fn rsocket_py_responder_and_requester_all_models() {
     let registered: Vec<_> = broker
         .snapshot()
         .into_iter()
-        .flat_map(|s| s.connections)
+        .flat_map(|s| s.connections.to_vec())
         .filter_map(|c| c.app)
         .collect();
     assert_eq!(

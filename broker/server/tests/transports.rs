@@ -588,7 +588,7 @@ fn mutual_tls_admits_only_clients_with_a_certificate_of_the_client_ca() {
         broker
             .snapshot()
             .iter()
-            .flat_map(|s| s.connections.clone())
+            .flat_map(|s| s.connections.to_vec())
             .any(|c| {
                 c.transport == Some(Scheme::Tls)
                     && c.tls_subject.as_deref() == Some("CN=billing-service")

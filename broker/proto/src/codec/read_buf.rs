@@ -605,7 +605,11 @@ mod tests {
         read_in(&mut rb, &wire[..2]);
         rb.park();
         read_in(&mut rb, &wire[2..]);
-        assert!(rb.frame_bytes() <= wire.len() + 4096, "{}", rb.frame_bytes());
+        assert!(
+            rb.frame_bytes() <= wire.len() + 4096,
+            "{}",
+            rb.frame_bytes()
+        );
         assert_eq!(frames_of(&mut rb).len(), 2);
         rb.park();
         assert_eq!(pool::stats().held, 0);
@@ -634,8 +638,13 @@ mod tests {
                 (4 * cut).max(4096).min(end)
             };
             assert_eq!(rb.frame_bytes(), grown, "held for {} bytes", cut + 1);
+            if grown > cut + 2 {
+                read_in(&mut rb, &wire[cut + 1..cut + 2]);
+                assert_eq!(rb.frame_bytes(), grown, "no growth while it has room");
+            }
             let mut frames = Vec::new();
-            read_cutting(&mut rb, &wire[cut + 1..], &mut frames);
+            let at = if grown > cut + 2 { cut + 2 } else { cut + 1 };
+            read_cutting(&mut rb, &wire[at..], &mut frames);
             assert_eq!(frames.iter().map(Bytes::len).collect::<Vec<_>>(), expected);
             assert!(frames[0][6..].iter().all(|&b| b == 7));
             assert!(frames[1][6..].iter().all(|&b| b == 7));
@@ -657,6 +666,30 @@ mod tests {
         let frames = frames_of(&mut rb);
         assert_eq!(frames.iter().map(Bytes::len).collect::<Vec<_>>(), expected);
         assert_eq!(rb.moved_bytes(), 0);
+    }
+
+    #[test]
+    fn read_buf_parked_in_the_pool_gives_back_what_lies_beyond_its_frame() {
+        // 60 KB: the rest of the buffer past the frame is room enough for
+        // another reader, and goes back. 65 KB: it is not, and stays.
+        for (len, split) in [(60_000, true), (65_000, false)] {
+            // A thread of its own: a pool of its own.
+            std::thread::spawn(move || {
+                let (wire, _) = wire_of(&[len]);
+                let mut rb = ReadBuf::new(MAX_U24);
+                read_in(&mut rb, &wire[..PARK_COPY + 1]);
+                rb.park();
+                let s = pool::stats();
+                assert_eq!(
+                    (s.held, s.tails, s.spent),
+                    (1, usize::from(split), 0),
+                    "{len}"
+                );
+                assert_eq!(rb.frame_bytes(), wire.len(), "the frame's room, {len}");
+            })
+            .join()
+            .unwrap();
+        }
     }
 
     #[test]
