@@ -873,6 +873,26 @@ mod tests {
     }
 
     #[test]
+    fn an_emptied_backlog_gives_back_what_a_burst_took() {
+        for (marks, kept) in [(MARKS_KEPT, true), (1000, false)] {
+            let mut b = Backlog::default();
+            for i in 0..marks {
+                // Streams taking turns: a mark each.
+                b.push(i as u64 + 1, (i % 2) as u32 + 1, 1, true, 1);
+            }
+            let room = b.room();
+            assert!(room >= marks);
+            while b.pop_sent(u64::MAX).is_some() {}
+            assert_eq!(b.pop_sent(u64::MAX), None);
+            if kept {
+                assert_eq!(b.room(), room, "{marks} marks: room kept");
+            } else {
+                assert_eq!(b.room(), 0, "{marks} marks: room given back");
+            }
+        }
+    }
+
+    #[test]
     fn a_queue_between_shards_past_its_limit_pauses_its_feeders_until_half() {
         let id = |slot| ConnId {
             shard: 0,

@@ -54,6 +54,7 @@ impl Conn {
     /// their tables' memory.
     #[inline]
     pub(super) fn let_go_of_burst(&mut self) {
+        use rsocket_proto::conn::let_go_of_burst as let_go;
         let_go(&mut self.upstream);
         let_go(&mut self.meters);
         let_go(&mut self.downstream);
@@ -70,17 +71,6 @@ impl Conn {
             + self.pending.capacity()
             + self.flow.backlog.room()
             + self.proto.table_room()
-    }
-}
-
-/// Room for this many entries a table keeps whatever it holds; beyond it,
-/// room more than eight times what it holds goes back.
-const TABLE_KEPT: usize = 128;
-
-#[inline]
-fn let_go<K: Eq + std::hash::Hash, V>(map: &mut rustc_hash::FxHashMap<K, V>) {
-    if map.capacity() > TABLE_KEPT && map.len() * 8 < map.capacity() {
-        map.shrink_to(map.len() * 2);
     }
 }
 
