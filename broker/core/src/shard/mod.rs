@@ -423,8 +423,8 @@ impl Shard {
     }
 
     /// Entries connection `id`'s stream tables and queues have room for
-    /// (what they hold, and what a burst left them).
-    pub fn table_room(&self, id: ConnId) -> Option<usize> {
+    /// (what they hold, and what a burst left them), by name.
+    pub fn table_room(&self, id: ConnId) -> Option<Vec<(&'static str, usize)>> {
         self.conn(id).map(Conn::table_room)
     }
 

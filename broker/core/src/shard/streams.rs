@@ -62,15 +62,19 @@ impl Conn {
         let_go(&mut self.pending);
     }
 
-    /// Entries the connection's stream tables have room for.
-    pub(super) fn table_room(&self) -> usize {
-        self.upstream.capacity()
-            + self.meters.capacity()
-            + self.downstream.capacity()
-            + self.by_origin.capacity()
-            + self.pending.capacity()
-            + self.flow.backlog.room()
-            + self.proto.table_room()
+    /// Entries the connection's stream tables and queues have room for, by
+    /// name.
+    pub(super) fn table_room(&self) -> Vec<(&'static str, usize)> {
+        let mut room = vec![
+            ("requested", self.upstream.capacity()),
+            ("meters", self.meters.capacity()),
+            ("opened", self.downstream.capacity()),
+            ("by origin", self.by_origin.capacity()),
+            ("waiting for a route", self.pending.capacity()),
+            ("backlog", self.flow.backlog.room()),
+        ];
+        room.extend(self.proto.table_room());
+        room
     }
 }
 
