@@ -304,7 +304,11 @@ mod tests {
         }
         // It shrank once, below an eighth, to twice what it held then.
         assert!(map.capacity() < full / 2, "{} of {full}", map.capacity());
-        assert!(map.capacity() >= 400, "{}: room for twice 200", map.capacity());
+        assert!(
+            map.capacity() >= 400,
+            "{}: room for twice 200",
+            map.capacity()
+        );
         for i in &ids[800..900] {
             map.remove(i);
             let_go_of_burst(&mut map);
@@ -327,7 +331,7 @@ mod tests {
         }
         while c.poll_transmit().is_some() {}
         let [_, (_, queue)] = c.table_room();
-        assert!(queue >= 100 && queue <= TABLE_KEPT, "{queue}");
+        assert!((100..=TABLE_KEPT).contains(&queue), "{queue}");
     }
 
     #[test]
