@@ -24,12 +24,23 @@ use crate::stream::ByteStream;
 const RAW_CHUNK: usize = 32 * 1024;
 /// Plaintext rustls holds for sending before writes wait for the socket.
 const SEND_BUFFER: usize = 256 * 1024;
+/// Ciphertext buffers a thread keeps for its idle TLS connections' next
+/// reads, and the size past which an emptied send buffer is let go.
+const RAW_KEPT: usize = 64;
+const RAW_OUT_KEPT: usize = 64 * 1024;
+
+thread_local! {
+    /// Ciphertext receive buffers of this thread's TLS connections that
+    /// had nothing left to give rustls.
+    static RAW_BUFS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// A TLS connection on a TCP socket.
 pub struct TlsStream {
     tcp: TcpStream,
     tls: rustls::Connection,
-    /// Ciphertext from the socket not yet given to rustls.
+    /// Ciphertext from the socket not yet given to rustls; held only while
+    /// the connection reads (empty, it is back with the thread).
     raw_in: Vec<u8>,
     raw_start: usize,
     raw_end: usize,
@@ -66,7 +77,7 @@ impl TlsStream {
         Self {
             tcp,
             tls,
-            raw_in: vec![0; RAW_CHUNK],
+            raw_in: Vec::new(),
             raw_start: 0,
             raw_end: 0,
             raw_out: Vec::new(),
@@ -144,6 +155,10 @@ impl TlsStream {
                 self.raw_out.clear();
                 self.out_start = 0;
                 if !self.tls.wants_write() {
+                    if self.raw_out.capacity() > RAW_OUT_KEPT {
+                        // A burst is written: its buffer goes.
+                        self.raw_out = Vec::new();
+                    }
                     return Ok(Poll::Ready(()));
                 }
                 self.tls.write_tls(&mut self.raw_out)?;
@@ -169,6 +184,11 @@ impl TlsStream {
             if self.eof {
                 return Poll::Ready(Ok(false));
             }
+            if self.raw_in.is_empty() {
+                self.raw_in = RAW_BUFS
+                    .with_borrow_mut(Vec::pop)
+                    .unwrap_or_else(|| vec![0; RAW_CHUNK]);
+            }
             match Pin::new(&mut self.tcp).poll_read(cx, &mut self.raw_in) {
                 Poll::Ready(Ok(0)) => {
                     self.eof = true;
@@ -180,7 +200,16 @@ impl TlsStream {
                     self.raw_end = n;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // Nothing buffered: the buffer waits with the thread.
+                    let idle = std::mem::take(&mut self.raw_in);
+                    RAW_BUFS.with_borrow_mut(|kept| {
+                        if kept.len() < RAW_KEPT {
+                            kept.push(idle);
+                        }
+                    });
+                    return Poll::Pending;
+                }
             }
         }
         // rustls refuses more records while its plaintext buffer is full:
