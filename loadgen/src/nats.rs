@@ -186,11 +186,17 @@ async fn subscribe(
         let sub = sub.map_err(|e| format!("cannot subscribe: {e}"))?;
         subs.push((client, sub));
     }
-    // Subscriptions reach the server before anyone is told to send.
+    // Subscriptions reach the server before anyone is told to send. A
+    // flush only says they were written. A request to a subject nobody
+    // serves is answered by the server itself ("no responders"), and only
+    // after it has taken the subscriptions sent before it on the same
+    // connection (it handles a connection's commands in order).
     for (c, _) in &subs {
-        c.flush()
-            .await
-            .map_err(|e| format!("cannot reach {url}: {e}"))?;
+        match c.request(c.new_inbox(), Bytes::new()).await {
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+            Ok(_) => {}
+            Err(e) => return Err(format!("{url} did not confirm the subscriptions: {e}")),
+        }
     }
     Ok(subs)
 }
