@@ -1974,6 +1974,9 @@ fn a_burst_of_streams_leaves_no_room_behind() {
         );
     }
     sim.assert_clean();
+    for s in &mut sim.shards {
+        s.let_go_of_bursts();
+    }
     for app in [requester, responder] {
         let after = room(&sim, app);
         assert!(

@@ -288,6 +288,9 @@ const TICK: Duration = Duration::from_millis(100);
 /// deadlines fire up to this late, and a shard with many connections (each
 /// pass looks at every one) wakes at most this often for them.
 const TIMER_SLACK: Duration = Duration::from_millis(50);
+/// How often a shard gives back the room bursts of streams left in its
+/// connections' tables.
+const LET_GO_EVERY: Duration = Duration::from_secs(1);
 /// How old the connection list of a snapshot may grow on a shard with
 /// many connections.
 const CONNECTIONS_LIST_AGE: Duration = Duration::from_secs(1);
@@ -773,6 +776,7 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
     // The timer: keepalives, lifetimes, heartbeat, snapshot, reloads, and
     // the way through drain to stop.
     let mut last_snapshot = Instant::now() - Duration::from_secs(1);
+    let mut last_let_go = Instant::now();
     let mut drain_deadline: Option<Instant> = None;
     loop {
         control.maybe_stall(id);
@@ -783,6 +787,10 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
         if control.generation() != generation {
             generation = control.generation();
             rt.apply(&control.settings());
+        }
+        if now.duration_since(last_let_go) >= LET_GO_EVERY {
+            last_let_go = now;
+            rt.shard.borrow_mut().let_go_of_bursts();
         }
         if now.duration_since(last_snapshot) >= TICK {
             last_snapshot = now;

@@ -422,6 +422,15 @@ impl Shard {
             .map(|c| (c.upstream.len(), c.downstream.len(), c.pending.len()))
     }
 
+    /// Gives back the room bursts of streams left in the connections'
+    /// stream tables. Checking on every stream's end would cost every
+    /// request; the runtime calls this once a second instead.
+    pub fn let_go_of_bursts(&mut self) {
+        for (_, c) in &mut self.conns {
+            c.let_go_of_burst();
+        }
+    }
+
     /// Entries connection `id`'s stream tables and queues have room for
     /// (what they hold, and what a burst left them), by name.
     pub fn table_room(&self, id: ConnId) -> Option<Vec<(&'static str, usize)>> {

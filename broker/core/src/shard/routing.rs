@@ -145,7 +145,6 @@ impl Shard {
             if let Some(p) = c.pending.remove(&stream) {
                 c.flow.unrouted = c.flow.unrouted.saturating_sub(p.held);
             }
-            c.let_go_of_burst();
         }
         self.wake(slot);
     }

@@ -45,16 +45,15 @@ impl Conn {
         for &t in &up.targets {
             outstanding.ended(t);
         }
-        self.let_go_of_burst();
         Some(up)
     }
 
     /// Gives back the room of stream tables a burst left mostly empty, so
     /// a connection that once had a thousand streams open does not keep
     /// their tables' memory.
-    #[inline]
     pub(super) fn let_go_of_burst(&mut self) {
         use rsocket_proto::conn::let_go_of_burst as let_go;
+        self.proto.let_go_of_burst();
         let_go(&mut self.upstream);
         let_go(&mut self.meters);
         let_go(&mut self.downstream);
@@ -165,7 +164,6 @@ impl Shard {
         if let Some(origin) = c.downstream.remove(&stream) {
             c.by_origin.remove(&origin);
         }
-        c.let_go_of_burst();
     }
 
     /// Applies a signal to a stream of local connection `slot`, coming from

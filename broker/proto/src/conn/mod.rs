@@ -211,8 +211,13 @@ impl Connection {
         if !stream.local_requester {
             self.inbound_streams -= 1;
         }
-        let_go_of_burst(&mut self.streams);
         Some(stream)
+    }
+
+    /// Gives back the room a burst of streams left in the stream table
+    /// (the shard calls it now and then, not on every stream's end).
+    pub fn let_go_of_burst(&mut self) {
+        let_go_of_burst(&mut self.streams);
     }
 
     /// Entries the connection's stream table and transmit queue have room
