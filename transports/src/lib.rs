@@ -43,7 +43,7 @@
 //! for them), glommio's readiness poll, and the broker's per-connection
 //! state (the app, its services, its counters; its stream tables and
 //! queues keep room for up to 128 entries each and give back what a burst
-//! of streams took once it is over). `perf/idle.py` measures it:
+//! of streams took within a second of its end). `perf/idle.py` measures it:
 //! about 5 KiB per idle app connection after churn, where nats-server holds
 //! about 21 KiB per subscribed connection (perf/RESULTS.md). The kernel's
 //! socket buffers come on top, outside the process. rustls keeps its own
