@@ -507,8 +507,7 @@ def main():
             entry = dict(what=sc["what"], systems={})
             systems = list(sc["systems"])
             if BASELINE:
-                for s in [s for s in systems
-                          if s.startswith("rsbroker") and not s.endswith(("-tls", "-ws"))]:
+                for s in [s for s in systems if s.startswith("rsbroker")]:
                     base = s.replace("rsbroker", "rsbroker-base", 1)
                     systems.insert(systems.index(s) + 1, base)
             if only:
