@@ -584,6 +584,48 @@ impl Collector for SnapshotCollector {
                 Counter,
                 |s| s.quic.assembled_bytes,
             ),
+            (
+                "rsbroker_receive_pool_bytes",
+                "Bytes of receive buffers alive: held by connections, by frames cut from them, or kept for reuse.",
+                Gauge,
+                |s| s.pool.live_bytes as u64,
+            ),
+            (
+                "rsbroker_receive_pool_limit_bytes",
+                "The most bytes of receive buffers a shard allocates (its share of max_buffered_bytes).",
+                Gauge,
+                |s| s.pool.limit as u64,
+            ),
+            (
+                "rsbroker_receive_pool_held",
+                "Receive buffers held by connections reading or with a frame in progress.",
+                Gauge,
+                |s| s.pool.held as u64,
+            ),
+            (
+                "rsbroker_receive_pool_spent",
+                "Used-up receive buffers that frames still in the broker may point into.",
+                Gauge,
+                |s| s.pool.spent as u64,
+            ),
+            (
+                "rsbroker_receive_pool_free",
+                "Receive buffers kept for reuse (whole free ones and ones with room left).",
+                Gauge,
+                |s| (s.pool.free + s.pool.tails) as u64,
+            ),
+            (
+                "rsbroker_receive_pool_allocated",
+                "Receive buffers allocated.",
+                Counter,
+                |s| s.pool.allocated,
+            ),
+            (
+                "rsbroker_receive_pool_exhausted",
+                "Times a connection was not read because its shard's receive buffers were at their limit.",
+                Counter,
+                |s| s.pool.exhausted,
+            ),
         ] {
             family(e, name, help, kind, per_shard(&get))?;
         }
@@ -735,52 +777,6 @@ impl Collector for SnapshotCollector {
             Gauge,
             per_shard(&|s| u64::from(s.over_budget)),
         )?;
-        for (name, help, kind, get) in [
-            (
-                "rsbroker_receive_pool_bytes",
-                "Bytes of receive buffers alive: held by connections, by frames cut from them, or kept for reuse.",
-                Gauge,
-                (|s: &ShardSnapshot| s.pool.live_bytes as u64) as fn(&ShardSnapshot) -> u64,
-            ),
-            (
-                "rsbroker_receive_pool_limit_bytes",
-                "The most bytes of receive buffers a shard allocates (its share of max_buffered_bytes).",
-                Gauge,
-                |s| s.pool.limit as u64,
-            ),
-            (
-                "rsbroker_receive_pool_held",
-                "Receive buffers held by connections reading or with a frame in progress.",
-                Gauge,
-                |s| s.pool.held as u64,
-            ),
-            (
-                "rsbroker_receive_pool_spent",
-                "Used-up receive buffers that frames still in the broker may point into.",
-                Gauge,
-                |s| s.pool.spent as u64,
-            ),
-            (
-                "rsbroker_receive_pool_free",
-                "Receive buffers kept for reuse (whole free ones and ones with room left).",
-                Gauge,
-                |s| (s.pool.free + s.pool.tails) as u64,
-            ),
-            (
-                "rsbroker_receive_pool_allocated",
-                "Receive buffers allocated.",
-                Counter,
-                |s| s.pool.allocated,
-            ),
-            (
-                "rsbroker_receive_pool_exhausted",
-                "Times a connection was not read because its shard's receive buffers were at their limit.",
-                Counter,
-                |s| s.pool.exhausted,
-            ),
-        ] {
-            family(e, name, help, kind, per_shard(&get))?;
-        }
         family(
             e,
             "rsbroker_open_streams",

@@ -110,24 +110,6 @@ pub fn stats() -> PoolStats {
     })
 }
 
-/// Frees what the pool keeps and no frame uses any more (after a burst,
-/// or before measuring).
-pub fn trim() {
-    POOL.with_borrow_mut(|p| {
-        let spent = std::mem::take(&mut p.spent);
-        for mut t in spent {
-            if t.buf.try_reclaim(t.size) {
-                p.live = p.live.saturating_sub(t.size);
-            } else {
-                p.spent.push_back(t);
-            }
-        }
-        for t in p.free.drain(..) {
-            p.live = p.live.saturating_sub(t.size);
-        }
-    });
-}
-
 /// Whether more than half the limit is alive: readers that wait for the
 /// rest of a frame then move it out of the pool (see `ReadBuf::park`), so
 /// peers that stop mid-frame cannot hold the buffers others read into.
@@ -376,25 +358,6 @@ mod tests {
         assert_eq!(stats().allocated, (TAILS_KEPT + 3) as u64, "a free one");
         assert_eq!(stats().free, FREE_KEPT - 1);
         drop(again);
-    }
-
-    #[test]
-    fn pool_trim_frees_what_no_frame_uses() {
-        let mut a = take(ROOM, SIZE, true).unwrap();
-        let b = take(ROOM, SIZE, true).unwrap();
-        let frame = a.buf.split_to(SIZE - 10).freeze();
-        give(a, ROOM);
-        let mut c = b;
-        c.buf.clear();
-        give(c, ROOM);
-        assert_eq!(stats().spent, 2);
-        trim();
-        let s = stats();
-        assert_eq!(s.spent, 1, "the one a frame points into stays");
-        assert_eq!(s.live_bytes, SIZE);
-        drop(frame);
-        trim();
-        assert_eq!(stats().live_bytes, 0);
     }
 
     struct Count(AtomicUsize);

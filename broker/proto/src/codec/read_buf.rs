@@ -255,7 +255,8 @@ impl ReadBuf {
 
     /// Whether the frame in progress has been moved into a buffer of its
     /// own (parked with little of it read).
-    pub fn is_parked_own(&self) -> bool {
+    #[cfg(test)]
+    fn is_parked_own(&self) -> bool {
         !self.held && self.filled > 0
     }
 
@@ -555,21 +556,21 @@ mod tests {
     }
 
     /// Reads `bytes` into `rb` as one socket read (as much as it offers).
-    fn read_in(rb: &mut ReadBuf, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            let spare = rb.spare().unwrap();
-            assert!(!spare.is_empty());
-            let n = spare.len().min(bytes.len());
-            spare[..n].copy_from_slice(&bytes[..n]);
-            rb.filled(n);
-            bytes = &bytes[n..];
-        }
+    fn read_in(rb: &mut ReadBuf, bytes: &[u8]) {
+        read_with(rb, bytes, |_| {});
     }
 
     /// Reads `bytes` as a transport does: frames are cut before each read.
-    fn read_cutting(rb: &mut ReadBuf, mut bytes: &[u8], frames: &mut Vec<Bytes>) {
+    fn read_cutting(rb: &mut ReadBuf, bytes: &[u8], frames: &mut Vec<Bytes>) {
+        read_with(rb, bytes, |rb| frames.extend(frames_of(rb)));
+        frames.extend(frames_of(rb));
+    }
+
+    /// Reads `bytes` in as many reads as `spare` asks for, calling `before`
+    /// ahead of each.
+    fn read_with(rb: &mut ReadBuf, mut bytes: &[u8], mut before: impl FnMut(&mut ReadBuf)) {
         while !bytes.is_empty() {
-            frames.extend(frames_of(rb));
+            before(rb);
             let spare = rb.spare().unwrap();
             assert!(!spare.is_empty());
             let n = spare.len().min(bytes.len());
@@ -577,7 +578,6 @@ mod tests {
             rb.filled(n);
             bytes = &bytes[n..];
         }
-        frames.extend(frames_of(rb));
     }
 
     fn frames_of(rb: &mut ReadBuf) -> Vec<Bytes> {
