@@ -56,6 +56,7 @@ fn shard(instances: u32, balancer: Balancer) -> (Shard, ConnId) {
                     ip: None,
                     power_rating: 1 + i % 3,
                     raw: "{}".into(),
+                    identity: None,
                 }),
                 services: vec![ServiceKey::new("", "com.example.Echo", "")],
             },

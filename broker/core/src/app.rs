@@ -25,6 +25,9 @@ pub struct AppInfo {
     pub power_rating: u32,
     /// The app metadata JSON as sent.
     pub raw: Arc<str>,
+    /// The identity its connection proved (set by the broker, not read
+    /// from the metadata): an instance's connections must all be it.
+    pub identity: Option<Arc<str>>,
 }
 
 /// What the broker learned from a SETUP.
@@ -36,6 +39,11 @@ pub struct SetupInfo {
     pub services: Vec<ServiceKey>,
     /// A bearer token, if one was sent.
     pub bearer: Option<Bytes>,
+    /// Simple authentication (user name, secret), if it was sent.
+    pub simple: Option<(Bytes, Bytes)>,
+    /// What was wrong with the authentication metadata, if something was:
+    /// the SETUP is refused with REJECTED_SETUP.
+    pub auth_problem: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -95,6 +103,7 @@ fn app_info(json: &[u8]) -> Result<AppInfo, String> {
             .power_rating
             .map_or(1, |p| p.clamp(1, i64::from(u32::MAX)) as u32),
         raw: text.into(),
+        identity: None,
     })
 }
 
@@ -121,11 +130,20 @@ pub fn parse_setup(setup: &Setup) -> Result<SetupInfo, String> {
                     .map_err(|e| format!("service registry metadata is not valid JSON: {e}"))?;
                 info.services.extend(services(registry.published));
             }
-            Some(WellKnownMime::AUTHENTICATION) => {
-                if let Ok(Auth::Bearer { token }) = Auth::parse(entry.content) {
-                    info.bearer = Some(metadata.slice_ref(token));
+            Some(WellKnownMime::AUTHENTICATION) => match Auth::parse(entry.content) {
+                Ok(Auth::Bearer { token }) => info.bearer = Some(metadata.slice_ref(token)),
+                Ok(Auth::Simple { username, password }) => {
+                    info.simple = Some((metadata.slice_ref(username), metadata.slice_ref(password)))
                 }
-            }
+                Ok(Auth::WellKnown { id, .. }) => {
+                    info.auth_problem = Some(format!("authentication type {id:#04x} is not supported"))
+                }
+                Ok(Auth::Custom { auth_type, .. }) => {
+                    info.auth_problem =
+                        Some(format!("authentication type {auth_type:?} is not supported"))
+                }
+                Err(e) => info.auth_problem = Some(format!("authentication metadata is malformed: {e}")),
+            },
             Some(WellKnownMime::BEARER_TOKEN) => {
                 info.bearer = Some(metadata.slice_ref(entry.content))
             }
@@ -377,6 +395,37 @@ mod tests {
         .unwrap();
         let info = parse_setup(&setup(md)).unwrap();
         assert_eq!(info.bearer.as_deref(), Some(&b"raw-token"[..]));
+    }
+
+    #[test]
+    fn simple_authentication_is_read_and_bad_authentication_named() {
+        let auth_entry = |content: &[u8]| {
+            let mut md = Vec::new();
+            put_entry(
+                &mut md,
+                MimeType::WellKnown(WellKnownMime::AUTHENTICATION),
+                content,
+            )
+            .unwrap();
+            parse_setup(&setup(md)).unwrap()
+        };
+        let mut simple = Vec::new();
+        rsocket_proto::metadata::put_simple(&mut simple, "billing", "s3cret").unwrap();
+        let info = auth_entry(&simple);
+        let (user, secret) = info.simple.unwrap();
+        assert_eq!((&user[..], &secret[..]), (&b"billing"[..], &b"s3cret"[..]));
+        assert_eq!(info.auth_problem, None);
+        for (content, problem) in [
+            (&b""[..], "malformed"),
+            (&b"\x80\x00"[..], "malformed"),
+            (&b"\x85token"[..], "0x05 is not supported"),
+            (&b"\x02kerberos"[..], "\"ker\" is not supported"),
+        ] {
+            let info = auth_entry(content);
+            let got = info.auth_problem.unwrap_or_default();
+            assert!(got.contains(problem), "{content:?}: {got}");
+            assert_eq!((info.bearer, info.simple), (None, None));
+        }
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! - [`message`]: what shards send each other.
 //! - [`app`]: app metadata and published services from SETUP, CloudEvents
 //!   from METADATA_PUSH.
+//! - [`trust`]: authentication at SETUP (JWT, simple, mutual TLS) and
+//!   what each identity may publish and call.
 //! - [`service`]: service keys (`group!service:version`).
 //! - [`ids`]: connection and stream identifiers.
 
@@ -35,10 +37,11 @@ pub mod message;
 pub mod routes;
 pub mod service;
 pub mod shard;
+pub mod trust;
 
 pub use balance::{Balancer, Failover, Policies, ServicePolicy};
 pub use flow::FlowLimits;
 pub use ids::{ConnId, ShardId, StreamRef};
 pub use message::{Message, Signal};
 pub use service::ServiceKey;
-pub use shard::{Destination, ServiceCounters, Shard, ShardConfig, ShardStats};
+pub use shard::{Destination, Peer, ServiceCounters, Shard, ShardConfig, ShardStats};

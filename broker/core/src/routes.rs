@@ -287,6 +287,7 @@ mod tests {
             ip: None,
             power_rating: 1,
             raw: "{}".into(),
+            identity: None,
         })
     }
 

@@ -91,6 +91,8 @@ enum Answer {
 struct Outcome {
     items: Vec<Bytes>,
     done: Option<Result<(), ErrorCode>>,
+    /// The ERROR's message, when it ended with one.
+    error: Option<Bytes>,
     requested: u32,
 }
 
@@ -107,6 +109,9 @@ struct Sim {
     /// Queues between shards that deliver nothing for now (a shard that is behind).
     held: Vec<(u16, u16)>,
 }
+
+#[path = "sim/trust.rs"]
+mod trust;
 
 fn range(b: &[u8]) -> (usize, usize) {
     (b.as_ptr() as usize, b.len())
@@ -365,10 +370,13 @@ impl Sim {
                     }
                 }
                 Event::Error {
-                    stream_id, code, ..
+                    stream_id,
+                    code,
+                    data,
                 } => {
                     if let Some(o) = app.outcomes.get_mut(&stream_id) {
                         o.done.get_or_insert(Err(code));
+                        o.error.get_or_insert(data);
                     }
                     app.serving.remove(&stream_id);
                 }

@@ -1,6 +1,7 @@
 //! The admin HTTP server: `/metrics` (Prometheus), `/healthz`, `/readyz`,
-//! `/api/apps`, `/api/services`, `/api/connections`, `/api/overview`, and a
-//! status page at `/`.
+//! `/api/apps`, `/api/services`, `/api/connections`, `/api/overview`, a
+//! status page at `/`, and `POST /api/reload`. Changes need the admin
+//! token always, reads when the config says so.
 //!
 //! It runs on a thread of its own with a current-thread tokio runtime, so a
 //! slow scrape never stalls a shard. It reads only what the shards publish
@@ -19,7 +20,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Json, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -100,6 +101,7 @@ impl AdminServer {
 
 fn router(control: Arc<Control>) -> Router {
     Router::new()
+        .route("/api/reload", post(reload))
         .route("/", get(status_page))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -109,7 +111,83 @@ fn router(control: Arc<Control>) -> Router {
         .route("/api/connections", get(connections))
         .route("/api/overview", get(overview))
         .route("/api/config", get(config))
+        .layer(axum::middleware::from_fn_with_state(
+            control.clone(),
+            authorise,
+        ))
         .with_state(control)
+}
+
+/// What a request needs: changes always need the admin token, reads when
+/// `admin.protect_reads` says so, health checks never.
+async fn authorise(
+    State(control): State<Arc<Control>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    let changes = request.method() != axum::http::Method::GET
+        && request.method() != axum::http::Method::HEAD;
+    let settings = control.settings();
+    let needed = changes || (settings.admin.protect_reads && !matches!(path, "/healthz" | "/readyz"));
+    if !needed {
+        return next.run(request).await;
+    }
+    let Some(file) = &settings.admin.token_file else {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "this endpoint needs the admin token, and none is configured (admin.token_file)",
+        );
+    };
+    let token = match std::fs::read_to_string(file) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+        Ok(_) | Err(_) => {
+            tracing::error!(file = %file.display(), "the admin token file cannot be read or is empty");
+            return refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the admin token file cannot be read",
+            );
+        }
+    };
+    let offered = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    use subtle::ConstantTimeEq;
+    if bool::from(offered.as_bytes().ct_eq(token.as_bytes())) {
+        return next.run(request).await;
+    }
+    tracing::warn!(%path, "admin request refused: missing or wrong token");
+    refuse(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong admin token (Authorization: Bearer TOKEN)",
+    )
+}
+
+fn refuse(status: StatusCode, message: &'static str) -> Response {
+    let mut r = (status, format!("{message}\n")).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    r
+}
+
+/// `POST /api/reload`: what SIGHUP does.
+async fn reload(State(control): State<Arc<Control>>) -> Response {
+    if control.request_reload() {
+        (StatusCode::ACCEPTED, "reload requested\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this broker cannot be reloaded from here\n",
+        )
+            .into_response()
+    }
 }
 
 async fn metrics(State(control): State<Arc<Control>>) -> Response {
@@ -699,6 +777,34 @@ impl Collector for SnapshotCollector {
             "Requests refused: no route, no live instance, stream limit, draining, invalid request.",
             Counter,
             per_shard(&|s| s.stats.requests_rejected),
+        )?;
+        family(
+            e,
+            "rsbroker_requests_denied",
+            "Requests refused because their connection's identity may not call the service.",
+            Counter,
+            per_shard(&|s| s.stats.requests_denied),
+        )?;
+        family(
+            e,
+            "rsbroker_setups_refused",
+            "SETUPs refused: missing or bad credentials, or services the identity may not publish.",
+            Counter,
+            per_shard(&|s| s.stats.setups_refused),
+        )?;
+        family(
+            e,
+            "rsbroker_publishes_refused",
+            "Services not exposed (METADATA_PUSH) because the identity may not publish them.",
+            Counter,
+            per_shard(&|s| s.stats.publishes_refused),
+        )?;
+        family(
+            e,
+            "rsbroker_credentials_expired",
+            "Connections closed because their token expired.",
+            Counter,
+            per_shard(&|s| s.stats.credentials_expired),
         )?;
         family(
             e,

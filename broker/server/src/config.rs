@@ -24,6 +24,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
+pub use crate::trust::{AuthConfig, GrantConfig, IdentityConfig, JwtConfig};
+
 /// Where the config file is read from when `--config` is not given (and
 /// only if it exists).
 pub const DEFAULT_PATH: &str = "/etc/rsbroker/rsbroker.toml";
@@ -51,6 +53,8 @@ pub struct BrokerConfig {
     /// Balancer and failover per service, by `group!service:version` or by
     /// service name alone.
     pub services: BTreeMap<String, PolicyConfig>,
+    /// Who may connect, publish and call.
+    pub auth: AuthConfig,
 }
 
 /// `[server]`: listeners, shards and their executors.
@@ -102,6 +106,14 @@ pub struct AdminConfig {
     pub enabled: bool,
     /// Where it listens.
     pub listen: SocketAddr,
+    /// A file holding the admin token, read on every request that needs
+    /// it (so it rotates without a restart). Requests that change
+    /// something always need it (`Authorization: Bearer TOKEN`); without
+    /// it they are refused.
+    pub token_file: Option<PathBuf>,
+    /// Reads (metrics, the API, the status page) need the token too;
+    /// `/healthz` and `/readyz` never do.
+    pub protect_reads: bool,
 }
 
 impl Default for AdminConfig {
@@ -109,6 +121,8 @@ impl Default for AdminConfig {
         Self {
             enabled: true,
             listen: ([127, 0, 0, 1], 9998).into(),
+            token_file: None,
+            protect_reads: false,
         }
     }
 }
@@ -492,10 +506,47 @@ impl BrokerConfig {
         text
     }
 
+    /// What is allowed but unsafe: anonymous connections on a listener
+    /// other hosts can reach, an admin server off loopback without a token.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.auth.allow_anonymous {
+            let open: Vec<String> = self
+                .server
+                .listen
+                .iter()
+                .filter(|a| !a.addr.ip().is_loopback())
+                .map(ToString::to_string)
+                .collect();
+            if !open.is_empty() {
+                out.push(format!(
+                    "{} accept connections without credentials from other hosts                      (auth.allow_anonymous = true): any of them may register as any service;                      configure [auth] (README, \"Authentication\")",
+                    open.join(", ")
+                ));
+            }
+        }
+        if self.admin.enabled
+            && !self.admin.listen.ip().is_loopback()
+            && self.admin.token_file.is_none()
+        {
+            out.push(format!(
+                "the admin server listens on {} without a token (admin.token_file):                  anyone who reaches it reads the broker's state",
+                self.admin.listen
+            ));
+        }
+        out
+    }
+
     /// Checks values against each other and against what the broker can
     /// do; returns one problem per key: (`section.key`, what is wrong).
     pub fn problems(&self) -> Vec<(String, String)> {
-        let mut out = Vec::new();
+        let mut out = self.auth.problems();
+        if self.admin.protect_reads && self.admin.token_file.is_none() {
+            out.push((
+                "admin.protect_reads".to_owned(),
+                "is true, but admin.token_file is not set".to_owned(),
+            ));
+        }
         let mut bad = |key: &str, msg: String| out.push((key.to_owned(), msg));
         if self.server.listen.is_empty() {
             bad("server.listen", "nothing to listen on".into());
@@ -798,6 +849,7 @@ pub fn parse(text: &str) -> Result<BrokerConfig, Vec<ConfigError>> {
             "quic" => load_into(&mut config.quic, value),
             "log" => load_into(&mut config.log, value),
             "policy" => load_into(&mut config.policy, value),
+            "auth" => load_into(&mut config.auth, value),
             "services" => match value.get_ref() {
                 // Each service on its own, so that one bad entry does not hide the others.
                 DeValue::Table(services) => {
@@ -821,7 +873,7 @@ pub fn parse(text: &str) -> Result<BrokerConfig, Vec<ConfigError>> {
             _ => Err(vec![(
                 Some(key.span()),
                 None,
-                "unknown section (server, admin, limits, shutdown, tls, quic, log, policy, services)"
+                "unknown section (server, admin, limits, shutdown, tls, quic, log, policy, services, auth)"
                     .to_owned(),
             )]),
         }

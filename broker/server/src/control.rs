@@ -147,6 +147,10 @@ pub(crate) struct Control {
     settings: Mutex<Arc<BrokerConfig>>,
     /// The TLS configuration built from `settings.tls` (rebuilt on reload).
     tls: Mutex<Option<Arc<rustls::ServerConfig>>>,
+    /// What `POST /api/reload` calls (the binary raises SIGHUP).
+    reload_hook: Mutex<Option<ReloadHook>>,
+    /// The rules built from `settings.auth` (rebuilt on reload).
+    trust: Mutex<Arc<rsbroker_core::trust::Trust>>,
     generation: AtomicU64,
     pub(crate) slots: Vec<ShardSlot>,
     /// Open connections on all shards (changed per connection, not per frame).
@@ -167,6 +171,8 @@ impl Control {
             phase: AtomicU8::new(0),
             settings: Mutex::new(Arc::new(config)),
             tls: Mutex::new(None),
+            trust: Mutex::default(),
+            reload_hook: Mutex::new(None),
             generation: AtomicU64::new(0),
             slots: (0..shards).map(|_| ShardSlot::default()).collect(),
             connections: AtomicUsize::new(0),
@@ -221,6 +227,41 @@ impl Control {
         match self.tls.lock() {
             Ok(mut t) => *t = tls,
             Err(e) => *e.into_inner() = tls,
+        }
+    }
+
+    /// Sets what a reload request from the admin server does.
+    pub(crate) fn set_reload_hook(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+        match self.reload_hook.lock() {
+            Ok(mut h) => *h = Some(ReloadHook(hook)),
+            Err(e) => *e.into_inner() = Some(ReloadHook(hook)),
+        }
+    }
+
+    /// Asks for a reload; false when nothing can do one.
+    pub(crate) fn request_reload(&self) -> bool {
+        let hook = match self.reload_hook.lock() {
+            Ok(h) => h.clone(),
+            Err(e) => e.into_inner().clone(),
+        };
+        hook.map(|h| (h.0)()).is_some()
+    }
+
+    /// The authentication and authorisation rules in force.
+    pub(crate) fn trust(&self) -> Arc<rsbroker_core::trust::Trust> {
+        match self.trust.lock() {
+            Ok(t) => t.clone(),
+            Err(e) => e.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the rules (before the settings that bump the generation,
+    /// so shards see both).
+    pub(crate) fn set_trust(&self, trust: rsbroker_core::trust::Trust) {
+        let trust = Arc::new(trust);
+        match self.trust.lock() {
+            Ok(mut t) => *t = trust,
+            Err(e) => *e.into_inner() = trust,
         }
     }
 
@@ -305,5 +346,15 @@ impl Control {
     /// Whether every shard has finished.
     pub(crate) fn all_finished(&self) -> bool {
         self.running_shards.load(Ordering::Acquire) == 0
+    }
+}
+
+/// What a reload request calls.
+#[derive(Clone)]
+struct ReloadHook(Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for ReloadHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReloadHook")
     }
 }

@@ -8,6 +8,7 @@
 //!   settings, heartbeats, snapshots.
 //! - `runtime`: the executors, listeners, connection drivers, the timer and
 //!   the cross-shard mesh; [`start`] returns a [`BrokerHandle`].
+//! - [`trust`]: `[auth]`, and the key and credentials files it names.
 //! - `admin`: the admin HTTP server (metrics, health, status page).
 //! - [`checks`]: io_uring and locked memory, checked before start.
 //! - [`logging`]: text, JSON or journald output with a reloadable filter.
@@ -21,6 +22,7 @@ mod control;
 pub mod logging;
 mod notify;
 mod runtime;
+pub mod trust;
 pub mod watchdog;
 
 pub use config::BrokerConfig;

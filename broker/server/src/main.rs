@@ -218,7 +218,7 @@ fn main() -> ExitCode {
     if cli.check_config {
         return match checks::run(shards_of(&config), config.server.io_memory.0) {
             Ok(warnings) => {
-                for w in warnings {
+                for w in config.warnings().into_iter().chain(warnings) {
                     eprintln!("rsbroker: warning: {w}");
                 }
                 println!("OK");
@@ -244,7 +244,7 @@ fn main() -> ExitCode {
     }
     match checks::run(shards_of(&config), config.server.io_memory.0) {
         Ok(warnings) => {
-            for w in warnings {
+            for w in config.warnings().into_iter().chain(warnings) {
                 tracing::warn!("{w}");
             }
         }
@@ -322,6 +322,10 @@ fn spawn_signals(
     log: LogHandle,
 ) -> std::io::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    // POST /api/reload: the same reload as SIGHUP, through the loop below.
+    controller.on_reload_request(|| {
+        let _ = signal_hook::low_level::raise(SIGHUP);
+    });
     std::thread::Builder::new()
         .name("rsbroker-signals".into())
         .spawn(move || {

@@ -111,6 +111,12 @@ impl Controller {
         self.control.snapshots()
     }
 
+    /// What `POST /api/reload` on the admin server does (the binary
+    /// raises SIGHUP, which its signal loop answers with a reload).
+    pub fn on_reload_request(&self, hook: impl Fn() + Send + Sync + 'static) {
+        self.control.set_reload_hook(Arc::new(hook));
+    }
+
     /// The settings in force.
     pub fn settings(&self) -> BrokerConfig {
         (*self.control.settings()).clone()
@@ -143,6 +149,18 @@ impl Controller {
                 tracing::warn!(error = %e, "the TLS files cannot be loaded; the ones in force are kept");
             }
         }
+        // Keys, credentials and permissions: open connections keep their
+        // identity and get its new grant for their next request.
+        let auth = match new.auth.build() {
+            Ok(trust) => {
+                self.control.set_trust(trust);
+                new.auth.clone()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the [auth] rules cannot be loaded; the ones in force are kept");
+                old.auth.clone()
+            }
+        };
         let applied = BrokerConfig {
             server: old.server.clone(),
             admin: old.admin.clone(),
@@ -151,6 +169,7 @@ impl Controller {
                 format: old.log.format,
                 ..new.log.clone()
             },
+            auth,
             ..new
         };
         self.control.replace_settings(applied);
@@ -248,6 +267,20 @@ fn certificate_subject(io: &Conn) -> Option<String> {
     let leaf = io.peer_certificates()?.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
     Some(cert.subject().to_string())
+}
+
+/// The common name of the client certificate's subject (its whole
+/// subject when it has none): the identity mutual TLS proves.
+fn certificate_name(io: &Conn) -> Option<String> {
+    let leaf = io.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned);
+    Some(cn.unwrap_or_else(|| cert.subject().to_string()))
 }
 
 struct ShardRt {
@@ -468,7 +501,12 @@ impl ShardRt {
         }
         let mut shard = self.shard.borrow_mut();
         let current = shard.config().clone();
-        shard.set_config(shard_config(current.shard, current.shards, config));
+        shard.set_config(shard_config(
+            current.shard,
+            current.shards,
+            config,
+            self.control.trust(),
+        ));
         *self.handshake.borrow_mut() = Handshake {
             max_frame: config.limits.max_frame_size.0,
             tls: self.control.tls(),
@@ -478,8 +516,14 @@ impl ShardRt {
 }
 
 /// The settings of one shard, from the broker's.
-fn shard_config(id: ShardId, shards: u16, config: &BrokerConfig) -> ShardConfig {
+fn shard_config(
+    id: ShardId,
+    shards: u16,
+    config: &BrokerConfig,
+    trust: Arc<rsbroker_core::trust::Trust>,
+) -> ShardConfig {
     let mut c = ShardConfig::new(id, shards);
+    c.trust = trust;
     c.connection.max_inbound_streams = config.limits.max_streams_per_connection;
     c.connection.server.setup_timeout = config.limits.setup_timeout;
     c.connection.server.peer_lifetime = (
@@ -515,6 +559,7 @@ pub fn start(config: BrokerConfig) -> io::Result<BrokerHandle> {
     };
     let control = Arc::new(Control::new(config.clone(), shards));
     control.set_tls(config.tls.build().map_err(io::Error::other)?);
+    control.set_trust(config.auth.build().map_err(io::Error::other)?);
     let mesh: MeshBuilder<Vec<Message>, Full> =
         MeshBuilder::full(shards, config.server.mesh_capacity.max(1));
     // QUIC datagrams that reach a shard other than their connection's owner
@@ -706,7 +751,10 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
     let now = Instant::now();
     let rt = Rc::new(ShardRt {
         id,
-        shard: RefCell::new(Shard::new(shard_config(id, shards, &settings), now)),
+        shard: RefCell::new(Shard::new(
+            shard_config(id, shards, &settings, control.trust()),
+            now,
+        )),
         control: control.clone(),
         wakers: RefCell::new(FxHashMap::default()),
         peers: RefCell::new(FxHashMap::default()),
@@ -922,6 +970,13 @@ async fn connection(rt: Rc<ShardRt>, incoming: Incoming, refuse: Option<usize>) 
     if let Some(subject) = &info.tls_subject {
         tracing::debug!(conn = %id, %subject, "client certificate verified");
     }
+    rt.shard.borrow_mut().set_peer(
+        id,
+        rsbroker_core::Peer {
+            addr: info.addr,
+            certificate: certificate_name(&io).map(Into::into),
+        },
+    );
     rt.peers.borrow_mut().insert(id, info);
     // A task of its own: the handshake's task ends here, and the driver's
     // holds only what a connection needs for as long as it is open.

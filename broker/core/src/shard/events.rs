@@ -110,14 +110,22 @@ impl Shard {
                 return;
             }
         };
-        let Some(app) = info.app else {
-            tracing::info!(conn = %c.id, "connection set up (a requester: no app metadata)");
+        if !self.admit(slot, &info) {
+            return;
+        }
+        let Some(c) = self.conns.get_mut(slot) else {
             return;
         };
+        let identity = c.identity.as_ref().map(|i| i.name.clone());
+        let Some(mut app) = info.app else {
+            tracing::info!(conn = %c.id, identity = identity.as_deref().unwrap_or_default(), "connection set up (a requester: no app metadata)");
+            return;
+        };
+        app.identity = identity;
         c.app_name = Some(app.name.clone());
         c.instance = Some(app.uuid.clone());
         let conn = c.id;
-        tracing::info!(conn = %conn, app = %app.name, instance = %app.uuid, services = info.services.len(), "connection set up");
+        tracing::info!(conn = %conn, app = %app.name, instance = %app.uuid, identity = app.identity.as_deref().unwrap_or_default(), services = info.services.len(), "connection set up");
         self.broadcast(RouteChange::Join {
             conn,
             app: Arc::new(app),
@@ -142,7 +150,13 @@ impl Shard {
             }
         };
         let change = match event {
-            AppEvent::ServicesExposed(services) => RouteChange::Expose { instance, services },
+            AppEvent::ServicesExposed(services) => {
+                let services = self.publishable(slot, services);
+                if services.is_empty() {
+                    return;
+                }
+                RouteChange::Expose { instance, services }
+            }
             AppEvent::ServicesHidden(services) => RouteChange::Hide { instance, services },
             AppEvent::Status(status) => RouteChange::Status { instance, status },
         };

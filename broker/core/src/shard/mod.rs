@@ -24,11 +24,14 @@
 //! - `backpressure`: what each connection holds, credit top-ups, pausing
 //!   the readers that feed a full connection, the memory budget and the
 //!   limits that close a connection (the rules are in [`crate::flow`]).
+//! - `trust`: authentication at SETUP, what each connection may publish
+//!   and call, credentials that expire, and the rules replaced on reload.
 //! - `mesh`: messages to and from the other shards.
 //! - `stats`: counters per shard and per service.
 
 mod backpressure;
 mod events;
+mod trust;
 mod failover;
 mod mesh;
 mod routing;
@@ -42,6 +45,7 @@ use self::routing::{Outstanding, PendingRoute};
 use self::streams::Upstream;
 
 use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,6 +62,7 @@ use crate::ids::{ConnId, ShardId, StreamRef};
 use crate::message::Message;
 use crate::routes::RouteTable;
 use crate::service::ServiceKey;
+use crate::trust::{Grant, Identity, TokenCache, Trust};
 
 /// Settings of a shard.
 #[derive(Clone, Debug)]
@@ -75,6 +80,9 @@ pub struct ShardConfig {
     pub flow: FlowLimits,
     /// Seed of the shard's random choices.
     pub seed: u64,
+    /// Who may connect, publish and call. Replacing it (a reload) applies
+    /// to every connection's next request.
+    pub trust: Arc<Trust>,
 }
 
 impl ShardConfig {
@@ -87,6 +95,7 @@ impl ShardConfig {
             policies: Policies::default(),
             flow: FlowLimits::default(),
             seed: 0x5eed ^ u64::from(shard),
+            trust: Arc::default(),
         }
     }
 }
@@ -99,6 +108,15 @@ struct Conn {
     instance: Option<Arc<str>>,
     /// Its app's name, for messages.
     app_name: Option<String>,
+    /// Who it proved to be at SETUP.
+    identity: Option<Arc<Identity>>,
+    /// What it may publish and call: nothing until its SETUP is accepted.
+    grant: Option<Arc<Grant>>,
+    /// When its credentials expire: the connection ends then.
+    expires: Option<Instant>,
+    /// Where it connects from, and the common name of the client
+    /// certificate its transport verified.
+    peer: Peer,
     /// Streams this connection requested: stream id -> where they go.
     upstream: FxHashMap<u32, Upstream>,
     pending: FxHashMap<u32, PendingRoute>,
@@ -150,7 +168,19 @@ pub struct Shard {
     overfull: Vec<ConnId>,
     stats: ShardStats,
     service_stats: FxHashMap<ServiceKey, ServiceCounters>,
+    /// Bearer tokens verified on this shard.
+    tokens: TokenCache,
     now: Instant,
+}
+
+/// What the transport knows of a connection's peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// Its address.
+    pub addr: Option<SocketAddr>,
+    /// The common name of the client certificate it presented, verified
+    /// (mutual TLS).
+    pub certificate: Option<Arc<str>>,
 }
 
 impl Shard {
@@ -176,6 +206,7 @@ impl Shard {
             overfull: Vec::new(),
             stats: ShardStats::default(),
             service_stats: FxHashMap::default(),
+            tokens: TokenCache::default(),
             now,
             config,
         }
@@ -202,6 +233,7 @@ impl Shard {
     /// applies to every connection.
     pub fn set_config(&mut self, config: ShardConfig) {
         let max_streams = config.connection.max_inbound_streams;
+        let trust_changed = !Arc::ptr_eq(&self.config.trust, &config.trust);
         self.config = ShardConfig {
             shard: self.config.shard,
             shards: self.config.shards,
@@ -210,6 +242,16 @@ impl Shard {
         };
         for (_, c) in self.conns.iter_mut() {
             c.proto.set_max_inbound_streams(max_streams);
+        }
+        if trust_changed {
+            self.apply_trust();
+        }
+    }
+
+    /// What the transport knows of connection `id`'s peer, before its SETUP.
+    pub fn set_peer(&mut self, id: ConnId, peer: Peer) {
+        if let Some(c) = self.conn_mut(id) {
+            c.peer = peer;
         }
     }
 
@@ -267,6 +309,10 @@ impl Shard {
             proto: Connection::server(self.config.connection.clone(), now),
             instance: None,
             app_name: None,
+            identity: None,
+            grant: None,
+            expires: None,
+            peer: Peer::default(),
             upstream: FxHashMap::default(),
             pending: FxHashMap::default(),
             downstream: FxHashMap::default(),
@@ -357,6 +403,7 @@ impl Shard {
             self.drain_events(slot);
             self.wake(slot);
         }
+        self.end_expired_credentials(now);
         self.check_backpressure_timeouts();
         self.finish_pass();
     }
@@ -370,6 +417,7 @@ impl Shard {
                 [
                     c.proto.poll_timeout(),
                     c.flow.over_since.map(|t| t + timeout),
+                    c.expires.filter(|_| !c.proto.is_closed()),
                 ]
             })
             .flatten()

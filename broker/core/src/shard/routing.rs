@@ -418,6 +418,11 @@ impl Shard {
                     return self.refuse(slot, stream, ErrorCode::REJECTED, message);
                 }
             };
+        if let Some(message) = self.may_not_call(slot, &service) {
+            tracing::debug!(conn = %requester, stream, %message, "request refused");
+            self.stats.requests_denied += 1;
+            return self.refuse(slot, stream, ErrorCode::REJECTED, message);
+        }
         self.stats.requests_routed += 1;
         self.count(&service, interaction, Count::Request);
         let origin = StreamRef {

@@ -16,6 +16,16 @@ pub struct ShardStats {
     pub requests_routed: u64,
     /// Requests refused (no route, no live instance, stream limit, draining, ...).
     pub requests_rejected: u64,
+    /// Requests refused because their connection may not call the service
+    /// (counted in `requests_rejected` too).
+    pub requests_denied: u64,
+    /// SETUPs refused for their credentials or what they publish.
+    pub setups_refused: u64,
+    /// Services not exposed by METADATA_PUSH because their connection may
+    /// not publish them.
+    pub publishes_refused: u64,
+    /// Connections closed because their credentials expired.
+    pub credentials_expired: u64,
     /// Requests retried on another instance.
     pub requests_retried: u64,
     /// Frames received.

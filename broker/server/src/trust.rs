@@ -1,0 +1,330 @@
+//! `[auth]`: who may connect, and what identities may publish and call,
+//! as the config file says it; [`AuthConfig::build`] reads the key and
+//! credentials files into the [`Trust`] every shard holds. SIGHUP builds
+//! it again; a bad file keeps the rules in force.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rsbroker_core::trust::{Grant, IdentityRules, Jwt, JwtRules, Secret, Trust};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Size;
+
+/// `[auth]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Let in connections whose SETUP carries no credentials (with the
+    /// `anonymous` grant). On by default, so a fresh install on loopback
+    /// is easy to try; `--check-config` warns when a listener on another
+    /// address allows it.
+    pub allow_anonymous: bool,
+    /// The verified client certificate's common name (mutual TLS, see
+    /// `tls.client_ca`) is the identity of a SETUP without other credentials.
+    pub certificate_identity: bool,
+    /// Longest bearer token read; longer ones are refused unread.
+    pub max_token_size: Size,
+    /// Verified tokens remembered per shard (0: none).
+    pub token_cache: usize,
+    /// Simple authentication: a TOML file of `[users.NAME] secret =
+    /// "sha256:SALT:DIGEST"` (`rsbroker --hash-secret` writes one).
+    pub credentials: Option<PathBuf>,
+    /// What a connection without credentials may do.
+    pub anonymous: GrantConfig,
+    /// What an identity may do that no token claim, identity or role
+    /// below speaks of.
+    pub authenticated: GrantConfig,
+    /// Bearer JWTs.
+    pub jwt: JwtConfig,
+    /// Grants per role (a token's `roles` and `authorities`, or an
+    /// identity's `roles`).
+    pub roles: BTreeMap<String, GrantConfig>,
+    /// Rules per identity: a token's `sub`, a user name, a certificate's
+    /// common name.
+    pub identities: BTreeMap<String, IdentityConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            allow_anonymous: true,
+            certificate_identity: false,
+            max_token_size: Size(8 << 10),
+            token_cache: 1024,
+            credentials: None,
+            anonymous: GrantConfig::everything(),
+            authenticated: GrantConfig::everything(),
+            jwt: JwtConfig::default(),
+            roles: BTreeMap::new(),
+            identities: BTreeMap::new(),
+        }
+    }
+}
+
+/// Services to publish and to call, as patterns: `*`, a prefix ending in
+/// `*` (`com.example.*`), or a service name; with `!` or `:` in it, a
+/// whole key (`group!service:version`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrantConfig {
+    /// Services it may register.
+    pub publish: Vec<String>,
+    /// Services it may call.
+    pub call: Vec<String>,
+}
+
+impl GrantConfig {
+    fn everything() -> Self {
+        Self {
+            publish: vec!["*".into()],
+            call: vec!["*".into()],
+        }
+    }
+
+    fn grant(&self) -> Grant {
+        Grant::new(&self.publish, &self.call)
+    }
+}
+
+/// `[auth.identities.NAME]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Services it may register.
+    pub publish: Vec<String>,
+    /// Services it may call.
+    pub call: Vec<String>,
+    /// Its roles, besides its token's.
+    pub roles: Vec<String>,
+}
+
+/// `[auth.jwt]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Public keys in PEM (RSA for RS*/PS*, EC P-256/P-384 for ES256/ES384,
+    /// Ed25519 for EdDSA).
+    pub keys: Vec<PathBuf>,
+    /// JWKS documents (keys chosen by `kid`).
+    pub jwks: Vec<PathBuf>,
+    /// Files each holding a shared secret for HS256/384/512 (at least 32
+    /// bytes; a trailing newline is not part of it).
+    pub secrets: Vec<PathBuf>,
+    /// Accepted issuers (`iss`); empty: `iss` is not checked.
+    pub issuers: Vec<String>,
+    /// Accepted audiences (`aud`); empty: `aud` is not checked.
+    pub audiences: Vec<String>,
+    /// Clock skew allowed for `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            jwks: Vec::new(),
+            secrets: Vec::new(),
+            issuers: Vec::new(),
+            audiences: Vec::new(),
+            leeway: Duration::from_secs(30),
+        }
+    }
+}
+
+impl JwtConfig {
+    fn configured(&self) -> bool {
+        !(self.keys.is_empty() && self.jwks.is_empty() && self.secrets.is_empty())
+    }
+}
+
+/// The credentials file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialsFile {
+    #[serde(default)]
+    users: BTreeMap<String, UserEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserEntry {
+    secret: String,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl AuthConfig {
+    /// Whether any way to prove an identity is configured.
+    pub fn authenticates(&self) -> bool {
+        self.jwt.configured() || self.credentials.is_some() || self.certificate_identity
+    }
+
+    /// Reads the files and builds the rules. Every error names its file.
+    pub fn build(&self) -> Result<Trust, String> {
+        let jwt = if self.jwt.configured() {
+            let mut jwt = Jwt::new(JwtRules {
+                issuers: self.jwt.issuers.clone(),
+                audiences: self.jwt.audiences.clone(),
+                leeway: self.jwt.leeway,
+            });
+            for path in &self.jwt.keys {
+                jwt.add_pem(&read(path)?)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            for path in &self.jwt.jwks {
+                jwt.add_jwks(&read(path)?)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            for path in &self.jwt.secrets {
+                let mut secret = read(path)?;
+                while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    secret.pop();
+                }
+                jwt.add_secret(&secret)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            if jwt.keys() == 0 {
+                return Err("auth.jwt: the configured files hold no signing key".into());
+            }
+            Some(jwt)
+        } else {
+            None
+        };
+        let mut users = HashMap::new();
+        if let Some(path) = &self.credentials {
+            let text = String::from_utf8(read(path)?)
+                .map_err(|_| format!("{}: not UTF-8", path.display()))?;
+            let file: CredentialsFile =
+                toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            for (name, user) in file.users {
+                let secret = Secret::parse(&user.secret)
+                    .map_err(|e| format!("{}: users.{name}.secret: {e}", path.display()))?;
+                users.insert(name, secret);
+            }
+        }
+        Ok(Trust {
+            allow_anonymous: self.allow_anonymous,
+            anonymous: self.anonymous.grant(),
+            authenticated: self.authenticated.grant(),
+            jwt,
+            users,
+            certificate_identity: self.certificate_identity,
+            identities: self
+                .identities
+                .iter()
+                .map(|(name, i)| {
+                    let grant = (!i.publish.is_empty() || !i.call.is_empty())
+                        .then(|| Grant::new(&i.publish, &i.call));
+                    let rules = IdentityRules {
+                        grant,
+                        roles: i.roles.clone(),
+                    };
+                    (name.clone(), rules)
+                })
+                .collect(),
+            roles: self
+                .roles
+                .iter()
+                .map(|(name, g)| (name.clone(), g.grant()))
+                .collect(),
+            max_token_size: self.max_token_size.0,
+            leeway: self.jwt.leeway.as_secs(),
+            cache_size: self.token_cache,
+        })
+    }
+
+    /// What is wrong with these settings, by key.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if !self.allow_anonymous && !self.authenticates() {
+            out.push((
+                "auth.allow_anonymous".to_owned(),
+                "is false, but no way to authenticate is configured (auth.jwt, \
+                 auth.credentials or auth.certificate_identity): every SETUP would be refused"
+                    .to_owned(),
+            ));
+        }
+        if self.max_token_size.0 < 64 {
+            out.push((
+                "auth.max_token_size".to_owned(),
+                format!("{} is below the 64 B minimum", self.max_token_size),
+            ));
+        }
+        if let Err(e) = self.build() {
+            out.push(("auth".to_owned(), e));
+        }
+        out
+    }
+}
+
+/// A salted secret for the credentials file, from a secret: 16 random
+/// bytes of salt from the system.
+pub fn hash_secret(secret: &[u8]) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut salt = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut salt)?;
+    Ok(Secret::hash(&salt, secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_let_anyone_in_and_build() {
+        let c = AuthConfig::default();
+        assert!(c.problems().is_empty());
+        let t = c.build().unwrap();
+        assert!(t.allow_anonymous && t.jwt.is_none());
+        assert_eq!(t.anonymous, Grant::all());
+    }
+
+    #[test]
+    fn files_are_read_and_their_errors_name_them() {
+        let dir = std::env::temp_dir().join(format!("rsbroker-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("hs.secret");
+        std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let creds = dir.join("credentials.toml");
+        let stored = hash_secret(b"pw").unwrap();
+        std::fs::write(&creds, format!("[users.billing]\nsecret = \"{stored}\"\n")).unwrap();
+        let mut c = AuthConfig {
+            allow_anonymous: false,
+            credentials: Some(creds.clone()),
+            ..AuthConfig::default()
+        };
+        c.jwt.secrets.push(secret.clone());
+        let t = c.build().unwrap();
+        assert_eq!(t.jwt.as_ref().map(Jwt::keys), Some(1));
+        assert!(t.users["billing"].matches(b"pw"));
+        assert!(c.problems().is_empty());
+
+        std::fs::write(&secret, "short\n").unwrap();
+        let e = c.build().unwrap_err();
+        assert!(e.contains("hs.secret") && e.contains("32"), "{e}");
+        c.jwt.secrets.clear();
+        c.jwt.keys.push(dir.join("missing.pem"));
+        assert!(c.build().unwrap_err().contains("missing.pem"));
+        c.jwt.keys.clear();
+        std::fs::write(&creds, "[users.billing]\nsecret = \"plain\"\n").unwrap();
+        let e = c.build().unwrap_err();
+        assert!(e.contains("users.billing.secret"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn closed_without_a_way_in_is_a_problem() {
+        let c = AuthConfig {
+            allow_anonymous: false,
+            ..AuthConfig::default()
+        };
+        let problems = c.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].1.contains("every SETUP would be refused"));
+    }
+}
