@@ -194,6 +194,20 @@ pub struct ClientConfig {
     pub data_mime: String,
     /// ALPN protocols a `quic://` connection offers (none by default).
     pub alpn: Vec<String>,
+    /// Credentials the SETUP carries.
+    pub credentials: Credentials,
+}
+
+/// What a SETUP proves its identity with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Credentials {
+    /// Nothing (the broker must allow anonymous connections).
+    #[default]
+    None,
+    /// A bearer token (a JWT).
+    Bearer(String),
+    /// Simple authentication: user name and secret.
+    Simple(String, String),
 }
 
 impl Default for ClientConfig {
@@ -207,6 +221,7 @@ impl Default for ClientConfig {
             max_frame_size: rsocket_proto::frame::MAX_U24,
             data_mime: "application/octet-stream".into(),
             alpn: Vec::new(),
+            credentials: Credentials::None,
         }
     }
 }
@@ -344,7 +359,11 @@ impl ClientBuilder {
 
     /// Starts the client over an established transport.
     pub fn start(self, io: impl FrameIo + 'static) -> Client {
-        let metadata = metadata::setup(self.config.app.as_ref(), &self.config.services);
+        let metadata = metadata::setup_with(
+            self.config.app.as_ref(),
+            &self.config.services,
+            &self.config.credentials,
+        );
         let conn = Connection::client(
             self.connection_config(),
             SetupPayload {

@@ -4,9 +4,9 @@
 
 use bytes::Bytes;
 use rsocket_proto::metadata::build;
-use rsocket_proto::metadata::{MimeType, WellKnownMime, put_entry};
+use rsocket_proto::metadata::{MimeType, WellKnownMime, put_bearer, put_entry, put_simple};
 
-use crate::AppConfig;
+use crate::{AppConfig, Credentials};
 
 /// Composite metadata with one routing entry: `tags[0]` is the route
 /// (`[group!]service[.method][:version]`), further tags refine it
@@ -24,8 +24,35 @@ pub fn route(tags: &[&str]) -> Bytes {
 /// SETUP metadata registering `app` and the `(group, service, version)`
 /// it publishes; `None` for a plain requester.
 pub fn setup(app: Option<&AppConfig>, services: &[(String, String, String)]) -> Option<Bytes> {
-    let app = app?;
+    setup_with(app, services, &Credentials::None)
+}
+
+/// [`setup`] with `credentials` (authentication metadata, when there are
+/// any, so a plain requester with credentials has SETUP metadata too).
+pub fn setup_with(
+    app: Option<&AppConfig>,
+    services: &[(String, String, String)],
+    credentials: &Credentials,
+) -> Option<Bytes> {
     let mut md = Vec::new();
+    let mut auth = Vec::new();
+    match credentials {
+        Credentials::None => {}
+        Credentials::Bearer(token) => put_bearer(&mut auth, token),
+        Credentials::Simple(user, secret) => {
+            let _ = put_simple(&mut auth, user, secret);
+        }
+    }
+    if !auth.is_empty() {
+        let _ = put_entry(
+            &mut md,
+            MimeType::WellKnown(WellKnownMime::AUTHENTICATION),
+            &auth,
+        );
+    }
+    let Some(app) = app else {
+        return (!md.is_empty()).then(|| Bytes::from(md));
+    };
     let app_json = serde_json::json!({
         "name": app.name,
         "uuid": app.uuid,

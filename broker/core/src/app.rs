@@ -136,13 +136,17 @@ pub fn parse_setup(setup: &Setup) -> Result<SetupInfo, String> {
                     info.simple = Some((metadata.slice_ref(username), metadata.slice_ref(password)))
                 }
                 Ok(Auth::WellKnown { id, .. }) => {
-                    info.auth_problem = Some(format!("authentication type {id:#04x} is not supported"))
+                    info.auth_problem =
+                        Some(format!("authentication type {id:#04x} is not supported"))
                 }
                 Ok(Auth::Custom { auth_type, .. }) => {
-                    info.auth_problem =
-                        Some(format!("authentication type {auth_type:?} is not supported"))
+                    info.auth_problem = Some(format!(
+                        "authentication type {auth_type:?} is not supported"
+                    ))
                 }
-                Err(e) => info.auth_problem = Some(format!("authentication metadata is malformed: {e}")),
+                Err(e) => {
+                    info.auth_problem = Some(format!("authentication metadata is malformed: {e}"))
+                }
             },
             Some(WellKnownMime::BEARER_TOKEN) => {
                 info.bearer = Some(metadata.slice_ref(entry.content))

@@ -126,10 +126,11 @@ async fn authorise(
     next: axum::middleware::Next,
 ) -> Response {
     let path = request.uri().path();
-    let changes = request.method() != axum::http::Method::GET
-        && request.method() != axum::http::Method::HEAD;
+    let changes =
+        request.method() != axum::http::Method::GET && request.method() != axum::http::Method::HEAD;
     let settings = control.settings();
-    let needed = changes || (settings.admin.protect_reads && !matches!(path, "/healthz" | "/readyz"));
+    let needed =
+        changes || (settings.admin.protect_reads && !matches!(path, "/healthz" | "/readyz"));
     if !needed {
         return next.run(request).await;
     }

@@ -31,12 +31,12 @@
 
 mod backpressure;
 mod events;
-mod trust;
 mod failover;
 mod mesh;
 mod routing;
 mod stats;
 mod streams;
+mod trust;
 
 pub use routing::{Destination, Targets};
 pub use stats::{ServiceCounters, ShardStats};
@@ -45,8 +45,8 @@ use self::routing::{Outstanding, PendingRoute};
 use self::streams::Upstream;
 
 use std::cell::RefCell;
-use std::net::SocketAddr;
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -98,7 +98,11 @@ impl Shard {
     }
 
     /// `services` without those connection `slot` may not publish.
-    pub(super) fn publishable(&mut self, slot: usize, services: Vec<ServiceKey>) -> Vec<ServiceKey> {
+    pub(super) fn publishable(
+        &mut self,
+        slot: usize,
+        services: Vec<ServiceKey>,
+    ) -> Vec<ServiceKey> {
         let Some(c) = self.conns.get(slot) else {
             return Vec::new();
         };

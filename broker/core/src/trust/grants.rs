@@ -90,10 +90,7 @@ impl Patterns {
             }
         };
         self.exact.iter().any(|e| subject(e) == &**e)
-            || self
-                .prefixes
-                .iter()
-                .any(|p| subject(p).starts_with(&**p))
+            || self.prefixes.iter().any(|p| subject(p).starts_with(&**p))
     }
 
     /// The patterns as written.

@@ -177,7 +177,9 @@ impl Jwt {
             let algs = match jwk.common.key_algorithm.map(Algorithm::try_from) {
                 Some(Ok(a)) if a.family() == key.family() => vec![a],
                 Some(Ok(a)) => {
-                    return Err(format!("key {i}: algorithm {a:?} does not fit its key type"));
+                    return Err(format!(
+                        "key {i}: algorithm {a:?} does not fit its key type"
+                    ));
                 }
                 // An encryption key: not for signatures.
                 Some(Err(_)) => continue,

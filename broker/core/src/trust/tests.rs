@@ -106,10 +106,24 @@ fn every_broken_token_is_refused_with_what_failed() {
         .is_ok()
     );
     let wrong_key = hs256(&claims(), b"another secret, just as long as the first");
-    assert!(jwt.verify(wrong_key.as_bytes()).unwrap_err().contains("signature"));
-    for garbage in ["", "a.b", "a.b.c", "...", "eyJhbGciOiJIUzI1NiJ9.e30.x", "\u{ff}.\0.\0"] {
+    assert!(
+        jwt.verify(wrong_key.as_bytes())
+            .unwrap_err()
+            .contains("signature")
+    );
+    for garbage in [
+        "",
+        "a.b",
+        "a.b.c",
+        "...",
+        "eyJhbGciOiJIUzI1NiJ9.e30.x",
+        "\u{ff}.\0.\0",
+    ] {
         let e = jwt.verify(garbage.as_bytes()).unwrap_err();
-        assert!(e.contains("malformed") || e.contains("signature"), "{garbage:?}: {e}");
+        assert!(
+            e.contains("malformed") || e.contains("signature"),
+            "{garbage:?}: {e}"
+        );
     }
 }
 
@@ -129,7 +143,10 @@ fn alg_none_and_algorithm_confusion_are_refused() {
     jwt.add_pem(public.as_bytes()).unwrap();
     let forged = hs256(&claims(), public.as_bytes());
     let e = jwt.verify(forged.as_bytes()).unwrap_err();
-    assert!(e.contains("HS256") && e.contains("no configured key"), "{e}");
+    assert!(
+        e.contains("HS256") && e.contains("no configured key"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -162,8 +179,15 @@ fn public_keys_of_each_kind_verify_their_own_tokens_only() {
         &EncodingKey::from_ec_pem(other.as_bytes()).unwrap(),
     )
     .unwrap();
-    assert!(jwt.verify(stranger.as_bytes()).unwrap_err().contains("signature"));
-    assert!(jwt.add_pem(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n").is_err());
+    assert!(
+        jwt.verify(stranger.as_bytes())
+            .unwrap_err()
+            .contains("signature")
+    );
+    assert!(
+        jwt.add_pem(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+            .is_err()
+    );
     assert!(jwt.add_secret(b"short").unwrap_err().contains("32"));
 }
 
@@ -324,7 +348,10 @@ fn simple_authentication_checks_the_salted_secret() {
     for bad in ["sha256:zz:00", "md5:00:00", "sha256:00:abcd", "sha256:00"] {
         assert!(Secret::parse(bad).is_err(), "{bad}");
     }
-    assert_eq!(format!("{:?}", Secret::parse(&stored).unwrap()), "Secret(..)");
+    assert_eq!(
+        format!("{:?}", Secret::parse(&stored).unwrap()),
+        "Secret(..)"
+    );
 }
 
 #[test]

@@ -79,10 +79,8 @@ fn set_trust(sim: &mut Sim, trust: Trust) {
 fn metadata_with_token(uuid: &str, services: &[&str], token: &str) -> Bytes {
     let mut auth = Vec::new();
     put_bearer(&mut auth, token);
-    let mut b = CompositeBuilder::new().entry(
-        MimeType::WellKnown(WellKnownMime::AUTHENTICATION),
-        &auth,
-    );
+    let mut b =
+        CompositeBuilder::new().entry(MimeType::WellKnown(WellKnownMime::AUTHENTICATION), &auth);
     if !uuid.is_empty() {
         let app = format!(r#"{{"name":"app-{uuid}","uuid":"{uuid}"}}"#);
         let published: Vec<String> = services
@@ -155,7 +153,11 @@ fn setups_without_good_credentials_are_refused_and_register_nothing() {
         Config::default(),
     );
     let cases = [
-        ("expired", token(json!({"sub": "x", "exp": now - 5})), "expired"),
+        (
+            "expired",
+            token(json!({"sub": "x", "exp": now - 5})),
+            "expired",
+        ),
         (
             "early",
             token(json!({"sub": "x", "exp": now + 600, "nbf": now + 60})),
@@ -204,9 +206,27 @@ fn setups_without_good_credentials_are_refused_and_register_nothing() {
 fn identities_publish_and_call_only_what_they_are_granted() {
     let mut sim = Sim::new(2, 41, Policies::default());
     set_trust(&mut sim, trust());
-    let stock = connect_as(&mut sim, 1, "stock-1", &["stock.Level"], &token_for("stock"));
-    let orders = connect_as(&mut sim, 0, "orders-1", &["orders.Place"], &token_for("orders"));
-    let squatter = connect_as(&mut sim, 1, "orders-2", &["stock.Level"], &token_for("orders"));
+    let stock = connect_as(
+        &mut sim,
+        1,
+        "stock-1",
+        &["stock.Level"],
+        &token_for("stock"),
+    );
+    let orders = connect_as(
+        &mut sim,
+        0,
+        "orders-1",
+        &["orders.Place"],
+        &token_for("orders"),
+    );
+    let squatter = connect_as(
+        &mut sim,
+        1,
+        "orders-2",
+        &["stock.Level"],
+        &token_for("orders"),
+    );
     sim.run(10_000);
     assert!(sim.apps[stock].closed.is_none());
     assert!(sim.apps[orders].closed.is_none());
@@ -218,10 +238,20 @@ fn identities_publish_and_call_only_what_they_are_granted() {
     nowhere(&sim, "orders-2");
 
     // orders calls stock, not itself; stock calls nothing.
-    let ok = call(&mut sim, orders, &["stock.Level"], RequestKind::RequestResponse);
+    let ok = call(
+        &mut sim,
+        orders,
+        &["stock.Level"],
+        RequestKind::RequestResponse,
+    );
     assert_eq!(ok.items, [Bytes::from_static(b"stock-1:x")]);
     rejected_naming(
-        &call(&mut sim, orders, &["orders.Place"], RequestKind::RequestResponse),
+        &call(
+            &mut sim,
+            orders,
+            &["orders.Place"],
+            RequestKind::RequestResponse,
+        ),
         "orders may not call service orders.Place",
     );
     rejected_naming(
@@ -300,10 +330,27 @@ fn an_instance_cannot_be_joined_by_another_identity() {
 fn a_reload_takes_permissions_away_from_open_connections_at_once() {
     let mut sim = Sim::new(2, 43, Policies::default());
     set_trust(&mut sim, trust());
-    let stock = connect_as(&mut sim, 1, "stock-1", &["stock.Level"], &token_for("stock"));
-    let orders = connect_as(&mut sim, 0, "orders-1", &["orders.Place"], &token_for("orders"));
+    let stock = connect_as(
+        &mut sim,
+        1,
+        "stock-1",
+        &["stock.Level"],
+        &token_for("stock"),
+    );
+    let orders = connect_as(
+        &mut sim,
+        0,
+        "orders-1",
+        &["orders.Place"],
+        &token_for("orders"),
+    );
     sim.run(10_000);
-    let ok = call(&mut sim, orders, &["stock.Level"], RequestKind::RequestResponse);
+    let ok = call(
+        &mut sim,
+        orders,
+        &["stock.Level"],
+        RequestKind::RequestResponse,
+    );
     assert_eq!(ok.done, Some(Ok(())));
 
     // orders may no longer call stock.*.
@@ -318,7 +365,12 @@ fn a_reload_takes_permissions_away_from_open_connections_at_once() {
     set_trust(&mut sim, t);
     sim.run(10_000);
     rejected_naming(
-        &call(&mut sim, orders, &["stock.Level"], RequestKind::RequestResponse),
+        &call(
+            &mut sim,
+            orders,
+            &["stock.Level"],
+            RequestKind::RequestResponse,
+        ),
         "orders may not call service stock.Level",
     );
     // stock may no longer publish stock.*, and may call orders.*.
@@ -340,7 +392,12 @@ fn a_reload_takes_permissions_away_from_open_connections_at_once() {
         );
     }
     // What was granted works at once, over the same connections.
-    let now_ok = call(&mut sim, stock, &["orders.Place"], RequestKind::RequestResponse);
+    let now_ok = call(
+        &mut sim,
+        stock,
+        &["orders.Place"],
+        RequestKind::RequestResponse,
+    );
     assert_eq!(now_ok.items, [Bytes::from_static(b"orders-1:x")]);
     assert!(sim.apps[orders].closed.is_none() && sim.apps[stock].closed.is_none());
     sim.assert_clean();
@@ -361,12 +418,18 @@ fn a_connection_ends_when_its_token_expires() {
     sim.run(10_000);
     assert!(sim.apps[short].closed.is_none());
     let due = sim.shards[0].poll_timeout().unwrap();
-    assert!(due <= sim.now + Duration::from_secs(3), "the expiry is a deadline");
+    assert!(
+        due <= sim.now + Duration::from_secs(3),
+        "the expiry is a deadline"
+    );
     sim.now += Duration::from_secs(3);
     let now = sim.now;
     sim.shards[0].handle_timeout(now);
     sim.run(10_000);
-    let closed = sim.apps[short].closed.clone().expect("closed at its expiry");
+    let closed = sim.apps[short]
+        .closed
+        .clone()
+        .expect("closed at its expiry");
     assert_eq!(closed.code, ErrorCode::CONNECTION_ERROR);
     assert!(closed.message.contains("short expired"), "{closed:?}");
     assert!(sim.apps[long].closed.is_none());

@@ -1,0 +1,503 @@
+//! Trust end to end: JWT (RS256, keys made with openssl) and simple
+//! authentication at SETUP, grants per identity, a reload that takes a
+//! permission away from an open connection, and the admin token.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rsbroker::BrokerConfig;
+use rsbroker::config::{GrantConfig, IdentityConfig};
+use rsbroker_client::metadata::route;
+use rsbroker_client::{AppConfig, Client, ClientConfig, Credentials, Payload};
+use serde_json::{Value, json};
+
+use common::*;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An RSA key pair made by openssl: (private key PEM path, public key PEM path).
+fn rsa_pair(dir: &Path) -> (PathBuf, PathBuf) {
+    let private = dir.join("jwt.key");
+    let public = dir.join("jwt.pub.pem");
+    let ok = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&private)
+        .status()
+        .expect("openssl runs (CI installs it)")
+        .success();
+    assert!(ok, "openssl genpkey");
+    let ok = Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&private)
+        .arg("-out")
+        .arg(&public)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "openssl pkey -pubout");
+    (private, public)
+}
+
+struct Keys {
+    private: Vec<u8>,
+    public: Vec<u8>,
+}
+
+impl Keys {
+    fn rs256(&self, claims: &Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::RS256),
+            claims,
+            &EncodingKey::from_rsa_pem(&self.private).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn token(&self, sub: &str) -> String {
+        self.rs256(&json!({
+            "sub": sub, "iss": "test-issuer", "aud": "rsbroker", "exp": unix_now() + 600
+        }))
+    }
+}
+
+fn grant(publish: &[&str], call: &[&str]) -> IdentityConfig {
+    IdentityConfig {
+        publish: publish.iter().map(|s| s.to_string()).collect(),
+        call: call.iter().map(|s| s.to_string()).collect(),
+        roles: Vec::new(),
+    }
+}
+
+/// Tokens only; `echo-app` publishes com.example.Echo, `caller` calls it;
+/// any other identity may do nothing.
+fn jwt_config(dir: &Path) -> (BrokerConfig, Keys) {
+    let (private, public) = rsa_pair(dir);
+    let mut c = test_config();
+    c.auth.allow_anonymous = false;
+    c.auth.jwt.keys = vec![public.clone()];
+    c.auth.jwt.issuers = vec!["test-issuer".into()];
+    c.auth.jwt.audiences = vec!["rsbroker".into()];
+    c.auth.authenticated = GrantConfig::default();
+    c.auth
+        .identities
+        .insert("echo-app".into(), grant(&["com.example.Echo"], &[]));
+    c.auth
+        .identities
+        .insert("caller".into(), grant(&[], &["com.example.*"]));
+    let keys = Keys {
+        private: std::fs::read(private).unwrap(),
+        public: std::fs::read(public).unwrap(),
+    };
+    (c, keys)
+}
+
+fn temp_dir(name: &str) -> TempDir {
+    let dir = std::env::temp_dir().join(format!("rsbroker-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    TempDir(dir)
+}
+
+fn config_with(credentials: Credentials, app: Option<&str>, services: &[&str]) -> ClientConfig {
+    ClientConfig {
+        app: app.map(|uuid| AppConfig {
+            name: uuid.into(),
+            uuid: uuid.into(),
+            power_rating: 1,
+        }),
+        services: services
+            .iter()
+            .map(|s| (String::new(), s.to_string(), String::new()))
+            .collect(),
+        credentials,
+        ..ClientConfig::default()
+    }
+}
+
+fn echo_service() -> TestService {
+    TestService {
+        name: "echo".into(),
+        log: std::sync::mpsc::channel().0,
+        delay: Duration::ZERO,
+    }
+}
+
+/// Connects with `config` and waits for the broker to refuse it; returns
+/// why (or panics when it is let in).
+async fn refused(addr: std::net::SocketAddr, config: ClientConfig) -> String {
+    let client = Client::builder(config).connect(addr).await.unwrap();
+    let closed = glommio::timer::timeout(Duration::from_secs(10), async {
+        client.closed().await;
+        Ok(())
+    })
+    .await;
+    assert!(closed.is_ok(), "the broker let the connection in");
+    client.close_reason().unwrap_or_default()
+}
+
+async fn call(client: &Client, route_to: &str) -> Result<String, String> {
+    client
+        .request_response(Payload::new(route(&[route_to]), "hi"))
+        .await
+        .map(|p| String::from_utf8_lossy(&p.data).into_owned())
+        .map_err(|e| e.to_string())
+}
+
+fn metric(admin: std::net::SocketAddr, name: &str) -> u64 {
+    let (_, body) = http_get(admin, "/metrics");
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn rs256_tokens_at_setup_let_in_only_who_they_name_and_bad_ones_are_refused() {
+    let dir = temp_dir("auth-jwt");
+    let (config, keys) = jwt_config(&dir.0);
+    let broker = TestBroker::with_config(config);
+    let addr = broker.addr();
+    let keys = Arc::new(keys);
+    let k = keys.clone();
+    let outcome = run(move || async move {
+        let echo_token = Credentials::Bearer(k.token("echo-app"));
+        let _echo = Client::builder(config_with(
+            echo_token,
+            Some("echo-1"),
+            &["com.example.Echo"],
+        ))
+        .responder("com.example.Echo", echo_service())
+        .connect(addr)
+        .await
+        .unwrap();
+        let caller = Client::builder(config_with(
+            Credentials::Bearer(k.token("caller")),
+            None,
+            &[],
+        ))
+        .connect(addr)
+        .await
+        .unwrap();
+        // Wait for the registration to reach the caller's shard.
+        let mut first = call(&caller, "com.example.Echo.hello").await;
+        for _ in 0..100 {
+            if first.is_ok() {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            first = call(&caller, "com.example.Echo.hello").await;
+        }
+        let now = unix_now();
+        let claims = |f: &dyn Fn(&mut Value)| {
+            let mut c =
+                json!({"sub": "caller", "iss": "test-issuer", "aud": "rsbroker", "exp": now + 600});
+            f(&mut c);
+            c
+        };
+        let mut tampered = k.token("caller").into_bytes();
+        let at = tampered.len() - 5;
+        tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+        let hs_confusion = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims(&|_| {}),
+            &EncodingKey::from_secret(&k.public).unwrap(),
+        )
+        .unwrap();
+        let none = {
+            use base64::Engine;
+            let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+            format!(
+                "{}.{}.",
+                b64(br#"{"alg":"none"}"#),
+                b64(claims(&|_| {}).to_string().as_bytes())
+            )
+        };
+        let cases: Vec<(Credentials, &str)> = vec![
+            (
+                Credentials::Bearer(k.rs256(&claims(&|c| c["exp"] = json!(now - 120)))),
+                "expired",
+            ),
+            (
+                Credentials::Bearer(k.rs256(&claims(&|c| c["nbf"] = json!(now + 120)))),
+                "not valid yet",
+            ),
+            (
+                Credentials::Bearer(k.rs256(&claims(&|c| c["iss"] = json!("elsewhere")))),
+                "issuer",
+            ),
+            (
+                Credentials::Bearer(k.rs256(&claims(&|c| c["aud"] = json!("others")))),
+                "audience",
+            ),
+            (
+                Credentials::Bearer(String::from_utf8(tampered).unwrap()),
+                "signature",
+            ),
+            (Credentials::Bearer(hs_confusion), "HS256"),
+            (Credentials::Bearer(none), "alg none"),
+            (Credentials::Bearer("garbage".into()), "malformed"),
+            (
+                Credentials::Bearer("x".repeat(20_000)),
+                "more than the limit",
+            ),
+            (Credentials::None, "requires authentication"),
+        ];
+        let mut reasons = Vec::new();
+        for (credentials, why) in cases {
+            let reason = refused(
+                addr,
+                config_with(credentials, Some("bad"), &["com.example.Echo"]),
+            )
+            .await;
+            reasons.push((why, reason));
+        }
+        // An identity that may not publish what it registers, and one that
+        // may not call what it asks for.
+        let squatter = refused(
+            addr,
+            config_with(
+                Credentials::Bearer(k.token("caller")),
+                Some("squat"),
+                &["com.example.Echo"],
+            ),
+        )
+        .await;
+        let other = Client::builder(config_with(
+            Credentials::Bearer(k.token("nobody")),
+            None,
+            &[],
+        ))
+        .connect(addr)
+        .await
+        .unwrap();
+        let denied = call(&other, "com.example.Echo.hello").await;
+        // Other traffic kept flowing through all of that.
+        let after = call(&caller, "com.example.Echo.hello").await;
+        (first, reasons, squatter, denied, after)
+    });
+    let (first, reasons, squatter, denied, after) = outcome;
+    assert_eq!(first.as_deref(), Ok("echo:hi"));
+    for (why, reason) in &reasons {
+        assert!(
+            reason.contains("REJECTED_SETUP") && reason.contains(why),
+            "{why}: {reason}"
+        );
+    }
+    assert!(
+        squatter.contains("identity caller may not publish service com.example.Echo"),
+        "{squatter}"
+    );
+    let denied = denied.unwrap_err();
+    assert!(
+        denied.contains("REJECTED")
+            && denied.contains("nobody may not call service com.example.Echo"),
+        "{denied}"
+    );
+    assert_eq!(after.as_deref(), Ok("echo:hi"));
+    let admin = broker.admin_addr().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(metric(admin, "rsbroker_setups_refused"), 11);
+    assert_eq!(metric(admin, "rsbroker_requests_denied"), 1);
+    let (_, apps) = http_get(admin, "/api/apps");
+    assert!(
+        !apps.contains("\"bad\"") && !apps.contains("squat"),
+        "{apps}"
+    );
+}
+
+#[test]
+fn a_reload_takes_a_permission_from_an_open_connection_and_keeps_it_open() {
+    let dir = temp_dir("auth-reload");
+    let (config, keys) = jwt_config(&dir.0);
+    let broker = TestBroker::with_config(config.clone());
+    let addr = broker.addr();
+    let controller = broker.controller();
+    let (step_tx, step_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let echo = keys.token("echo-app");
+    let caller = keys.token("caller");
+    let worker = std::thread::spawn(move || {
+        run(move || async move {
+            let _echo = Client::builder(config_with(
+                Credentials::Bearer(echo),
+                Some("echo-1"),
+                &["com.example.Echo"],
+            ))
+            .responder("com.example.Echo", echo_service())
+            .connect(addr)
+            .await
+            .unwrap();
+            let caller = Client::builder(config_with(Credentials::Bearer(caller), None, &[]))
+                .connect(addr)
+                .await
+                .unwrap();
+            let mut before = call(&caller, "com.example.Echo.hello").await;
+            for _ in 0..100 {
+                if before.is_ok() {
+                    break;
+                }
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+                before = call(&caller, "com.example.Echo.hello").await;
+            }
+            done_tx.send(()).unwrap();
+            // Wait for the reload without blocking the executor.
+            while step_rx.try_recv().is_err() {
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+            let after = call(&caller, "com.example.Echo.hello").await;
+            (before, after, caller.is_closed())
+        })
+    });
+    done_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    let mut narrowed = config;
+    narrowed
+        .auth
+        .identities
+        .insert("caller".into(), grant(&[], &["com.example.Other"]));
+    assert!(controller.reload(narrowed).is_empty());
+    // Every shard applies it within a tick of the timer.
+    std::thread::sleep(Duration::from_millis(500));
+    step_tx.send(()).unwrap();
+    let (before, after, closed) = worker.join().unwrap();
+    assert_eq!(before.as_deref(), Ok("echo:hi"));
+    let after = after.unwrap_err();
+    assert!(
+        after.contains("caller may not call service com.example.Echo"),
+        "{after}"
+    );
+    assert!(!closed, "the connection stays open");
+}
+
+#[test]
+fn simple_authentication_against_the_credentials_file() {
+    let dir = temp_dir("auth-simple");
+    let file = dir.0.join("credentials.toml");
+    let stored = rsbroker::trust::hash_secret(b"billing-secret").unwrap();
+    std::fs::write(&file, format!("[users.billing]\nsecret = \"{stored}\"\n")).unwrap();
+    let mut config = test_config();
+    config.auth.allow_anonymous = false;
+    config.auth.credentials = Some(file);
+    let broker = TestBroker::with_config(config);
+    let addr = broker.addr();
+    let (good, wrong, unknown) = run(move || async move {
+        let good = Client::builder(config_with(
+            Credentials::Simple("billing".into(), "billing-secret".into()),
+            None,
+            &[],
+        ))
+        .connect(addr)
+        .await
+        .unwrap();
+        // The broker answers its health check itself.
+        let health = call(
+            &good,
+            "com.alibaba.rsocket.health.RSocketServiceHealth.check",
+        )
+        .await;
+        let wrong = refused(
+            addr,
+            config_with(
+                Credentials::Simple("billing".into(), "guess".into()),
+                None,
+                &[],
+            ),
+        )
+        .await;
+        let unknown = refused(
+            addr,
+            config_with(
+                Credentials::Simple("root".into(), "billing-secret".into()),
+                None,
+                &[],
+            ),
+        )
+        .await;
+        (health.map(|_| ()), wrong, unknown)
+    });
+    assert_eq!(good, Ok(()));
+    assert!(
+        wrong.contains("REJECTED_SETUP") && wrong.contains("wrong secret"),
+        "{wrong}"
+    );
+    assert!(unknown.contains("\"root\""), "{unknown}");
+}
+
+/// An HTTP request with `method`, and the admin token when given.
+fn http(addr: std::net::SocketAddr, method: &str, path: &str, token: Option<&str>) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: test\r\n{auth}Content-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn the_admin_api_refuses_changes_and_protected_reads_without_its_token() {
+    // Without a token configured, changes are refused outright.
+    let broker = TestBroker::with_config(test_config());
+    let admin = broker.admin_addr().unwrap();
+    assert_eq!(http(admin, "POST", "/api/reload", None), 403);
+    assert_eq!(http(admin, "GET", "/metrics", None), 200);
+    drop(broker);
+
+    let dir = temp_dir("auth-admin");
+    let token_file = dir.0.join("admin.token");
+    std::fs::write(&token_file, "s3cret-admin-token\n").unwrap();
+    let mut config = test_config();
+    config.admin.token_file = Some(token_file.clone());
+    config.admin.protect_reads = true;
+    let broker = TestBroker::with_config(config);
+    let reloads = Arc::new(AtomicUsize::new(0));
+    let r = reloads.clone();
+    broker.controller().on_reload_request(move || {
+        r.fetch_add(1, Ordering::SeqCst);
+    });
+    let admin = broker.admin_addr().unwrap();
+    let token = Some("s3cret-admin-token");
+    assert_eq!(http(admin, "POST", "/api/reload", None), 401);
+    assert_eq!(
+        http(admin, "POST", "/api/reload", Some("s3cret-admin-tokeN")),
+        401
+    );
+    assert_eq!(reloads.load(Ordering::SeqCst), 0);
+    assert_eq!(http(admin, "POST", "/api/reload", token), 202);
+    assert_eq!(reloads.load(Ordering::SeqCst), 1);
+    for path in ["/metrics", "/api/apps", "/api/config", "/"] {
+        assert_eq!(http(admin, "GET", path, None), 401, "{path}");
+        assert_eq!(http(admin, "GET", path, token), 200, "{path}");
+    }
+    assert_eq!(http(admin, "GET", "/healthz", None), 200);
+    assert_eq!(http(admin, "GET", "/readyz", None), 200);
+    // The token rotates with its file.
+    std::fs::write(&token_file, "rotated").unwrap();
+    assert_eq!(http(admin, "GET", "/metrics", token), 401);
+    assert_eq!(http(admin, "GET", "/metrics", Some("rotated")), 200);
+}
