@@ -5,6 +5,8 @@
 //!   with alibaba-style SETUP metadata and announces one more service over
 //!   METADATA_PUSH; a requester calls it in all four interaction models.
 //!   The scripts live in `tests/interop/rsocket_py/`.
+//! - rsocket-py with PyJWT: RS256 tokens at SETUP, alibaba-style and as
+//!   authentication metadata, and a tampered one refused (`auth.py`).
 //! - rsocket_rust: a requester doing request-response against an
 //!   rsbroker-client responder on the other shard.
 //!
@@ -261,6 +263,77 @@ fn rsocket_py_responder_and_requester_all_models() {
     responder.expect_line("FNF note-1", Duration::from_secs(10));
     let (ok, lines) = responder.finish(Duration::from_secs(20));
     assert!(ok, "responder.py failed: {lines:?}");
+}
+
+/// rsocket-py with tokens PyJWT signs (RS256): an alibaba-style SETUP
+/// (app metadata, services, bearer token) is let in and answers a
+/// requester whose token is authentication metadata; the same token
+/// tampered with is refused, and only it.
+#[test]
+fn rsocket_py_with_rs256_tokens_from_pyjwt() {
+    let _serial = serial();
+    let _ = python();
+    let dir = std::env::temp_dir().join(format!("rsbroker-py-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = TempDir(dir.clone());
+    let (private, public) = (dir.join("jwt.key"), dir.join("jwt.pub.pem"));
+    for args in [
+        vec![
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            private.to_str().unwrap(),
+        ],
+        vec![
+            "pkey",
+            "-pubout",
+            "-in",
+            private.to_str().unwrap(),
+            "-out",
+            public.to_str().unwrap(),
+        ],
+    ] {
+        let ok = Command::new("openssl")
+            .args(&args)
+            .status()
+            .expect("openssl runs")
+            .success();
+        assert!(ok, "openssl {args:?}");
+    }
+    let mut config = test_config();
+    config.auth.allow_anonymous = false;
+    config.auth.jwt.keys = vec![public];
+    config.auth.jwt.issuers = vec!["test-issuer".into()];
+    config.auth.jwt.audiences = vec!["rsbroker".into()];
+    let broker = TestBroker::with_config(config);
+    let addr = broker.addr();
+    let script = Script::start(
+        "auth.py",
+        &[
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+            private.to_str().unwrap(),
+        ],
+    );
+    assert_lines(
+        "auth.py",
+        script.finish(Duration::from_secs(60)),
+        &[
+            "OK alibaba-style SETUP with a bearer token",
+            "OK RS256 token from PyJWT accepted",
+            "OK tampered token refused",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let refused: u64 = broker
+        .snapshot()
+        .iter()
+        .map(|s| s.stats.setups_refused)
+        .sum();
+    assert_eq!(refused, 1, "only the tampered token was refused");
 }
 
 const PY_CHECKS: [&str; 9] = [
