@@ -25,6 +25,12 @@ struct Args {
     /// For tls:// and wss://: accept any certificate (test brokers only).
     #[arg(long, conflicts_with = "ca")]
     insecure: bool,
+    /// A bearer token (JWT) for the SETUP.
+    #[arg(long, value_name = "JWT", conflicts_with = "user")]
+    token: Option<String>,
+    /// Simple authentication for the SETUP: user name and secret.
+    #[arg(long, value_name = "NAME:SECRET")]
+    user: Option<String>,
     /// Fire-and-forget instead of request-response.
     #[arg(long, conflicts_with = "stream")]
     fnf: bool,
@@ -47,10 +53,13 @@ fn main() {
         .io_memory(256 << 10)
         .spawn(move || async move {
             let tls = rsbroker_client::trust(&args.broker, args.ca.as_deref(), args.insecure)?;
-            let client = Client::builder(rsbroker_client::ClientConfig::default())
-                .connect_url(&args.broker, tls)
-                .await
-                .map_err(|e| format!("cannot connect to {}: {e}", args.broker))?;
+            let client = Client::builder(rsbroker_client::ClientConfig {
+                credentials: credentials(&args.token, &args.user),
+                ..rsbroker_client::ClientConfig::default()
+            })
+            .connect_url(&args.broker, tls)
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", args.broker))?;
             let mut tags = vec![args.route.as_str()];
             tags.extend(args.tags.iter().map(String::as_str));
             let request = Payload::new(route(&tags), args.data.clone());
@@ -85,5 +94,16 @@ fn main() {
     if let Err(e) = handle.join().expect("the executor") {
         eprintln!("call: {e}");
         std::process::exit(1);
+    }
+}
+
+/// The credentials `--token` or `--user` give.
+fn credentials(token: &Option<String>, user: &Option<String>) -> rsbroker_client::Credentials {
+    match (token, user.as_deref().and_then(|u| u.split_once(':'))) {
+        (Some(t), _) => rsbroker_client::Credentials::Bearer(t.clone()),
+        (None, Some((name, secret))) => {
+            rsbroker_client::Credentials::Simple(name.into(), secret.into())
+        }
+        (None, None) => rsbroker_client::Credentials::None,
     }
 }

@@ -28,6 +28,12 @@ struct Args {
     /// For tls:// and wss://: accept any certificate (test brokers only).
     #[arg(long, conflicts_with = "ca")]
     insecure: bool,
+    /// A bearer token (JWT) for the SETUP.
+    #[arg(long, value_name = "JWT", conflicts_with = "user")]
+    token: Option<String>,
+    /// Simple authentication for the SETUP: user name and secret.
+    #[arg(long, value_name = "NAME:SECRET")]
+    user: Option<String>,
     /// Service to publish (`[group!]service[:version]`).
     #[arg(long, default_value = "com.example.Echo")]
     service: String,
@@ -105,6 +111,7 @@ fn main() {
                     power_rating: 1,
                 }),
                 services: vec![(group, service.clone(), version)],
+                credentials: credentials(&args.token, &args.user),
                 ..ClientConfig::default()
             };
             let client = Client::builder(config)
@@ -123,5 +130,16 @@ fn main() {
     if let Err(e) = handle.join().expect("the executor") {
         eprintln!("echo: {e}");
         std::process::exit(1);
+    }
+}
+
+/// The credentials `--token` or `--user` give.
+fn credentials(token: &Option<String>, user: &Option<String>) -> rsbroker_client::Credentials {
+    match (token, user.as_deref().and_then(|u| u.split_once(':'))) {
+        (Some(t), _) => rsbroker_client::Credentials::Bearer(t.clone()),
+        (None, Some((name, secret))) => {
+            rsbroker_client::Credentials::Simple(name.into(), secret.into())
+        }
+        (None, None) => rsbroker_client::Credentials::None,
     }
 }

@@ -520,7 +520,9 @@ impl BrokerConfig {
                 .collect();
             if !open.is_empty() {
                 out.push(format!(
-                    "{} accept connections without credentials from other hosts                      (auth.allow_anonymous = true): any of them may register as any service;                      configure [auth] (README, \"Authentication\")",
+                    "{} accept connections without credentials from other hosts \
+                     (auth.allow_anonymous = true): any of them may register as any service; \
+                     configure [auth] (README, \"Authentication\")",
                     open.join(", ")
                 ));
             }
@@ -530,7 +532,8 @@ impl BrokerConfig {
             && self.admin.token_file.is_none()
         {
             out.push(format!(
-                "the admin server listens on {} without a token (admin.token_file):                  anyone who reaches it reads the broker's state",
+                "the admin server listens on {} without a token (admin.token_file): \
+                 anyone who reaches it reads the broker's state",
                 self.admin.listen
             ));
         }
@@ -1161,6 +1164,26 @@ balancer = "weighted"
 failover = "retry"
 retries = 3
 "#;
+
+    #[test]
+    fn anonymous_access_off_loopback_and_an_open_admin_server_are_warned_about() {
+        let mut c = BrokerConfig::default();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("tcp://0.0.0.0:9999") && w[0].contains("without credentials"));
+        c.server.listen = vec![ListenAddr::tcp(([127, 0, 0, 1], 9999).into())];
+        assert!(c.warnings().is_empty());
+        c.admin.listen = ([0, 0, 0, 0], 9998).into();
+        assert!(c.warnings()[0].contains("admin server listens on 0.0.0.0:9998"));
+        c.admin.token_file = Some("/etc/rsbroker/admin.token".into());
+        c.server.listen = vec![ListenAddr::tcp(([10, 0, 0, 1], 9999).into())];
+        c.auth.allow_anonymous = false;
+        c.auth.certificate_identity = true;
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        c.admin.token_file = None;
+        c.admin.protect_reads = true;
+        assert!(c.problems().iter().any(|(k, _)| k == "admin.protect_reads"));
+    }
 
     #[test]
     fn every_key_is_read() {

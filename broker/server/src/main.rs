@@ -43,6 +43,11 @@ struct Cli {
     #[arg(long)]
     dump_config: bool,
 
+    /// Read a secret from stdin and print it salted and hashed, for a
+    /// user's `secret` in the credentials file (auth.credentials)
+    #[arg(long)]
+    hash_secret: bool,
+
     #[command(flatten)]
     overrides: Overrides,
 }
@@ -198,6 +203,28 @@ fn notify(states: &[NotifyState<'_>]) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.hash_secret {
+        let mut secret = String::new();
+        if let Err(e) = std::io::stdin().read_line(&mut secret) {
+            eprintln!("rsbroker: cannot read the secret from stdin: {e}");
+            return ExitCode::FAILURE;
+        }
+        let secret = secret.trim_end_matches(['\n', '\r']);
+        if secret.is_empty() {
+            eprintln!("rsbroker: the secret on stdin is empty");
+            return ExitCode::FAILURE;
+        }
+        return match rsbroker::trust::hash_secret(secret.as_bytes()) {
+            Ok(stored) => {
+                println!("{stored}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("rsbroker: no randomness for the salt: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let path = config_path(&cli);
     let config = match load(path.as_deref(), &cli.overrides) {
         Ok(c) => c,
