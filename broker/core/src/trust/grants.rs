@@ -167,6 +167,11 @@ mod tests {
         assert!(Patterns::all().is_all());
         assert!(!Patterns::none().matches(&key("", "a.B", "")));
         assert!(Patterns::none().is_empty());
+        assert!(!Patterns::all().is_empty());
+        assert_eq!(
+            format!("{:?}", Patterns::new(["a.*", "b"])),
+            r#"["a.*", "b"]"#
+        );
         assert!(!Patterns::new(["a.B"]).is_all());
     }
 

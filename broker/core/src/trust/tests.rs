@@ -303,6 +303,8 @@ fn the_token_cache_stays_within_its_size() {
         cache.put(&[i], who.clone(), 4);
         assert!(cache.len() <= 4);
     }
+    assert_eq!(cache.len(), 4);
+    assert!(!cache.is_empty());
     assert!(cache.get(&[9], 0).is_some());
     cache.put(&[42], who.clone(), 0);
     assert!(cache.get(&[42], 0).is_none());
@@ -413,4 +415,52 @@ fn grants_come_from_claims_config_and_roles_else_the_default() {
     unknown_role.roles = vec!["unknown".into()];
     assert_eq!(trust.grant(&unknown_role), trust.authenticated);
     assert_eq!(trust.grant(&Identity::anonymous()), trust.anonymous);
+}
+
+#[test]
+fn methods_are_named_for_logs_and_metrics() {
+    let names = [
+        Method::Anonymous,
+        Method::Bearer,
+        Method::Simple,
+        Method::Certificate,
+    ]
+    .map(Method::as_str);
+    assert_eq!(names, ["anonymous", "jwt", "simple", "certificate"]);
+}
+
+#[test]
+fn a_wrong_secret_is_refused_even_where_anonymous_connections_are_allowed() {
+    let mut users = HashMap::new();
+    users.insert(
+        "billing".to_owned(),
+        Secret::parse(&Secret::hash(b"s", b"pw")).unwrap(),
+    );
+    let trust = Trust {
+        users,
+        ..Trust::default()
+    };
+    let mut cache = TokenCache::default();
+    let creds = Credentials {
+        simple: Some((b"billing", b"guess")),
+        ..Credentials::default()
+    };
+    assert!(trust.authenticate(&creds, 0, &mut cache).is_err());
+}
+
+#[test]
+fn a_token_of_exactly_the_limit_is_read() {
+    let trust = Trust {
+        max_token_size: 5,
+        ..trust_with_jwt()
+    };
+    let mut cache = TokenCache::default();
+    let at_limit = Credentials {
+        bearer: Some(b"a.b.c"),
+        ..Credentials::default()
+    };
+    let e = trust
+        .authenticate(&at_limit, now(), &mut cache)
+        .unwrap_err();
+    assert!(!e.contains("more than the limit"), "{e}");
 }

@@ -298,6 +298,8 @@ fn identities_publish_and_call_only_what_they_are_granted() {
         assert!(services.contains(&ServiceKey::new("", "orders.Cancel", "")));
         assert!(!services.contains(&ServiceKey::new("", "stock.Fake", "")));
     }
+    let refused: u64 = sim.shards.iter().map(|s| s.stats().publishes_refused).sum();
+    assert_eq!(refused, 1, "stock.Fake");
     let denied: u64 = sim.shards.iter().map(|s| s.stats().requests_denied).sum();
     assert_eq!(denied, 4);
     sim.assert_clean();
@@ -435,4 +437,30 @@ fn a_connection_ends_when_its_token_expires() {
     assert!(sim.apps[long].closed.is_none());
     nowhere(&sim, "short");
     assert_eq!(sim.shards[0].stats().credentials_expired, 1);
+}
+
+#[test]
+fn a_verified_certificate_is_the_identity_only_of_its_own_connection() {
+    let mut sim = Sim::new(1, 45, Policies::default());
+    let mut t = trust();
+    t.certificate_identity = true;
+    set_trust(&mut sim, t);
+    let with_cert = sim.connect(0, "stock-9", &["stock.Level"], 0);
+    let broker = sim.apps[with_cert].broker;
+    sim.shards[0].set_peer(
+        broker,
+        rsbroker_core::Peer {
+            addr: Some(([127, 0, 0, 1], 4000).into()),
+            certificate: Some("stock".into()),
+        },
+    );
+    let without = sim.connect(0, "stock-10", &["stock.Level"], 0);
+    sim.run(10_000);
+    assert!(
+        sim.apps[with_cert].closed.is_none(),
+        "the certificate proved stock"
+    );
+    assert!(refusal(&sim, without).contains("requires authentication"));
+    let owner = sim.shards[0].routes().instance("stock-9").unwrap();
+    assert_eq!(owner.app.identity.as_deref(), Some("stock"));
 }
