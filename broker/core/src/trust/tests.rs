@@ -209,6 +209,25 @@ fn jwks_keys_are_chosen_by_kid_and_keep_their_algorithm() {
     )
     .unwrap();
     assert!(jwt.verify(token.as_bytes()).is_ok());
+    // A kid no key has: every key that takes the algorithm is tried.
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("unknown".into());
+    let token = jsonwebtoken::encode(
+        &header,
+        &claims(),
+        &EncodingKey::from_ec_pem(private.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    assert!(jwt.verify(token.as_bytes()).is_ok());
+    assert!(format!("{jwt:?}").contains("keys: 1"));
+    // An EC key that says it is for RS256.
+    let mut wrong =
+        jsonwebtoken::jwk::Jwk::from_decoding_key(&key, Some(Algorithm::ES256)).unwrap();
+    wrong.common.key_algorithm = Some(jsonwebtoken::jwk::KeyAlgorithm::RS256);
+    let e = jwt
+        .add_jwks(json!({ "keys": [wrong] }).to_string().as_bytes())
+        .unwrap_err();
+    assert!(e.contains("does not fit"), "{e}");
     assert!(jwt.add_jwks(b"{\"keys\": 3}").is_err());
     assert!(jwt.add_jwks(b"not json").is_err());
 }
