@@ -120,9 +120,12 @@ fn range(b: &[u8]) -> (usize, usize) {
 impl Sim {
     fn new(shards: u16, seed: u64, policies: Policies) -> Self {
         let now = Instant::now();
+        // One usage registry for every shard, as the runtime has.
+        let usage = std::sync::Arc::new(rsbroker_core::trust::AppUsages::new(now));
         let shards = (0..shards)
             .map(|i| {
                 let mut config = ShardConfig::new(i, shards);
+                config.usage = usage.clone();
                 config.policies = policies.clone();
                 config.seed = seed ^ u64::from(i);
                 Shard::new(config, now)

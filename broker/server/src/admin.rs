@@ -522,6 +522,18 @@ struct SnapshotCollector(Arc<Control>);
 
 type Labels = Vec<(&'static str, String)>;
 
+/// Escapes a label value as the text format needs (the encoder writes
+/// values as they are): service and identity names come from peers, and a
+/// quote or a newline in one must not end the value or the line.
+fn escape_label(v: &mut String) {
+    if v.contains(['\\', '"', '\n']) {
+        *v = v
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+    }
+}
+
 fn family(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
@@ -530,7 +542,10 @@ fn family(
     values: Vec<(Labels, u64)>,
 ) -> Result<(), std::fmt::Error> {
     let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
-    for (labels, value) in values {
+    for (mut labels, value) in values {
+        for (_, v) in &mut labels {
+            escape_label(v);
+        }
         let family = metric.encode_family(&labels)?;
         match kind {
             MetricType::Counter => ConstCounter::new(value).encode(family)?,
@@ -802,6 +817,59 @@ impl Collector for SnapshotCollector {
         )?;
         family(
             e,
+            "rsbroker_setups_limited",
+            "SETUPs refused because their identity had as many connections open as auth.limits allows.",
+            Counter,
+            per_shard(&|s| s.stats.setups_limited),
+        )?;
+        family(
+            e,
+            "rsbroker_requests_limited",
+            "Requests refused because their identity was at its auth.limits of open streams or requests a second.",
+            Counter,
+            per_shard(&|s| s.stats.requests_limited),
+        )?;
+        let apps = control.usage.snapshot();
+        let by_app = |f: &dyn Fn(&rsbroker_core::trust::AppUsage) -> u64| -> Vec<(Labels, u64)> {
+            apps.iter()
+                .map(|u| (vec![("app", u.name().to_owned())], f(u)))
+                .collect()
+        };
+        family(
+            e,
+            "rsbroker_app_connections",
+            "Open connections per identity (app), across shards.",
+            Gauge,
+            by_app(&|u| u64::from(u.connections())),
+        )?;
+        family(
+            e,
+            "rsbroker_app_streams",
+            "Open requester streams per identity (app), across shards (brought up to date at least once a second).",
+            Gauge,
+            by_app(&|u| u.streams()),
+        )?;
+        family(
+            e,
+            "rsbroker_app_limited",
+            "Refusals per identity (app) and limit of auth.limits (connections, streams, rate).",
+            Counter,
+            apps.iter()
+                .flat_map(|u| {
+                    rsbroker_core::trust::Limit::ALL.into_iter().map(move |l| {
+                        (
+                            vec![
+                                ("app", u.name().to_owned()),
+                                ("limit", l.as_str().to_owned()),
+                            ],
+                            u.limited(l),
+                        )
+                    })
+                })
+                .collect(),
+        )?;
+        family(
+            e,
             "rsbroker_credentials_expired",
             "Connections closed because their token expired.",
             Counter,
@@ -932,5 +1000,21 @@ impl Collector for SnapshotCollector {
             vec![(vec![], u64::from(control.phase() != Phase::Running))],
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_label;
+
+    #[test]
+    fn label_values_from_peers_cannot_end_the_value_or_the_line() {
+        let mut v = "a\"} 1\nrsbroker_fake 9 \\".to_owned();
+        escape_label(&mut v);
+        assert_eq!(v, r#"a\"} 1\nrsbroker_fake 9 \\"#);
+        assert!(!v.contains('\n'));
+        let mut plain = "com.example.Echo".to_owned();
+        escape_label(&mut plain);
+        assert_eq!(plain, "com.example.Echo");
     }
 }

@@ -151,6 +151,8 @@ pub(crate) struct Control {
     reload_hook: Mutex<Option<ReloadHook>>,
     /// The rules built from `settings.auth` (rebuilt on reload).
     trust: Mutex<Arc<rsbroker_core::trust::Trust>>,
+    /// What each identity uses, counted by every shard (per-app limits).
+    pub(crate) usage: Arc<rsbroker_core::trust::AppUsages>,
     generation: AtomicU64,
     pub(crate) slots: Vec<ShardSlot>,
     /// Open connections on all shards (changed per connection, not per frame).
@@ -172,6 +174,7 @@ impl Control {
             settings: Mutex::new(Arc::new(config)),
             tls: Mutex::new(None),
             trust: Mutex::default(),
+            usage: Arc::default(),
             reload_hook: Mutex::new(None),
             generation: AtomicU64::new(0),
             slots: (0..shards).map(|_| ShardSlot::default()).collect(),

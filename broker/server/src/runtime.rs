@@ -752,7 +752,10 @@ async fn run_shard(ctx: ShardCtx) -> io::Result<()> {
     let rt = Rc::new(ShardRt {
         id,
         shard: RefCell::new(Shard::new(
-            shard_config(id, shards, &settings, control.trust()),
+            ShardConfig {
+                usage: control.usage.clone(),
+                ..shard_config(id, shards, &settings, control.trust())
+            },
             now,
         )),
         control: control.clone(),

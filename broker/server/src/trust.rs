@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rsbroker_core::trust::{Grant, IdentityRules, Jwt, JwtRules, Secret, Trust};
+use rsbroker_core::trust::{AppLimits, Grant, IdentityRules, Jwt, JwtRules, Secret, Trust};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Size;
@@ -44,6 +44,10 @@ pub struct AuthConfig {
     /// Rules per identity: a token's `sub`, a user name, a certificate's
     /// common name.
     pub identities: BTreeMap<String, IdentityConfig>,
+    /// The limits of every identity (`[auth.identities.NAME.limits]` sets
+    /// its own). Every anonymous connection is the one identity
+    /// `anonymous`, so these bound them together.
+    pub limits: LimitsConfig,
 }
 
 impl Default for AuthConfig {
@@ -59,6 +63,7 @@ impl Default for AuthConfig {
             jwt: JwtConfig::default(),
             roles: BTreeMap::new(),
             identities: BTreeMap::new(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -98,6 +103,66 @@ pub struct IdentityConfig {
     pub call: Vec<String>,
     /// Its roles, besides its token's.
     pub roles: Vec<String>,
+    /// Its limits, where they differ from `[auth.limits]`.
+    pub limits: LimitsConfig,
+}
+
+/// `[auth.limits]` and `[auth.identities.NAME.limits]`: what one identity
+/// may use across the broker. A key left out is no limit (or, for an
+/// identity, `[auth.limits]`'s). What is over a limit is refused (the SETUP
+/// with REJECTED_SETUP, a request with ERROR REJECTED); nothing open is
+/// closed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections open at once.
+    pub max_connections: Option<u32>,
+    /// Requester streams (request-response, stream, channel) open at once.
+    pub max_streams: Option<u32>,
+    /// Requests a second, every interaction model counted (a token bucket).
+    pub requests_per_second: Option<u32>,
+    /// Requests let through at once above the rate; the rate when not set.
+    pub burst: Option<u32>,
+}
+
+impl LimitsConfig {
+    fn limits(&self) -> AppLimits {
+        AppLimits {
+            max_connections: self.max_connections,
+            max_streams: self.max_streams,
+            requests_per_second: self.requests_per_second,
+            burst: self.burst,
+        }
+    }
+
+    fn problems(&self, key: &str, out: &mut Vec<(String, String)>) {
+        let fields = [
+            ("max_connections", self.max_connections),
+            ("max_streams", self.max_streams),
+            ("requests_per_second", self.requests_per_second),
+            ("burst", self.burst),
+        ];
+        for (name, value) in fields {
+            if value == Some(0) {
+                out.push((
+                    format!("{key}.{name}"),
+                    "is 0: leave the key out for no limit, or use auth grants to refuse".to_owned(),
+                ));
+            }
+        }
+        if self.burst.is_some() && self.requests_per_second.is_none() {
+            out.push((
+                format!("{key}.burst"),
+                "is set without requests_per_second, so it limits nothing".to_owned(),
+            ));
+        }
+        if self.requests_per_second.is_some_and(|r| r > 1_000_000_000) {
+            out.push((
+                format!("{key}.requests_per_second"),
+                "is above 1000000000, the finest rate the bucket counts".to_owned(),
+            ));
+        }
+    }
 }
 
 /// `[auth.jwt]`.
@@ -223,6 +288,7 @@ impl AuthConfig {
                     let rules = IdentityRules {
                         grant,
                         roles: i.roles.clone(),
+                        limits: i.limits.limits(),
                     };
                     (name.clone(), rules)
                 })
@@ -235,6 +301,7 @@ impl AuthConfig {
             max_token_size: self.max_token_size.0,
             leeway: self.jwt.leeway.as_secs(),
             cache_size: self.token_cache,
+            default_limits: self.limits.limits(),
         })
     }
 
@@ -254,6 +321,11 @@ impl AuthConfig {
                 "auth.max_token_size".to_owned(),
                 format!("{} is below the 64 B minimum", self.max_token_size),
             ));
+        }
+        self.limits.problems("auth.limits", &mut out);
+        for (name, identity) in &self.identities {
+            let key = format!("auth.identities.{name}.limits");
+            identity.limits.problems(&key, &mut out);
         }
         if let Err(e) = self.build() {
             out.push(("auth".to_owned(), e));
@@ -326,5 +398,65 @@ mod tests {
         let problems = c.problems();
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].1.contains("every SETUP would be refused"));
+    }
+
+    #[test]
+    fn limits_reach_the_rules_and_their_mistakes_are_named() {
+        let text = r#"
+            [limits]
+            max_connections = 8
+            requests_per_second = 100
+            [identities.batch.limits]
+            requests_per_second = 5000
+            burst = 10000
+            max_streams = 64
+        "#;
+        let c: AuthConfig = toml::from_str(text).unwrap();
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        let t = c.build().unwrap();
+        assert_eq!(
+            t.default_limits,
+            AppLimits {
+                max_connections: Some(8),
+                requests_per_second: Some(100),
+                ..AppLimits::default()
+            }
+        );
+        let batch = t.identities["batch"].limits.or(&t.default_limits);
+        assert_eq!(
+            batch,
+            AppLimits {
+                max_connections: Some(8),
+                max_streams: Some(64),
+                requests_per_second: Some(5000),
+                burst: Some(10000),
+            }
+        );
+
+        let bad = r#"
+            [limits]
+            max_streams = 0
+            burst = 3
+            [identities.x.limits]
+            requests_per_second = 2000000000
+        "#;
+        let c: AuthConfig = toml::from_str(bad).unwrap();
+        let keys: Vec<String> = c.problems().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            [
+                "auth.limits.max_streams",
+                "auth.limits.burst",
+                "auth.identities.x.limits.requests_per_second"
+            ]
+        );
+        assert!(
+            toml::from_str::<AuthConfig>(
+                "[limits]
+rate = 3
+"
+            )
+            .is_err()
+        );
     }
 }

@@ -82,7 +82,7 @@ fn grant(publish: &[&str], call: &[&str]) -> IdentityConfig {
     IdentityConfig {
         publish: publish.iter().map(|s| s.to_string()).collect(),
         call: call.iter().map(|s| s.to_string()).collect(),
-        roles: Vec::new(),
+        ..IdentityConfig::default()
     }
 }
 

@@ -62,7 +62,7 @@ use crate::ids::{ConnId, ShardId, StreamRef};
 use crate::message::Message;
 use crate::routes::RouteTable;
 use crate::service::ServiceKey;
-use crate::trust::{Grant, Identity, TokenCache, Trust};
+use crate::trust::{AppLimits, AppUsage, AppUsages, Grant, Identity, TokenCache, Trust};
 
 /// Settings of a shard.
 #[derive(Clone, Debug)]
@@ -83,6 +83,9 @@ pub struct ShardConfig {
     /// Who may connect, publish and call. Replacing it (a reload) applies
     /// to every connection's next request.
     pub trust: Arc<Trust>,
+    /// What each identity uses, shared by every shard so that per-app
+    /// limits hold across them. A shard keeps the one it was made with.
+    pub usage: Arc<AppUsages>,
 }
 
 impl ShardConfig {
@@ -96,6 +99,7 @@ impl ShardConfig {
             flow: FlowLimits::default(),
             seed: 0x5eed ^ u64::from(shard),
             trust: Arc::default(),
+            usage: Arc::default(),
         }
     }
 }
@@ -114,6 +118,12 @@ struct Conn {
     grant: Option<Arc<Grant>>,
     /// When its credentials expire: the connection ends then.
     expires: Option<Instant>,
+    /// What its identity uses, across shards, once its SETUP is accepted.
+    usage: Option<Arc<AppUsage>>,
+    /// Its identity's limits.
+    limits: AppLimits,
+    /// Its requester streams as `usage` counts them.
+    counted_streams: i64,
     /// Where it connects from, and the common name of the client
     /// certificate its transport verified.
     peer: Peer,
@@ -227,7 +237,8 @@ impl Shard {
         &self.config
     }
 
-    /// Replaces the settings (the shard's index, count and seed stay):
+    /// Replaces the settings (the shard's index, count, seed and usage
+    /// registry stay):
     /// policies and limits apply at once, the connection settings to
     /// connections opened from now on, except the stream limit, which
     /// applies to every connection.
@@ -238,6 +249,7 @@ impl Shard {
             shard: self.config.shard,
             shards: self.config.shards,
             seed: self.config.seed,
+            usage: self.config.usage.clone(),
             ..config
         };
         for (_, c) in self.conns.iter_mut() {
@@ -312,6 +324,9 @@ impl Shard {
             identity: None,
             grant: None,
             expires: None,
+            usage: None,
+            limits: AppLimits::default(),
+            counted_streams: 0,
             peer: Peer::default(),
             upstream: FxHashMap::default(),
             pending: FxHashMap::default(),
@@ -471,12 +486,15 @@ impl Shard {
     }
 
     /// Gives back the room bursts of streams left in the connections'
-    /// stream tables. Checking on every stream's end would cost every
-    /// request; the runtime calls this once a second instead.
+    /// stream tables, and brings the per-app stream counts up to date.
+    /// Checking on every stream's end would cost every request; the
+    /// runtime calls this once a second instead.
     pub fn let_go_of_bursts(&mut self) {
         for (_, c) in &mut self.conns {
             c.let_go_of_burst();
+            c.count_streams();
         }
+        self.config.usage.sweep(self.now);
     }
 
     /// Entries connection `id`'s stream tables and queues have room for

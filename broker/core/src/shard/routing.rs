@@ -423,6 +423,10 @@ impl Shard {
             self.stats.requests_denied += 1;
             return self.refuse(slot, stream, ErrorCode::REJECTED, message);
         }
+        if let Some(message) = self.over_limit(slot, !ended) {
+            tracing::debug!(conn = %requester, stream, %message, "request refused");
+            return self.refuse(slot, stream, ErrorCode::REJECTED, message);
+        }
         self.stats.requests_routed += 1;
         self.count(&service, interaction, Count::Request);
         let origin = StreamRef {

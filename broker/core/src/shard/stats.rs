@@ -19,8 +19,15 @@ pub struct ShardStats {
     /// Requests refused because their connection may not call the service
     /// (counted in `requests_rejected` too).
     pub requests_denied: u64,
-    /// SETUPs refused for their credentials or what they publish.
+    /// SETUPs refused for their credentials, what they publish, or their
+    /// identity's connection limit.
     pub setups_refused: u64,
+    /// SETUPs refused because their identity had as many connections as
+    /// its limit (counted in `setups_refused` too).
+    pub setups_limited: u64,
+    /// Requests refused because their identity was at its limit of open
+    /// streams or of requests a second (counted in `requests_rejected` too).
+    pub requests_limited: u64,
     /// Services not exposed by METADATA_PUSH because their connection may
     /// not publish them.
     pub publishes_refused: u64,

@@ -282,6 +282,7 @@ impl Shard {
             return;
         }
         c.released = true;
+        c.let_go_of_usage();
         let me = c.id;
         let upstream: Vec<(u32, Upstream)> = c.upstream.drain().collect();
         let downstream: Vec<(u32, StreamRef)> = c.downstream.drain().collect();

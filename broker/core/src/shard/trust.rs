@@ -1,18 +1,18 @@
 //! Trust on a shard: a SETUP's credentials and what it publishes, each
 //! request's service against what its connection may call, credentials
-//! that expire while their connection is open, and rules replaced on
-//! reload (see [`crate::trust`]).
+//! that expire while their connection is open, per-app limits, and rules
+//! replaced on reload (see [`crate::trust`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rsocket_proto::ErrorCode;
 
-use super::Shard;
+use super::{Conn, Shard};
 use crate::app::SetupInfo;
 use crate::routes::RouteChange;
 use crate::service::ServiceKey;
-use crate::trust::Credentials;
+use crate::trust::{Credentials, Limit};
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -62,7 +62,15 @@ impl Shard {
                         info.app.as_ref().map_or("", |a| &*a.uuid),
                         identity.name
                     ))
+                } else if let Some(max) = limits_exceeded(&trust, &identity, &self.config.usage) {
+                    self.stats.setups_limited += 1;
+                    Err(format!(
+                        "identity {} already has {max} connections open, its limit",
+                        identity.name
+                    ))
                 } else {
+                    c.limits = trust.limits(&identity);
+                    c.usage = Some(self.config.usage.of(&identity.name));
                     c.expires = identity
                         .expires
                         .map(|e| self.now + Duration::from_secs(e.saturating_sub(now)));
@@ -94,6 +102,50 @@ impl Shard {
         Some(format!(
             "identity {} may not call service {service}",
             c.identity.as_ref().map_or("(none)", |i| &*i.name)
+        ))
+    }
+
+    /// Why connection `slot` may not open one more request now, if its
+    /// identity is at its limit of open streams (`opens_stream`: the
+    /// request stays open for an answer) or of requests a second. A stream
+    /// let through is counted at once.
+    #[inline]
+    pub(super) fn over_limit(&mut self, slot: usize, opens_stream: bool) -> Option<String> {
+        let c = self.conns.get_mut(slot)?;
+        if !c.limits.limits_requests() {
+            return None;
+        }
+        let usage = c.usage.clone()?;
+        let refused = if let Some(max) = c.limits.max_streams.filter(|_| opens_stream) {
+            c.count_streams();
+            if usage.open_stream(max) {
+                c.counted_streams += 1;
+                None
+            } else {
+                Some((Limit::Streams, format!("{max} streams open")))
+            }
+        } else {
+            None
+        };
+        let refused = refused.or_else(|| {
+            let rate = c.limits.requests_per_second?;
+            let burst = c.limits.burst.unwrap_or(rate);
+            if usage.take_request(self.config.usage.nanos(self.now), rate, burst) {
+                return None;
+            }
+            if opens_stream && c.limits.max_streams.is_some() {
+                // Not opened after all.
+                usage.add_streams(-1);
+                c.counted_streams -= 1;
+            }
+            Some((Limit::Rate, format!("{rate} requests a second")))
+        });
+        let (limit, what) = refused?;
+        usage.note_limited(limit);
+        self.stats.requests_limited += 1;
+        Some(format!(
+            "identity {} is over its limit of {what}",
+            usage.name()
         ))
     }
 
@@ -143,6 +195,7 @@ impl Shard {
                 }
             }
             c.grant = Some(Arc::new(grant));
+            c.limits = trust.limits(identity);
         }
         for (instance, services) in hide {
             self.broadcast(RouteChange::Hide { instance, services });
@@ -169,5 +222,44 @@ impl Shard {
             self.drain_events(slot);
             self.wake(slot);
         }
+    }
+}
+
+/// The connection limit `identity` is at, if it is; otherwise its
+/// connection is counted.
+fn limits_exceeded(
+    trust: &crate::trust::Trust,
+    identity: &crate::trust::Identity,
+    usages: &crate::trust::AppUsages,
+) -> Option<u32> {
+    let max = trust.limits(identity).max_connections;
+    let usage = usages.of(&identity.name);
+    if usage.connect(max) {
+        return None;
+    }
+    usage.note_limited(Limit::Connections);
+    max
+}
+
+impl Conn {
+    /// Brings its identity's count of open streams up to date with the
+    /// requester streams it has open.
+    pub(super) fn count_streams(&mut self) {
+        let Some(usage) = &self.usage else {
+            return;
+        };
+        let open = i64::try_from(self.upstream.len() + self.pending.len()).unwrap_or(i64::MAX);
+        usage.add_streams(open - self.counted_streams);
+        self.counted_streams = open;
+    }
+
+    /// Gives back what it used of its identity's limits (it closed).
+    pub(super) fn let_go_of_usage(&mut self) {
+        if let Some(usage) = &self.usage {
+            usage.add_streams(-self.counted_streams);
+            usage.disconnect();
+        }
+        self.counted_streams = 0;
+        self.usage = None;
     }
 }

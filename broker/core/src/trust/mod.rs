@@ -14,6 +14,7 @@
 
 pub mod grants;
 pub mod jwt;
+pub mod limits;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -24,6 +25,7 @@ use subtle::ConstantTimeEq;
 
 pub use grants::{Grant, Patterns};
 pub use jwt::{Jwt, JwtRules, Verified};
+pub use limits::{AppLimits, AppUsage, AppUsages, Limit};
 
 /// How an identity was proved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +109,8 @@ pub struct IdentityRules {
     pub grant: Option<Grant>,
     /// Its roles.
     pub roles: Vec<String>,
+    /// Its limits, where they differ from [`Trust::limits`]'s defaults.
+    pub limits: AppLimits,
 }
 
 /// A secret of simple authentication, stored as `sha256:SALT:DIGEST` (hex):
@@ -188,6 +192,9 @@ pub struct Trust {
     pub leeway: u64,
     /// Verified tokens kept per shard.
     pub cache_size: usize,
+    /// The limits of every identity the config's identities do not set
+    /// otherwise.
+    pub default_limits: AppLimits,
 }
 
 impl Default for Trust {
@@ -205,6 +212,7 @@ impl Default for Trust {
             max_token_size: 8 << 10,
             leeway: 30,
             cache_size: 1024,
+            default_limits: AppLimits::default(),
         }
     }
 }
@@ -273,6 +281,14 @@ impl Trust {
         });
         cache.put(token, identity.clone(), self.cache_size);
         Ok(identity)
+    }
+
+    /// What `identity` may use under these rules.
+    pub fn limits(&self, identity: &Identity) -> AppLimits {
+        match self.identities.get(&*identity.name) {
+            Some(rules) => rules.limits.or(&self.default_limits),
+            None => self.default_limits,
+        }
     }
 
     /// What `identity` may do under these rules.

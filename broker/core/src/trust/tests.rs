@@ -407,6 +407,7 @@ fn grants_come_from_claims_config_and_roles_else_the_default() {
         IdentityRules {
             grant: Some(Grant::new(["com.example.Orders"], ["com.example.Stock"])),
             roles: vec!["auditor".into()],
+            limits: Default::default(),
         },
     );
     trust

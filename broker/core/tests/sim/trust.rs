@@ -2,10 +2,10 @@
 //! publish and call, reloads and expiring tokens.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use rsbroker_core::trust::{Grant, IdentityRules, Jwt, JwtRules, Trust};
+use rsbroker_core::trust::{AppLimits, Grant, IdentityRules, Jwt, JwtRules, Limit, Trust};
 use rsocket_proto::metadata::put_bearer;
 use serde_json::{Value, json};
 
@@ -51,6 +51,7 @@ fn trust() -> Trust {
         IdentityRules {
             grant: Some(Grant::new(["orders.*"], ["stock.*"])),
             roles: Vec::new(),
+            limits: Default::default(),
         },
     );
     t.identities.insert(
@@ -58,6 +59,7 @@ fn trust() -> Trust {
         IdentityRules {
             grant: Some(Grant::new(vec!["stock.*"], vec![])),
             roles: Vec::new(),
+            limits: Default::default(),
         },
     );
     t
@@ -362,6 +364,7 @@ fn a_reload_takes_permissions_away_from_open_connections_at_once() {
         IdentityRules {
             grant: Some(Grant::new(["orders.*"], ["billing.*"])),
             roles: Vec::new(),
+            limits: Default::default(),
         },
     );
     set_trust(&mut sim, t);
@@ -382,6 +385,7 @@ fn a_reload_takes_permissions_away_from_open_connections_at_once() {
         IdentityRules {
             grant: Some(Grant::new(vec!["other.*"], vec!["orders.*"])),
             roles: Vec::new(),
+            limits: Default::default(),
         },
     );
     set_trust(&mut sim, t);
@@ -463,4 +467,206 @@ fn a_verified_certificate_is_the_identity_only_of_its_own_connection() {
     assert!(refusal(&sim, without).contains("requires authentication"));
     let owner = sim.shards[0].routes().instance("stock-9").unwrap();
     assert_eq!(owner.app.identity.as_deref(), Some("stock"));
+}
+
+/// `trust()` with `limits` for the identity `orders`.
+fn trust_limiting_orders(limits: AppLimits) -> Trust {
+    let mut t = trust();
+    if let Some(rules) = t.identities.get_mut("orders") {
+        rules.limits = limits;
+    }
+    t
+}
+
+fn usage_of(sim: &Sim, name: &str) -> Arc<rsbroker_core::trust::AppUsage> {
+    sim.shards[0].config().usage.of(&name.into())
+}
+
+#[test]
+fn an_identitys_connections_are_limited_across_shards() {
+    let mut sim = Sim::new(2, 46, Policies::default());
+    set_trust(
+        &mut sim,
+        trust_limiting_orders(AppLimits {
+            max_connections: Some(2),
+            ..AppLimits::default()
+        }),
+    );
+    let first = connect_as(&mut sim, 0, "orders-1", &["orders.A"], &token_for("orders"));
+    let second = connect_as(&mut sim, 1, "orders-2", &["orders.A"], &token_for("orders"));
+    sim.run(10_000);
+    let third = connect_as(&mut sim, 0, "orders-3", &["orders.A"], &token_for("orders"));
+    let fourth = connect_as(&mut sim, 1, "orders-4", &["orders.A"], &token_for("orders"));
+    // Another identity is not held back by orders' limit.
+    let stock: Vec<usize> = (0..3)
+        .map(|i| {
+            connect_as(
+                &mut sim,
+                i % 2,
+                &format!("stock-{i}"),
+                &["stock.S"],
+                &token_for("stock"),
+            )
+        })
+        .collect();
+    sim.run(10_000);
+    for app in [third, fourth] {
+        let message = refusal(&sim, app);
+        assert!(
+            message.contains("identity orders already has 2 connections open"),
+            "{message}"
+        );
+    }
+    nowhere(&sim, "orders-3");
+    nowhere(&sim, "orders-4");
+    for app in [first, second].into_iter().chain(stock) {
+        assert!(sim.apps[app].closed.is_none(), "app {app} was refused");
+    }
+    let limited: u64 = sim.shards.iter().map(|s| s.stats().setups_limited).sum();
+    let refused: u64 = sim.shards.iter().map(|s| s.stats().setups_refused).sum();
+    assert_eq!((limited, refused), (2, 2));
+    let orders = usage_of(&sim, "orders");
+    assert_eq!(orders.connections(), 2);
+    assert_eq!(orders.limited(Limit::Connections), 2);
+    assert_eq!(usage_of(&sim, "stock").connections(), 3);
+
+    // A connection that closes gives its place back.
+    sim.disconnect(first);
+    sim.run(10_000);
+    assert_eq!(orders.connections(), 1);
+    let again = connect_as(&mut sim, 1, "orders-5", &["orders.A"], &token_for("orders"));
+    sim.run(10_000);
+    assert!(sim.apps[again].closed.is_none());
+    assert_eq!(orders.connections(), 2);
+}
+
+#[test]
+fn an_identitys_open_streams_are_limited_and_given_back() {
+    let mut sim = Sim::new(2, 47, Policies::default());
+    set_trust(
+        &mut sim,
+        trust_limiting_orders(AppLimits {
+            max_streams: Some(2),
+            ..AppLimits::default()
+        }),
+    );
+    let stock = connect_as(&mut sim, 1, "stock-1", &["stock.S"], &token_for("stock"));
+    // Requests are not answered; streams are not completed.
+    sim.apps[stock].answer = Answer::Never;
+    sim.apps[stock].items = 1_000_000;
+    let orders_a = connect_as(&mut sim, 0, "orders-1", &[], &token_for("orders"));
+    let orders_b = connect_as(&mut sim, 1, "orders-2", &[], &token_for("orders"));
+    let other = connect_as(&mut sim, 0, "other", &[], &token_for("someone"));
+    sim.run(10_000);
+    // Two streams open, on two connections of orders on two shards.
+    let a = sim.request(orders_a, RequestKind::RequestResponse, &["stock.S"], "x");
+    sim.run(10_000);
+    let b = sim.request(
+        orders_b,
+        RequestKind::Stream { initial_n: 4 },
+        &["stock.S"],
+        "x",
+    );
+    sim.run(10_000);
+    assert_eq!(usage_of(&sim, "orders").streams(), 2);
+    for app in [orders_a, orders_b] {
+        rejected_naming(
+            &call(&mut sim, app, &["stock.S"], RequestKind::RequestResponse),
+            "identity orders is over its limit of 2 streams open",
+        );
+    }
+    // A fire-and-forget opens no stream; another identity is not limited.
+    let fnf = call(&mut sim, orders_a, &["stock.S"], RequestKind::FireAndForget);
+    assert_ne!(fnf.done, Some(Err(ErrorCode::REJECTED)), "{fnf:?}");
+    let ids: Vec<u32> = (0..5)
+        .map(|_| sim.request(other, RequestKind::RequestResponse, &["stock.S"], "x"))
+        .collect();
+    sim.run(10_000);
+    for id in ids {
+        assert_eq!(sim.apps[other].outcomes[&id].done, None, "still open");
+    }
+    assert!(sim.apps[orders_a].outcomes[&a].done.is_none());
+    assert!(sim.apps[orders_b].outcomes[&b].done.is_none());
+    let limited: u64 = sim.shards.iter().map(|s| s.stats().requests_limited).sum();
+    assert_eq!(limited, 2);
+    assert_eq!(usage_of(&sim, "orders").limited(Limit::Streams), 2);
+
+    // The responder goes: the streams end, and their places come back.
+    sim.disconnect(stock);
+    sim.run(10_000);
+    let stock = connect_as(&mut sim, 1, "stock-2", &["stock.S"], &token_for("stock"));
+    sim.run(10_000);
+    let ok = call(
+        &mut sim,
+        orders_a,
+        &["stock.S"],
+        RequestKind::RequestResponse,
+    );
+    assert_eq!(ok.done, Some(Ok(())), "{ok:?}");
+    // The connection that made no request since is counted again within a
+    // second.
+    for s in &mut sim.shards {
+        s.let_go_of_bursts();
+    }
+    assert_eq!(usage_of(&sim, "orders").streams(), 0);
+    assert!(sim.apps[stock].closed.is_none());
+}
+
+#[test]
+fn an_identitys_request_rate_is_limited_with_its_burst() {
+    let mut sim = Sim::new(2, 48, Policies::default());
+    set_trust(
+        &mut sim,
+        trust_limiting_orders(AppLimits {
+            requests_per_second: Some(10),
+            burst: Some(3),
+            ..AppLimits::default()
+        }),
+    );
+    let _stock = connect_as(&mut sim, 1, "stock-1", &["stock.S"], &token_for("stock"));
+    let orders_a = connect_as(&mut sim, 0, "orders-1", &[], &token_for("orders"));
+    let orders_b = connect_as(&mut sim, 1, "orders-2", &[], &token_for("orders"));
+    let other = connect_as(&mut sim, 0, "other", &[], &token_for("someone"));
+    sim.run(10_000);
+    let burst = |sim: &mut Sim, app: usize, n: usize| -> Vec<u32> {
+        let ids: Vec<u32> = (0..n)
+            .map(|_| sim.request(app, RequestKind::RequestResponse, &["stock.S"], "x"))
+            .collect();
+        sim.run(10_000);
+        ids
+    };
+    let answered = |sim: &Sim, app: usize, ids: &[u32]| -> usize {
+        ids.iter()
+            .filter(|id| sim.apps[app].outcomes[id].done == Some(Ok(())))
+            .count()
+    };
+    // The bucket is shared by both connections of orders, on two shards.
+    let a = burst(&mut sim, orders_a, 2);
+    let b = burst(&mut sim, orders_b, 3);
+    assert_eq!(
+        answered(&sim, orders_a, &a) + answered(&sim, orders_b, &b),
+        3
+    );
+    let refused = b
+        .iter()
+        .find(|id| sim.apps[orders_b].outcomes[id].done != Some(Ok(())))
+        .unwrap();
+    rejected_naming(
+        &sim.apps[orders_b].outcomes[refused],
+        "identity orders is over its limit of 10 requests a second",
+    );
+    // Others are not held back.
+    let o = burst(&mut sim, other, 20);
+    assert_eq!(answered(&sim, other, &o), 20);
+    // A tenth of a second later, one more.
+    sim.now += Duration::from_millis(100);
+    let c = burst(&mut sim, orders_a, 2);
+    assert_eq!(answered(&sim, orders_a, &c), 1);
+    assert_eq!(usage_of(&sim, "orders").limited(Limit::Rate), 3);
+
+    // A reload that lifts the limit applies to the open connections.
+    set_trust(&mut sim, trust());
+    let d = burst(&mut sim, orders_a, 10);
+    assert_eq!(answered(&sim, orders_a, &d), 10);
+    sim.assert_clean();
 }
