@@ -54,7 +54,10 @@ fn main() {
         .spawn(move || async move {
             let tls = rsbroker_client::trust(&args.broker, args.ca.as_deref(), args.insecure)?;
             let client = Client::builder(rsbroker_client::ClientConfig {
-                credentials: credentials(&args.token, &args.user),
+                credentials: rsbroker_client::Credentials::from_flags(
+                    args.token.as_deref(),
+                    args.user.as_deref(),
+                )?,
                 ..rsbroker_client::ClientConfig::default()
             })
             .connect_url(&args.broker, tls)
@@ -94,16 +97,5 @@ fn main() {
     if let Err(e) = handle.join().expect("the executor") {
         eprintln!("call: {e}");
         std::process::exit(1);
-    }
-}
-
-/// The credentials `--token` or `--user` give.
-fn credentials(token: &Option<String>, user: &Option<String>) -> rsbroker_client::Credentials {
-    match (token, user.as_deref().and_then(|u| u.split_once(':'))) {
-        (Some(t), _) => rsbroker_client::Credentials::Bearer(t.clone()),
-        (None, Some((name, secret))) => {
-            rsbroker_client::Credentials::Simple(name.into(), secret.into())
-        }
-        (None, None) => rsbroker_client::Credentials::None,
     }
 }

@@ -111,7 +111,10 @@ fn main() {
                     power_rating: 1,
                 }),
                 services: vec![(group, service.clone(), version)],
-                credentials: credentials(&args.token, &args.user),
+                credentials: rsbroker_client::Credentials::from_flags(
+                    args.token.as_deref(),
+                    args.user.as_deref(),
+                )?,
                 ..ClientConfig::default()
             };
             let client = Client::builder(config)
@@ -130,16 +133,5 @@ fn main() {
     if let Err(e) = handle.join().expect("the executor") {
         eprintln!("echo: {e}");
         std::process::exit(1);
-    }
-}
-
-/// The credentials `--token` or `--user` give.
-fn credentials(token: &Option<String>, user: &Option<String>) -> rsbroker_client::Credentials {
-    match (token, user.as_deref().and_then(|u| u.split_once(':'))) {
-        (Some(t), _) => rsbroker_client::Credentials::Bearer(t.clone()),
-        (None, Some((name, secret))) => {
-            rsbroker_client::Credentials::Simple(name.into(), secret.into())
-        }
-        (None, None) => rsbroker_client::Credentials::None,
     }
 }

@@ -210,6 +210,24 @@ pub enum Credentials {
     Simple(String, String),
 }
 
+impl Credentials {
+    /// From the command-line flags `--token TOKEN` and `--user NAME:SECRET`
+    /// (at most one of them); the error says what is wrong with them.
+    pub fn from_flags(token: Option<&str>, user: Option<&str>) -> Result<Self, String> {
+        match (token, user) {
+            (Some(_), Some(_)) => Err("give --token or --user, not both".into()),
+            (Some(token), None) => Ok(Credentials::Bearer(token.to_owned())),
+            (None, Some(user)) => match user.split_once(':') {
+                Some((name, secret)) if !name.is_empty() => {
+                    Ok(Credentials::Simple(name.to_owned(), secret.to_owned()))
+                }
+                _ => Err(format!("--user {user:?}: write it NAME:SECRET")),
+            },
+            (None, None) => Ok(Credentials::None),
+        }
+    }
+}
+
 impl Default for ClientConfig {
     fn default() -> Self {
         Self {
@@ -959,5 +977,28 @@ impl Endpoint for Driven {
             ErrorCode::CONNECTION_CLOSE,
             "closed",
         )));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Credentials;
+
+    #[test]
+    fn credentials_from_flags_and_what_is_wrong_with_them() {
+        assert_eq!(Credentials::from_flags(None, None), Ok(Credentials::None));
+        assert_eq!(
+            Credentials::from_flags(Some("t.o.k"), None),
+            Ok(Credentials::Bearer("t.o.k".into()))
+        );
+        assert_eq!(
+            Credentials::from_flags(None, Some("billing:s3:cr3t")),
+            Ok(Credentials::Simple("billing".into(), "s3:cr3t".into()))
+        );
+        let e = Credentials::from_flags(None, Some("billing")).unwrap_err();
+        assert!(e.contains("NAME:SECRET"), "{e}");
+        assert!(Credentials::from_flags(None, Some(":secret")).is_err());
+        let e = Credentials::from_flags(Some("t"), Some("a:b")).unwrap_err();
+        assert!(e.contains("not both"), "{e}");
     }
 }

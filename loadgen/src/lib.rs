@@ -119,6 +119,8 @@ pub struct BrokerTarget {
     pub url: rsbroker_transports::ListenAddr,
     /// The TLS client configuration of tls:// and wss://.
     pub tls: Option<std::sync::Arc<rsbroker_transports::rustls::ClientConfig>>,
+    /// What its SETUPs prove an identity with.
+    pub credentials: rsbroker_client::Credentials,
 }
 
 impl std::fmt::Display for BrokerTarget {

@@ -271,6 +271,12 @@ struct TlsArgs {
     /// brokers only: anyone on the path can read and change the traffic)
     #[arg(long, conflicts_with = "ca")]
     insecure: bool,
+    /// Prove an identity with this bearer token (a JWT) at SETUP
+    #[arg(long, value_name = "JWT", conflicts_with = "user")]
+    token: Option<String>,
+    /// Prove an identity with simple authentication at SETUP
+    #[arg(long, value_name = "NAME:SECRET")]
+    user: Option<String>,
 }
 
 impl TlsArgs {
@@ -278,6 +284,10 @@ impl TlsArgs {
         Ok(BrokerTarget {
             url: url.clone(),
             tls: rsbroker_client::trust(url, self.ca.as_deref(), self.insecure)?,
+            credentials: rsbroker_client::Credentials::from_flags(
+                self.token.as_deref(),
+                self.user.as_deref(),
+            )?,
         })
     }
 }

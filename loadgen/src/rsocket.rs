@@ -121,7 +121,11 @@ async fn served_ready(client: &Client, route_name: &str) -> Result<(), String> {
 async fn connect_all(target: &BrokerTarget, n: usize) -> Result<Vec<Client>, String> {
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
-        let c = Client::builder(ClientConfig::default())
+        let config = ClientConfig {
+            credentials: target.credentials.clone(),
+            ..ClientConfig::default()
+        };
+        let c = Client::builder(config)
             .connect_url(&target.url, target.tls.clone())
             .await
             .map_err(|e| format!("cannot connect to {target}: {e}"))?;
@@ -474,6 +478,7 @@ async fn connect_responders(
                 power_rating: 1,
             }),
             services: vec![(group.clone(), service.clone(), version.clone())],
+            credentials: target.credentials.clone(),
             ..ClientConfig::default()
         };
         let client = Client::builder(config)

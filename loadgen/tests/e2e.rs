@@ -519,3 +519,142 @@ fn quic_streams_through_the_broker_and_on_the_direct_path() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// The body of `GET path` from the admin server at `addr`.
+fn admin_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+#[test]
+fn per_app_limits_hold_under_load_and_spare_other_apps() {
+    use rsbroker::config::{IdentityConfig, LimitsConfig};
+    let dir = tmp("limits");
+    std::fs::create_dir_all(&dir).unwrap();
+    let credentials = dir.join("credentials.toml");
+    let mut users = String::new();
+    for name in ["svc", "bulk", "steady"] {
+        let secret = rsbroker::trust::hash_secret(b"pw").unwrap();
+        users += &format!("[users.{name}]\nsecret = \"{secret}\"\n");
+    }
+    std::fs::write(&credentials, users).unwrap();
+    let mut c = BrokerConfig::default();
+    c.server.listen = vec![ListenAddr::tcp(([127, 0, 0, 1], 0).into())];
+    c.server.shards = 2;
+    c.server.io_memory = rsbroker::config::Size(64 << 10);
+    c.admin.listen = ([127, 0, 0, 1], 0).into();
+    c.shutdown.close_timeout = Duration::from_secs(1);
+    c.auth.allow_anonymous = false;
+    c.auth.credentials = Some(credentials);
+    c.auth.identities.insert(
+        "bulk".into(),
+        IdentityConfig {
+            limits: LimitsConfig {
+                max_connections: Some(2),
+                requests_per_second: Some(200),
+                burst: Some(20),
+                ..LimitsConfig::default()
+            },
+            ..IdentityConfig::default()
+        },
+    );
+    let broker = rsbroker::start(c).expect("broker starts");
+    let addr = broker.tcp_addr().unwrap();
+    let admin = broker.admin_addr().unwrap();
+    let url = format!("tcp://{addr}");
+    let mut resp = responder(addr, &["--user", "svc:pw"]);
+
+    // bulk asks for five times its rate over two connections (one per
+    // shard), while steady runs beside it without a limit.
+    let run = |user: &str, rps: &str, connections: &str, json: &std::path::Path| {
+        let mut cmd = loadgen();
+        cmd.args(["requester", "--broker", &url, "--user", user, "--rps", rps])
+            .args(["--connections", connections, "--duration", "2s", "--quiet"])
+            .args(["--json", json.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let (bulk_json, steady_json) = (dir.join("bulk.json"), dir.join("steady.json"));
+    let bulk = run("bulk:pw", "1000", "2", &bulk_json);
+    let steady = run("steady:pw", "300", "1", &steady_json);
+    let bulk = bulk.wait_with_output().unwrap();
+    let steady = steady.wait_with_output().unwrap();
+
+    let (_, steady) = succeeded(&steady, &steady_json);
+    assert_eq!(steady["errors"], 0, "{steady}");
+    assert_eq!(steady["ok"], 600, "{steady}");
+
+    let stdout = String::from_utf8_lossy(&bulk.stdout);
+    assert_eq!(bulk.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("identity bulk is over its limit of 200 requests a second"),
+        "{stdout}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&bulk_json).unwrap()).unwrap();
+    let ok = summary["ok"].as_u64().unwrap();
+    let errors = summary["errors"].as_u64().unwrap();
+    // 2 s at 200/s, the burst of 20, and what a late answer adds.
+    assert!((300..=480).contains(&ok), "{summary}");
+    // Every request is answered or refused (a few just after the window).
+    assert!((1990..=2000).contains(&(ok + errors)), "{summary}");
+
+    // A third connection of bulk is one too many; steady may open more.
+    let out = loadgen()
+        .args(["requester", "--broker", &url, "--user", "bulk:pw"])
+        .args(["--connections", "3", "--rps", "10", "--duration", "1s"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("identity bulk already has 2 connections open, its limit"),
+        "{text}"
+    );
+    let out = loadgen()
+        .args(["requester", "--broker", &url, "--user", "steady:pw"])
+        .args(["--connections", "3", "--rps", "30", "--duration", "1s"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let metrics = admin_get(admin, "/metrics");
+    let value = |line: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(line))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {line} in\n{metrics}"))
+    };
+    let refused = 2000 - ok;
+    let limited = value(r#"rsbroker_app_limited_total{app="bulk",limit="rate"}"#);
+    assert!((errors..=refused).contains(&limited), "{limited}");
+    assert_eq!(
+        value(r#"rsbroker_app_limited_total{app="bulk",limit="connections"}"#),
+        1
+    );
+    assert_eq!(value(r#"rsbroker_app_connections{app="svc"}"#), 1);
+    let per_shard: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("rsbroker_requests_limited_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(per_shard, limited);
+    let _ = resp.kill();
+    let _ = resp.wait();
+    broker.stop();
+    broker.join().unwrap();
+}

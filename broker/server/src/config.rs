@@ -24,7 +24,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
-pub use crate::trust::{AuthConfig, GrantConfig, IdentityConfig, JwtConfig};
+pub use crate::trust::{AuthConfig, GrantConfig, IdentityConfig, JwtConfig, LimitsConfig};
 
 /// Where the config file is read from when `--config` is not given (and
 /// only if it exists).

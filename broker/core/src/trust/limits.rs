@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What one identity may use; `None` is no limit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -89,6 +89,9 @@ pub struct AppUsage {
     /// the time (ns since the registry's epoch) at which the bucket is full
     /// again.
     full_at: AtomicU64,
+    /// When the registry first saw no connection hold it (ns since the
+    /// epoch, at least 1); 0 while one does.
+    idle_since: AtomicU64,
     limited: [AtomicU64; 3],
 }
 
@@ -99,6 +102,7 @@ impl AppUsage {
             connections: AtomicU32::new(0),
             streams: AtomicI64::new(0),
             full_at: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
             limited: Default::default(),
         }
     }
@@ -217,21 +221,39 @@ impl AppUsages {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// How long an identity no connection holds is kept, with its
+    /// counters (its metrics stay that long after its last connection).
+    pub const KEEP: Duration = Duration::from_secs(600);
+
     /// The usage of identity `name`.
     pub fn of(&self, name: &Arc<str>) -> Arc<AppUsage> {
-        self.lock()
+        let usage = self
+            .lock()
             .entry(name.clone())
             .or_insert_with(|| Arc::new(AppUsage::new(name.clone())))
-            .clone()
+            .clone();
+        usage.idle_since.store(0, Ordering::Release);
+        usage
     }
 
-    /// Forgets the identities no connection holds any more whose bucket is
-    /// full again (forgetting a bucket still being refilled would give a
-    /// peer that reconnects a full one).
+    /// Forgets the identities no connection has held for [`Self::KEEP`]
+    /// whose bucket is full again (forgetting a bucket still being
+    /// refilled would give a peer that reconnects a full one). The shards
+    /// call this about once a second.
     pub fn sweep(&self, now: Instant) {
-        let now = self.nanos(now);
-        self.lock()
-            .retain(|_, u| Arc::strong_count(u) > 1 || !u.rested(now));
+        let now = self.nanos(now).max(1);
+        let keep = u64::try_from(Self::KEEP.as_nanos()).unwrap_or(u64::MAX);
+        self.lock().retain(|_, u| {
+            if Arc::strong_count(u) > 1 {
+                return true;
+            }
+            let since = u.idle_since.load(Ordering::Acquire);
+            if since == 0 {
+                u.idle_since.store(now, Ordering::Release);
+                return true;
+            }
+            now.saturating_sub(since) < keep || !u.rested(now)
+        });
     }
 
     /// Every identity's usage, by name.
@@ -245,7 +267,6 @@ impl AppUsages {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn limits_not_set_come_from_the_defaults() {
@@ -349,31 +370,56 @@ mod tests {
     }
 
     #[test]
-    fn the_registry_forgets_only_idle_rested_identities() {
+    fn the_registry_forgets_only_identities_idle_for_a_while_and_rested() {
         let epoch = Instant::now();
         let usages = AppUsages::new(epoch);
+        let names = || -> Vec<String> {
+            usages
+                .snapshot()
+                .iter()
+                .map(|u| u.name().to_owned())
+                .collect()
+        };
+        let at = |d: Duration| epoch + d;
+        let s = Duration::from_secs;
+        let keep = AppUsages::KEEP;
         let held = usages.of(&"held".into());
         let busy = usages.of(&"busy".into());
-        assert!(busy.take_request(usages.nanos(epoch + Duration::from_secs(1)), 1, 1));
+        // Its bucket (1 a second) is full again 2 s after the epoch.
+        assert!(busy.take_request(usages.nanos(at(s(1))), 1, 1));
         drop(busy);
-        let idle = usages.of(&"idle".into());
-        drop(idle);
+        drop(usages.of(&"idle".into()));
         assert!(Arc::ptr_eq(&held, &usages.of(&"held".into())));
-        usages.sweep(epoch + Duration::from_millis(1500));
-        let names: Vec<_> = usages
-            .snapshot()
-            .iter()
-            .map(|u| u.name().to_owned())
-            .collect();
-        assert_eq!(names, ["busy", "held"]);
-        usages.sweep(epoch + Duration::from_secs(3));
-        let names: Vec<_> = usages
-            .snapshot()
-            .iter()
-            .map(|u| u.name().to_owned())
-            .collect();
-        assert_eq!(names, ["held"]);
-        assert_eq!(usages.nanos(epoch - Duration::from_secs(1)), 0);
-        assert_eq!(usages.nanos(epoch + Duration::from_secs(2)), 2_000_000_000);
+        // Idle ones are kept for KEEP, with their counters.
+        usages.sweep(at(Duration::from_millis(1500)));
+        assert_eq!(names(), ["busy", "held", "idle"]);
+        usages.sweep(at(keep));
+        assert_eq!(names(), ["busy", "held", "idle"]);
+        usages.sweep(at(keep + s(2)));
+        assert_eq!(names(), ["held"]);
+        // An identity that connects again is idle from its last release.
+        let back = usages.of(&"back".into());
+        usages.sweep(at(keep * 2));
+        drop(back);
+        usages.sweep(at(keep * 3));
+        drop(usages.of(&"back".into()));
+        usages.sweep(at(keep * 4));
+        usages.sweep(at(keep * 4 + s(1)));
+        assert_eq!(names(), ["back", "held"], "idle again only since keep * 4");
+        usages.sweep(at(keep * 5));
+        assert_eq!(names(), ["held"]);
+        // A bucket still refilling is kept past KEEP.
+        let slow = usages.of(&"slow".into());
+        let far = usages.nanos(at(keep * 6));
+        assert!(slow.take_request(far, 1, 1));
+        assert!(!slow.take_request(far, 1, 1));
+        drop(slow);
+        usages.sweep(at(keep * 5));
+        usages.sweep(at(keep * 6));
+        assert_eq!(names(), ["held", "slow"]);
+        usages.sweep(at(keep * 6 + s(2)));
+        assert_eq!(names(), ["held"]);
+        assert_eq!(usages.nanos(epoch - s(1)), 0);
+        assert_eq!(usages.nanos(at(s(2))), 2_000_000_000);
     }
 }
