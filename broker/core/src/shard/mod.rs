@@ -124,6 +124,10 @@ struct Conn {
     limits: AppLimits,
     /// Its requester streams as `usage` counts them.
     counted_streams: i64,
+    /// Its requests are checked against its grant and limits: set until
+    /// its SETUP is accepted, and after, unless it may call everything
+    /// without limits.
+    checks_requests: bool,
     /// Where it connects from, and the common name of the client
     /// certificate its transport verified.
     peer: Peer,
@@ -327,6 +331,7 @@ impl Shard {
             usage: None,
             limits: AppLimits::default(),
             counted_streams: 0,
+            checks_requests: true,
             peer: Peer::default(),
             upstream: FxHashMap::default(),
             pending: FxHashMap::default(),

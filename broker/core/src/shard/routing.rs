@@ -418,12 +418,10 @@ impl Shard {
                     return self.refuse(slot, stream, ErrorCode::REJECTED, message);
                 }
             };
-        if let Some(message) = self.may_not_call(slot, &service) {
-            tracing::debug!(conn = %requester, stream, %message, "request refused");
-            self.stats.requests_denied += 1;
-            return self.refuse(slot, stream, ErrorCode::REJECTED, message);
-        }
-        if let Some(message) = self.over_limit(slot, !ended) {
+        // One branch when the connection may call everything, unlimited.
+        if self.conns.get(slot).is_none_or(|c| c.checks_requests)
+            && let Some(message) = self.check_request(slot, &service, !ended)
+        {
             tracing::debug!(conn = %requester, stream, %message, "request refused");
             return self.refuse(slot, stream, ErrorCode::REJECTED, message);
         }

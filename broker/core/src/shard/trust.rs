@@ -70,6 +70,7 @@ impl Shard {
                     ))
                 } else {
                     c.limits = trust.limits(&identity);
+                    c.checks_requests = checks_requests(&grant, &c.limits);
                     c.usage = Some(self.config.usage.of(&identity.name));
                     c.expires = identity
                         .expires
@@ -92,9 +93,26 @@ impl Shard {
         }
     }
 
+    /// Why connection `slot` may not make a request of `service` now, if
+    /// it may not: its grant, then its identity's limits. Only called for
+    /// connections whose `checks_requests` is set.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn check_request(
+        &mut self,
+        slot: usize,
+        service: &ServiceKey,
+        opens_stream: bool,
+    ) -> Option<String> {
+        if let Some(message) = self.may_not_call(slot, service) {
+            self.stats.requests_denied += 1;
+            return Some(message);
+        }
+        self.over_limit(slot, opens_stream)
+    }
+
     /// Why connection `slot` may not call `service`, if it may not.
-    #[inline]
-    pub(super) fn may_not_call(&self, slot: usize, service: &ServiceKey) -> Option<String> {
+    fn may_not_call(&self, slot: usize, service: &ServiceKey) -> Option<String> {
         let c = self.conns.get(slot)?;
         if c.grant.as_ref().is_some_and(|g| g.may_call(service)) {
             return None;
@@ -109,8 +127,7 @@ impl Shard {
     /// identity is at its limit of open streams (`opens_stream`: the
     /// request stays open for an answer) or of requests a second. A stream
     /// let through is counted at once.
-    #[inline]
-    pub(super) fn over_limit(&mut self, slot: usize, opens_stream: bool) -> Option<String> {
+    fn over_limit(&mut self, slot: usize, opens_stream: bool) -> Option<String> {
         let c = self.conns.get_mut(slot)?;
         if !c.limits.limits_requests() {
             return None;
@@ -194,8 +211,9 @@ impl Shard {
                     hide.push((uuid.clone(), lost));
                 }
             }
-            c.grant = Some(Arc::new(grant));
             c.limits = trust.limits(identity);
+            c.checks_requests = checks_requests(&grant, &c.limits);
+            c.grant = Some(Arc::new(grant));
         }
         for (instance, services) in hide {
             self.broadcast(RouteChange::Hide { instance, services });
@@ -223,6 +241,13 @@ impl Shard {
             self.wake(slot);
         }
     }
+}
+
+/// Whether a connection with `grant` and `limits` has anything to check
+/// on a request (a connection that may call everything, without limits,
+/// has not).
+fn checks_requests(grant: &crate::trust::Grant, limits: &crate::trust::AppLimits) -> bool {
+    !grant.call.is_all() || limits.limits_requests()
 }
 
 /// The connection limit `identity` is at, if it is; otherwise its
