@@ -34,7 +34,10 @@ fn setup_frame(auth: Option<CompositeBuilder>) -> Bytes {
     let md = auth
         .unwrap_or_default()
         .entry(MimeType::WellKnown(WellKnownMime::APPLICATION), app)
-        .entry(MimeType::WellKnown(WellKnownMime::SERVICE_REGISTRY), registry)
+        .entry(
+            MimeType::WellKnown(WellKnownMime::SERVICE_REGISTRY),
+            registry,
+        )
         .build()
         .expect("metadata fits");
     let mut client = Connection::client(
@@ -153,7 +156,8 @@ fn cases() -> Vec<(&'static str, Trust, Bytes)> {
     let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("an EC key");
     let es = EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).expect("an EC key");
     let es_jwt = jwt_with(|j| {
-        j.add_pem(ec.public_key_pem().as_bytes()).expect("an EC public key");
+        j.add_pem(ec.public_key_pem().as_bytes())
+            .expect("an EC public key");
     });
     let frame = setup_frame(Some(
         CompositeBuilder::new().bearer(&token(Algorithm::ES256, &es)),
@@ -163,7 +167,8 @@ fn cases() -> Vec<(&'static str, Trust, Bytes)> {
     let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("an Ed25519 key");
     let eddsa = EncodingKey::from_ed_pem(ed.serialize_pem().as_bytes()).expect("an Ed25519 key");
     let ed_jwt = jwt_with(|j| {
-        j.add_pem(ed.public_key_pem().as_bytes()).expect("an Ed25519 public key");
+        j.add_pem(ed.public_key_pem().as_bytes())
+            .expect("an Ed25519 public key");
     });
     let frame = setup_frame(Some(
         CompositeBuilder::new().bearer(&token(Algorithm::EdDSA, &eddsa)),

@@ -501,3 +501,44 @@ fn the_admin_api_refuses_changes_and_protected_reads_without_its_token() {
     assert_eq!(http(admin, "GET", "/metrics", token), 401);
     assert_eq!(http(admin, "GET", "/metrics", Some("rotated")), 200);
 }
+
+#[test]
+fn names_from_peers_cannot_forge_lines_in_the_metrics() {
+    // A service name, and so a metric label, with a quote and a newline
+    // (JSON lets a SETUP say so).
+    let hostile = "evil\"} 1\nrsbroker_forged 1 #";
+    let broker = TestBroker::with_config(test_config());
+    let addr = broker.addr();
+    let answered = run(move || async move {
+        let _echo = Client::builder(config_with(Credentials::None, Some("evil-1"), &[hostile]))
+            .responder(hostile, echo_service())
+            .connect(addr)
+            .await
+            .unwrap();
+        let caller = Client::builder(ClientConfig::default())
+            .connect(addr)
+            .await
+            .unwrap();
+        let route_to = format!("{hostile}.m");
+        let mut answer = call(&caller, &route_to).await;
+        for _ in 0..100 {
+            if answer.is_ok() {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            answer = call(&caller, &route_to).await;
+        }
+        answer
+    });
+    assert_eq!(answered.as_deref(), Ok("echo:hi"));
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, body) = http_get(broker.admin_addr().unwrap(), "/metrics");
+    assert!(
+        body.contains(r#"service="evil\"} 1\nrsbroker_forged 1 #""#),
+        "{body}"
+    );
+    assert!(
+        !body.lines().any(|l| l.starts_with("rsbroker_forged")),
+        "{body}"
+    );
+}
