@@ -670,3 +670,84 @@ fn an_identitys_request_rate_is_limited_with_its_burst() {
     assert_eq!(answered(&sim, orders_a, &d), 10);
     sim.assert_clean();
 }
+
+#[test]
+fn streams_are_counted_exactly_through_refusals_waits_and_closes() {
+    use rsocket_proto::frame::{Frame, RequestStream};
+    let mut sim = Sim::new(2, 49, Policies::default());
+    set_trust(
+        &mut sim,
+        trust_limiting_orders(AppLimits {
+            max_streams: Some(5),
+            requests_per_second: Some(10),
+            burst: Some(2),
+            ..AppLimits::default()
+        }),
+    );
+    let stock = connect_as(&mut sim, 1, "stock-1", &["stock.S"], &token_for("stock"));
+    sim.apps[stock].answer = Answer::Never;
+    let orders = connect_as(&mut sim, 0, "orders-1", &[], &token_for("orders"));
+    sim.run(10_000);
+    let usage = usage_of(&sim, "orders");
+    let sync = |sim: &mut Sim| {
+        for s in &mut sim.shards {
+            s.let_go_of_bursts();
+        }
+    };
+    // Two open; the rate refuses a third, and a fire-and-forget: neither
+    // is counted as open, then or at the next count.
+    for _ in 0..2 {
+        sim.request(orders, RequestKind::RequestResponse, &["stock.S"], "x");
+    }
+    sim.run(10_000);
+    assert_eq!(usage.streams(), 2);
+    rejected_naming(
+        &call(&mut sim, orders, &["stock.S"], RequestKind::RequestResponse),
+        "10 requests a second",
+    );
+    assert_eq!(usage.streams(), 2);
+    call(&mut sim, orders, &["stock.S"], RequestKind::FireAndForget);
+    assert_eq!(usage.streams(), 2);
+    assert_eq!(usage.limited(Limit::Rate), 2);
+    sync(&mut sim);
+    assert_eq!(usage.streams(), 2);
+
+    // A request still waiting for the rest of its route is open too.
+    let conn = sim.apps[orders].broker;
+    let md = rsocket_proto::metadata::build::route(&["stock.S"]).unwrap();
+    let first = Frame::from(RequestStream {
+        stream_id: 101,
+        follows: true,
+        initial_n: 1,
+        metadata: Some(md.slice(..3)),
+        data: Bytes::new(),
+    });
+    let now = sim.now;
+    sim.shards[0].handle_frame(now, conn, first.to_bytes());
+    assert_eq!(sim.shards[0].stream_maps(conn), Some((2, 0, 1)));
+    sync(&mut sim);
+    assert_eq!(usage.streams(), 3);
+
+    // Its connection closes: every stream it had open is given back.
+    sim.disconnect(orders);
+    sim.run(10_000);
+    assert_eq!(usage.streams(), 0);
+    assert_eq!(usage.connections(), 0);
+}
+
+#[test]
+fn a_shard_keeps_its_usage_registry_when_its_config_is_replaced() {
+    let mut sim = Sim::new(2, 50, Policies::default());
+    let shared = sim.shards[0].config().usage.clone();
+    assert!(Arc::ptr_eq(&shared, &sim.shards[1].config().usage));
+    for (i, s) in sim.shards.iter_mut().enumerate() {
+        // A config made afresh, with a registry of its own.
+        let fresh = ShardConfig {
+            trust: Arc::new(trust()),
+            ..ShardConfig::new(i as u16, 2)
+        };
+        assert!(!Arc::ptr_eq(&fresh.usage, &shared));
+        s.set_config(fresh);
+        assert!(Arc::ptr_eq(&s.config().usage, &shared));
+    }
+}
