@@ -46,6 +46,8 @@ impl Shard {
             Err(reason) => Err(format!("authentication failed: {reason}")),
             Ok(identity) => {
                 let grant = trust.grant(&identity);
+                let limits = trust.limits(&identity);
+                let usage = self.config.usage.of(&identity.name);
                 let owner = info
                     .app
                     .as_ref()
@@ -62,16 +64,18 @@ impl Shard {
                         info.app.as_ref().map_or("", |a| &*a.uuid),
                         identity.name
                     ))
-                } else if let Some(max) = limits_exceeded(&trust, &identity, &self.config.usage) {
+                } else if !usage.connect(limits.max_connections) {
+                    usage.note_limited(Limit::Connections);
                     self.stats.setups_limited += 1;
                     Err(format!(
-                        "identity {} already has {max} connections open, its limit",
-                        identity.name
+                        "identity {} already has {} connections open, its limit",
+                        identity.name,
+                        limits.max_connections.unwrap_or_default()
                     ))
                 } else {
-                    c.limits = trust.limits(&identity);
-                    c.checks_requests = checks_requests(&grant, &c.limits);
-                    c.usage = Some(self.config.usage.of(&identity.name));
+                    c.limits = limits;
+                    c.checks_requests = checks_requests(&grant, &limits);
+                    c.usage = Some(usage);
                     c.expires = identity
                         .expires
                         .map(|e| self.now + Duration::from_secs(e.saturating_sub(now)));
@@ -248,22 +252,6 @@ impl Shard {
 /// has not).
 fn checks_requests(grant: &crate::trust::Grant, limits: &crate::trust::AppLimits) -> bool {
     !grant.call.is_all() || limits.limits_requests()
-}
-
-/// The connection limit `identity` is at, if it is; otherwise its
-/// connection is counted.
-fn limits_exceeded(
-    trust: &crate::trust::Trust,
-    identity: &crate::trust::Identity,
-    usages: &crate::trust::AppUsages,
-) -> Option<u32> {
-    let max = trust.limits(identity).max_connections;
-    let usage = usages.of(&identity.name);
-    if usage.connect(max) {
-        return None;
-    }
-    usage.note_limited(Limit::Connections);
-    max
 }
 
 impl Conn {
