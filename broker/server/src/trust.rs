@@ -112,38 +112,56 @@ pub struct IdentityConfig {
 /// identity, `[auth.limits]`'s). What is over a limit is refused (the SETUP
 /// with REJECTED_SETUP, a request with ERROR REJECTED); nothing open is
 /// closed.
-pub type LimitsConfig = AppLimits;
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections open at once.
+    pub max_connections: Option<u32>,
+    /// Requester streams (request-response, stream, channel) open at once.
+    pub max_streams: Option<u32>,
+    /// Requests a second, every interaction model counted (a token bucket).
+    pub requests_per_second: Option<u32>,
+    /// Requests let through at once above the rate; the rate when not set.
+    pub burst: Option<u32>,
+}
 
-/// What is wrong with `limits`, at config key `key`.
-fn limit_problems(limits: &LimitsConfig, key: &str, out: &mut Vec<(String, String)>) {
-    let fields = [
-        ("max_connections", limits.max_connections),
-        ("max_streams", limits.max_streams),
-        ("requests_per_second", limits.requests_per_second),
-        ("burst", limits.burst),
-    ];
-    for (name, value) in fields {
-        if value == Some(0) {
-            out.push((
-                format!("{key}.{name}"),
-                "is 0: leave the key out for no limit, or use auth grants to refuse".to_owned(),
-            ));
+impl LimitsConfig {
+    fn limits(&self) -> AppLimits {
+        AppLimits {
+            max_connections: self.max_connections,
+            max_streams: self.max_streams,
+            requests_per_second: self.requests_per_second,
+            burst: self.burst,
         }
     }
-    if limits.burst.is_some() && limits.requests_per_second.is_none() {
-        out.push((
-            format!("{key}.burst"),
-            "is set without requests_per_second, so it limits nothing".to_owned(),
-        ));
-    }
-    if limits
-        .requests_per_second
-        .is_some_and(|r| r > 1_000_000_000)
-    {
-        out.push((
-            format!("{key}.requests_per_second"),
-            "is above 1000000000, the finest rate the bucket counts".to_owned(),
-        ));
+
+    fn problems(&self, key: &str, out: &mut Vec<(String, String)>) {
+        let fields = [
+            ("max_connections", self.max_connections),
+            ("max_streams", self.max_streams),
+            ("requests_per_second", self.requests_per_second),
+            ("burst", self.burst),
+        ];
+        for (name, value) in fields {
+            if value == Some(0) {
+                out.push((
+                    format!("{key}.{name}"),
+                    "is 0: leave the key out for no limit, or use auth grants to refuse".to_owned(),
+                ));
+            }
+        }
+        if self.burst.is_some() && self.requests_per_second.is_none() {
+            out.push((
+                format!("{key}.burst"),
+                "is set without requests_per_second, so it limits nothing".to_owned(),
+            ));
+        }
+        if self.requests_per_second.is_some_and(|r| r > 1_000_000_000) {
+            out.push((
+                format!("{key}.requests_per_second"),
+                "is above 1000000000, the finest rate the bucket counts".to_owned(),
+            ));
+        }
     }
 }
 
@@ -270,7 +288,7 @@ impl AuthConfig {
                     let rules = IdentityRules {
                         grant,
                         roles: i.roles.clone(),
-                        limits: i.limits,
+                        limits: i.limits.limits(),
                     };
                     (name.clone(), rules)
                 })
@@ -283,7 +301,7 @@ impl AuthConfig {
             max_token_size: self.max_token_size.0,
             leeway: self.jwt.leeway.as_secs(),
             cache_size: self.token_cache,
-            default_limits: self.limits,
+            default_limits: self.limits.limits(),
         })
     }
 
@@ -304,10 +322,10 @@ impl AuthConfig {
                 format!("{} is below the 64 B minimum", self.max_token_size),
             ));
         }
-        limit_problems(&self.limits, "auth.limits", &mut out);
+        self.limits.problems("auth.limits", &mut out);
         for (name, identity) in &self.identities {
             let key = format!("auth.identities.{name}.limits");
-            limit_problems(&identity.limits, &key, &mut out);
+            identity.limits.problems(&key, &mut out);
         }
         if let Err(e) = self.build() {
             out.push(("auth".to_owned(), e));

@@ -14,10 +14,8 @@ use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// What one identity may use; `None` is no limit. The config's
-/// `[auth.limits]` and `[auth.identities.NAME.limits]` are read into it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// What one identity may use; `None` is no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AppLimits {
     /// Connections open at once.
     pub max_connections: Option<u32>,
