@@ -236,11 +236,17 @@ impl Fault {
     /// Waits until the broker's RSS and descriptors are back at the
     /// baseline (RSS within [`RSS_SLACK`]), the traffic still unharmed.
     pub fn assert_back_to_baseline(&mut self) {
+        self.assert_back_within(RSS_SLACK);
+    }
+
+    /// As [`Fault::assert_back_to_baseline`], with `slack` bytes of RSS
+    /// over the baseline allowed.
+    pub fn assert_back_within(&mut self, slack: usize) {
         let deadline = Instant::now() + Duration::from_secs(15);
         let mut now = self.resources();
         while Instant::now() < deadline {
             now = self.resources();
-            if now.fds <= self.baseline.fds && now.rss <= self.baseline.rss + RSS_SLACK {
+            if now.fds <= self.baseline.fds && now.rss <= self.baseline.rss + slack {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -252,10 +258,11 @@ impl Fault {
             self.baseline.fds
         );
         assert!(
-            now.rss <= self.baseline.rss + RSS_SLACK,
-            "RSS: {} MiB now, {} MiB before",
-            now.rss >> 20,
-            self.baseline.rss >> 20
+            now.rss <= self.baseline.rss + slack,
+            "RSS: {} KiB now, {} KiB before, {} KiB allowed over it",
+            now.rss >> 10,
+            self.baseline.rss >> 10,
+            slack >> 10
         );
         self.assert_alive();
     }

@@ -855,16 +855,26 @@ fn idle_wave(f: &Fault, n: usize, first: usize) -> Vec<std::net::TcpStream> {
 /// a second wave of idle connections costs the broker a few KiB each. The
 /// receive buffer an app's SETUP was read into went back to the shard's
 /// pool, and so did the write batch; a broker that keeps them per
-/// connection holds over 140 KiB for each.
+/// connection holds over 140 KiB for each. Once the second wave is gone
+/// too, the broker is back where the first wave left it: a closed
+/// connection keeps nothing.
 #[test]
 fn idle_connections_after_churn_hold_a_few_kib_each() {
     const N: usize = 2000;
+    // What the allocator may still hold of the second wave once it is
+    // closed; a closed connection that kept 2 KiB would pass it.
+    const WAVE_SLACK: usize = 4 << 20;
     let mut f = Fault::start("idle-connections", &[]);
+    let others = f.connections().len();
     let wave = idle_wave(&f, N, 0);
     drop(wave);
+    // The memory the first wave touched stays with the allocator (about
+    // 12 MiB for 2000 connections, handed back over minutes): the second
+    // wave is measured from there.
     f.eventually("the first wave to be closed", 30 * SECOND, |f| {
-        f.connections().len() < N / 10
+        f.resources().fds <= f.baseline.fds && f.connections().len() <= others
     });
+    f.baseline = f.resources();
     let wave = idle_wave(&f, N, N);
     std::thread::sleep(SECOND);
     let per = f.resources().rss.saturating_sub(f.baseline.rss) / N;
@@ -874,7 +884,7 @@ fn idle_connections_after_churn_hold_a_few_kib_each() {
     );
     f.assert_traffic_unharmed("two waves of idle app connections");
     drop(wave);
-    f.assert_back_to_baseline();
+    f.assert_back_within(WAVE_SLACK);
 }
 
 /// Peers that send the start of a frame and stop hold what they sent, not
