@@ -62,7 +62,9 @@ use crate::ids::{ConnId, ShardId, StreamRef};
 use crate::message::Message;
 use crate::routes::RouteTable;
 use crate::service::ServiceKey;
-use crate::trust::{AppLimits, AppUsage, AppUsages, Grant, Identity, TokenCache, Trust};
+use crate::trust::{
+    AppLimits, AppUsage, AppUsages, FailedSetups, Grant, Identity, TokenCache, Trust,
+};
 
 /// Settings of a shard.
 #[derive(Clone, Debug)]
@@ -184,6 +186,8 @@ pub struct Shard {
     service_stats: FxHashMap<ServiceKey, ServiceCounters>,
     /// Bearer tokens verified on this shard.
     tokens: TokenCache,
+    /// Failed authentications lately, by peer address.
+    failed: FailedSetups,
     now: Instant,
 }
 
@@ -221,6 +225,7 @@ impl Shard {
             stats: ShardStats::default(),
             service_stats: FxHashMap::default(),
             tokens: TokenCache::default(),
+            failed: FailedSetups::default(),
             now,
             config,
         }
@@ -500,6 +505,7 @@ impl Shard {
             c.count_streams();
         }
         self.config.usage.sweep(self.now);
+        self.failed.sweep(self.config.usage.nanos(self.now));
     }
 
     /// Entries connection `id`'s stream tables and queues have room for

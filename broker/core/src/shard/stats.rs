@@ -25,6 +25,10 @@ pub struct ShardStats {
     /// SETUPs refused because their identity had as many connections as
     /// its limit (counted in `setups_refused` too).
     pub setups_limited: u64,
+    /// SETUPs refused without their credentials being checked: their peer
+    /// address, or the shard, had too many failed authentications lately
+    /// (counted in `setups_refused` too).
+    pub setups_throttled: u64,
     /// Requests refused because their identity was at its limit of open
     /// streams or of requests a second (counted in `requests_rejected` too).
     pub requests_limited: u64,

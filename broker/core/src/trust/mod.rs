@@ -12,6 +12,7 @@
 //! reload; every shard holds the same one. Verified tokens are cached per
 //! shard ([`TokenCache`]), keyed by the whole token.
 
+pub mod failures;
 pub mod grants;
 pub mod jwt;
 pub mod limits;
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+pub use failures::{FailedSetups, FailureLimits};
 pub use grants::{Grant, Patterns};
 pub use jwt::{Jwt, JwtRules, Verified};
 pub use limits::{AppLimits, AppUsage, AppUsages, Limit};
@@ -195,6 +197,9 @@ pub struct Trust {
     /// The limits of every identity the config's identities do not set
     /// otherwise.
     pub default_limits: AppLimits,
+    /// Failed authentications a shard allows before it refuses SETUPs
+    /// unchecked.
+    pub failures: FailureLimits,
 }
 
 impl Default for Trust {
@@ -213,6 +218,7 @@ impl Default for Trust {
             leeway: 30,
             cache_size: 1024,
             default_limits: AppLimits::default(),
+            failures: FailureLimits::default(),
         }
     }
 }

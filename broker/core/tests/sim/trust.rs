@@ -751,3 +751,123 @@ fn a_shard_keeps_its_usage_registry_when_its_config_is_replaced() {
         assert!(Arc::ptr_eq(&s.config().usage, &shared));
     }
 }
+
+/// An app on shard 0 whose SETUP, from `ip`, carries `token`.
+fn connect_from(sim: &mut Sim, ip: [u8; 4], uuid: &str, token: &str) -> usize {
+    let app = connect_as(sim, 0, uuid, &[], token);
+    let broker = sim.apps[app].broker;
+    sim.shards[0].set_peer(
+        broker,
+        rsbroker_core::Peer {
+            addr: Some((ip, 4000).into()),
+            certificate: None,
+        },
+    );
+    sim.run(10_000);
+    app
+}
+
+fn forged(sub: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": sub, "exp": unix_now() + 600}),
+        &EncodingKey::from_secret(b"not the broker's secret, just as long").unwrap(),
+    )
+    .unwrap()
+}
+
+fn trust_failing_after(per_address_burst: u32, per_shard_per_second: u32) -> Trust {
+    let mut t = trust();
+    t.failures = rsbroker_core::trust::FailureLimits {
+        per_address_burst,
+        per_address_per_minute: 60,
+        per_shard_per_second,
+    };
+    t
+}
+
+#[test]
+fn an_address_that_fails_too_often_is_refused_unchecked_and_others_are_not() {
+    let mut sim = Sim::new(1, 46, Policies::default());
+    set_trust(&mut sim, trust_failing_after(3, 100));
+    let bad = [10, 0, 0, 1];
+    for i in 0..3 {
+        let app = connect_from(&mut sim, bad, &format!("forger-{i}"), &forged("orders"));
+        let why = refusal(&sim, app);
+        assert!(why.starts_with("authentication failed: "), "{why}");
+    }
+    assert_eq!(sim.shards[0].stats().setups_throttled, 0);
+    // Its next SETUP is refused before its token is looked at, even a
+    // good one.
+    let good = token_for("orders");
+    let app = connect_from(&mut sim, bad, "forger-3", &good);
+    let why = refusal(&sim, app);
+    assert!(
+        why.contains("too many failed authentications from 10.0.0.1 (more than 3 in a row"),
+        "{why}"
+    );
+    nowhere(&sim, "forger-3");
+    let stats = sim.shards[0].stats();
+    assert_eq!((stats.setups_throttled, stats.setups_refused), (1, 4));
+    // Another address is checked, and let in.
+    let other = connect_from(&mut sim, [10, 0, 0, 2], "orders-1", &good);
+    assert!(
+        sim.apps[other].closed.is_none(),
+        "{:?}",
+        sim.apps[other].closed
+    );
+    // A token the shard verified before costs nothing to check: it is let
+    // in from the refused address too.
+    let cached = connect_from(&mut sim, bad, "orders-2", &good);
+    assert!(
+        sim.apps[cached].closed.is_none(),
+        "{:?}",
+        sim.apps[cached].closed
+    );
+    let fresh = token_for("stock");
+    let app = connect_from(&mut sim, bad, "stock-1", &fresh);
+    assert!(refusal(&sim, app).contains("not checked"));
+    // A second later the address has one more try.
+    sim.now += Duration::from_secs(1);
+    let app = connect_from(&mut sim, bad, "stock-2", &fresh);
+    assert!(sim.apps[app].closed.is_none(), "{:?}", sim.apps[app].closed);
+    assert_eq!(sim.shards[0].stats().setups_throttled, 2);
+}
+
+#[test]
+fn a_shard_checks_only_so_many_failing_setups_a_second_from_every_address() {
+    let mut sim = Sim::new(1, 47, Policies::default());
+    set_trust(&mut sim, trust_failing_after(10, 5));
+    let good = token_for("orders");
+    let first = connect_from(&mut sim, [10, 1, 0, 0], "orders-1", &good);
+    assert!(sim.apps[first].closed.is_none());
+    // Five addresses fail once each: the shard's budget for a second.
+    for i in 0..5u8 {
+        let app = connect_from(
+            &mut sim,
+            [10, 0, 0, i],
+            &format!("forger-{i}"),
+            &forged("x"),
+        );
+        assert!(refusal(&sim, app).starts_with("authentication failed: "));
+    }
+    let fresh = token_for("stock");
+    let app = connect_from(&mut sim, [10, 2, 0, 0], "stock-1", &fresh);
+    let why = refusal(&sim, app);
+    assert!(
+        why.contains("too many failed authentications on this shard (more than 5 a second)"),
+        "{why}"
+    );
+    // A verified token still gets in, and so does the fresh one once the
+    // budget has refilled.
+    let again = connect_from(&mut sim, [10, 1, 0, 0], "orders-2", &good);
+    assert!(
+        sim.apps[again].closed.is_none(),
+        "{:?}",
+        sim.apps[again].closed
+    );
+    sim.now += Duration::from_millis(200);
+    let app = connect_from(&mut sim, [10, 2, 0, 0], "stock-2", &fresh);
+    assert!(sim.apps[app].closed.is_none(), "{:?}", sim.apps[app].closed);
+    assert_eq!(sim.shards[0].stats().setups_throttled, 1);
+}
