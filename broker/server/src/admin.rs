@@ -824,6 +824,13 @@ impl Collector for SnapshotCollector {
         )?;
         family(
             e,
+            "rsbroker_setups_throttled",
+            "SETUPs refused without their credentials checked: their address, or the shard, had more failed authentications lately than auth.failures allows.",
+            Counter,
+            per_shard(&|s| s.stats.setups_throttled),
+        )?;
+        family(
+            e,
             "rsbroker_requests_limited",
             "Requests refused because their identity was at its auth.limits of open streams or requests a second.",
             Counter,

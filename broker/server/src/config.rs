@@ -24,7 +24,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
-pub use crate::trust::{AuthConfig, GrantConfig, IdentityConfig, JwtConfig, LimitsConfig};
+pub use crate::trust::{
+    AuthConfig, FailuresConfig, GrantConfig, IdentityConfig, JwtConfig, LimitsConfig,
+};
 
 /// Where the config file is read from when `--config` is not given (and
 /// only if it exists).

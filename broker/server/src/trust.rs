@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rsbroker_core::trust::{AppLimits, Grant, IdentityRules, Jwt, JwtRules, Secret, Trust};
+use rsbroker_core::trust::{
+    AppLimits, FailureLimits, Grant, IdentityRules, Jwt, JwtRules, Secret, Trust,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Size;
@@ -48,6 +50,9 @@ pub struct AuthConfig {
     /// its own). Every anonymous connection is the one identity
     /// `anonymous`, so these bound them together.
     pub limits: LimitsConfig,
+    /// Failed authentications allowed before SETUPs are refused without
+    /// their credentials being checked.
+    pub failures: FailuresConfig,
 }
 
 impl Default for AuthConfig {
@@ -64,6 +69,68 @@ impl Default for AuthConfig {
             roles: BTreeMap::new(),
             identities: BTreeMap::new(),
             limits: LimitsConfig::default(),
+            failures: FailuresConfig::default(),
+        }
+    }
+}
+
+/// `[auth.failures]`: a shard counts the SETUPs whose credentials failed,
+/// per peer address (an IPv6 one with its /64) and in all. Past these, a
+/// SETUP with credentials to check (a secret, a token the shard has not
+/// verified) is refused with REJECTED_SETUP without checking them, so
+/// that forged tokens (a signature check costs up to 170 µs) cannot keep
+/// a shard busy, nor secrets be guessed quickly. Tokens already verified
+/// and SETUPs without credentials are let through as before.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailuresConfig {
+    /// Failures one address may have in a row.
+    pub per_address_burst: u32,
+    /// Failures one address may have a minute after those.
+    pub per_address_per_minute: u32,
+    /// Failures a second on one shard, every address together.
+    pub per_shard_per_second: u32,
+}
+
+impl Default for FailuresConfig {
+    fn default() -> Self {
+        let d = FailureLimits::default();
+        Self {
+            per_address_burst: d.per_address_burst,
+            per_address_per_minute: d.per_address_per_minute,
+            per_shard_per_second: d.per_shard_per_second,
+        }
+    }
+}
+
+impl FailuresConfig {
+    fn limits(&self) -> FailureLimits {
+        FailureLimits {
+            per_address_burst: self.per_address_burst,
+            per_address_per_minute: self.per_address_per_minute,
+            per_shard_per_second: self.per_shard_per_second,
+        }
+    }
+
+    fn problems(&self, out: &mut Vec<(String, String)>) {
+        let fields = [
+            ("per_address_burst", self.per_address_burst),
+            ("per_address_per_minute", self.per_address_per_minute),
+            ("per_shard_per_second", self.per_shard_per_second),
+        ];
+        for (name, value) in fields {
+            if value == 0 {
+                out.push((
+                    format!("auth.failures.{name}"),
+                    "is 0: every SETUP with credentials would be refused".to_owned(),
+                ));
+            }
+        }
+        if self.per_shard_per_second > 1_000_000_000 {
+            out.push((
+                "auth.failures.per_shard_per_second".to_owned(),
+                format!("{} is more than 10^9", self.per_shard_per_second),
+            ));
         }
     }
 }
@@ -302,6 +369,7 @@ impl AuthConfig {
             leeway: self.jwt.leeway.as_secs(),
             cache_size: self.token_cache,
             default_limits: self.limits.limits(),
+            failures: self.failures.limits(),
         })
     }
 
@@ -323,6 +391,7 @@ impl AuthConfig {
             ));
         }
         self.limits.problems("auth.limits", &mut out);
+        self.failures.problems(&mut out);
         for (name, identity) in &self.identities {
             let key = format!("auth.identities.{name}.limits");
             identity.limits.problems(&key, &mut out);
@@ -458,5 +527,41 @@ rate = 3
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn failure_budgets_reach_the_rules_and_their_mistakes_are_named() {
+        let c = AuthConfig::default();
+        assert_eq!(c.build().unwrap().failures, FailureLimits::default());
+        let text = r#"
+            [failures]
+            per_address_burst = 3
+            per_shard_per_second = 1000
+        "#;
+        let c: AuthConfig = toml::from_str(text).unwrap();
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        assert_eq!(
+            c.build().unwrap().failures,
+            FailureLimits {
+                per_address_burst: 3,
+                per_address_per_minute: FailureLimits::default().per_address_per_minute,
+                per_shard_per_second: 1000,
+            }
+        );
+        let bad = r#"
+            [failures]
+            per_address_per_minute = 0
+            per_shard_per_second = 2000000000
+        "#;
+        let c: AuthConfig = toml::from_str(bad).unwrap();
+        let keys: Vec<String> = c.problems().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            [
+                "auth.failures.per_address_per_minute",
+                "auth.failures.per_shard_per_second"
+            ]
+        );
+        assert!(toml::from_str::<AuthConfig>("[failures]\nburst = 3\n").is_err());
     }
 }

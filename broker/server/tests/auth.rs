@@ -542,3 +542,199 @@ fn names_from_peers_cannot_forge_lines_in_the_metrics() {
         "{body}"
     );
 }
+
+/// A SETUP frame, length-prefixed as on TCP, whose composite metadata
+/// names the app `uuid` and carries the bearer `token`.
+fn raw_setup(uuid: &str, token: &str) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, mime: u8, content: &[u8]) {
+        out.push(0x80 | mime);
+        out.extend_from_slice(&(content.len() as u32).to_be_bytes()[1..]);
+        out.extend_from_slice(content);
+    }
+    let mut md = Vec::new();
+    let app = format!(r#"{{"name":"{uuid}","uuid":"{uuid}"}}"#);
+    entry(&mut md, 0x51, app.as_bytes());
+    let mut auth = Vec::new();
+    rsocket_proto::metadata::put_bearer(&mut auth, token);
+    entry(&mut md, 0x7C, &auth);
+    let mut body = Vec::new();
+    body.extend_from_slice(&0u32.to_be_bytes()); // stream 0
+    body.extend_from_slice(&((1u16 << 10) | 0x100).to_be_bytes()); // SETUP, M
+    body.extend_from_slice(&[0, 1, 0, 0]); // version 1.0
+    body.extend_from_slice(&60_000u32.to_be_bytes());
+    body.extend_from_slice(&600_000u32.to_be_bytes());
+    for mime in [
+        &b"message/x.rsocket.composite-metadata.v0"[..],
+        b"application/octet-stream",
+    ] {
+        body.push(mime.len() as u8);
+        body.extend_from_slice(mime);
+    }
+    body.extend_from_slice(&(md.len() as u32).to_be_bytes()[1..]);
+    body.extend_from_slice(&md);
+    let mut frame = (body.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Sends `setup` on a new connection from the loopback address `local`
+/// and returns all the broker wrote back before it closed (its ERROR
+/// frame, for a refused SETUP).
+fn setup_from(
+    rt: &tokio::runtime::Runtime,
+    local: std::net::IpAddr,
+    broker: std::net::SocketAddr,
+    setup: &[u8],
+) -> String {
+    use std::io::{Read, Write};
+    let stream = rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind((local, 0).into()).unwrap();
+        s.connect(broker).await.unwrap()
+    });
+    let mut s = stream.into_std().unwrap();
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(setup).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A peer flooding the broker with forged tokens (each signature check
+/// costs the shard tens of µs) has its first few checked and refused, and
+/// the rest refused unchecked, even a good token from its address; an app
+/// on another address is let in with a token the broker never saw, and
+/// calls kept flowing throughout.
+#[test]
+fn forged_tokens_from_one_address_are_refused_unchecked_and_spare_the_others() {
+    const THREADS: usize = 4;
+    const EACH: usize = 60;
+    let attacker: std::net::IpAddr = [127, 0, 0, 2].into();
+    let dir = temp_dir("auth-flood");
+    let (config, keys) = jwt_config(&dir.0);
+    let broker = TestBroker::with_config(config);
+    let addr = broker.addr();
+    let admin = broker.admin_addr().unwrap();
+    let keys = Arc::new(keys);
+    let mut forged = keys.token("caller").into_bytes();
+    let at = forged.len() - 5;
+    forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+
+    let attacking = Arc::new(AtomicUsize::new(THREADS));
+    let started = std::time::Instant::now();
+    let attackers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (forged, attacking) = (forged.clone(), attacking.clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let answers: Vec<String> = (0..EACH)
+                    .map(|i| {
+                        let setup = raw_setup(&format!("forger-{t}-{i}"), &forged);
+                        setup_from(&rt, attacker, addr, &setup)
+                    })
+                    .collect();
+                attacking.fetch_sub(1, Ordering::SeqCst);
+                answers
+            })
+        })
+        .collect();
+    let (k, flag) = (keys.clone(), attacking.clone());
+    let (calls, errors) = run(move || async move {
+        // Tokens the broker has not seen, from 127.0.0.1.
+        let _echo = Client::builder(config_with(
+            Credentials::Bearer(k.token("echo-app")),
+            Some("echo-1"),
+            &["com.example.Echo"],
+        ))
+        .responder("com.example.Echo", echo_service())
+        .connect(addr)
+        .await
+        .unwrap();
+        let caller = Client::builder(config_with(
+            Credentials::Bearer(k.token("caller")),
+            None,
+            &[],
+        ))
+        .connect(addr)
+        .await
+        .unwrap();
+        let mut first = call(&caller, "com.example.Echo.hello").await;
+        for _ in 0..100 {
+            if first.is_ok() {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            first = call(&caller, "com.example.Echo.hello").await;
+        }
+        let (mut calls, mut errors) = (0, Vec::new());
+        while calls < 20 || flag.load(Ordering::SeqCst) > 0 {
+            match call(&caller, "com.example.Echo.hello").await {
+                Ok(_) => calls += 1,
+                Err(e) => errors.push(e),
+            }
+        }
+        (calls, errors)
+    });
+    let answers: Vec<String> = attackers
+        .into_iter()
+        .flat_map(|a| a.join().unwrap())
+        .collect();
+    let elapsed = started.elapsed();
+    assert!(
+        errors.is_empty(),
+        "calls during the flood failed: {errors:?}"
+    );
+    assert!(calls >= 20, "{calls}");
+
+    let checked = answers
+        .iter()
+        .filter(|a| a.contains("authentication failed: the token's signature"))
+        .count();
+    let unchecked = answers
+        .iter()
+        .filter(|a| {
+            a.contains(
+                "too many failed authentications from 127.0.0.2 (more than 10 in a row, \
+                 then 30 a minute); this SETUP's credentials were not checked",
+            )
+        })
+        .count();
+    assert_eq!(
+        checked + unchecked,
+        THREADS * EACH,
+        "every forged SETUP is refused, one way or the other: {:?}",
+        answers
+            .iter()
+            .find(|a| !a.contains("authentication"))
+            .map(String::as_str)
+    );
+    // Each of the two shards checks 10, then one every 2 s.
+    let allowed = 2 * (10 + 1 + elapsed.as_secs() as usize / 2);
+    assert!(
+        (1..=allowed).contains(&checked),
+        "{checked} forged tokens checked in {elapsed:?}, {allowed} allowed"
+    );
+    // The address is refused, not the token: a good one from it is not
+    // checked either, while one from elsewhere is.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let good = raw_setup("newcomer", &keys.token("newcomer"));
+    let answer = setup_from(&rt, attacker, addr, &good);
+    assert!(answer.contains("were not checked"), "{answer}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        metric(admin, "rsbroker_setups_throttled"),
+        unchecked as u64 + 1
+    );
+    assert_eq!(
+        metric(admin, "rsbroker_setups_refused"),
+        (THREADS * EACH) as u64 + 1
+    );
+}
