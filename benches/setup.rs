@@ -6,6 +6,12 @@
 //!
 //! Tokens are verified each time (`cache_size` 0) except in `jwt-hs256-cached`,
 //! where one token comes back and is found in the shard's cache.
+//!
+//! `jwt-es256-forged` is a token signed with another key, checked and
+//! refused every time (no budget for failures); `jwt-es256-forged-unchecked`
+//! is the same token once the shard's budget for failed authentications
+//! is spent (`auth.failures`), refused without its signature checked: what
+//! a flood of forged tokens costs the shard.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -14,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use rsbroker_core::trust::{Jwt, JwtRules, Secret, Trust};
+use rsbroker_core::trust::{FailureLimits, Jwt, JwtRules, Secret, Trust};
 use rsbroker_core::{Shard, ShardConfig};
 use rsocket_proto::conn::{Config, Connection, SetupPayload};
 use rsocket_proto::metadata::build::CompositeBuilder;
@@ -116,7 +122,10 @@ fn jwt_with(add: impl FnOnce(&mut Jwt)) -> Option<Jwt> {
 }
 
 /// (name, rules, SETUP frame) of every case.
-fn cases() -> Vec<(&'static str, Trust, Bytes)> {
+type Case = (&'static str, Trust, Bytes);
+
+/// The cases whose SETUP is let in, then those refused.
+fn cases() -> (Vec<Case>, Vec<Case>) {
     let mut out = Vec::new();
     out.push(("anonymous", Trust::default(), setup_frame(None)));
 
@@ -162,7 +171,24 @@ fn cases() -> Vec<(&'static str, Trust, Bytes)> {
     let frame = setup_frame(Some(
         CompositeBuilder::new().bearer(&token(Algorithm::ES256, &es)),
     ));
-    out.push(("jwt-es256", closed(es_jwt), frame));
+    out.push(("jwt-es256", closed(es_jwt.clone()), frame));
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("an EC key");
+    let other = EncodingKey::from_ec_pem(other.serialize_pem().as_bytes()).expect("an EC key");
+    let forged = setup_frame(Some(
+        CompositeBuilder::new().bearer(&token(Algorithm::ES256, &other)),
+    ));
+    let unlimited = Trust {
+        failures: FailureLimits {
+            per_address_burst: u32::MAX,
+            per_address_per_minute: u32::MAX,
+            per_shard_per_second: 1_000_000_000,
+        },
+        ..closed(es_jwt.clone())
+    };
+    let refused = vec![
+        ("jwt-es256-forged", unlimited, forged.clone()),
+        ("jwt-es256-forged-unchecked", closed(es_jwt), forged),
+    ];
 
     let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("an Ed25519 key");
     let eddsa = EncodingKey::from_ed_pem(ed.serialize_pem().as_bytes()).expect("an Ed25519 key");
@@ -174,12 +200,15 @@ fn cases() -> Vec<(&'static str, Trust, Bytes)> {
         CompositeBuilder::new().bearer(&token(Algorithm::EdDSA, &eddsa)),
     ));
     out.push(("jwt-eddsa", closed(ed_jwt), frame));
-    out
+    (out, refused)
 }
 
 fn setup(c: &mut Criterion) {
     let mut group = c.benchmark_group("setup");
-    for (name, trust, frame) in cases() {
+    let (let_in, refused) = cases();
+    let refused = refused.into_iter().map(|case| (case, false));
+    for ((name, trust, frame), let_in) in let_in.into_iter().map(|case| (case, true)).chain(refused)
+    {
         let now = Instant::now();
         let mut shard = Shard::new(
             ShardConfig {
@@ -188,12 +217,13 @@ fn setup(c: &mut Criterion) {
             },
             now,
         );
-        // The case is what it says: its SETUP is let in.
+        // The case is what it says: its SETUP is let in, or refused.
         let id = shard.open(now);
         shard.handle_frame(now, id, frame.clone());
-        assert!(
+        assert_eq!(
             shard.connection_app(id).is_some() && !shard.is_closed(id),
-            "{name}: the SETUP was refused"
+            let_in,
+            "{name}: the SETUP was not what the case says"
         );
         shard.close(now, id, "bench");
         group.bench_function(name, |b| {
