@@ -858,6 +858,19 @@ fn a_shard_checks_only_so_many_failing_setups_a_second_from_every_address() {
         why.contains("too many failed authentications on this shard (more than 5 a second)"),
         "{why}"
     );
+    // A SETUP without credentials has nothing to check: it is refused for
+    // what it is, not held back, and is not a failure counted.
+    let bare = sim.connect(0, "bare", &[], 0);
+    let broker = sim.apps[bare].broker;
+    sim.shards[0].set_peer(
+        broker,
+        rsbroker_core::Peer {
+            addr: Some(([10, 3, 0, 0], 4000).into()),
+            certificate: None,
+        },
+    );
+    sim.run(10_000);
+    assert!(refusal(&sim, bare).contains("requires authentication"));
     // A verified token still gets in, and so does the fresh one once the
     // budget has refilled.
     let again = connect_from(&mut sim, [10, 1, 0, 0], "orders-2", &good);
