@@ -831,6 +831,13 @@ impl Collector for SnapshotCollector {
         )?;
         family(
             e,
+            "rsbroker_setup_refusals_unlogged",
+            "Refused SETUPs not logged a line each: past the 20 a second a shard logs (those refused unchecked are in rsbroker_setups_throttled).",
+            Counter,
+            per_shard(&|s| s.stats.refusals_unlogged),
+        )?;
+        family(
+            e,
             "rsbroker_requests_limited",
             "Requests refused because their identity was at its auth.limits of open streams or requests a second.",
             Counter,

@@ -63,7 +63,7 @@ use crate::message::Message;
 use crate::routes::RouteTable;
 use crate::service::ServiceKey;
 use crate::trust::{
-    AppLimits, AppUsage, AppUsages, FailedSetups, Grant, Identity, TokenCache, Trust,
+    AppLimits, AppUsage, AppUsages, FailedSetups, Grant, Identity, RefusalLog, TokenCache, Trust,
 };
 
 /// Settings of a shard.
@@ -188,6 +188,8 @@ pub struct Shard {
     tokens: TokenCache,
     /// Failed authentications lately, by peer address.
     failed: FailedSetups,
+    /// Refused SETUPs logged this second.
+    refusal_log: RefusalLog,
     now: Instant,
 }
 
@@ -226,6 +228,7 @@ impl Shard {
             service_stats: FxHashMap::default(),
             tokens: TokenCache::default(),
             failed: FailedSetups::default(),
+            refusal_log: RefusalLog::default(),
             now,
             config,
         }

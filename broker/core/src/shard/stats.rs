@@ -29,6 +29,10 @@ pub struct ShardStats {
     /// address, or the shard, had too many failed authentications lately
     /// (counted in `setups_refused` too).
     pub setups_throttled: u64,
+    /// Refused SETUPs not logged a line each: past
+    /// [`crate::trust::failures::LOGGED_PER_SECOND`] a second (those refused
+    /// unchecked are in `setups_throttled` instead).
+    pub refusals_unlogged: u64,
     /// Requests refused because their identity was at its limit of open
     /// streams or of requests a second (counted in `requests_rejected` too).
     pub requests_limited: u64,

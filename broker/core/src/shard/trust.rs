@@ -12,6 +12,7 @@ use super::{Conn, Shard};
 use crate::app::SetupInfo;
 use crate::routes::RouteChange;
 use crate::service::ServiceKey;
+use crate::trust::failures::LOGGED_PER_SECOND;
 use crate::trust::{Credentials, Limit};
 
 fn unix_now() -> u64 {
@@ -30,29 +31,28 @@ impl Shard {
             return false;
         };
         let now = unix_now();
-        // Credentials that cost a check (a secret, a token not verified
-        // here before) are not checked for a peer, or a shard, that failed
-        // too often lately.
+        // Credentials to check (a secret, a token not verified here
+        // before, authentication metadata to make sense of) are not
+        // checked for a peer, or a shard, that failed too often lately.
         let ip = c.peer.addr.map(|a| a.ip());
         let clock = self.config.usage.nanos(self.now);
-        let costly = info.auth_problem.is_none()
-            && (info.simple.is_some()
-                || info
-                    .bearer
-                    .as_deref()
-                    .is_some_and(|t| self.tokens.get(t, now).is_none()));
-        let unchecked = costly
+        let checked = info.auth_problem.is_some()
+            || info.simple.is_some()
+            || info
+                .bearer
+                .as_deref()
+                .is_some_and(|t| self.tokens.get(t, now).is_none());
+        let unchecked = checked
             .then(|| self.failed.refuses(ip, clock, &trust.failures))
             .flatten();
         let unchecked_refusal = unchecked.is_some();
-        let verdict = match (&info.auth_problem, unchecked) {
-            (Some(problem), _) => Err(format!("authentication failed: {problem}")),
-            (None, Some(why)) => {
-                self.stats.setups_throttled += 1;
-                Err(format!("authentication refused: {why}"))
-            }
-            (None, None) => trust
-                .authenticate(
+        let verdict = if let Some(why) = unchecked {
+            self.stats.setups_throttled += 1;
+            Err(format!("authentication refused: {why}"))
+        } else {
+            let verdict = match &info.auth_problem {
+                Some(problem) => Err(problem.clone()),
+                None => trust.authenticate(
                     &Credentials {
                         bearer: info.bearer.as_deref(),
                         simple: info.simple.as_ref().map(|(u, s)| (&u[..], &s[..])),
@@ -60,13 +60,14 @@ impl Shard {
                     },
                     now,
                     &mut self.tokens,
-                )
-                .map_err(|reason| {
-                    if costly && self.failed.failed(ip, clock, &trust.failures) {
-                        tracing::warn!(peer = ?ip, "too many failed authentications: SETUPs from this address are refused unchecked for now");
-                    }
-                    format!("authentication failed: {reason}")
-                }),
+                ),
+            };
+            verdict.map_err(|reason| {
+                if checked && self.failed.failed(ip, clock, &trust.failures) {
+                    tracing::warn!(peer = ?ip, "too many failed authentications: SETUPs from this address are refused unchecked for now");
+                }
+                format!("authentication failed: {reason}")
+            })
         };
         let refusal = match verdict {
             Err(reason) => Err(reason),
@@ -115,12 +116,28 @@ impl Shard {
         match refusal {
             Ok(()) => true,
             Err(reason) => {
-                if unchecked_refusal {
-                    // Not a line each (a flood would fill the log): the
-                    // address running out was, and the metric counts them.
-                    tracing::debug!(conn = %c.id, peer = ?c.peer.addr, %reason, "SETUP refused");
-                } else {
-                    tracing::warn!(conn = %c.id, peer = ?c.peer.addr, %reason, "SETUP refused");
+                // A flood of refused SETUPs must not fill the log: those
+                // refused unchecked are not logged one by one (the address
+                // running out was, and the metric counts them), and the
+                // rest at most so many a second.
+                let logged = (!unchecked_refusal)
+                    .then(|| self.refusal_log.admit(clock))
+                    .flatten();
+                match logged {
+                    Some(left_out) => {
+                        if left_out > 0 {
+                            tracing::warn!(
+                                left_out,
+                                "refused SETUPs not logged: more than {} a second",
+                                LOGGED_PER_SECOND
+                            );
+                        }
+                        tracing::warn!(conn = %c.id, peer = ?c.peer.addr, %reason, "SETUP refused");
+                    }
+                    None => {
+                        self.stats.refusals_unlogged += u64::from(!unchecked_refusal);
+                        tracing::debug!(conn = %c.id, peer = ?c.peer.addr, %reason, "SETUP refused");
+                    }
                 }
                 c.proto.reject_setup(ErrorCode::REJECTED_SETUP, reason);
                 self.stats.setups_refused += 1;

@@ -154,6 +154,36 @@ impl FailedSetups {
     }
 }
 
+/// Refused SETUPs a shard logs a second, a line each; past them it counts
+/// them, and says in its next line how many it left out.
+pub const LOGGED_PER_SECOND: u32 = 20;
+
+/// The refused SETUPs a shard has logged this second.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    /// When this second began (ns, the shard's clock).
+    since: u64,
+    logged: u32,
+    left_out: u64,
+}
+
+impl RefusalLog {
+    /// Whether a refusal at `now` gets its line; if it does, how many
+    /// were left out before it.
+    pub fn admit(&mut self, now: u64) -> Option<u64> {
+        if now.saturating_sub(self.since) >= 1_000_000_000 {
+            self.since = now;
+            self.logged = 0;
+        }
+        if self.logged >= LOGGED_PER_SECOND {
+            self.left_out += 1;
+            return None;
+        }
+        self.logged += 1;
+        Some(std::mem::take(&mut self.left_out))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +270,23 @@ mod tests {
         assert_eq!(f.addresses(), MAX_ADDRESSES);
         f.sweep(SECOND);
         assert_eq!(f.addresses(), 0);
+    }
+
+    #[test]
+    fn refusals_are_logged_so_many_a_second_and_the_rest_counted() {
+        let mut log = RefusalLog::default();
+        for i in 0..LOGGED_PER_SECOND {
+            assert_eq!(log.admit(u64::from(i)), Some(0), "refusal {i}");
+        }
+        for _ in 0..5 {
+            assert_eq!(log.admit(SECOND - 1), None);
+        }
+        assert_eq!(log.admit(SECOND + 7), Some(5));
+        assert_eq!(log.admit(SECOND + 8), Some(0));
+        for _ in 2..LOGGED_PER_SECOND {
+            assert!(log.admit(2 * SECOND + 6).is_some());
+        }
+        assert_eq!(log.admit(2 * SECOND + 6), None);
+        assert_eq!(log.admit(2 * SECOND + 7), Some(1));
     }
 }

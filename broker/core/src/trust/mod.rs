@@ -24,7 +24,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-pub use failures::{FailedSetups, FailureLimits};
+pub use failures::{FailedSetups, FailureLimits, RefusalLog};
 pub use grants::{Grant, Patterns};
 pub use jwt::{Jwt, JwtRules, Verified};
 pub use limits::{AppLimits, AppUsage, AppUsages, Limit};

@@ -884,3 +884,28 @@ fn a_shard_checks_only_so_many_failing_setups_a_second_from_every_address() {
     assert!(sim.apps[app].closed.is_none(), "{:?}", sim.apps[app].closed);
     assert_eq!(sim.shards[0].stats().setups_throttled, 1);
 }
+
+#[test]
+fn a_flood_of_refused_setups_is_logged_so_many_a_second_and_counted() {
+    let mut sim = Sim::new(1, 48, Policies::default());
+    set_trust(&mut sim, trust_failing_after(3, 100));
+    let n = rsbroker_core::trust::failures::LOGGED_PER_SECOND as usize + 5;
+    for i in 0..n {
+        let app = sim.connect(0, "", &[], 0);
+        sim.run(10_000);
+        let why = refusal(&sim, app);
+        assert!(why.contains("requires authentication"), "{i}: {why}");
+    }
+    let stats = sim.shards[0].stats();
+    assert_eq!(
+        (stats.setups_refused, stats.refusals_unlogged, stats.setups_throttled),
+        (n as u64, 5, 0)
+    );
+    // Those refused unchecked have their own count.
+    for i in 0..5 {
+        let app = connect_from(&mut sim, [10, 0, 0, 1], &format!("f-{i}"), &forged("x"));
+        assert!(sim.apps[app].closed.is_some());
+    }
+    let stats = sim.shards[0].stats();
+    assert_eq!((stats.refusals_unlogged, stats.setups_throttled), (8, 2));
+}
