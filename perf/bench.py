@@ -137,6 +137,14 @@ SCENARIOS = {
         responder=["--items", "2000000000"],
         systems=["rsbroker", "rsbroker-stalled"],
     ),
+    "rr-setup-flood": dict(
+        what="rr-max's request-response traffic, without and with a peer on 127.0.0.2 opening "
+             "connection after connection whose SETUP carries a forged ES256 token: with the "
+             "broker's budget for failed authentications (rsbroker-flooded) and without it "
+             "(rsbroker-flooded-unbudgeted, every forged token checked)",
+        requester=["--interaction", "rr", "--connections", "4", "--max", "--concurrency", "32"],
+        systems=["rsbroker", "rsbroker-flooded", "rsbroker-flooded-unbudgeted"],
+    ),
     "stream-64k": dict(
         what="request-stream 64 KiB items, 4 connections, REQUEST_N 2^31-1",
         requester=["--interaction", "stream", "--connections", "4", "--max", "--concurrency", "1",
@@ -225,6 +233,63 @@ for i in range(30):
 time.sleep(3600)
 '''
 
+# A peer that opens connection after connection from 127.0.0.2, each with
+# a SETUP whose bearer token is ES256-shaped with a random signature (the
+# broker checks it against its key: as costly as a good one), reads the
+# answer and closes; every 100 SETUPs it writes how many it made.
+FLOOD = r'''
+import base64, json, os, socket, struct, sys, time
+def b64(b):
+    return base64.urlsafe_b64encode(b).rstrip(b"=")
+def frame(stream, ftype, flags, body):
+    f = struct.pack(">IH", stream, (ftype << 10) | flags) + body
+    return struct.pack(">I", len(f))[1:] + f
+def entry(mime, content):
+    return bytes([0x80 | mime]) + struct.pack(">I", len(content))[1:] + content
+header = b64(json.dumps({"alg": "ES256", "typ": "JWT"}).encode())
+claims = b64(json.dumps({"sub": "flood", "exp": int(time.time()) + 3600}).encode())
+token = header + b"." + claims + b"." + b64(os.urandom(64))
+md = entry(0x51, b'{"name":"flood","uuid":"flood-1"}') + entry(0x7C, bytes([0x81]) + token)
+mime = b"message/x.rsocket.composite-metadata.v0"
+data = b"application/octet-stream"
+setup = frame(0, 1, 0x100, struct.pack(">HHII", 1, 0, 60000, 600000)
+              + bytes([len(mime)]) + mime + bytes([len(data)]) + data
+              + struct.pack(">I", len(md))[1:] + md)
+port, out = int(sys.argv[1]), sys.argv[2]
+n, t0 = 0, time.monotonic()
+while True:
+    s = socket.socket()
+    s.bind(("127.0.0.2", 0))
+    s.connect(("127.0.0.1", port))
+    s.sendall(setup)
+    while s.recv(4096):
+        pass
+    s.close()
+    n += 1
+    if n % 100 == 0:
+        with open(out, "w") as f:
+            f.write("%d %f" % (n, time.monotonic() - t0))
+'''
+
+
+def flood_config(tmp, budgeted):
+    """A config with an ES256 key for bearer tokens (anonymous connections
+    still let in); unbudgeted: every failed authentication is checked."""
+    public = os.path.join(tmp, "es256.pub.pem")
+    if not os.path.exists(public):
+        private = os.path.join(tmp, "es256.key")
+        subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout",
+                        "-out", private], check=True, capture_output=True)
+        subprocess.run(["openssl", "pkey", "-in", private, "-pubout", "-out", public],
+                       check=True, capture_output=True)
+    config = os.path.join(tmp, "flood-%s.toml" % ("budgeted" if budgeted else "unbudgeted"))
+    with open(config, "w") as f:
+        f.write('[auth.jwt]\nkeys = ["%s"]\n' % public)
+        if not budgeted:
+            f.write("[auth.failures]\nper_address_burst = 4294967295\n"
+                    "per_address_per_minute = 4294967295\nper_shard_per_second = 1000000000\n")
+    return config
+
 
 def tls_config(tmp):
     """A config naming a self-signed certificate for 127.0.0.1 (made once per run)."""
@@ -262,6 +327,8 @@ def start_system(system, tmp):
                                                           "--log", "warn"]
         if system.endswith("-tls") or system.endswith("-quic"):
             cmd += ["--config", tls_config(tmp)]
+        elif "-flooded" in system:
+            cmd += ["--config", flood_config(tmp, not system.endswith("-unbudgeted"))]
         if os.environ.get("RSBROKER_SPIN"):
             # To compare spin settings; the default config is what users get.
             config = os.path.join(tmp, "rsbroker.toml")
@@ -295,6 +362,11 @@ def run_once(name, sc, system, args, rate, tmp):
     if system.endswith("-stalled"):
         port = target[1].rsplit(":", 1)[1]
         stall = subprocess.Popen(["taskset", "-c", LOAD_CPU, sys.executable, "-c", STALL, port])
+    flood_out = os.path.join(tmp, "flood-count")
+    if "-flooded" in system:
+        port = target[1].rsplit(":", 1)[1]
+        stall = subprocess.Popen(["taskset", "-c", LOAD_CPU, sys.executable, "-c", FLOOD, port,
+                                  flood_out])
     try:
         extra = list(sc.get("responder", []))
         if system == "nats":
@@ -364,7 +436,14 @@ def run_once(name, sc, system, args, rate, tmp):
         ops = {"requests": result["sent"], "items": result["items_total"],
                "delivered": delivered or 0}[kind]
         cpu_s = (after - before) / TICK
+        flood = None
+        if os.path.exists(flood_out):
+            with open(flood_out) as f:
+                n, secs = f.read().split()
+            flood = dict(setups=int(n), per_s=int(n) / float(secs))
+            os.remove(flood_out)
         return dict(
+            flood=flood,
             achieved_rps=result["achieved_rps"],
             items_per_s=result["items_per_s"],
             delivered=delivered,
@@ -567,6 +646,8 @@ def brief(r):
     parts.append("p50 %.0f p99 %.0f µs" % (lat["p50"], lat["p99"]))
     if r.get("sut_cpu_us_per_op") is not None:
         parts.append("%.2f µs CPU/%s" % (r["sut_cpu_us_per_op"], r["ops_kind"][:-1]))
+    if r.get("flood"):
+        parts.append("flood %.0f SETUPs/s" % r["flood"]["per_s"])
     if r.get("others_cpu_ms") is not None:
         parts.append("others %.0f ms CPU (%s)" % (r["others_cpu_ms"], ", ".join(r["others_top"])))
     if r.get("failures"):
