@@ -12,7 +12,6 @@ use super::{Conn, Shard};
 use crate::app::SetupInfo;
 use crate::routes::RouteChange;
 use crate::service::ServiceKey;
-use crate::trust::failures::LOGGED_PER_SECOND;
 use crate::trust::{Credentials, Limit};
 
 fn unix_now() -> u64 {
@@ -125,14 +124,9 @@ impl Shard {
                     .flatten();
                 match logged {
                     Some(left_out) => {
-                        if left_out > 0 {
-                            tracing::warn!(
-                                left_out,
-                                "refused SETUPs not logged: more than {} a second",
-                                LOGGED_PER_SECOND
-                            );
-                        }
-                        tracing::warn!(conn = %c.id, peer = ?c.peer.addr, %reason, "SETUP refused");
+                        // `not_logged_before`: refusals left out since the
+                        // last line, past the lines a second a shard writes.
+                        tracing::warn!(conn = %c.id, peer = ?c.peer.addr, %reason, not_logged_before = left_out, "SETUP refused");
                     }
                     None => {
                         self.stats.refusals_unlogged += u64::from(!unchecked_refusal);

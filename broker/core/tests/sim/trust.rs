@@ -898,7 +898,11 @@ fn a_flood_of_refused_setups_is_logged_so_many_a_second_and_counted() {
     }
     let stats = sim.shards[0].stats();
     assert_eq!(
-        (stats.setups_refused, stats.refusals_unlogged, stats.setups_throttled),
+        (
+            stats.setups_refused,
+            stats.refusals_unlogged,
+            stats.setups_throttled
+        ),
         (n as u64, 5, 0)
     );
     // Those refused unchecked have their own count.
@@ -908,4 +912,36 @@ fn a_flood_of_refused_setups_is_logged_so_many_a_second_and_counted() {
     }
     let stats = sim.shards[0].stats();
     assert_eq!((stats.refusals_unlogged, stats.setups_throttled), (8, 2));
+}
+
+#[test]
+fn malformed_authentication_metadata_is_a_failure_counted_against_its_address() {
+    let mut sim = Sim::new(1, 49, Policies::default());
+    set_trust(&mut sim, trust_failing_after(3, 100));
+    // Simple authentication whose user name runs past the entry.
+    let md = CompositeBuilder::new()
+        .entry(
+            MimeType::WellKnown(WellKnownMime::AUTHENTICATION),
+            b"\x00\xff\x01",
+        )
+        .build()
+        .unwrap();
+    for i in 0..3 {
+        let app = sim.connect_with(0, "", Some(md.clone()), Config::default());
+        let broker = sim.apps[app].broker;
+        sim.shards[0].set_peer(
+            broker,
+            rsbroker_core::Peer {
+                addr: Some(([10, 0, 0, 9], 4000).into()),
+                certificate: None,
+            },
+        );
+        sim.run(10_000);
+        let why = refusal(&sim, app);
+        assert!(why.contains("malformed"), "{i}: {why}");
+    }
+    let app = connect_from(&mut sim, [10, 0, 0, 9], "orders-1", &token_for("orders"));
+    let why = refusal(&sim, app);
+    assert!(why.contains("from 10.0.0.9"), "{why}");
+    assert_eq!(sim.shards[0].stats().setups_throttled, 1);
 }
