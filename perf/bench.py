@@ -233,10 +233,13 @@ for i in range(30):
 time.sleep(3600)
 '''
 
-# A peer that opens connection after connection from 127.0.0.2, each with
-# a SETUP whose bearer token is ES256-shaped with a random signature (the
-# broker checks it against its key: as costly as a good one), reads the
-# answer and closes; every 100 SETUPs it writes how many it made.
+# A peer that opens connection after connection from 127.0.0.2, FLOOD_RATE
+# a second, each with a SETUP whose bearer token is ES256-shaped with a
+# random signature (the broker checks it against its key: as costly as a
+# good one), reads the answer and closes; every 100 SETUPs it writes how
+# many it made. The same rate in both flooded systems, so that the broker
+# is what differs (the flood takes some of loadgen's CPU in both).
+FLOOD_RATE = 1000
 FLOOD = r'''
 import base64, json, os, socket, struct, sys, time
 def b64(b):
@@ -255,9 +258,12 @@ data = b"application/octet-stream"
 setup = frame(0, 1, 0x100, struct.pack(">HHII", 1, 0, 60000, 600000)
               + bytes([len(mime)]) + mime + bytes([len(data)]) + data
               + struct.pack(">I", len(md))[1:] + md)
-port, out = int(sys.argv[1]), sys.argv[2]
+port, out, rate = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 n, t0 = 0, time.monotonic()
 while True:
+    ahead = t0 + n / rate - time.monotonic()
+    if ahead > 0:
+        time.sleep(ahead)
     s = socket.socket()
     s.bind(("127.0.0.2", 0))
     s.connect(("127.0.0.1", port))
@@ -366,7 +372,7 @@ def run_once(name, sc, system, args, rate, tmp):
     if "-flooded" in system:
         port = target[1].rsplit(":", 1)[1]
         stall = subprocess.Popen(["taskset", "-c", LOAD_CPU, sys.executable, "-c", FLOOD, port,
-                                  flood_out])
+                                  flood_out, str(FLOOD_RATE)])
     try:
         extra = list(sc.get("responder", []))
         if system == "nats":
