@@ -160,6 +160,41 @@ async fn call(client: &Client, route_to: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// `echo-app` serving `com.example.Echo` and `caller`, each with a token
+/// of its own, and the caller's first answer from the echo (once the
+/// registration has reached the caller's shard, within 2 s).
+async fn echo_and_caller(
+    addr: std::net::SocketAddr,
+    k: &Keys,
+) -> (Client, Client, Result<String, String>) {
+    let echo = Client::builder(config_with(
+        Credentials::Bearer(k.token("echo-app")),
+        Some("echo-1"),
+        &["com.example.Echo"],
+    ))
+    .responder("com.example.Echo", echo_service())
+    .connect(addr)
+    .await
+    .unwrap();
+    let caller = Client::builder(config_with(
+        Credentials::Bearer(k.token("caller")),
+        None,
+        &[],
+    ))
+    .connect(addr)
+    .await
+    .unwrap();
+    let mut first = call(&caller, "com.example.Echo.hello").await;
+    for _ in 0..100 {
+        if first.is_ok() {
+            break;
+        }
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+        first = call(&caller, "com.example.Echo.hello").await;
+    }
+    (echo, caller, first)
+}
+
 fn metric(admin: std::net::SocketAddr, name: &str) -> u64 {
     let (_, body) = http_get(admin, "/metrics");
     body.lines()
@@ -177,33 +212,7 @@ fn rs256_tokens_at_setup_let_in_only_who_they_name_and_bad_ones_are_refused() {
     let keys = Arc::new(keys);
     let k = keys.clone();
     let outcome = run(move || async move {
-        let echo_token = Credentials::Bearer(k.token("echo-app"));
-        let _echo = Client::builder(config_with(
-            echo_token,
-            Some("echo-1"),
-            &["com.example.Echo"],
-        ))
-        .responder("com.example.Echo", echo_service())
-        .connect(addr)
-        .await
-        .unwrap();
-        let caller = Client::builder(config_with(
-            Credentials::Bearer(k.token("caller")),
-            None,
-            &[],
-        ))
-        .connect(addr)
-        .await
-        .unwrap();
-        // Wait for the registration to reach the caller's shard.
-        let mut first = call(&caller, "com.example.Echo.hello").await;
-        for _ in 0..100 {
-            if first.is_ok() {
-                break;
-            }
-            glommio::timer::sleep(Duration::from_millis(20)).await;
-            first = call(&caller, "com.example.Echo.hello").await;
-        }
+        let (_echo, caller, first) = echo_and_caller(addr, &k).await;
         let now = unix_now();
         let claims = |f: &dyn Fn(&mut Value)| {
             let mut c =
@@ -546,35 +555,33 @@ fn names_from_peers_cannot_forge_lines_in_the_metrics() {
 /// A SETUP frame, length-prefixed as on TCP, whose composite metadata
 /// names the app `uuid` and carries the bearer `token`.
 fn raw_setup(uuid: &str, token: &str) -> Vec<u8> {
-    fn entry(out: &mut Vec<u8>, mime: u8, content: &[u8]) {
-        out.push(0x80 | mime);
-        out.extend_from_slice(&(content.len() as u32).to_be_bytes()[1..]);
-        out.extend_from_slice(content);
-    }
-    let mut md = Vec::new();
+    use rsocket_proto::frame::{Frame, Setup, VERSION};
+    use rsocket_proto::metadata::build::CompositeBuilder;
+    use rsocket_proto::metadata::{MimeType, WellKnownMime};
     let app = format!(r#"{{"name":"{uuid}","uuid":"{uuid}"}}"#);
-    entry(&mut md, 0x51, app.as_bytes());
-    let mut auth = Vec::new();
-    rsocket_proto::metadata::put_bearer(&mut auth, token);
-    entry(&mut md, 0x7C, &auth);
-    let mut body = Vec::new();
-    body.extend_from_slice(&0u32.to_be_bytes()); // stream 0
-    body.extend_from_slice(&((1u16 << 10) | 0x100).to_be_bytes()); // SETUP, M
-    body.extend_from_slice(&[0, 1, 0, 0]); // version 1.0
-    body.extend_from_slice(&60_000u32.to_be_bytes());
-    body.extend_from_slice(&600_000u32.to_be_bytes());
-    for mime in [
-        &b"message/x.rsocket.composite-metadata.v0"[..],
-        b"application/octet-stream",
-    ] {
-        body.push(mime.len() as u8);
-        body.extend_from_slice(mime);
-    }
-    body.extend_from_slice(&(md.len() as u32).to_be_bytes()[1..]);
-    body.extend_from_slice(&md);
-    let mut frame = (body.len() as u32).to_be_bytes()[1..].to_vec();
-    frame.extend_from_slice(&body);
-    frame
+    let metadata = CompositeBuilder::new()
+        .bearer(token)
+        .entry(
+            MimeType::WellKnown(WellKnownMime::APPLICATION),
+            app.as_bytes(),
+        )
+        .build()
+        .unwrap();
+    let setup = Frame::Setup(Setup {
+        version: VERSION,
+        keepalive_interval: 60_000,
+        max_lifetime: 600_000,
+        resume_token: None,
+        lease: false,
+        metadata_mime: bytes::Bytes::from_static(b"message/x.rsocket.composite-metadata.v0"),
+        data_mime: bytes::Bytes::from_static(b"application/octet-stream"),
+        metadata: Some(metadata),
+        data: bytes::Bytes::new(),
+    });
+    let mut wire = bytes::BytesMut::new();
+    rsocket_proto::codec::put_prefixed(&mut wire, &rsocket_proto::OutFrame::from_owned(setup))
+        .unwrap();
+    wire.to_vec()
 }
 
 /// Sends `setup` on a new connection from the loopback address `local`
@@ -646,31 +653,7 @@ fn forged_tokens_from_one_address_are_refused_unchecked_and_spare_the_others() {
     let (k, flag) = (keys.clone(), attacking.clone());
     let (calls, errors) = run(move || async move {
         // Tokens the broker has not seen, from 127.0.0.1.
-        let _echo = Client::builder(config_with(
-            Credentials::Bearer(k.token("echo-app")),
-            Some("echo-1"),
-            &["com.example.Echo"],
-        ))
-        .responder("com.example.Echo", echo_service())
-        .connect(addr)
-        .await
-        .unwrap();
-        let caller = Client::builder(config_with(
-            Credentials::Bearer(k.token("caller")),
-            None,
-            &[],
-        ))
-        .connect(addr)
-        .await
-        .unwrap();
-        let mut first = call(&caller, "com.example.Echo.hello").await;
-        for _ in 0..100 {
-            if first.is_ok() {
-                break;
-            }
-            glommio::timer::sleep(Duration::from_millis(20)).await;
-            first = call(&caller, "com.example.Echo.hello").await;
-        }
+        let (_echo, caller, _) = echo_and_caller(addr, &k).await;
         let (mut calls, mut errors) = (0, Vec::new());
         while calls < 20 || flag.load(Ordering::SeqCst) > 0 {
             match call(&caller, "com.example.Echo.hello").await {

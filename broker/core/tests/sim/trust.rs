@@ -755,6 +755,12 @@ fn a_shard_keeps_its_usage_registry_when_its_config_is_replaced() {
 /// An app on shard 0 whose SETUP, from `ip`, carries `token`.
 fn connect_from(sim: &mut Sim, ip: [u8; 4], uuid: &str, token: &str) -> usize {
     let app = connect_as(sim, 0, uuid, &[], token);
+    from_address(sim, app, ip)
+}
+
+/// `app`'s connection (on shard 0, its SETUP not yet read) comes from
+/// `ip`; its SETUP is handled. Returns `app`.
+fn from_address(sim: &mut Sim, app: usize, ip: [u8; 4]) -> usize {
     let broker = sim.apps[app].broker;
     sim.shards[0].set_peer(
         broker,
@@ -861,15 +867,7 @@ fn a_shard_checks_only_so_many_failing_setups_a_second_from_every_address() {
     // A SETUP without credentials has nothing to check: it is refused for
     // what it is, not held back, and is not a failure counted.
     let bare = sim.connect(0, "bare", &[], 0);
-    let broker = sim.apps[bare].broker;
-    sim.shards[0].set_peer(
-        broker,
-        rsbroker_core::Peer {
-            addr: Some(([10, 3, 0, 0], 4000).into()),
-            certificate: None,
-        },
-    );
-    sim.run(10_000);
+    from_address(&mut sim, bare, [10, 3, 0, 0]);
     assert!(refusal(&sim, bare).contains("requires authentication"));
     // A verified token still gets in, and so does the fresh one once the
     // budget has refilled.
@@ -928,15 +926,7 @@ fn malformed_authentication_metadata_is_a_failure_counted_against_its_address() 
         .unwrap();
     for i in 0..3 {
         let app = sim.connect_with(0, "", Some(md.clone()), Config::default());
-        let broker = sim.apps[app].broker;
-        sim.shards[0].set_peer(
-            broker,
-            rsbroker_core::Peer {
-                addr: Some(([10, 0, 0, 9], 4000).into()),
-                certificate: None,
-            },
-        );
-        sim.run(10_000);
+        from_address(&mut sim, app, [10, 0, 0, 9]);
         let why = refusal(&sim, app);
         assert!(why.contains("malformed"), "{i}: {why}");
     }
